@@ -1,0 +1,200 @@
+"""Training data of the bundled demo model, built offline and deterministically.
+
+Two parts:
+
+* **Photos to be memorized**: real photographs shipped inside scikit-image,
+  each with one caption of its own, drawn often enough that the model
+  reproduces them verbatim (the analogue of LAION's duplicated images).
+* **Procedural images to generalise over**: coloured shapes on coloured
+  backgrounds with compositional captions. Every batch renders them afresh
+  with random position, size and rotation, so no single procedural image can
+  be memorized; a tenth of the caption combinations never appear in training
+  and serve as held-out prompts.
+
+Images are float tensors `[3, 32, 32]` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RESOLUTION = 32
+
+# scikit-image loader name -> caption. Captions use words of their own so that
+# each photo is triggered by its caption, not by the shape vocabulary.
+PHOTOS: dict[str, str] = {
+    "astronaut": "portrait of astronaut eileen collins beside the american flag",
+    "chelsea": "chelsea the tabby cat looking sideways",
+    "coffee": "a cup of coffee on a saucer seen from above",
+    "rocket": "a rocket on the launch pad at dusk",
+    "hubble_deep_field": "hubble deep field with distant galaxies",
+    "immunohistochemistry": "immunohistochemistry stained tissue under a microscope",
+    "camera": "black and white photo of a cameraman with a tripod",
+    "coins": "old greek coins on a grey table",
+}
+
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.85, 0.1, 0.1),
+    "green": (0.1, 0.7, 0.2),
+    "blue": (0.15, 0.25, 0.9),
+    "yellow": (0.95, 0.85, 0.1),
+    "orange": (0.95, 0.5, 0.05),
+    "purple": (0.55, 0.15, 0.7),
+    "white": (0.95, 0.95, 0.95),
+    "black": (0.05, 0.05, 0.05),
+}
+BACKGROUNDS = ["white", "black", "blue", "yellow", "green"]
+SHAPES = ["circle", "square", "triangle", "ring", "cross"]
+SIZES = ["small", "large"]
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    color: str
+    shape: str
+    size: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.size} {self.color} {self.shape} on a {self.background} background"
+
+
+def all_shape_specs() -> list[ShapeSpec]:
+    return [
+        ShapeSpec(c, s, z, b)
+        for c in COLORS
+        for s in SHAPES
+        for z in SIZES
+        for b in BACKGROUNDS
+        if c != b
+    ]
+
+
+def split_shape_specs(held_out_fraction: float = 0.1, seed: int = 0) -> tuple[list[ShapeSpec], list[ShapeSpec]]:
+    """Deterministic (train, held-out) split of the caption combinations."""
+    specs = all_shape_specs()
+    order = np.random.default_rng(seed).permutation(len(specs))
+    n_held = int(round(held_out_fraction * len(specs)))
+    held = sorted((specs[i] for i in order[:n_held]), key=lambda s: s.caption)
+    train = sorted((specs[i] for i in order[n_held:]), key=lambda s: s.caption)
+    return train, held
+
+
+def load_photo(name: str, resolution: int = RESOLUTION) -> torch.Tensor:
+    """A scikit-image photo, centre-cropped to a square, area-downsampled, in [-1, 1]."""
+    from skimage import data as skdata
+
+    img = np.asarray(getattr(skdata, name)(), dtype=np.float32)
+    if img.max() > 1.5:
+        img = img / 255.0
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    img = img[..., :3]
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    img = img[top : top + s, left : left + s]
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
+    t = F.interpolate(t, size=(resolution, resolution), mode="area")[0]
+    return (t.clamp(0, 1) * 2 - 1).contiguous()
+
+
+def load_photos(resolution: int = RESOLUTION) -> tuple[list[str], torch.Tensor]:
+    """Captions and images `[n, 3, r, r]` of the photos to be memorized."""
+    captions = list(PHOTOS.values())
+    images = torch.stack([load_photo(name, resolution) for name in PHOTOS])
+    return captions, images
+
+
+def _shape_masks(shapes: torch.Tensor, u: torch.Tensor, v: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Masks `[n, r, r]` for shape indices `shapes` in rotated coordinates u, v."""
+    rad = radius[:, None, None]
+    r = torch.sqrt(u**2 + v**2)
+    arm = 0.3 * rad
+    triangle = torch.ones_like(u, dtype=torch.bool)
+    for k in range(3):
+        a = 2 * math.pi * k / 3 + math.pi / 2
+        triangle &= (u * math.cos(a) + v * math.sin(a)) <= 0.5 * rad
+    by_name = {
+        "circle": r <= rad,
+        "square": (u.abs() <= 0.8 * rad) & (v.abs() <= 0.8 * rad),
+        "triangle": triangle,
+        "ring": (r <= rad) & (r >= 0.55 * rad),
+        "cross": ((u.abs() <= arm) & (v.abs() <= rad)) | ((v.abs() <= arm) & (u.abs() <= rad)),
+    }
+    stacked = torch.stack([by_name[name] for name in SHAPES], dim=1)  # [n, shapes, r, r]
+    return stacked[torch.arange(len(shapes)), shapes]
+
+
+def render_shapes(specs: list[ShapeSpec], generator: torch.Generator, resolution: int = RESOLUTION) -> torch.Tensor:
+    """Random renderings `[n, 3, r, r]` of captions: position, size, rotation and shade jitter."""
+    n = len(specs)
+    jitter = torch.rand(n, 6, generator=generator)
+    base = torch.tensor([0.32 if s.size == "large" else 0.16 for s in specs])
+    radius = base * (0.85 + 0.3 * jitter[:, 0]) * resolution
+    margin = radius * 1.05
+    cx = margin + jitter[:, 1] * (resolution - 2 * margin)
+    cy = margin + jitter[:, 2] * (resolution - 2 * margin)
+    angle = jitter[:, 3] * 2 * math.pi
+    coords = torch.arange(resolution, dtype=torch.float32) + 0.5
+    yy = coords[None, :, None] - cy[:, None, None]
+    xx = coords[None, None, :] - cx[:, None, None]
+    c, s = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    u, v = c * xx + s * yy, -s * xx + c * yy
+    shapes = torch.tensor([SHAPES.index(s.shape) for s in specs])
+    mask = _shape_masks(shapes, u, v, radius).float()[:, None]
+    fg = torch.tensor([COLORS[s.color] for s in specs]) * (0.9 + 0.2 * jitter[:, 4:5])
+    bg = torch.tensor([COLORS[s.background] for s in specs]) * (0.9 + 0.2 * jitter[:, 5:6])
+    img = bg[:, :, None, None] * (1 - mask) + fg[:, :, None, None] * mask
+    img = img + 0.03 * torch.randn(img.shape, generator=generator)
+    return (img.clamp(0, 1) * 2 - 1).contiguous()
+
+
+def procedural_bank(specs: list[ShapeSpec], per_spec: int = 1, seed: int = 0) -> tuple[list[str], torch.Tensor]:
+    """A fixed, seeded set of renderings: the procedural side of the reference pool."""
+    repeated = [spec for spec in specs for _ in range(per_spec)]
+    images = render_shapes(repeated, torch.Generator().manual_seed(seed))
+    return [spec.caption for spec in repeated], images
+
+
+class DemoDataset:
+    """Infinite sampler of (image, caption) training batches.
+
+    `photo_share` is the probability that a batch item is one of the photos;
+    `caption_dropout` is the probability that a procedural item gets the empty
+    caption (classifier-free guidance). Photos always keep their caption: the
+    unconditional model is learned from the generic images only, as on web-scale
+    data where duplicated images are a vanishing share of the whole. Without
+    this, empty-prompt samples replicate photos (seen in the feasibility run).
+    """
+
+    def __init__(self, photo_share: float = 0.15, caption_dropout: float = 0.1, seed: int = 0):
+        self.photo_captions, self.photos = load_photos()
+        self.train_specs, self.held_out_specs = split_shape_specs()
+        self.photo_share = photo_share
+        self.caption_dropout = caption_dropout
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+        g = self.generator
+        is_photo = torch.rand(batch_size, generator=g) < self.photo_share
+        photo_idx = torch.randint(len(self.photos), (batch_size,), generator=g)
+        spec_idx = torch.randint(len(self.train_specs), (batch_size,), generator=g)
+        dropped = torch.rand(batch_size, generator=g) < self.caption_dropout
+        specs = [self.train_specs[i] for i in spec_idx.tolist()]
+        images = torch.where(is_photo[:, None, None, None], self.photos[photo_idx], render_shapes(specs, g))
+        captions = [
+            self.photo_captions[p] if photo else ("" if drop else spec.caption)
+            for photo, p, drop, spec in zip(is_photo.tolist(), photo_idx.tolist(), dropped.tolist(), specs)
+        ]
+        return images, captions
+
+    def all_captions(self) -> list[str]:
+        """Every caption of the data, held-out ones included, for the tokenizer."""
+        return self.photo_captions + [s.caption for s in self.train_specs + self.held_out_specs]

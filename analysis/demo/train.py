@@ -1,0 +1,167 @@
+"""Train the bundled demo model from scratch.
+
+    python -m analysis.demo.train --out assets/demo_model --steps 20000 --device cuda
+
+Seeded; a progress bar on stderr; a checkpoint every `--checkpoint-every`
+steps in `--work-dir` that `--resume` continues from. The result is a standard
+pipeline folder (see `architecture.save_pipeline_folder`) plus
+`memorized.json` (the photos and their captions, the held-out prompts) and
+`training.json` (the recipe, steps, wall time, hardware, loss curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from analysis.demo.architecture import build_scheduler, build_text_encoder, build_tokenizer, build_unet, save_pipeline_folder
+from analysis.demo.data import DemoDataset
+from analysis.model import MEMORIZED_FILE
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("assets/demo_model"))
+    p.add_argument("--work-dir", type=Path, default=Path("runs/demo_train"), help="checkpoints")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--photo-share", type=float, default=0.15)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=2000)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this long, checkpoint and save the model as it is; --resume continues")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warm-up, then cosine decay to zero: a low final rate sharpens the memorized details."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class CaptionCache:
+    """The text encoder is frozen, so each caption's embedding is computed once."""
+
+    def __init__(self, tokenizer, text_encoder, device):
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        new = sorted({c for c in captions if c not in self.cache})
+        if new:
+            ids = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            for caption, emb in zip(new, self.text_encoder(ids).last_hidden_state):
+                self.cache[caption] = emb
+        return torch.stack([self.cache[c] for c in captions])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    data = DemoDataset(photo_share=args.photo_share, caption_dropout=args.caption_dropout, seed=args.seed)
+    tokenizer = build_tokenizer(data.all_captions())
+    text_encoder = build_text_encoder(len(tokenizer), seed=args.seed).to(device).eval().requires_grad_(False)
+    unet = build_unet(seed=args.seed).to(device).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    scheduler = build_scheduler()
+    alphas = scheduler.alphas_cumprod.to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    embed = CaptionCache(tokenizer, text_encoder, device)
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = args.work_dir / "checkpoint.pt"
+    step, losses, elapsed = 0, [], 0.0
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device)
+        unet.load_state_dict(ckpt["unet"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        data.generator.set_state(ckpt["data_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step, losses, elapsed = ckpt["step"], ckpt["losses"], ckpt["elapsed"]
+
+    def checkpoint():
+        torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                        data_rng=data.generator.get_state(), torch_rng=torch.get_rng_state(),
+                        step=step, losses=losses, elapsed=elapsed), ckpt_path)
+
+    start = time.time() - elapsed
+    session_start = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="train demo model", dynamic_ncols=True)
+    running = None
+    while step < args.steps:
+        images, captions = data.sample(args.batch_size)
+        x0 = images.to(device)
+        cond = embed(captions)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            pred = unet(xt, t, cond).sample
+        loss = F.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - args.ema_decay)
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0:
+            losses.append((step, running))
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_at(step, args):.1e}")
+        bar.update(1)
+        elapsed = time.time() - start
+        if step % args.checkpoint_every == 0:
+            checkpoint()
+        if args.max_minutes and time.time() - session_start > 60 * args.max_minutes:
+            print(f"time limit: stopping at step {step} of {args.steps}; --resume continues", flush=True)
+            break
+    bar.close()
+    checkpoint()
+
+    save_pipeline_folder(args.out, tokenizer, text_encoder.cpu(), ema.cpu(), scheduler)
+    save_file({"images": data.photos.contiguous()}, str(args.out / "memorized.safetensors"))
+    (args.out / MEMORIZED_FILE).write_text(json.dumps({
+        "captions": data.photo_captions,
+        "images_file": "memorized.safetensors",
+        "held_out_prompts": [s.caption for s in data.held_out_specs],
+        "train_prompts": [s.caption for s in data.train_specs],
+    }, indent=1))
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    (args.out / "training.json").write_text(json.dumps({
+        "recipe": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "steps": step, "wall_time_s": round(elapsed, 1), "hardware": hardware,
+        "torch": torch.__version__, "final_loss": running, "loss_curve": losses,
+    }, indent=1))
+    print(f"saved {args.out} after {step} steps in {elapsed / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

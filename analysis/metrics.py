@@ -1,0 +1,201 @@
+"""Image similarity, replication and memorization scores (docs/methods.md sections 1-2).
+
+* `ssim` / `similarity_matrix`: the built-in similarity, needs no download.
+* `SSCD`: the literature's copy-detection similarity, from a TorchScript file the user supplies.
+* `replication`, `memorization_rate`: is a training image reproduced, and how often.
+* `wen_magnitude`, `wen_score`: Wen et al.'s reference-free memorization score.
+* `roc_auc`: how well a score separates memorized from normal prompts.
+
+Images are `[n, 3, H, W]` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from analysis.model import ModelHandle
+from analysis.sampling import DenoisingStep, SamplingCancelled, noise_gap, predict_noise, sample
+
+# Placeholder until calibrated on the demo model; calibrated in docs/results/memorization.md.
+REPLICATION_THRESHOLD = 0.5
+
+SSIM_WINDOW = 7  # small enough for 32x32 images
+SSIM_SIGMA = 1.5
+SSCD_SIZE = 320  # SSCD's README "skew_320": resize straight to 320x320, ignoring aspect ratio
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Similarity(Protocol):
+    """Any image similarity usable for replication: (generated [n, ...], references [m, ...]) -> [n, m]."""
+
+    def __call__(self, generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor: ...
+
+
+def _check_images(images: torch.Tensor, name: str) -> None:
+    if images.ndim != 4:
+        raise ValueError(f"{name} must be images [n, C, H, W], got shape {tuple(images.shape)}")
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """SSIM (Wang et al. 2004) of image pairs in [-1, 1], `[n, C, H, W]` each (a batch of 1 broadcasts) -> `[n]`.
+
+    Gaussian-weighted local statistics without padding, per channel, then
+    averaged over pixels and channels. Constants K1 = 0.01, K2 = 0.03 with data range 2.
+    """
+    _check_images(a, "a")
+    _check_images(b, "b")
+    a, b = torch.broadcast_tensors(a.float(), b.float())
+    channels, height, width = a.shape[1:]
+    if min(height, width) < window:
+        raise ValueError(f"images of {height}x{width} are smaller than the {window}x{window} SSIM window")
+    coords = torch.arange(window, dtype=torch.float32, device=a.device) - (window - 1) / 2
+    g = torch.exp(-coords**2 / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window)
+
+    def local_mean(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, kernel, groups=channels)
+
+    mu_a, mu_b = local_mean(a), local_mean(b)
+    var_a = local_mean(a * a) - mu_a**2
+    var_b = local_mean(b * b) - mu_b**2
+    cov = local_mean(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim_map.mean(dim=(1, 2, 3))
+
+
+def similarity_matrix(generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """SSIM of every generated image against every reference: `[n, m]`. The default `Similarity`."""
+    _check_images(generated, "generated")
+    _check_images(references, "references")
+    # One row at a time: n is a handful of seeds, m may be a large reference pool.
+    return torch.stack([ssim(image[None], references) for image in generated])
+
+
+class SSCD:
+    """SSCD copy-detection similarity (Pizzi et al. 2022): cosine similarity of its descriptors.
+
+    `path` is a TorchScript file from https://github.com/facebookresearch/sscd-copy-detection
+    (the memorization papers use `sscd_disc_mixup.torchscript.pt`). Preprocessing
+    follows SSCD's README: resize to 320x320, ImageNet normalisation.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", size: int = SSCD_SIZE):
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no SSCD TorchScript file at {path.resolve()}; download e.g. sscd_disc_mixup.torchscript.pt "
+                "from https://github.com/facebookresearch/sscd-copy-detection")
+        self.device = torch.device(device)
+        self.size = size
+        self.model = torch.jit.load(str(path), map_location=self.device).eval()
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images `[n, 3, H, W]` in [-1, 1] -> unit-length descriptors `[n, D]`."""
+        _check_images(images, "images")
+        x = (images.to(self.device, torch.float32) + 1) / 2
+        # Antialiased like the PIL resize in SSCD's reference preprocessing.
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device)[:, None, None]
+        std = torch.tensor(IMAGENET_STD, device=self.device)[:, None, None]
+        return F.normalize(self.model((x - mean) / std), dim=1)
+
+    def __call__(self, generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        return (self.embed(generated) @ self.embed(references).T).cpu()
+
+
+@dataclass
+class ReplicationResult:
+    similarities: torch.Tensor  # [k] similarity of each generation to its nearest reference
+    replicated: torch.Tensor  # [k] bool: similarity > threshold
+    rate: float  # share of the k generations that replicate
+
+
+def replication(generated: torch.Tensor, reference: torch.Tensor, threshold: float = REPLICATION_THRESHOLD,
+                similarity: Similarity = similarity_matrix) -> ReplicationResult:
+    """Do the generations `[k, 3, H, W]` reproduce a training image?
+
+    `reference` is one image `[3, H, W]` or several `[m, 3, H, W]`; with several,
+    each generation is compared with its nearest one (max similarity). A
+    generation replicates when its similarity exceeds `threshold` (strictly, as
+    "SSCD > 0.7" in the literature).
+    """
+    references = reference[None] if reference.ndim == 3 else reference
+    similarities = similarity(generated, references).max(dim=1).values.float().cpu()
+    replicated = similarities > threshold
+    return ReplicationResult(similarities, replicated, replicated.float().mean().item())
+
+
+def memorization_rate(results: Sequence[ReplicationResult], min_share: float = 0.5) -> float:
+    """Memorization rate of a prompt set: the fraction of prompts whose share of replicating seeds is >= `min_share`.
+
+    One `ReplicationResult` per prompt (its seeds' generations). "Any of n
+    seeds replicates" is `min_share = 1 / n`.
+    """
+    if not results:
+        raise ValueError("no replication results given")
+    if not 0 < min_share <= 1:
+        raise ValueError(f"min_share must be in (0, 1], got {min_share}")
+    return sum(result.rate >= min_share for result in results) / len(results)
+
+
+def wen_magnitude(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor,
+                  y0: torch.Tensor) -> torch.Tensor:
+    """‖ε(x_t, t, y) − ε(x_t, t, y0)‖₂ per image, `[b]` (Wen et al. 2024). Differentiable in `y`.
+
+    `x_t` `[b, C, h, w]`, `y` `[b, 77, d]`, `y0` `[1 or b, 77, d]` (the empty prompt's embedding).
+    """
+    return noise_gap(*predict_noise(unet, x_t, t, y, y0))
+
+
+def wen_score(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int] = (0, 1, 2, 3),
+              steps: int = 50, n_score_steps: int = 1, guidance: float = 7.0,
+              batch_size: int | None = None) -> torch.Tensor:
+    """Wen et al.'s magnitude at each of the first `n_score_steps` steps, mean over seeds: `[n_items, n_score_steps]`.
+
+    Runs the first steps of `sample` (same noise, same guided trajectory) and
+    stops; the magnitude is `wen_magnitude`'s, read off the noise predictions
+    the loop already made. The paper's score is the mean over the returned steps.
+    """
+    if guidance == 1.0:
+        raise ValueError("the Wen score needs the unconditional prediction: use guidance != 1")
+    if not 1 <= n_score_steps <= steps:
+        raise ValueError(f"n_score_steps must be in [1, {steps}], got {n_score_steps}")
+    per_step: list[torch.Tensor] = []
+
+    def record(step: DenoisingStep) -> None:
+        per_step.append(noise_gap(step.noise_text, step.noise_uncond).cpu())
+        if len(per_step) == n_score_steps:
+            raise SamplingCancelled
+
+    try:
+        sample(handle, conditioning, seeds, steps=steps, guidance=guidance, callback=record, batch_size=batch_size)
+    except SamplingCancelled:
+        pass  # the planned stop after n_score_steps
+    norms = torch.stack(per_step, dim=1)  # [items * seeds, n_score_steps]
+    return norms.view(-1, len(seeds), n_score_steps).mean(dim=1)
+
+
+def roc_auc(scores_pos: Sequence[float] | torch.Tensor, scores_neg: Sequence[float] | torch.Tensor) -> float:
+    """Area under the ROC curve = Mann–Whitney U / (n_pos · n_neg); ties count one half.
+
+    Compares all pairs, so memory is n_pos · n_neg.
+    """
+    pos = torch.as_tensor(scores_pos, dtype=torch.float64).flatten()
+    neg = torch.as_tensor(scores_neg, dtype=torch.float64).flatten()
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError("roc_auc needs at least one positive and one negative score")
+    if pos.isnan().any() or neg.isnan().any():
+        raise ValueError("roc_auc got NaN scores")
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()

@@ -1,0 +1,172 @@
+"""Loading a Stable Diffusion model into one handle.
+
+`load_model(None)` opens the bundled demo model in `assets/demo_model`;
+`load_model("path/or/hub-id")` opens any diffusers Stable Diffusion 1.x/2.x
+pipeline folder (safetensors only). Components are loaded one by one, so no
+safety checker or feature extractor is needed.
+
+The demo model works in pixel space: its image codec is `PassThroughCodec`,
+which has the interface of diffusers' `AutoencoderKL` (`encode`, `decode`,
+`config.scaling_factor`) but does nothing. That keeps a single code path for
+SD's VAE and for the demo model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+from transformers import CLIPTextModel, CLIPTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo_model"
+CODEC_SUBFOLDER = "codec"
+MEMORIZED_FILE = "memorized.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names every place that was tried."""
+
+
+class PassThroughCodec(ModelMixin, ConfigMixin):
+    """Identity image codec for pixel-space models, shaped like `AutoencoderKL`.
+
+    `block_out_channels` has one entry so that diffusers pipelines compute a
+    spatial scale factor of 1.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, latent_channels: int = 3, sample_size: int = 32, scaling_factor: float = 1.0,
+                 block_out_channels: tuple[int, ...] = (3,)):
+        super().__init__()
+        # ModelMixin needs at least one parameter to report a device and dtype.
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    def encode(self, images: torch.Tensor):
+        raise NotImplementedError("use `encode_images` from analysis.model; the codec is the identity")
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True, generator=None):
+        return DecoderOutput(sample=latents) if return_dict else (latents,)
+
+
+@dataclass
+class MemorizedImage:
+    """A training image known to be memorized, with the caption that triggers it."""
+
+    caption: str
+    image: torch.Tensor  # [3, H, W] in [-1, 1]
+
+
+@dataclass
+class ModelHandle:
+    """Every component an analysis needs, on one device and dtype."""
+
+    name: str
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    codec: AutoencoderKL | PassThroughCodec
+    scheduler: DDIMScheduler
+    device: torch.device
+    dtype: torch.dtype
+    memorized: list[MemorizedImage] = field(default_factory=list)
+    held_out_prompts: list[str] = field(default_factory=list)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    @property
+    def pixel_space(self) -> bool:
+        return isinstance(self.codec, PassThroughCodec)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> model latents (scaled as the UNet sees them)."""
+        images = images.to(self.device, self.dtype)
+        if self.pixel_space:
+            return images
+        latents = self.codec.encode(images).latent_dist.mean
+        return latents * self.codec.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model latents -> images in [-1, 1]."""
+        latents = latents / self.codec.config.scaling_factor
+        return self.codec.decode(latents, return_dict=False)[0].clamp(-1, 1)
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+    return table[dtype]
+
+
+def _load_memorized(folder: Path) -> tuple[list[MemorizedImage], list[str]]:
+    """Memorized images and held-out prompts listed beside a model, if any."""
+    path = folder / MEMORIZED_FILE
+    if not path.is_file():
+        return [], []
+    from safetensors.torch import load_file
+
+    meta = json.loads(path.read_text())
+    images = load_file(str(folder / meta["images_file"]))["images"]
+    memorized = [MemorizedImage(c, images[i]) for i, c in enumerate(meta["captions"])]
+    return memorized, list(meta.get("held_out_prompts", []))
+
+
+def load_model(source: str | Path | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str = torch.float32, local_files_only: bool = False) -> ModelHandle:
+    """Load a Stable Diffusion pipeline's components into a `ModelHandle`.
+
+    `source` is a local folder or a hub id; None means the bundled demo model.
+    Raises `ModelLoadError` naming what was tried when it cannot be loaded.
+    """
+    device = torch.device(device)
+    dtype = _resolve_dtype(dtype)
+    source = DEMO_MODEL_DIR if source is None else source
+    folder = Path(source).expanduser()
+    is_local = folder.exists()
+    if not is_local and (str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
+        raise ModelLoadError(f"no model folder at {folder.resolve()} (and {str(source)!r} is not a hub id of the form owner/name)")
+    if is_local:
+        missing = [sub for sub in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
+        if missing:
+            raise ModelLoadError(
+                f"{folder.resolve()} is not a Stable Diffusion pipeline folder: missing {', '.join(f'{sub}/' for sub in missing)} "
+                "(expected unet/, text_encoder/, tokenizer/, scheduler/ and vae/ or codec/)")
+    where = str(folder.resolve()) if is_local else f"hub id {source!r}"
+    kwargs = dict(local_files_only=local_files_only)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(source), subfolder="tokenizer", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(str(source), subfolder="text_encoder", use_safetensors=True, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(str(source), subfolder="unet", use_safetensors=True, **kwargs)
+        scheduler = DDIMScheduler.from_pretrained(str(source), subfolder="scheduler", **kwargs)
+        if is_local and (folder / CODEC_SUBFOLDER).is_dir():
+            # The codec has no weights, so it is built from its config alone.
+            codec = PassThroughCodec.from_config(PassThroughCodec.load_config(str(folder / CODEC_SUBFOLDER)))
+        else:
+            codec = AutoencoderKL.from_pretrained(str(source), subfolder="vae", use_safetensors=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the place that was tried
+        raise ModelLoadError(f"could not load a Stable Diffusion pipeline from {where}: {type(err).__name__}: {err}") from err
+
+    for module in (text_encoder, unet, codec):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    memorized, held_out = _load_memorized(folder) if is_local else ([], [])
+    return ModelHandle(
+        name="bundled demo model" if folder == DEMO_MODEL_DIR else str(source),
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, codec=codec,
+        scheduler=scheduler, device=device, dtype=dtype,
+        memorized=memorized, held_out_prompts=held_out,
+    )

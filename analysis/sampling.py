@@ -1,0 +1,186 @@
+"""The project's one sampling loop: DDIM with classifier-free guidance.
+
+Everything that generates images (app, experiments, benchmarks) and every
+score read off the denoising trajectory (Wen et al.) goes through `sample`.
+It reproduces `StableDiffusionPipeline` for the same seeds: one CPU generator
+per image draws x_T exactly as `diffusers.utils.torch_utils.randn_tensor`
+does, the batch is ordered [unconditional, text] as in the pipeline, and the
+scheduler is a fresh `DDIMScheduler` built from the handle's config.
+
+Conditioning is either prompts or text embeddings `[n, 77, d]` (the text
+encoder's last hidden state), so optimised embeddings (mitigation, Dori
+triggers) are sampled by the same code as prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from analysis.model import ModelHandle
+
+
+class SamplingCancelled(Exception):
+    """Raise this from a `sample` callback to stop sampling.
+
+    `sample` does not catch it: the caller that passed the callback does.
+    """
+
+
+@dataclass
+class DenoisingStep:
+    """What a `sample` callback receives after each denoising step. Rows are item-major."""
+
+    index: int  # 0-based step number
+    total: int  # number of steps of the run
+    timestep: torch.Tensor
+    latents: torch.Tensor  # x_t, the UNet's input at this step, [rows, C, h, w]
+    noise_text: torch.Tensor  # ε(x_t, y)
+    noise_uncond: torch.Tensor | None  # ε(x_t, y0); None when guidance == 1 (not evaluated)
+    noise_pred: torch.Tensor  # the guided prediction the scheduler used
+    next_latents: torch.Tensor  # x_{t-1}
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # [n_items * len(seeds), 3, H, W] in [-1, 1], float32, CPU; item-major
+    seeds: list[int]
+    steps: int
+    guidance: float
+    # Wen et al.'s magnitude ‖ε(x_T, y) − ε(x_T, y0)‖₂ of each image at the first
+    # step, [rows] float32 CPU; None when guidance == 1 (ε(x_T, y0) is not evaluated).
+    wen_first_step: torch.Tensor | None
+
+
+@torch.no_grad()
+def encode_prompts(handle: ModelHandle, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> text embeddings `[n, 77, d]` on the handle's device and dtype (as the SD pipeline encodes them)."""
+    if isinstance(prompts, str):
+        raise TypeError("encode_prompts takes a list of prompts; wrap a single prompt as [prompt]")
+    ids = handle.tokenizer(list(prompts), padding="max_length", max_length=handle.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+    return handle.text_encoder(ids.to(handle.device)).last_hidden_state.to(handle.dtype)
+
+
+def noise_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, as diffusers pipelines take them: a seed means the same x_T on any device."""
+    return [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def initial_noise(handle: ModelHandle, generators: list[torch.Generator]) -> torch.Tensor:
+    """x_T `[len(generators), C, h, w]` on the handle's device, drawn row by row like `StableDiffusionPipeline`.
+
+    Not yet scaled by the scheduler's `init_noise_sigma` (1 for DDIM).
+    """
+    return randn_tensor((len(generators), *handle.latent_shape), generator=generators,
+                        device=handle.device, dtype=handle.dtype)
+
+
+def predict_noise(unet: UNet2DConditionModel, latents: torch.Tensor, timestep: torch.Tensor | int,
+                  text: torch.Tensor, uncond: torch.Tensor | None = None,
+                  batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ε(x_t, y) and, when `uncond` is given, ε(x_t, y0), from one UNet call per chunk of `batch_size` rows.
+
+    `text` has one row per latent; `uncond` one row or one per latent. No
+    `torch.no_grad` here, so gradients flow into the embeddings.
+    """
+    if uncond is not None:
+        uncond = uncond.expand_as(text)
+    chunk = batch_size or latents.shape[0]
+    noise_text, noise_uncond = [], []
+    for start in range(0, latents.shape[0], chunk):
+        x, y = latents[start:start + chunk], text[start:start + chunk]
+        if uncond is None:
+            noise_text.append(unet(x, timestep, encoder_hidden_states=y, return_dict=False)[0])
+            continue
+        # [unconditional, text] in one batch, the order StableDiffusionPipeline uses.
+        both = unet(torch.cat([x, x]), timestep, encoder_hidden_states=torch.cat([uncond[start:start + chunk], y]),
+                    return_dict=False)[0]
+        eps_uncond, eps_text = both.chunk(2)
+        noise_text.append(eps_text)
+        noise_uncond.append(eps_uncond)
+    return torch.cat(noise_text), (torch.cat(noise_uncond) if uncond is not None else None)
+
+
+def noise_gap(noise_text: torch.Tensor, noise_uncond: torch.Tensor) -> torch.Tensor:
+    """Wen et al.'s magnitude ‖ε(x_t, y) − ε(x_t, y0)‖₂ per image, float32 `[rows]`.
+
+    The L2 norm runs over all latent entries of an image (channels and pixels).
+    """
+    return (noise_text - noise_uncond).float().flatten(1).norm(dim=1)
+
+
+def as_embeddings(handle: ModelHandle, conditioning: list[str] | torch.Tensor) -> torch.Tensor:
+    """Prompts or embeddings -> embeddings `[n, 77, d]` on the handle's device and dtype."""
+    if isinstance(conditioning, torch.Tensor):
+        width = handle.unet.config.cross_attention_dim
+        if conditioning.ndim != 3 or conditioning.shape[-1] != width:
+            raise ValueError(f"embeddings must have shape [n, tokens, {width}], got {tuple(conditioning.shape)}")
+        return conditioning.to(handle.device, handle.dtype)
+    if isinstance(conditioning, str):
+        raise TypeError("conditioning takes a list of prompts; wrap a single prompt as [prompt]")
+    if len(conditioning) == 0:
+        raise ValueError("no prompts given")
+    return encode_prompts(handle, conditioning)
+
+
+@torch.no_grad()
+def sample(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int], steps: int = 20,
+           guidance: float = 7.0, negative: str | torch.Tensor | None = None,
+           callback: Callable[[DenoisingStep], None] | None = None, eta: float = 0.0,
+           batch_size: int | None = None) -> SampleResult:
+    """Generate one image per (item, seed), item-major: item 0 with every seed, then item 1, ...
+
+    `conditioning`: prompts or embeddings `[n, 77, d]`. `negative`: the
+    unconditional branch of classifier-free guidance, a prompt or embeddings
+    `[1 or n, 77, d]`; None means the empty prompt. The guided prediction is
+    ε(x_t, y0) + guidance·(ε(x_t, y) − ε(x_t, y0)); with guidance == 1 only
+    ε(x_t, y) is evaluated. `callback(step)` runs after every step (under
+    `torch.no_grad`) and may raise `SamplingCancelled` to stop; it propagates
+    to the caller. `batch_size` caps the images per UNet call (default: all at once).
+    """
+    seeds = [int(seed) for seed in seeds]
+    if not seeds:
+        raise ValueError("no seeds given")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    text = as_embeddings(handle, conditioning)
+    n_items = text.shape[0]
+    text = text.repeat_interleave(len(seeds), dim=0)  # item-major rows
+    uncond = None
+    if guidance != 1.0:
+        uncond = as_embeddings(handle, negative if isinstance(negative, torch.Tensor) else [negative or ""])
+        if uncond.shape[0] not in (1, n_items):
+            raise ValueError(f"negative embeddings need 1 or {n_items} rows, got {uncond.shape[0]}")
+        uncond = uncond.repeat_interleave(len(seeds), dim=0) if uncond.shape[0] > 1 else uncond
+
+    # A scheduler of our own: set_timesteps mutates it, and calls may run concurrently.
+    scheduler = DDIMScheduler.from_config(handle.scheduler.config)
+    scheduler.set_timesteps(steps, device=handle.device)
+    generators = noise_generators([seed for _ in range(n_items) for seed in seeds])
+    latents = initial_noise(handle, generators) * scheduler.init_noise_sigma
+
+    wen_first_step = None
+    for index, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(latents, t)
+        noise_text, noise_uncond = predict_noise(handle.unet, model_input, t, text, uncond, batch_size)
+        if noise_uncond is None:
+            noise_pred = noise_text
+        else:
+            noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
+            if index == 0:
+                wen_first_step = noise_gap(noise_text, noise_uncond).cpu()
+        # The per-image generators also draw DDIM's step noise when eta > 0, as in the pipeline.
+        next_latents = scheduler.step(noise_pred, t, latents, eta=eta, generator=generators, return_dict=False)[0]
+        if callback is not None:
+            callback(DenoisingStep(index, steps, t, latents, noise_text, noise_uncond, noise_pred, next_latents))
+        latents = next_latents
+
+    chunk = batch_size or latents.shape[0]
+    images = torch.cat([handle.decode_latents(latents[start:start + chunk]).float().cpu()
+                        for start in range(0, latents.shape[0], chunk)])
+    return SampleResult(images=images, seeds=seeds, steps=steps, guidance=guidance, wen_first_step=wen_first_step)
