@@ -78,6 +78,9 @@ class ModelHandle:
     dtype: torch.dtype
     memorized: list[MemorizedImage] = field(default_factory=list)
     held_out_prompts: list[str] = field(default_factory=list)
+    # Sampling settings the model is meant to be used with (SD v1.4's reference by default).
+    default_steps: int = 50
+    default_guidance: float = 7.0
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -113,17 +116,20 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return table[dtype]
 
 
-def _load_memorized(folder: Path) -> tuple[list[MemorizedImage], list[str]]:
-    """Memorized images and held-out prompts listed beside a model, if any."""
+def _read_sidecar(folder: Path) -> dict:
+    """What `memorized.json` beside a model says: memorized images, held-out prompts, sampling settings."""
     path = folder / MEMORIZED_FILE
     if not path.is_file():
-        return [], []
+        return {}
     from safetensors.torch import load_file
 
     meta = json.loads(path.read_text())
     images = load_file(str(folder / meta["images_file"]))["images"]
-    memorized = [MemorizedImage(c, images[i]) for i, c in enumerate(meta["captions"])]
-    return memorized, list(meta.get("held_out_prompts", []))
+    found = dict(memorized=[MemorizedImage(c, images[i]) for i, c in enumerate(meta["captions"])],
+                 held_out_prompts=list(meta.get("held_out_prompts", [])))
+    if "sampling" in meta:
+        found.update(default_steps=int(meta["sampling"]["steps"]), default_guidance=float(meta["sampling"]["guidance"]))
+    return found
 
 
 def load_model(source: str | Path | None = None, device: str | torch.device = "cpu",
@@ -163,10 +169,9 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
 
     for module in (text_encoder, unet, codec):
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    memorized, held_out = _load_memorized(folder) if is_local else ([], [])
     return ModelHandle(
         name="bundled demo model" if folder == DEMO_MODEL_DIR else str(source),
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, codec=codec,
         scheduler=scheduler, device=device, dtype=dtype,
-        memorized=memorized, held_out_prompts=held_out,
+        **(_read_sidecar(folder) if is_local else {}),
     )
