@@ -156,19 +156,22 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
     kwargs = dict(local_files_only=local_files_only)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(source), subfolder="tokenizer", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(str(source), subfolder="text_encoder", use_safetensors=True, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(str(source), subfolder="unet", use_safetensors=True, **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(str(source), subfolder="text_encoder", use_safetensors=True,
+                                                     dtype=dtype, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(str(source), subfolder="unet", use_safetensors=True,
+                                                    torch_dtype=dtype, **kwargs)
         scheduler = DDIMScheduler.from_pretrained(str(source), subfolder="scheduler", **kwargs)
         if is_local and (folder / CODEC_SUBFOLDER).is_dir():
             # The codec has no weights, so it is built from its config alone.
             codec = PassThroughCodec.from_config(PassThroughCodec.load_config(str(folder / CODEC_SUBFOLDER)))
         else:
-            codec = AutoencoderKL.from_pretrained(str(source), subfolder="vae", use_safetensors=True, **kwargs)
+            codec = AutoencoderKL.from_pretrained(str(source), subfolder="vae", use_safetensors=True,
+                                                  torch_dtype=dtype, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with the place that was tried
         raise ModelLoadError(f"could not load a Stable Diffusion pipeline from {where}: {type(err).__name__}: {err}") from err
 
     for module in (text_encoder, unet, codec):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        module.to(device).eval().requires_grad_(False)
     return ModelHandle(
         name="bundled demo model" if folder == DEMO_MODEL_DIR else str(source),
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, codec=codec,
