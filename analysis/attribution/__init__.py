@@ -1,0 +1,13 @@
+"""Token attribution of the memorization score: which words of a prompt drive replication?
+
+One algorithm a file, one call signature: `Method(hyperparameters).attribute(handle, prompt) -> TokenAttribution`.
+
+* `GradientNorm` (gradient.py): Wen et al.'s ‖∂m/∂y_i‖₂ per token.
+* `IntegratedGradients` (integrated_gradients.py): captum's IG from the empty prompt's embedding.
+"""
+
+from analysis.attribution.common import TokenAttribution, memorization_objective, prompt_tokens
+from analysis.attribution.gradient import GradientNorm
+from analysis.attribution.integrated_gradients import IntegratedGradients
+
+__all__ = ["GradientNorm", "IntegratedGradients", "TokenAttribution", "memorization_objective", "prompt_tokens"]
