@@ -131,6 +131,7 @@ class ReplicationResult:
     similarities: torch.Tensor  # [k] similarity of each generation to its nearest reference
     replicated: torch.Tensor  # [k] bool: similarity > threshold
     rate: float  # share of the k generations that replicate
+    nearest: torch.Tensor  # [k] index of each generation's nearest reference
 
 
 def replication(generated: torch.Tensor, reference: torch.Tensor, threshold: float = REPLICATION_THRESHOLD,
@@ -143,9 +144,10 @@ def replication(generated: torch.Tensor, reference: torch.Tensor, threshold: flo
     "SSCD > 0.7" in the literature).
     """
     references = reference[None] if reference.ndim == 3 else reference
-    similarities = similarity(generated, references).max(dim=1).values.float().cpu()
+    best = similarity(generated, references).max(dim=1)
+    similarities = best.values.float().cpu()
     replicated = similarities > threshold
-    return ReplicationResult(similarities, replicated, replicated.float().mean().item())
+    return ReplicationResult(similarities, replicated, replicated.float().mean().item(), best.indices.cpu())
 
 
 def memorization_rate(results: Sequence[ReplicationResult], min_share: float = 0.5) -> float:

@@ -54,6 +54,7 @@ def test_replication_against_nearest_reference():
     generated = torch.stack([references[0], references[1] + 0.05 * noise, images(1, 9)[0]])
     result = replication(generated, references, threshold=0.5)
     assert result.replicated.tolist() == [True, True, False]
+    assert result.nearest[:2].tolist() == [0, 1]
     assert result.similarities[0].item() == pytest.approx(1.0, abs=1e-5)
     assert result.rate == pytest.approx(2 / 3)
     single = replication(generated, references[0], threshold=0.5)
@@ -65,7 +66,8 @@ def test_replication_against_nearest_reference():
 def test_memorization_rate_uses_share_of_seeds():
     def result(*flags):
         flags = torch.tensor(flags)
-        return ReplicationResult(flags.float(), flags, flags.float().mean().item())
+        nearest = torch.zeros(len(flags), dtype=torch.long)
+        return ReplicationResult(flags.float(), flags, flags.float().mean().item(), nearest)
 
     results = [result(True, True), result(True, False), result(False, False)]
     assert memorization_rate(results, min_share=0.5) == pytest.approx(2 / 3)

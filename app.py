@@ -1,0 +1,39 @@
+"""Serve Dori Lab in the browser.
+
+    python app.py                                    # the bundled demo model, on http://127.0.0.1:7860
+    python app.py --model path/to/sd-pipeline --device cuda --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from analysis.model import ModelLoadError, load_model
+from dori_ui.app import build_app
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="diffusers Stable Diffusion folder or hub id (default: the bundled demo model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the app to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
+                   help="a folder the app may serve files from besides its own (repeatable)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    except (ModelLoadError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    build_app(handle).launch(server_name=args.host, server_port=args.port, allowed_paths=args.allowed_root)
+
+
+if __name__ == "__main__":
+    main()
