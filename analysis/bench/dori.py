@@ -19,18 +19,14 @@ Run it on a quiet machine: other processes on the cores change the numbers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import diffusers
 import torch
-import transformers
 
-from analysis.bench.sampling import cpu_model, seconds
+from analysis.bench import seconds, verdict, write_report
 from analysis.dori import DoriSearch, DoriStep, Start
 from analysis.model import load_model
 from analysis.sampling import encode_prompts
@@ -96,33 +92,19 @@ def main(argv=None) -> None:
     rows = [
         (f"bare UNet forward + backward, batch {BATCH}", f"{bare_median_s:.3f} s", ""),
         (f"Dori step, batch {BATCH}", f"{step_median_s:.3f} s", ""),
-        ("ratio Dori step / bare pass", f"{ratio:.3f}",
-         f"≤ {RATIO_TARGET}: {'met' if ratio <= RATIO_TARGET else 'NOT met'}"),
+        ("ratio Dori step / bare pass", f"{ratio:.3f}", verdict(ratio, RATIO_TARGET)),
         (f"Dori search, 50 steps, batch {BATCH}", f"{search_median_s:.2f} s",
-         f"≤ {SEARCH_SECONDS_TARGET:.0f} s: {'met' if search_median_s <= SEARCH_SECONDS_TARGET else 'NOT met'}"),
+         verdict(search_median_s, SEARCH_SECONDS_TARGET, " s")),
     ]
-    table = "\n".join(["| what | median | target |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
-    report = f"""# Dori search speed on the bundled model
-
-Written by `python -m analysis.bench.dori --repeats {args.repeats}` on {datetime.date.today().isoformat()}.
-Target image “{target.caption}”, one random start, float32 on CPU. Per repeat: the median of
-{STEPS_PER_TIMING} bare passes and of {STEPS_PER_TIMING} search steps (interleaved, alternating order),
-then one default search; the table gives the medians over {args.repeats} repeats.
-
-{table}
-
-Every repeat, in seconds: bare pass {[round(s, 3) for s in bare_s]}, Dori step {[round(s, 3) for s in step_s]},
-search {[round(s, 2) for s in search_s]}.
-
-Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()},
-1-minute load average {load_before:.2f} before and {load_after:.2f} after the timed runs.
-Versions: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__},
-transformers {transformers.__version__}.
-"""
-    print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(f"\nwrote {args.out}")
+    write_report(
+        args.out, "Dori search speed on the bundled model", f"python -m analysis.bench.dori --repeats {args.repeats}",
+        f"Target image “{target.caption}”, one random start, float32 on CPU. Per repeat: the median of\n"
+        f"{STEPS_PER_TIMING} bare passes and of {STEPS_PER_TIMING} search steps (interleaved, alternating order),\n"
+        f"then one default search; the table gives the medians over {args.repeats} repeats.",
+        rows,
+        f"Every repeat, in seconds: bare pass {[round(s, 3) for s in bare_s]}, Dori step {[round(s, 3) for s in step_s]},\n"
+        f"search {[round(s, 2) for s in search_s]}.",
+        load_before, load_after)
 
 
 if __name__ == "__main__":

@@ -16,19 +16,14 @@ Run it on a quiet machine: other processes on the cores change the numbers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import diffusers
 import torch
-import transformers
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from analysis.bench import seconds, verdict, write_report
 from analysis.model import load_model
 from analysis.replicate import replicate
 from analysis.sampling import sample
@@ -36,19 +31,6 @@ from analysis.sampling import sample
 SEEDS = [0, 1, 2, 3]
 SAMPLING_RATIO_TARGET = 1.05
 REPLICATION_SECONDS_TARGET = 3.0
-
-
-def seconds(run: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> None:
@@ -96,32 +78,18 @@ def main(argv=None) -> None:
     rows = [
         ("`sample`, 4 seeds", f"{ours_median:.3f} s", ""),
         ("`StableDiffusionPipeline`, 4 seeds", f"{theirs_median:.3f} s", ""),
-        ("ratio `sample` / pipeline", f"{ratio:.3f}",
-         f"≤ {SAMPLING_RATIO_TARGET}: {'met' if ratio <= SAMPLING_RATIO_TARGET else 'NOT met'}"),
+        ("ratio `sample` / pipeline", f"{ratio:.3f}", verdict(ratio, SAMPLING_RATIO_TARGET)),
         ("`replicate`, 4-seed gallery", f"{replicate_median:.3f} s",
-         f"≤ {REPLICATION_SECONDS_TARGET} s: {'met' if replicate_median <= REPLICATION_SECONDS_TARGET else 'NOT met'}"),
+         verdict(replicate_median, REPLICATION_SECONDS_TARGET, " s")),
     ]
-    table = "\n".join(["| what | median | target |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
-    report = f"""# Sampling speed on the bundled model
-
-Written by `python -m analysis.bench.sampling --repeats {args.repeats}` on {datetime.date.today().isoformat()}.
-Prompt “{prompt}”, seeds {SEEDS}, DDIM {steps} steps, guidance {guidance}, float32 on CPU.
-Medians of {args.repeats} timed runs after one warm-up; `sample` and the pipeline run interleaved.
-
-{table}
-
-Every run, in seconds: `sample` {[round(s, 3) for s in ours_s]}, pipeline {[round(s, 3) for s in theirs_s]},
-`replicate` {[round(s, 3) for s in replicate_s]}.
-
-Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()},
-1-minute load average {load_before:.2f} before and {load_after:.2f} after the timed runs.
-Versions: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__},
-transformers {transformers.__version__}.
-"""
-    print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(f"\nwrote {args.out}")
+    write_report(
+        args.out, "Sampling speed on the bundled model", f"python -m analysis.bench.sampling --repeats {args.repeats}",
+        f"Prompt “{prompt}”, seeds {SEEDS}, DDIM {steps} steps, guidance {guidance}, float32 on CPU.\n"
+        f"Medians of {args.repeats} timed runs after one warm-up; `sample` and the pipeline run interleaved.",
+        rows,
+        f"Every run, in seconds: `sample` {[round(s, 3) for s in ours_s]}, pipeline {[round(s, 3) for s in theirs_s]},\n"
+        f"`replicate` {[round(s, 3) for s in replicate_s]}.",
+        load_before, load_after)
 
 
 if __name__ == "__main__":
