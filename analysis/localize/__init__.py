@@ -1,0 +1,51 @@
+"""Localizers: find the units behind a memorized prompt and return them as an `analysis.masks.Mask`.
+
+* `nemo.NeMo`: output neurons of cross-attention value projections (Hintersdorf et al. 2024).
+* `wanda.Wanda`: single feed-forward weights by Wanda importance (Chavhan et al. 2024).
+
+Both keep what depends only on the model and the reference prompts (activation
+statistics, thresholds) in a disk cache, through `cached`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from analysis.model import REPO_ROOT
+
+DEFAULT_CACHE_DIR = REPO_ROOT / "runs" / "localize_cache"
+
+
+def weights_checksum(parameters: Iterable[torch.Tensor]) -> list[float]:
+    """Sum and sum of squares of the parameters: cheap, and changes when the weights do (e.g. after fine-tuning)."""
+    with torch.no_grad():
+        sums = [(p.double().sum().item(), p.double().square().sum().item()) for p in parameters]
+    return [sum(s for s, _ in sums), sum(q for _, q in sums)]
+
+
+def cache_key(*parts) -> str:
+    """A short hash of JSON-serialisable `parts` (model name, checksums, layer names, prompts, seeds, ...)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached(cache_dir: str | Path | None, name: str, key: str,
+           compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`compute()`'s tensors, read from `{cache_dir}/{name}-{key}.safetensors` when present, else computed and written.
+
+    `cache_dir=None` disables the cache.
+    """
+    if cache_dir is None:
+        return compute()
+    path = Path(cache_dir) / f"{name}-{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
+    return tensors
