@@ -1,0 +1,118 @@
+"""Browser fixtures: the app on the bundled model in a subprocess, driven by Playwright with Debian's chromium.
+
+No browser is downloaded: Playwright launches the system chromium (`.ci/run`
+installs it with apt). Without it the suite is skipped, unless
+DORI_REQUIRE_BROWSER=1 (set by `.ci/run`) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path(os.environ.get("DORI_CHROMIUM", "/usr/bin/chromium"))
+REPOSITORY = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPOSITORY / "docs" / "screenshots"
+# Loading the bundled model and building every tab takes ~10 s alone; on a busy 2-core machine much longer.
+STARTUP_TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _missing_browser_reason() -> str | None:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if not CHROMIUM.is_file():
+        return f"no chromium at {CHROMIUM} (apt-get install chromium, or set DORI_CHROMIUM)"
+    return None
+
+
+def _wait_until_ready(url: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the app exited with code {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the app did not answer at {url} within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """URL of `python app.py` on the bundled model, started once for the whole browser suite."""
+    reason = _missing_browser_reason()
+    if reason is not None:
+        if os.environ.get("DORI_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser suite required but {reason}")
+        pytest.skip(reason)
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with log.open("w") as log_file:
+        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"],
+                                  cwd=REPOSITORY, stdout=log_file, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_ready(url, server, log)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where chromium refuses its sandbox.
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_url):
+    """One page for a whole story module: its chapters build on each other's state, as a user's session does."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(app_url)
+    page.get_by_role("tab", name="Replicate").wait_for()
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def screenshot():
+    """`screenshot(page, name)` saves the whole page to docs/screenshots/<name>.png."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    def save(page, name: str) -> Path:
+        path = SCREENSHOTS / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        return path
+
+    return save
