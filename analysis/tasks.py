@@ -1,0 +1,436 @@
+"""Every analysis as one call with a JSON configuration: what the app, the command line and campaigns run.
+
+    record = run_task(handle, "attack", {"image": 0, "mitigation": {"method": "nemo"}})
+
+`run_task` checks the configuration (ValueError naming the bad value), fills
+in every default (the handle's steps and guidance, the localizer's
+parameters, ...) so that `record.config` is complete, runs the analysis and
+returns an `analysis.export.RunRecord`. Kinds:
+
+* "replicate": `analysis.replicate.replicate` of a training image or a prompt;
+* "localize": a NeMo or Wanda mask (tensors `mask.LAYER`), replication before and after it;
+* "attack": a Dori search toward a training image, optionally against a mitigated model, then `evaluate`;
+* "sweep": `analysis.sweep.perturbation_sweep`;
+* "attribute": token attribution by gradient norm or Integrated Gradients.
+
+The target is `image` (index of a memorized training image; its caption is
+the default prompt) and/or `prompt`. `inputs` are tensors the configuration
+refers to: `target` (an image `[3, H, W]` in [-1, 1] instead of a training
+image), start embeddings `[77, d]`, `mask.LAYER` (a given mitigation). They
+are stored in the record as `input.NAME`, so `analysis.export.rerun` can run
+it again. `mitigation` is None, `{"method": "nemo"|"wanda", "parameters": {...}}`
+(computed for the prompt) or `{"method": "mask"}` (the `mask.*` inputs).
+
+`callback` receives what the analysis streams: `DenoisingStep` while sampling,
+`DoriStep` while searching, `TaskProgress` otherwise. It may raise
+`analysis.sampling.SamplingCancelled` to stop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from analysis.attribution import GradientNorm, IntegratedGradients
+from analysis.dori import DoriSearch, Start, evaluate
+from analysis.export import INPUT_PREFIX, RunRecord
+from analysis.localize.nemo import NeMo
+from analysis.localize.wanda import Wanda
+from analysis.masks import Mask
+from analysis.metrics import REPLICATION_THRESHOLD
+from analysis.model import ModelHandle
+from analysis.replicate import replicate
+from analysis.sweep import perturbation_sweep
+
+BUNDLED_MODEL_NAME = "bundled demo model"  # what `load_model(None)` names the bundled model
+MASK_PREFIX = "mask."
+DEFAULT_SEEDS = [0, 1, 2, 3]
+LOCALIZERS = {"nemo": NeMo, "wanda": Wanda}
+ATTRIBUTIONS = {"gradient_norm": GradientNorm, "integrated_gradients": IntegratedGradients}
+# Constructor arguments that change how a run goes, not what it finds: never part of a configuration.
+RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size", "progress"}
+
+
+@dataclass
+class TaskProgress:
+    """Progress of a stage that streams neither denoising nor search steps."""
+
+    stage: str  # "localize", "sweep", ...
+    done: int
+    total: int | None  # None: not known in advance
+    message: str = ""
+
+
+Callback = Callable[[object], None]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking a configuration
+
+
+def _json_ready(value):
+    """As the value reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _fill(what: str, defaults: dict, given: dict | None) -> dict:
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ValueError(f"the {what} configuration must be a JSON object, got {given!r}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _integer(name: str, value, low: int = 0, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
+    return value
+
+
+def _number(name: str, value, low: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (low is not None and value < low):
+        raise ValueError(f"{name} must be a number{f' of at least {low}' if low is not None else ''}, got {value!r}")
+    return float(value)
+
+
+def _seeds(name: str, value) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{name} must be a non-empty list of seeds, got {value!r}")
+    return [_integer(f"a seed in {name}", seed) for seed in value]
+
+
+def _method_parameters(what: str, algorithms: dict[str, type], config: dict) -> dict:
+    """`{"method", "parameters"}` with every constructor parameter of the chosen algorithm filled in."""
+    method = config.get("method")
+    if method not in algorithms:
+        raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(algorithms)}")
+    signature = inspect.signature(algorithms[method].__init__)
+    defaults = {name: p.default for name, p in signature.parameters.items() if name not in RUNTIME_ARGUMENTS}
+    return dict(method=method, parameters=_json_ready(_fill(f"{method} parameter", defaults, config.get("parameters"))))
+
+
+def _sampling(handle: ModelHandle, config: dict) -> dict:
+    steps = handle.default_steps if config["steps"] is None else config["steps"]
+    guidance = handle.default_guidance if config["guidance"] is None else config["guidance"]
+    return dict(steps=_integer("steps", steps, 1, 1000), guidance=_number("guidance", guidance))
+
+
+def _target(handle: ModelHandle, config: dict, inputs: dict[str, torch.Tensor],
+            need_image: bool) -> tuple[dict, str, torch.Tensor | None]:
+    """The filled `image`/`prompt` settings, the prompt, and the target image (None when there is none)."""
+    index, prompt = config["image"], config["prompt"]
+    image = None
+    if index is not None:
+        if not handle.memorized:
+            raise ValueError(f"image {index!r} does not exist: the model has no memorized training images")
+        _integer("image", index, 0, len(handle.memorized) - 1)
+        image = handle.memorized[index].image
+        prompt = handle.memorized[index].caption if prompt is None else prompt
+    if "target" in inputs:
+        image = inputs["target"]
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"the target input must be an image [3, H, W], got shape {tuple(image.shape)}")
+    if prompt is None:
+        raise ValueError("give a prompt or the index of a training image (setting 'image')")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}")
+    if need_image and image is None:
+        raise ValueError("this analysis needs a target image: give 'image' (a training image's index) "
+                         "or a 'target' input")
+    return dict(image=index, prompt=prompt), prompt, image
+
+
+def _replicate_what(handle: ModelHandle, target: dict) -> int | str:
+    """What `replicate` gets: a training image's index (compared with that image only) when the prompt is its
+    caption, else the prompt (compared with every training image)."""
+    index = target["image"]
+    return index if index is not None and handle.memorized[index].caption == target["prompt"] else target["prompt"]
+
+
+def _check_dtype(handle: ModelHandle, config: dict) -> str:
+    dtype = str(handle.dtype).removeprefix("torch.")
+    if config.get("dtype", dtype) != dtype:
+        raise ValueError(f"the configuration was recorded in {config['dtype']}, the model is loaded in {dtype}")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks
+
+
+def mask_tensors(mask: Mask) -> dict[str, torch.Tensor]:
+    """A mask's layers as record tensors `mask.LAYER`."""
+    return {MASK_PREFIX + name: removed for name, removed in mask.removed.items()}
+
+
+def record_mask(record: RunRecord) -> Mask:
+    """The mask a "localize" record found, to apply it again (`with record_mask(record).applied(handle): ...`)."""
+    removed = {name.removeprefix(MASK_PREFIX): tensor for name, tensor in record.tensors.items()
+               if name.startswith(MASK_PREFIX)}
+    if not removed:
+        raise ValueError(f"this {record.kind} record holds no mask")
+    return Mask(removed, method=record.config["method"], prompt=record.config["prompt"], model=record.model,
+                parameters=record.config["parameters"])
+
+
+def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
+    """Run the configured localizer (`{"method", "parameters", "seeds"}`) on `prompt`."""
+    parameters = dict(config["parameters"])
+    if config["method"] == "nemo":
+        messages = iter(range(1, 1 << 62))
+
+        def progress(message: str) -> None:
+            if callback is not None:
+                callback(TaskProgress("localize", next(messages), None, message))
+
+        return NeMo(**parameters, progress=progress).fit(handle, prompt, config["seeds"])
+    reference_prompts = parameters.pop("reference_prompts", None)
+    return Wanda(**parameters).fit(handle, prompt, reference_prompts, config["seeds"])
+
+
+def _localizer_config(method_config: dict | None, default_method: str = "nemo") -> dict:
+    config = _fill("localize", dict(method=default_method, parameters=None, seeds=None), method_config)
+    filled = _method_parameters("localize", LOCALIZERS, config)
+    default_seeds = list(inspect.signature(LOCALIZERS[filled["method"]].fit).parameters["seeds"].default)
+    filled["seeds"] = _seeds("localize seeds", default_seeds if config["seeds"] is None else config["seeds"])
+    return filled
+
+
+def _mitigation_config(value: dict | None, inputs: dict[str, torch.Tensor]) -> dict | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and value.get("method") == "mask":
+        _fill("mitigation", dict(method="mask"), value)
+        if not any(name.startswith(MASK_PREFIX) for name in inputs):
+            raise ValueError("mitigation 'mask' needs the mask as inputs named 'mask.LAYER'")
+        return dict(method="mask")
+    return _localizer_config(value)
+
+
+@contextmanager
+def _mitigated(handle: ModelHandle, mitigation: dict | None, inputs: dict[str, torch.Tensor], prompt: str,
+               record: RunRecord, callback: Callback | None) -> Iterator[Mask | None]:
+    """Run the block with the mitigation's mask applied (its tensors go into the record); no mask for None."""
+    if mitigation is None:
+        yield None
+        return
+    if mitigation["method"] == "mask":
+        removed = {name.removeprefix(MASK_PREFIX): t.bool() for name, t in inputs.items() if name.startswith(MASK_PREFIX)}
+        mask = Mask(removed, method="given", prompt=prompt, model=handle.name)
+    else:
+        mask = _fit_mask(handle, mitigation, prompt, callback)
+        record.tensors.update(mask_tensors(mask))
+    record.metrics["mitigation_removed"] = sum(mask.counts().values())
+    with mask.applied(handle):
+        yield mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One function per kind: (handle, config, inputs, callback) -> RunRecord
+
+
+def _replication_metrics(report, prefix: str = "") -> dict:
+    metrics = {}
+    if report.replication is not None:
+        metrics.update({f"{prefix}similarities": report.replication.similarities.tolist(),
+                        f"{prefix}replicated": report.replication.replicated.int().tolist(),
+                        f"{prefix}rate": report.replication.rate,
+                        f"{prefix}mean_similarity": report.replication.similarities.mean().item()})
+    if report.noise_gap_per_step is not None:
+        metrics[f"{prefix}wen_first_step"] = report.noise_gap_per_step[:, 0].mean().item()
+    return metrics
+
+
+def _run_replicate(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    config = _fill("replicate", dict(image=None, prompt=None, seeds=DEFAULT_SEEDS, steps=None, guidance=None,
+                                     threshold=REPLICATION_THRESHOLD, mitigation=None), config)
+    target, prompt, _ = _target(handle, config, inputs, need_image=False)
+    filled = dict(**target, seeds=_seeds("seeds", config["seeds"]), **_sampling(handle, config),
+                  threshold=_number("threshold", config["threshold"]),
+                  mitigation=_mitigation_config(config["mitigation"], inputs))
+    record = RunRecord("replicate", handle.name, filled)
+    what = _replicate_what(handle, target)
+    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+        report = replicate(handle, what, filled["seeds"], filled["steps"], filled["guidance"], filled["threshold"],
+                           callback=callback)
+    record.metrics.update(_replication_metrics(report))
+    record.images.update({f"seed{seed}": image for seed, image in zip(report.seeds, report.images)})
+    record.table = [dict(seed=seed, caption=caption) for seed, caption in zip(report.seeds, report.captions())]
+    if report.replication is not None:
+        for row, similarity, replicated in zip(record.table, report.replication.similarities.tolist(),
+                                               report.replication.replicated.tolist()):
+            row.update(similarity=similarity, replicated=replicated)
+    if report.noise_gap_per_step is not None:
+        record.tensors["noise_gap_per_step"] = report.noise_gap_per_step
+    return record
+
+
+def _run_localize(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    config = _fill("localize", dict(image=None, prompt=None, method="nemo", parameters=None, seeds=None,
+                                    evaluation_seeds=DEFAULT_SEEDS), config)
+    target, prompt, _ = _target(handle, config, inputs, need_image=False)
+    localizer = _localizer_config(dict(method=config["method"], parameters=config["parameters"], seeds=config["seeds"]))
+    evaluation_seeds = _seeds("evaluation_seeds", config["evaluation_seeds"])
+    filled = dict(**target, **localizer, evaluation_seeds=evaluation_seeds)
+    record = RunRecord("localize", handle.name, filled)
+    mask = _fit_mask(handle, localizer, prompt, callback)
+    record.tensors.update(mask_tensors(mask))
+    counts = mask.counts()
+    record.metrics.update(removed=counts, removed_total=sum(counts.values()))
+    record.metrics.update({key: value for key, value in mask.parameters.items()
+                           if key in ("threshold", "similarity", "memorized_seeds")})
+    # Before vs after on the same seeds: does removing the units stop the replication?
+    what = _replicate_what(handle, target)
+    before = replicate(handle, what, evaluation_seeds, callback=callback)
+    with mask.applied(handle):
+        after = replicate(handle, what, evaluation_seeds, callback=callback)
+    record.metrics.update({**_replication_metrics(before, "before_"), **_replication_metrics(after, "after_")})
+    for stage, report in (("before", before), ("after", after)):
+        record.images.update({f"{stage}_seed{seed}": image for seed, image in zip(report.seeds, report.images)})
+    record.table = [dict(layer=name, removed=count, units=int(mask.removed[name].numel()))
+                    for name, count in counts.items()]
+    return record
+
+
+def _starts(specs, prompt: str, inputs: dict[str, torch.Tensor]) -> tuple[list[dict], list[Start]]:
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"starts must be a non-empty list, got {specs!r}")
+    filled, starts = [], []
+    for spec in specs:
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind == "random":
+            spec = _fill("random start", dict(kind="random", seed=0, scale=None), spec)
+            scale = None if spec["scale"] is None else _number("start scale", spec["scale"], 0)
+            starts.append(Start.random(_integer("start seed", spec["seed"]), scale))
+        elif kind == "prompt":
+            spec = _fill("prompt start", dict(kind="prompt", text=None), spec)
+            spec["text"] = prompt if spec["text"] is None else spec["text"]
+            starts.append(Start.prompt(spec["text"]))
+        elif kind == "embedding":
+            spec = _fill("embedding start", dict(kind="embedding", input=None), spec)
+            if spec["input"] not in inputs:
+                raise ValueError(f"embedding start {spec['input']!r} is not among the inputs {sorted(inputs)}")
+            starts.append(Start.embedding(inputs[spec["input"]]))
+        else:
+            raise ValueError(f"a start is {{'kind': 'random'|'prompt'|'embedding', ...}}, got {spec!r}")
+        filled.append(spec)
+    return filled, starts
+
+
+def _run_attack(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    search_defaults = {name: p.default for name, p in inspect.signature(DoriSearch).parameters.items()}
+    config = _fill("attack", dict(image=None, prompt=None, starts=[dict(kind="random", seed=0)],
+                                  search=None, evaluation_seeds=DEFAULT_SEEDS, steps=None, guidance=None,
+                                  mitigation=None), config)
+    target, prompt, image = _target(handle, config, inputs, need_image=True)
+    search = _fill("search", search_defaults, config["search"])
+    filled_starts, starts = _starts(config["starts"], prompt, inputs)
+    filled = dict(**target, starts=filled_starts, search=_json_ready(search),
+                  evaluation_seeds=_seeds("evaluation_seeds", config["evaluation_seeds"]), **_sampling(handle, config),
+                  mitigation=_mitigation_config(config["mitigation"], inputs))
+    record = RunRecord("attack", handle.name, filled)
+    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+        result = DoriSearch(**search).fit(handle, image, starts, prompt=prompt, callback=callback)
+        before = evaluate(handle, result.starts, image, filled["evaluation_seeds"], filled["steps"],
+                          filled["guidance"], callback=callback)
+        after = evaluate(handle, result.embeddings, image, filled["evaluation_seeds"], filled["steps"],
+                         filled["guidance"], callback=callback)
+    final_losses = result.losses[-1].tolist()
+    distances = result.from_start.l2.norm(dim=1).tolist()
+    record.metrics.update(
+        final_loss=final_losses, distance_from_start=distances,
+        rate_before=before.rates.tolist(), rate=after.rates.tolist(), mean_rate=after.rates.mean().item(),
+        mean_similarity=after.similarities.mean(dim=1).tolist(),
+        similarity=after.similarities.mean().item(), similarity_std=after.similarities.mean(dim=1).std(
+            correction=0).item())
+    record.table = [dict(start=i, kind=spec["kind"], final_loss=loss, distance_from_start=distance,
+                         rate_before=rate_before, rate=rate, mean_similarity=similarity)
+                    for i, (spec, loss, distance, rate_before, rate, similarity) in enumerate(zip(
+                        filled_starts, final_losses, distances, before.rates.tolist(), after.rates.tolist(),
+                        record.metrics["mean_similarity"]))]
+    record.images["target"] = image.float().cpu()
+    for i, generations in enumerate(after.images):
+        record.images.update({f"start{i}_seed{seed}": generated
+                              for seed, generated in zip(filled["evaluation_seeds"], generations)})
+    record.tensors.update(embeddings=result.embeddings, starts=result.starts, losses=result.losses)
+    return record
+
+
+def _run_sweep(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    config = _fill("sweep", dict(image=None, prompt=None, radii=[0.0, 5.0, 10.0, 20.0], directions=4,
+                                 seeds=DEFAULT_SEEDS, seed=0, steps=None, guidance=None, mitigation=None), config)
+    target, prompt, image = _target(handle, config, inputs, need_image=True)
+    if not isinstance(config["radii"], list) or not config["radii"]:
+        raise ValueError(f"radii must be a non-empty list of distances, got {config['radii']!r}")
+    filled = dict(**target, radii=[_number("a radius", r, 0) for r in config["radii"]],
+                  directions=_integer("directions", config["directions"], 1),
+                  seeds=_seeds("seeds", config["seeds"]), seed=_integer("seed", config["seed"]),
+                  **_sampling(handle, config), mitigation=_mitigation_config(config["mitigation"], inputs))
+    record = RunRecord("sweep", handle.name, filled)
+
+    def progress(done: int, total: int) -> None:
+        if callback is not None:
+            callback(TaskProgress("sweep", done, total, f"radius {filled['radii'][done - 1]:g}"))
+
+    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+        result = perturbation_sweep(handle, prompt, image, filled["radii"], filled["directions"], filled["seeds"],
+                                    filled["seed"], filled["steps"], filled["guidance"], progress=progress)
+    record.metrics.update(rates=result.rates().tolist(), mean_similarities=result.mean_similarities().tolist(),
+                          embedding_norm=result.embedding_norm)
+    record.table = [dict(radius=radius, relative_radius=radius / result.embedding_norm, rate=rate, mean_similarity=s)
+                    for radius, rate, s in zip(result.radii, record.metrics["rates"],
+                                               record.metrics["mean_similarities"])]
+    record.tensors.update(similarities=result.similarities, replicated=result.replicated)
+    return record
+
+
+def _run_attribute(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    config = _fill("attribute", dict(image=None, prompt=None, method="gradient_norm", parameters=None), config)
+    target, prompt, _ = _target(handle, config, inputs, need_image=False)
+    method = _method_parameters("attribution", ATTRIBUTIONS, config)
+    record = RunRecord("attribute", handle.name, dict(**target, **method))
+    attribution = ATTRIBUTIONS[method["method"]](**method["parameters"]).attribute(handle, prompt)
+    record.metrics.update(score=attribution.score, token_scores=attribution.token_scores.tolist(),
+                          word_scores=attribution.word_scores)
+    if attribution.convergence_delta is not None:
+        record.metrics["convergence_delta"] = attribution.convergence_delta
+    record.table = [dict(word=word, score=score) for word, score in zip(attribution.words, attribution.word_scores)]
+    record.tensors["token_scores"] = attribution.token_scores
+    return record
+
+
+TASKS: dict[str, Callable[[ModelHandle, dict, dict, Callback | None], RunRecord]] = {
+    "replicate": _run_replicate,
+    "localize": _run_localize,
+    "attack": _run_attack,
+    "sweep": _run_sweep,
+    "attribute": _run_attribute,
+}
+
+
+def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callback: Callback | None = None,
+             inputs: dict[str, torch.Tensor] | None = None) -> RunRecord:
+    """Run one analysis of `kind` with `config` (see the module docstring) and return its complete record."""
+    if kind not in TASKS:
+        raise ValueError(f"unknown analysis {kind!r}; choose one of {sorted(TASKS)}")
+    config = dict(config or {})
+    dtype = _check_dtype(handle, config)
+    config.pop("dtype", None)
+    inputs = dict(inputs or {})
+    for name, tensor in inputs.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"input {name!r} must be a tensor, got {type(tensor).__name__}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"input {name!r} holds NaN or infinite values")
+    record = TASKS[kind](handle, config, inputs, callback)
+    record.config = _json_ready({**record.config, "dtype": dtype})
+    record.tensors.update({INPUT_PREFIX + name: tensor for name, tensor in inputs.items()})
+    return record
