@@ -1,0 +1,466 @@
+"""Adversarial fine-tuning: train memorized images away against the triggers Dori finds (docs/methods.md §7).
+
+Kowalczuk et al. (2025) answer the non-locality of memorization with training
+rather than pruning. Each round of `AdversarialFineTuning.fit`:
+
+1. Triggers: for every selected image, a `DoriSearch` on the current UNet from
+   `triggers_per_image` starts: the image's own caption and Gaussian starts
+   with new seeds each round. Triggers of all rounds so far stay in the pool.
+2. Training: `steps_per_round` optimiser steps on
+       L = L_DM(normal pairs) + ‖ε − unet(√ᾱ_t x̃ + √(1−ᾱ_t) ε, t, y_adv)‖²
+   with y_adv drawn from the pool and x̃ one of the image's surrogate images.
+3. Evaluation: replication of each selected image under its caption and under
+   a fresh Dori attack (starts, search noise and generation seeds never used
+   in training).
+4. A checkpoint; `fit` on the same `out_dir` resumes after the last finished round.
+
+Normal pairs: the non-selected memorized images with their captions (so they
+stay memorized, the control that the mitigation is targeted) and, for
+pixel-space models of the demo's resolution, the demo's procedural shape
+renderings with their training captions, 10 % of them with the empty caption
+(so the unconditional branch keeps its training). A latent (SD) model only
+gets the non-selected memorized images.
+
+Surrogate x̃: by default what a mitigated model generates for the caption.
+Pruning masks found by NeMo or Wanda do not stop replication on the bundled
+model (docs/results/mitigation.md), so the default mitigation blocks one whole
+cross-attention value layer: every NeMo layer is tried and the one whose
+generations are least similar to the training image is used. If even those
+replicate, `fit` raises ValueError instead of training toward the memorized
+image; pass a `Mask` or an image as `surrogate` then.
+
+Cost: per round and image, one Dori search over `triggers_per_image` starts
+(≈ triggers × dori.steps UNet passes of batch dori.batch_size), training
+(steps_per_round passes of normal_batch + adversarial_batch rows) and the
+evaluation (a Dori search over `eval_starts` starts and generations): linear in
+rounds × (triggers + eval_starts) × dori.steps. Measured times are in
+docs/results/robust_mitigation.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from analysis.demo.architecture import save_pipeline_folder
+from analysis.demo.data import RESOLUTION, render_shapes, split_shape_specs
+from analysis.dori import DoriSearch, DoriStep, Start, evaluate
+from analysis.hooks import nemo_layers
+from analysis.masks import Mask
+from analysis.metrics import REPLICATION_THRESHOLD, replication
+from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle
+from analysis.sampling import DenoisingStep, encode_prompts, predict_noise, sample
+
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.json"
+MODEL_SUBFOLDER = "model"
+TRAINABLE_PRESETS = {"attn2": (".attn2.",), "attn": (".attn1.", ".attn2."), "all": ("",)}
+# Seeds of the evaluation's attacks and generations start here, far from any seed used in training.
+EVALUATION_SEED_OFFSET = 1_000_000
+CAPTION_DROPOUT = 0.1  # as in the demo model's training
+
+
+@dataclass
+class FineTuneProgress:
+    """What a `fit` callback receives: after every Dori step, training step and evaluation sampling step."""
+
+    round: int  # 0-based
+    rounds: int
+    stage: str  # "surrogate", "triggers", "train" or "evaluate"
+    step: int
+    total: int
+    loss: float | None = None
+
+
+@dataclass
+class FineTuneResult:
+    model_dir: Path  # a pipeline folder that `analysis.model.load_model` opens
+    targets: list[str]  # captions of the selected images
+    history: list[dict]  # one JSON-ready record per round
+    surrogates: dict[str, torch.Tensor]  # caption -> surrogate images [k, 3, H, W]
+    surrogate_sources: dict[str, str]  # caption -> how its surrogate was made
+    params: dict
+    seconds: float  # wall time of all rounds, over resumed runs
+
+
+class NormalPairs:
+    """Image–caption pairs the fine-tuning keeps the model good at, drawn afresh every step."""
+
+    def __init__(self, photos: list[MemorizedImage], procedural: bool, photo_share: float):
+        if not photos and not procedural:
+            raise ValueError("no normal training pairs: every memorized image is selected and the model is not "
+                             "pixel-space at the demo resolution (no procedural data)")
+        self.photos = photos
+        self.specs = split_shape_specs()[0] if procedural else []
+        # Without procedural data every row is a photo.
+        self.photo_rows_share = photo_share if procedural else 1.0
+        if not photos:
+            self.photo_rows_share = 0.0
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        n_photos = round(self.photo_rows_share * n)
+        picks = torch.randint(len(self.photos) or 1, (n_photos,), generator=generator).tolist()
+        images = [self.photos[i].image for i in picks]
+        captions = [self.photos[i].caption for i in picks]
+        if n - n_photos:
+            specs = [self.specs[i] for i in torch.randint(len(self.specs), (n - n_photos,), generator=generator)]
+            dropped = (torch.rand(len(specs), generator=generator) < CAPTION_DROPOUT).tolist()
+            images += list(render_shapes(specs, generator))
+            captions += ["" if drop else spec.caption for spec, drop in zip(specs, dropped)]
+        return torch.stack(images), captions
+
+
+def trainable_parameters(unet: torch.nn.Module, trainable: str | Sequence[str]) -> dict[str, torch.nn.Parameter]:
+    """The UNet parameters a preset ("attn2", "attn", "all") or a list of parameter-name prefixes selects."""
+    if isinstance(trainable, str):
+        if trainable not in TRAINABLE_PRESETS:
+            raise ValueError(f"unknown trainable preset {trainable!r}; choose one of {sorted(TRAINABLE_PRESETS)} "
+                             "or pass a list of parameter-name prefixes")
+        return {name: p for name, p in unet.named_parameters() if any(part in name for part in TRAINABLE_PRESETS[trainable])}
+    prefixes = list(trainable)
+    unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name, _ in unet.named_parameters())]
+    if not prefixes or unmatched:
+        raise ValueError(f"trainable prefixes {unmatched or prefixes} match no UNet parameter "
+                         "(names look like 'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.weight')")
+    return {name: p for name, p in unet.named_parameters() if name.startswith(tuple(prefixes))}
+
+
+def denoising_loss(handle: ModelHandle, unet: torch.nn.Module, images: torch.Tensor, text: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """‖target − unet(x_t, t, y)‖² (mean) for images `[n, 3, H, W]` and embeddings `[n, 77, d]`, fresh (ε, t)."""
+    z0 = handle.encode_images(images)
+    scheduler = handle.scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator).to(handle.device, handle.dtype)
+    timesteps = timesteps.to(handle.device)
+    # v-prediction models (SD 2.x at 768 px) are trained toward v, not ε.
+    target = (scheduler.get_velocity(z0, noise, timesteps) if scheduler.config.prediction_type == "v_prediction"
+              else noise)
+    prediction, _ = predict_noise(unet, scheduler.add_noise(z0, noise, timesteps), timesteps, text)
+    return (prediction.float() - target.float()).square().mean()
+
+
+def resolve_targets(handle: ModelHandle, targets: Sequence[int | str]) -> list[int]:
+    """Indices into `handle.memorized` of targets given as indices or captions; ValueError for bad ones."""
+    if isinstance(targets, (str, int)):
+        targets = [targets]
+    if not targets:
+        raise ValueError("no targets given: pass indices or captions of the model's memorized images")
+    captions = [item.caption for item in handle.memorized]
+    indices = []
+    for target in targets:
+        if isinstance(target, str):
+            if target not in captions:
+                raise ValueError(f"{target!r} is not the caption of a memorized image of this model; it has {captions}")
+            indices.append(captions.index(target))
+        elif isinstance(target, int) and 0 <= target < len(captions):
+            indices.append(target)
+        else:
+            raise ValueError(f"target {target!r} does not exist: the model has {len(captions)} memorized images")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"targets {list(targets)} name the same image twice")
+    return indices
+
+
+def whole_layer_masks(handle: ModelHandle, prompt: str) -> list[Mask]:
+    """One mask per NeMo value layer that blocks every neuron of it."""
+    return [Mask({name: torch.ones(layer.out_features, dtype=torch.bool)}, "whole layer", prompt=prompt,
+                 model=handle.name) for name, layer in nemo_layers(handle.unet).items()]
+
+
+def generate(handle: ModelHandle, prompts: list[str] | torch.Tensor, seeds: Sequence[int], mask: Mask | None = None,
+             callback: Callable[[DenoisingStep], None] | None = None) -> torch.Tensor:
+    """`sample` at the model's default settings, under `mask` when given: images `[items * seeds, 3, H, W]`."""
+    if mask is None:
+        return sample(handle, prompts, seeds, steps=handle.default_steps, guidance=handle.default_guidance,
+                      callback=callback).images
+    with mask.applied(handle):
+        return generate(handle, prompts, seeds, callback=callback)
+
+
+def mitigated_surrogate(handle: ModelHandle, item: MemorizedImage, surrogate: str | Mask | torch.Tensor,
+                        seeds: Sequence[int], callback: Callable[[DenoisingStep], None] | None = None,
+                        ) -> tuple[torch.Tensor, str]:
+    """Surrogate images `[k, 3, H, W]` for one memorized image and how they were made.
+
+    "mitigated": generations of the caption with the whole NeMo value layer
+    blocked that leaves them least similar to the image. Raises ValueError when
+    the chosen surrogate still replicates the image.
+    """
+    if isinstance(surrogate, torch.Tensor):
+        images = surrogate[None] if surrogate.ndim == 3 else surrogate
+        if images.shape[1:] != item.image.shape:
+            raise ValueError(f"surrogate image of shape {tuple(images.shape[1:])} does not match the model's "
+                             f"images {tuple(item.image.shape)}")
+        candidates = {"the given image": images.float().cpu()}
+    elif isinstance(surrogate, Mask):
+        candidates = {f"{surrogate.method} mask": generate(handle, [item.caption], seeds, surrogate, callback)}
+    elif surrogate == "mitigated":
+        candidates = {f"whole layer {next(iter(mask.removed))} blocked": generate(handle, [item.caption], seeds, mask,
+                                                                                  callback)
+                      for mask in whole_layer_masks(handle, item.caption)}
+    else:
+        raise ValueError(f"surrogate must be 'mitigated', a Mask or an image tensor, got {surrogate!r}")
+    similarity = {source: replication(images, item.image).similarities for source, images in candidates.items()}
+    source = min(similarity, key=lambda name: similarity[name].mean().item())
+    worst = similarity[source].max().item()
+    if worst > REPLICATION_THRESHOLD:
+        raise ValueError(f"the surrogate for {item.caption!r} ({source}) still replicates the training image "
+                         f"(similarity {worst:.2f} > {REPLICATION_THRESHOLD}); fine-tuning toward it would keep the "
+                         "image memorized. Pass a Mask that stops replication or an image as `surrogate`.")
+    return candidates[source], f"{source}, max similarity to the training image {worst:.2f}"
+
+
+def attack(handle: ModelHandle, item: MemorizedImage, dori: DoriSearch, starts: Sequence[Start], seeds: Sequence[int],
+           callback: Callable[[DoriStep], None] | None = None,
+           sample_callback: Callable[[DenoisingStep], None] | None = None) -> dict:
+    """Replication of one memorized image under its caption and under a Dori attack from `starts`.
+
+    On the model as it is (apply a mask around the call to attack a masked
+    model; no `starts`: the caption only). Returns JSON-ready rates and mean
+    similarities, and the triggers.
+    """
+    prompt = evaluate(handle, encode_prompts(handle, [item.caption]), item.image, seeds, callback=sample_callback)
+    row = dict(caption=item.caption, prompt_replication=prompt.rates.mean().item(),
+               prompt_similarity=prompt.similarities.mean().item())
+    if not starts:
+        return row
+    found = dori.fit(handle, item.image, starts, prompt=item.caption, callback=callback)
+    attacked = evaluate(handle, found.embeddings, item.image, seeds, callback=sample_callback)
+    return dict(row, dori_replication=attacked.rates.mean().item(), dori_similarity=attacked.similarities.mean().item(),
+                dori_loss=found.losses[-1].tolist(), triggers=found.embeddings)
+
+
+@dataclass
+class AdversarialFineTuning:
+    """Fine-tune the UNet so that neither a memorized image's caption nor Dori's triggers reproduce it.
+
+    `dori`: the search that collects triggers (its seed is replaced per round
+    and image). `trainable`: "attn2" (cross-attention), "attn", "all" or
+    parameter-name prefixes. `normal_batch` / `adversarial_batch`: rows of
+    L_DM's and of the trigger term's batch per step. `photo_share`: share of
+    the normal rows that are non-selected memorized images (when procedural
+    data exist). `surrogate`: "mitigated", a `Mask` or an image `[3, H, W]`;
+    `surrogate_seeds`: generations per image when it is generated.
+    `eval_starts`: starts of each round's fresh attack (the caption and random
+    ones); `eval_seeds`: generations per embedding in the evaluation.
+    """
+
+    rounds: int = 2
+    triggers_per_image: int = 4
+    steps_per_round: int = 40
+    dori: DoriSearch = dataclasses.field(default_factory=DoriSearch)
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    trainable: str | list[str] = "all"
+    normal_batch: int = 16
+    adversarial_batch: int = 16
+    photo_share: float = 0.25
+    surrogate: str | Mask | torch.Tensor = "mitigated"
+    surrogate_seeds: int = 4
+    eval_starts: int = 2
+    eval_seeds: int = 4
+    seed: int = 0
+
+    def get_params(self) -> dict:
+        """The constructor's arguments, JSON-ready (a surrogate image or mask is described, not stored)."""
+        params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        params["dori"] = dataclasses.asdict(self.dori)
+        if isinstance(self.surrogate, torch.Tensor):
+            params["surrogate"] = f"image {list(self.surrogate.shape)}"
+        elif isinstance(self.surrogate, Mask):
+            params["surrogate"] = f"{self.surrogate.method} mask for {self.surrogate.prompt!r}"
+        return params
+
+    def _check(self, handle: ModelHandle) -> None:
+        for name in ("rounds", "triggers_per_image", "steps_per_round", "adversarial_batch", "surrogate_seeds",
+                     "eval_seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.normal_batch < 0 or self.eval_starts < 0:
+            raise ValueError(f"normal_batch and eval_starts must be >= 0, got {self.normal_batch}, {self.eval_starts}")
+        if not 0 <= self.photo_share <= 1:
+            raise ValueError(f"photo_share must be in [0, 1], got {self.photo_share}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adam', 'adamw' or 'sgd'")
+        if handle.dtype != torch.float32:
+            raise ValueError(f"fine-tuning needs a float32 model (small updates vanish in lower precision), "
+                             f"got {handle.dtype}")
+
+    def _optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        return optimizers[self.optimizer](parameters, lr=self.lr)
+
+    def fit(self, handle: ModelHandle, targets: Sequence[int | str], out_dir: str | Path,
+            callback: Callable[[FineTuneProgress], None] | None = None, resume: bool = True) -> FineTuneResult:
+        """Fine-tune a copy of `handle`'s UNet (the handle is left unchanged) and save it under `out_dir/model`.
+
+        `targets`: indices or captions of `handle.memorized`. `callback` may
+        raise `analysis.sampling.SamplingCancelled` to stop; finished rounds
+        stay checkpointed in `out_dir`, and with `resume` a later `fit` with the
+        same parameters and targets continues after them.
+        """
+        self._check(handle)
+        indices = resolve_targets(handle, targets)
+        selected = [handle.memorized[i] for i in indices]
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        params = self.get_params()
+
+        unet = copy.deepcopy(handle.unet)
+        tuned = dataclasses.replace(handle, unet=unet)
+        trained = trainable_parameters(unet, self.trainable)
+        optimizer = self._optimizer(list(trained.values()))
+        generator = torch.Generator().manual_seed(self.seed)
+        state = dict(rounds_done=0, history=[], seconds=0.0, triggers={}, surrogates={}, sources={})
+        checkpoint = out_dir / CHECKPOINT_FILE
+        if resume and checkpoint.is_file():
+            state = self._load_checkpoint(checkpoint, params, [item.caption for item in selected], unet, optimizer,
+                                          generator)
+
+        def report(round_index: int, stage: str) -> Callable:
+            def on_step(step: DoriStep | DenoisingStep) -> None:
+                loss = step.loss.mean().item() if isinstance(step, DoriStep) else None
+                if callback is not None:
+                    callback(FineTuneProgress(round_index, self.rounds, stage, step.index, step.total, loss))
+            return on_step
+
+        for item in selected:
+            if item.caption not in state["surrogates"]:
+                images, source = mitigated_surrogate(handle, item, self.surrogate, range(self.surrogate_seeds),
+                                                     report(0, "surrogate"))
+                state["surrogates"][item.caption], state["sources"][item.caption] = images, source
+
+        normal = NormalPairs([m for i, m in enumerate(handle.memorized) if i not in indices],
+                             procedural=handle.pixel_space and handle.latent_shape[1:] == (RESOLUTION, RESOLUTION),
+                             photo_share=self.photo_share)
+        for round_index in range(state["rounds_done"], self.rounds):
+            started = time.time()
+            unet.requires_grad_(False)
+            for j, item in enumerate(selected):
+                base = self.seed + 1000 * (round_index * len(selected) + j)
+                starts = [Start.prompt(item.caption)] + [Start.random(base + i) for i in range(1, self.triggers_per_image)]
+                found = dataclasses.replace(self.dori, seed=base).fit(tuned, item.image, starts, prompt=item.caption,
+                                                                      callback=report(round_index, "triggers"))
+                pool = state["triggers"].get(item.caption)
+                state["triggers"][item.caption] = found.embeddings if pool is None else torch.cat([pool, found.embeddings])
+
+            losses = self._train(tuned, unet, trained, optimizer, generator, normal, selected, state, round_index,
+                                 callback)
+            record = dict(round=round_index, normal_loss=losses[0], adversarial_loss=losses[1],
+                          train_seconds=round(time.time() - started, 1), targets=[])
+            for j, item in enumerate(selected):
+                base = EVALUATION_SEED_OFFSET + 1000 * (round_index * len(selected) + j)
+                starts = [Start.prompt(item.caption)] + [Start.random(base + i) for i in range(1, self.eval_starts)]
+                row = attack(tuned, item, dataclasses.replace(self.dori, seed=base), starts[:self.eval_starts],
+                             range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + self.eval_seeds),
+                             report(round_index, "evaluate"), report(round_index, "evaluate"))
+                row.pop("triggers", None)
+                record["targets"].append(row)
+            record["seconds"] = round(time.time() - started, 1)
+            state["history"].append(record)
+            state["rounds_done"] = round_index + 1
+            state["seconds"] += record["seconds"]
+            self._save_checkpoint(checkpoint, params, selected, state, unet, trained, optimizer, generator)
+
+        model_dir = out_dir / MODEL_SUBFOLDER
+        save_model_folder(tuned, model_dir, dict(params=params, targets=[item.caption for item in selected],
+                                                 surrogate_sources=state["sources"], history=state["history"]))
+        (out_dir / HISTORY_FILE).write_text(json.dumps(dict(params=params, surrogate_sources=state["sources"],
+                                                             history=state["history"]), indent=1))
+        return FineTuneResult(model_dir=model_dir, targets=[item.caption for item in selected],
+                              history=state["history"], surrogates=state["surrogates"],
+                              surrogate_sources=state["sources"], params=params, seconds=round(state["seconds"], 1))
+
+    def _train(self, tuned: ModelHandle, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter],
+               optimizer: torch.optim.Optimizer, generator: torch.Generator, normal: NormalPairs,
+               selected: list[MemorizedImage], state: dict, round_index: int,
+               callback: Callable[[FineTuneProgress], None] | None) -> tuple[list[float], list[float]]:
+        """One round's optimiser steps; returns the normal and adversarial loss of every step."""
+        for parameter in trained.values():
+            parameter.requires_grad_(True)
+        unet.train()
+        # Every trigger of every selected image, with its image's surrogates.
+        triggers = torch.cat([state["triggers"][item.caption] for item in selected])
+        owner = torch.cat([torch.full((len(state["triggers"][item.caption]),), j) for j, item in enumerate(selected)])
+        normal_losses, adversarial_losses = [], []
+        try:
+            with torch.enable_grad():
+                for step in range(self.steps_per_round):
+                    rows = torch.randint(len(triggers), (self.adversarial_batch,), generator=generator)
+                    surrogates = torch.stack([
+                        state["surrogates"][selected[j].caption][
+                            torch.randint(len(state["surrogates"][selected[j].caption]), (1,), generator=generator)][0]
+                        for j in owner[rows].tolist()])
+                    adversarial = denoising_loss(tuned, unet, surrogates, triggers[rows].to(tuned.device, tuned.dtype),
+                                                 generator)
+                    loss = adversarial
+                    normal_loss = torch.zeros(())
+                    if self.normal_batch:
+                        images, captions = normal.sample(self.normal_batch, generator)
+                        normal_loss = denoising_loss(tuned, unet, images, encode_prompts(tuned, captions), generator)
+                        loss = loss + normal_loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    normal_losses.append(normal_loss.item())
+                    adversarial_losses.append(adversarial.item())
+                    if callback is not None:
+                        callback(FineTuneProgress(round_index, self.rounds, "train", step, self.steps_per_round,
+                                                  loss.item()))
+        finally:
+            unet.eval().requires_grad_(False)
+        return normal_losses, adversarial_losses
+
+    def _save_checkpoint(self, path: Path, params: dict, selected: list[MemorizedImage], state: dict,
+                         unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter],
+                         optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+        payload = dict(params=resumable(params), targets=[item.caption for item in selected],
+                       unet={name: p.detach().cpu() for name, p in trained.items()}, optimizer=optimizer.state_dict(),
+                       generator=generator.get_state(), **state)
+        # Written whole and then renamed: a run stopped mid-write leaves the previous checkpoint intact.
+        partial = path.with_suffix(".partial")
+        torch.save(payload, partial)
+        os.replace(partial, path)
+
+    @staticmethod
+    def _load_checkpoint(path: Path, params: dict, targets: list[str], unet: torch.nn.Module,
+                         optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload["params"] != resumable(params) or payload["targets"] != targets:
+            raise ValueError(f"{path} holds a run with other parameters or targets ({payload['targets']}, "
+                             f"{payload['params']}); use another out_dir or resume=False")
+        unet.load_state_dict(payload["unet"], strict=False)
+        optimizer.load_state_dict(payload["optimizer"])
+        generator.set_state(payload["generator"])
+        return {key: payload[key] for key in ("rounds_done", "history", "seconds", "triggers", "surrogates", "sources")}
+
+
+def resumable(params: dict) -> str:
+    """What a checkpoint must share with a run to resume it: every setting but the number of rounds."""
+    return json.dumps({key: value for key, value in params.items() if key != "rounds"}, sort_keys=True)
+
+
+def save_model_folder(handle: ModelHandle, folder: Path, finetuning: dict | None = None) -> None:
+    """Write `handle` as a pipeline folder with its `memorized.json` sidecar, so that `load_model(folder)` opens it."""
+    folder = Path(folder)
+    save_pipeline_folder(folder, handle.tokenizer, handle.text_encoder, handle.unet, handle.scheduler,
+                         vae=None if handle.pixel_space else handle.codec)
+    images_file = "memorized.safetensors"
+    save_file({"images": torch.stack([item.image for item in handle.memorized]).contiguous().cpu()},
+              str(folder / images_file))
+    sidecar = dict(captions=[item.caption for item in handle.memorized], images_file=images_file,
+                   sampling=dict(steps=handle.default_steps, guidance=handle.default_guidance),
+                   held_out_prompts=handle.held_out_prompts)
+    if finetuning is not None:
+        sidecar["adversarial_finetuning"] = finetuning
+    (folder / MEMORIZED_FILE).write_text(json.dumps(sidecar, indent=1))

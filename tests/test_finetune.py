@@ -1,0 +1,120 @@
+"""Adversarial fine-tuning on the tiny random model: a round runs, checkpoints, resumes, loads back, cancels."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from analysis.dori import DoriSearch
+from analysis.finetune import CHECKPOINT_FILE, AdversarialFineTuning, FineTuneProgress, trainable_parameters
+from analysis.model import load_model
+from analysis.sampling import SamplingCancelled
+from conftest import MEMORIZED_CAPTIONS
+
+
+@pytest.fixture(scope="module")
+def handle(tiny_handle):
+    # Few sampling steps keep the surrogate and evaluation generations quick.
+    return dataclasses.replace(tiny_handle, default_steps=3, default_guidance=3.0)
+
+
+def tiny_finetuning(**overrides) -> AdversarialFineTuning:
+    settings = dict(rounds=1, triggers_per_image=2, steps_per_round=2, dori=DoriSearch(steps=2, batch_size=2),
+                    lr=1e-3, normal_batch=2, adversarial_batch=2, surrogate_seeds=2, eval_starts=1, eval_seeds=2)
+    return AdversarialFineTuning(**{**settings, **overrides})
+
+
+def stages(events: list[FineTuneProgress]) -> set[tuple[int, str]]:
+    return {(event.round, event.stage) for event in events}
+
+
+def test_a_round_checkpoints_resumes_and_loads_back(handle, tmp_path):
+    before = {name: p.clone() for name, p in handle.unet.named_parameters()}
+    events: list[FineTuneProgress] = []
+    result = tiny_finetuning().fit(handle, [0], tmp_path, callback=events.append)
+
+    assert {(0, "surrogate"), (0, "triggers"), (0, "train"), (0, "evaluate")} <= stages(events)
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    assert len(result.history) == 1
+    record = result.history[0]
+    assert len(record["normal_loss"]) == len(record["adversarial_loss"]) == 2
+    assert set(record["targets"][0]) >= {"prompt_replication", "dori_replication"}
+    assert "whole layer" in result.surrogate_sources[handle.memorized[0].caption]
+    # The caller's model is untouched; the saved one is the fine-tuned one.
+    assert all(torch.equal(p, before[name]) for name, p in handle.unet.named_parameters())
+    loaded = load_model(result.model_dir)
+    assert [m.caption for m in loaded.memorized] == [m.caption for m in handle.memorized]
+    assert loaded.default_steps == handle.default_steps
+    assert any(not torch.equal(p, before[name]) for name, p in loaded.unet.named_parameters())
+    sidecar = json.loads((result.model_dir / "memorized.json").read_text())
+    assert sidecar["adversarial_finetuning"]["targets"] == [handle.memorized[0].caption]
+
+    # Same settings again: the finished round is skipped, nothing is recomputed.
+    events.clear()
+    again = tiny_finetuning().fit(handle, [0], tmp_path, callback=events.append)
+    assert events == [] and again.history == result.history
+    # One more round continues from the checkpoint.
+    more = tiny_finetuning(rounds=2).fit(handle, [0], tmp_path, callback=events.append)
+    assert len(more.history) == 2 and more.history[0] == result.history[0]
+    assert {event.round for event in events} == {1}
+
+
+def test_resume_refuses_other_settings(handle, tmp_path):
+    tiny_finetuning(eval_starts=0).fit(handle, [0], tmp_path)
+    with pytest.raises(ValueError, match="other parameters"):
+        tiny_finetuning(eval_starts=0, lr=1e-2).fit(handle, [0], tmp_path)
+
+
+def test_cancellation_stops_without_a_checkpoint(handle, tmp_path):
+    def cancel_in_training(progress: FineTuneProgress) -> None:
+        if progress.stage == "train":
+            raise SamplingCancelled
+
+    before = {name: p.clone() for name, p in handle.unet.named_parameters()}
+    with pytest.raises(SamplingCancelled):
+        tiny_finetuning().fit(handle, [1], tmp_path, callback=cancel_in_training)
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+    assert all(torch.equal(p, before[name]) for name, p in handle.unet.named_parameters())
+    assert not any(p.requires_grad for p in handle.unet.parameters())
+
+
+@pytest.mark.parametrize("targets, message", [([], "no targets"), ([2], "does not exist"), (["a dog"], "not the caption"),
+                                              ([0, MEMORIZED_CAPTIONS[0]], "same image")])
+def test_bad_targets_are_refused(handle, tmp_path, targets, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_finetuning().fit(handle, targets, tmp_path)
+
+
+def test_a_replicating_surrogate_is_refused(handle, tmp_path):
+    image = handle.memorized[0].image
+    with pytest.raises(ValueError, match="still replicates"):
+        tiny_finetuning(surrogate=image).fit(handle, [0], tmp_path)
+
+
+def test_bad_settings_are_refused(handle, tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        tiny_finetuning(optimizer="lbfgs").fit(handle, [0], tmp_path)
+    with pytest.raises(ValueError, match="rounds"):
+        tiny_finetuning(rounds=0).fit(handle, [0], tmp_path)
+    with pytest.raises(ValueError, match="float32"):
+        tiny_finetuning().fit(dataclasses.replace(handle, dtype=torch.float16), [0], tmp_path)
+
+
+def test_trainable_selection(handle):
+    cross_attention = trainable_parameters(handle.unet, "attn2")
+    assert cross_attention and all(".attn2." in name for name in cross_attention)
+    assert len(trainable_parameters(handle.unet, "all")) == len(list(handle.unet.parameters()))
+    assert all(name.startswith("mid_block") for name in trainable_parameters(handle.unet, ["mid_block."]))
+    with pytest.raises(ValueError, match="match no UNet parameter"):
+        trainable_parameters(handle.unet, ["decoder."])
+    with pytest.raises(ValueError, match="unknown trainable preset"):
+        trainable_parameters(handle.unet, "conv")
+
+
+def test_params_are_json():
+    params = tiny_finetuning(surrogate=torch.zeros(3, 16, 16)).get_params()
+    assert json.loads(json.dumps(params))["dori"]["steps"] == 2
+    assert params["surrogate"] == "image [3, 16, 16]"
