@@ -2,6 +2,8 @@
 
     python app.py                                    # the bundled demo model, on http://127.0.0.1:7860
     python app.py --model path/to/sd-pipeline --device cuda --dtype float16
+    python app.py --model a --model b --allowed-root ~/models   # start on a; a session may switch to b or to a
+                                                                 # pipeline folder inside ~/models
 """
 
 from __future__ import annotations
@@ -16,23 +18,27 @@ from dori_ui.app import build_app
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="diffusers Stable Diffusion folder or hub id (default: the bundled demo model)")
+    p.add_argument("--model", action="append", default=[],
+                   help="diffusers Stable Diffusion folder or hub id (default: the bundled demo model); repeat it to "
+                        "offer several, the first is loaded at start")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the app to the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
-                   help="a folder the app may serve files from besides its own (repeatable)")
+                   help="a folder whose pipeline folders a session may switch to (repeatable); "
+                        "no other path typed in the app is opened")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        handle = load_model(args.model, device=args.device, dtype=args.dtype)
+        handle = load_model(args.model[0] if args.model else None, device=args.device, dtype=args.dtype)
     except (ModelLoadError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
-    build_app(handle).launch(server_name=args.host, server_port=args.port, allowed_paths=args.allowed_root)
+    app = build_app(handle, sources=args.model[1:], allowed_roots=args.allowed_root)
+    app.launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

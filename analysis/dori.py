@@ -92,6 +92,7 @@ class DoriStep:
     total: int  # number of steps of the search
     loss: torch.Tensor  # [S] this step's denoising loss, before the update
     distance: torch.Tensor  # [S] ‖y_adv − y_start‖₂ over the whole embedding, after the update
+    embeddings: torch.Tensor  # [S, 77, d] y_adv after the update, float32 CPU (for previews of a running search)
 
 
 @dataclass
@@ -180,7 +181,8 @@ class DoriSearch:
                 losses.append(loss.detach().cpu())
                 if callback is not None:
                     distance = (moving.detach() - start[:, positions]).flatten(1).norm(dim=1).cpu()
-                    callback(DoriStep(index, self.steps, losses[-1], distance))
+                    current = start.index_copy(1, positions, moving.detach()).cpu()
+                    callback(DoriStep(index, self.steps, losses[-1], distance, current))
 
         embeddings = start.index_copy(1, positions, moving.detach()).cpu()
         start = start.cpu()

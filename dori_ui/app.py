@@ -1,11 +1,22 @@
-"""The app: a header naming the model, then one tab per view."""
+"""The app: a header naming the model (with a switch among the allowed ones), then one tab per view.
+
+Stable element ids (for browser tests): `model-choice`, `model-switch`, `model-header`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import gradio as gr
 
 from analysis.model import ModelHandle
+from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.attribution_tab import build_attribution_tab
+from dori_ui.mitigate_tab import build_mitigate_tab
+from dori_ui.perturb_tab import build_perturb_tab
 from dori_ui.replicate_tab import build_replicate_tab
+from dori_ui.session import AppContext, ModelChoices, Session, describe_model
 
 # Requests that may wait for the model; more are turned away with a "queue full" message.
 QUEUE_SIZE = 16
@@ -13,22 +24,61 @@ QUEUE_SIZE = 16
 INTRODUCTION = """
 A text-to-image diffusion model can **memorize** some of its training images:
 prompted with such an image's caption, it draws that image again, nearly
-pixel for pixel, whatever the random seed. The Replicate view shows this:
-pick a training image, generate its caption with several seeds, and see how
-similar each generation is to the training image.
+pixel for pixel, whatever the random seed. *Finding Dori* (Kowalczuk et al.
+2025) shows that removing the neurons or weights that seem responsible does
+not remove the memory: a search over text embeddings finds it again, because
+memorization is not local.
+
+**Replicate** shows the memorization. **Mitigate** removes neurons or weights
+(NeMo, Wanda) and checks whether the image is gone. **Perturb** runs the Dori
+search against the mitigated model and brings it back. **Attribution** shows
+which words of a prompt drive the memorization signal. Each view can export
+its run as a ZIP that `dori rerun` reproduces.
 """
 
 
-def build_app(handle: ModelHandle) -> gr.Blocks:
-    """The whole app for one loaded model, with its queue set up; call `.launch()` on it."""
+def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: Sequence[str | Path] = ()) -> gr.Blocks:
+    """The whole app with `handle` loaded first, its queue set up; call `.launch()` on it.
+
+    `sources`: further models (folders or hub ids) a session may switch to;
+    `allowed_roots`: folders whose pipeline folders it may switch to as well.
+    """
+    models = ModelChoices(handle, sources, allowed_roots)
     # A local research tool: no usage reports to Gradio's servers.
     with gr.Blocks(title="Dori Lab", analytics_enabled=False) as app:
-        gr.Markdown(f"# Dori Lab\n**Model:** {handle.name} · **device:** {handle.device} · "
-                    f"**dtype:** {str(handle.dtype).removeprefix('torch.')}")
+        session = gr.State(models.new_session())
+        gr.Markdown("# Dori Lab")
+        with gr.Row():
+            header = gr.Markdown(describe_model(handle, models.new_session()), elem_id="model-header")
+            choice = gr.Dropdown(models.names(), value=handle.name, label="Model (from the command line or the "
+                                 "allowed roots)", allow_custom_value=True, elem_id="model-choice", scale=0,
+                                 min_width=320)
+            switch = gr.Button("Switch model", elem_id="model-switch", scale=0)
         with gr.Accordion("What am I looking at?", open=False):
             gr.Markdown(INTRODUCTION)
+        context = AppContext(models, session, header)
         with gr.Tabs():
-            with gr.Tab("Replicate"):
-                build_replicate_tab(handle)
+            with gr.Tab("Replicate", id="replicate"):
+                build_replicate_tab(context)
+            with gr.Tab("Mitigate", id="mitigate"):
+                build_mitigate_tab(context)
+            with gr.Tab("Perturb", id="perturb"):
+                build_perturb_tab(context)
+            with gr.Tab("Attribution", id="attribution"):
+                build_attribution_tab(context)
+
+        def switch_model(name: str | None, state: Session):
+            try:
+                chosen = models.get(name or state.model)
+            except ValueError as err:
+                raise gr.Error(str(err)) from err
+            # A mask names layers of the model it was found on, and records belong to that model too.
+            state.model, state.mask, state.records = chosen.name, None, {}
+            return state, describe_model(chosen, state), gr.update(choices=models.names(), value=chosen.name)
+
+        event = switch.click(switch_model, inputs=[choice, session], outputs=[session, header, choice],
+                             api_name="switch_model", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+        for view, (refresh, outputs) in context.on_model_change.items():
+            event = event.success(refresh, inputs=session, outputs=outputs, api_name=f"refresh_{view}")
     app.queue(max_size=QUEUE_SIZE)
     return app

@@ -1,98 +1,174 @@
-"""The Replicate view: generate a training image's caption with several seeds and check each image for a copy."""
+"""The Replicate view: generate a training image's caption with several seeds and check each image for a copy.
+
+Element ids: `replicate-training` (gallery of memorized images), `replicate-sd14` (SD v1.4 prompt table, shown
+for latent SD models), `replicate-prompt`, `replicate-seeds`, `replicate-first-seed`, `replicate-steps`,
+`replicate-guidance`, `replicate-run`, `replicate-gallery`, `replicate-summary`, `replicate-plot`,
+`replicate-export`, `replicate-export-file`.
+"""
 
 from __future__ import annotations
 
+import csv
+from functools import cache
+
 import gradio as gr
 import plotly.graph_objects as go
+import torch
 
+from analysis.export import RunRecord
 from analysis.images import to_display
-from analysis.model import ModelHandle
-from analysis.replicate import ReplicationReport, replicate, training_images
-from analysis.sampling import DenoisingStep
+from analysis.model import REPO_ROOT, ModelHandle
+from analysis.replicate import training_images
 from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.export import build_export
+from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, mitigation_settings,
+                             session_handle)
+from dori_ui.streaming import report_to, run_or_error
 
+VIEW = "replicate"
 MAX_SEEDS = 16
 MAX_STEPS = 100
 DEFAULT_SEEDS = 4
 # Wen et al. read the gap in the first steps, where it tells memorized prompts apart.
 PLOTTED_STEPS = 10
+SD14_PROMPTS = REPO_ROOT / "assets" / "sd14_memorization" / "memorized_laion_prompts.csv"
+SD14_COLUMNS = ["prompt", "type", "max SSCD"]
 
 EXPLANATION = """
-Each generated image is compared with the training images by pixel correlation;
-above the threshold it counts as a **replica**. The plot shows Wen et al.'s
-signal: how far the text moves the model's noise prediction at each of the
-first denoising steps, ‖ε(x_t, prompt) − ε(x_t, empty prompt)‖₂. Wen et al.
-found this gap much larger for memorized prompts than for ordinary ones.
+**What am I looking at?** Each generated image is compared with the training
+images by pixel correlation; above the threshold it counts as a **replica**.
+The plot shows Wen et al.'s signal: how far the text moves the model's noise
+prediction at each of the first denoising steps, ‖ε(x_t, prompt) − ε(x_t, empty
+prompt)‖₂. Wen et al. found this gap much larger for memorized prompts than for
+ordinary ones. When a mitigation is active (header), generations run with it.
 """
 
 
-def check_whole_number(name: str, value: float | None, low: int, high: int) -> None:
-    if value is None or not low <= value <= high:
-        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value}.")
+@cache
+def sd14_prompts() -> list[list]:
+    """SD v1.4's memorized LAION prompts (NeMo's list): [caption, VM/TM, max SSCD or None], verbatim ones first."""
+    with SD14_PROMPTS.open(newline="") as file:
+        # A few template rows have no SSCD measured.
+        rows = [[row["Caption"], row["type"], round(float(row["max_sscd"]), 3) if row["max_sscd"] else None]
+                for row in csv.DictReader(file, delimiter=";")]
+    return sorted(rows, key=lambda row: (row[1] != "VM", -(row[2] or 0.0)))
 
 
-def noise_gap_figure(report: ReplicationReport) -> go.Figure | None:
+def lists_sd14_prompts(handle: ModelHandle) -> bool:
+    """The SD v1.4 list is offered for latent (VAE) Stable Diffusion models, which it was measured on."""
+    return not handle.pixel_space
+
+
+def noise_gap_figure(record: RunRecord) -> go.Figure | None:
     """One line per seed: the noise gap at each of the first steps. None without an unconditional prediction."""
-    if report.noise_gap_per_step is None:
+    gaps = record.tensors.get("noise_gap_per_step")
+    if gaps is None:
         return None
     figure = go.Figure()
-    steps = list(range(1, min(report.steps, PLOTTED_STEPS) + 1))
-    for seed, gaps in zip(report.seeds, report.noise_gap_per_step.tolist()):
-        figure.add_trace(go.Scatter(x=steps, y=gaps[:len(steps)], mode="lines+markers", name=f"seed {seed}"))
+    steps = list(range(1, min(gaps.shape[1], PLOTTED_STEPS) + 1))
+    for seed, per_step in zip(record.config["seeds"], gaps.tolist()):
+        figure.add_trace(go.Scatter(x=steps, y=per_step[:len(steps)], mode="lines+markers", name=f"seed {seed}"))
     figure.update_layout(title=f"Wen et al.: text-conditional noise gap in the first {len(steps)} steps",
                          xaxis_title="denoising step", yaxis_title="‖ε(x_t, y) − ε(x_t, ∅)‖₂",
                          height=360, margin=dict(t=50, b=40))
     return figure
 
 
-def build_replicate_tab(handle: ModelHandle) -> None:
+def replication_summary(record: RunRecord) -> str:
+    """The replication rate in words and Wen et al.'s score, from a replicate record's metrics."""
+    metrics, config = record.metrics, record.config
+    if "replicated" not in metrics:
+        lines = ["This model has no known training images, so replication is not checked."]
+    else:
+        target = "the training image" if config["image"] is not None else "a memorized training image"
+        lines = [f"{sum(metrics['replicated'])} of {len(config['seeds'])} seeds replicate {target} "
+                 f"(rate {metrics['rate']:.0%}; replicated = similarity > {config['threshold']})."]
+    if "wen_first_step" in metrics:
+        lines.append(f"Wen et al.'s score (noise gap at the first step, mean over seeds): "
+                     f"{metrics['wen_first_step']:.3f}.")
+    if config["mitigation"] is not None:
+        lines.append(f"Generated with the session's mitigation ({metrics['mitigation_removed']} units removed).")
+    return "\n\n".join(lines)
+
+
+def memorized_gallery(handle: ModelHandle) -> list:
+    if not handle.memorized:
+        return []
+    return list(zip(to_display(training_images(handle)), (m.caption for m in handle.memorized)))
+
+
+def build_replicate_tab(context: AppContext) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`."""
+    handle = context.models.get(context.models.first)
     with gr.Row():
         with gr.Column(scale=3):
-            if handle.memorized:
-                training_gallery = gr.Gallery(
-                    list(zip(to_display(training_images(handle)), (m.caption for m in handle.memorized))),
-                    label="Memorized training images (select one)", columns=4, format="png", allow_preview=False)
-            else:
-                gr.Markdown("This model comes with no list of memorized training images: type a prompt.")
+            training_gallery = gr.Gallery(
+                memorized_gallery(handle), label="Memorized training images (select one)", columns=4, format="png",
+                allow_preview=False, visible=bool(handle.memorized), elem_id="replicate-training")
+            sd14_table = gr.Dataframe(
+                sd14_prompts(), headers=SD14_COLUMNS, label="Stable Diffusion v1.4's memorized LAION prompts "
+                "(NeMo's list, MIT licence; select one)", interactive=False, max_height=320,
+                visible=lists_sd14_prompts(handle), elem_id="replicate-sd14")
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", value=handle.memorized[0].caption if handle.memorized else "",
-                                placeholder="select a training image or type a prompt")
+                                placeholder="select a training image or type a prompt", elem_id="replicate-prompt")
             with gr.Row():
-                n_seeds = gr.Number(DEFAULT_SEEDS, label=f"Seeds (1–{MAX_SEEDS})", precision=0)
-                first_seed = gr.Number(0, label="First seed", precision=0)
+                n_seeds = gr.Number(DEFAULT_SEEDS, label=f"Seeds (1–{MAX_SEEDS})", precision=0,
+                                    elem_id="replicate-seeds")
+                first_seed = gr.Number(0, label="First seed", precision=0, elem_id="replicate-first-seed")
             with gr.Row():
-                steps = gr.Number(handle.default_steps, label=f"Steps (1–{MAX_STEPS})", precision=0)
-                guidance = gr.Slider(1.0, 20.0, value=handle.default_guidance, step=0.5, label="Guidance")
-            run_button = gr.Button("Replicate", variant="primary")
+                steps = gr.Number(handle.default_steps, label=f"Steps (1–{MAX_STEPS})", precision=0,
+                                  elem_id="replicate-steps")
+                guidance = gr.Slider(1.0, 20.0, value=handle.default_guidance, step=0.5, label="Guidance",
+                                     elem_id="replicate-guidance")
+            run_button = gr.Button("Replicate", variant="primary", elem_id="replicate-run")
     gr.Markdown(EXPLANATION)
-    replicas = gr.Gallery(label="Generations", columns=4, format="png", interactive=False)
-    summary = gr.Markdown()
-    noise_gap_plot = gr.Plot(label="Wen et al.'s memorization signal")
+    replicas = gr.Gallery(label="Generations", columns=4, format="png", interactive=False,
+                          elem_id="replicate-gallery")
+    summary = gr.Markdown(elem_id="replicate-summary")
+    noise_gap_plot = gr.Plot(label="Wen et al.'s memorization signal", elem_id="replicate-plot")
+    build_export(context, VIEW)
 
-    def run(prompt_text: str, seed_count: int | None, seed_start: int | None, step_count: int | None,
-            guidance_scale: float, progress=gr.Progress()):
-        check_whole_number("Seeds", seed_count, 1, MAX_SEEDS)
-        check_whole_number("Steps", step_count, 1, MAX_STEPS)
-        if seed_start is None:
-            raise gr.Error("First seed is empty.")
+    def run(prompt_text: str, seed_count: float | None, seed_start: float | None, step_count: float | None,
+            guidance_scale: float, state: Session, progress=gr.Progress()):
+        model = session_handle(context.models, state)
+        prompt_text = check_prompt(model, prompt_text)
+        seed_count = check_whole_number("Seeds", seed_count, 1, MAX_SEEDS)
+        step_count = check_whole_number("Steps", step_count, 1, MAX_STEPS)
+        seed_start = check_whole_number("First seed", seed_start, 0, 2**31 - 1 - seed_count)
+        captions = [m.caption for m in model.memorized]
+        mitigation, inputs = mitigation_settings(state)
+        # A training image's own caption is compared with that image; any other prompt with all of them.
+        config = dict(image=captions.index(prompt_text) if prompt_text in captions else None, prompt=prompt_text,
+                      seeds=list(range(seed_start, seed_start + seed_count)), steps=step_count,
+                      guidance=float(guidance_scale), mitigation=mitigation)
+        record = run_or_error(model, "replicate", config, inputs, report_to(progress))
+        state.records[VIEW] = record
+        images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
+        gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
+        return gallery, replication_summary(record), noise_gap_figure(record), state
 
-        def report_progress(step: DenoisingStep) -> None:
-            progress((step.index + 1, step.total), desc="Denoising", unit="steps")
-
-        try:
-            report = replicate(handle, prompt_text, range(seed_start, seed_start + seed_count), steps=step_count,
-                               guidance=guidance_scale, callback=report_progress)
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
-        return list(zip(to_display(report.images), report.captions())), report.summary(), noise_gap_figure(report)
-
-    run_button.click(run, inputs=[prompt, n_seeds, first_seed, steps, guidance],
-                     outputs=[replicas, summary, noise_gap_plot], api_name="replicate",
+    run_button.click(run, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
+                     outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate",
                      concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
 
-    if handle.memorized:
-        def pick_training_image(selection: gr.SelectData) -> str:
-            return handle.memorized[selection.index].caption
+    def pick_training_image(state: Session, selection: gr.SelectData) -> str:
+        return session_handle(context.models, state).memorized[selection.index].caption
 
-        training_gallery.select(pick_training_image, inputs=None, outputs=prompt, api_name="pick_training_image")
+    training_gallery.select(pick_training_image, inputs=context.session, outputs=prompt,
+                            api_name="pick_training_image")
+
+    def pick_sd14_prompt(selection: gr.SelectData) -> str:
+        return sd14_prompts()[selection.index[0]][0]
+
+    sd14_table.select(pick_sd14_prompt, inputs=None, outputs=prompt, api_name="pick_sd14_prompt")
+
+    def refresh(state: Session):
+        model = session_handle(context.models, state)
+        return (gr.update(value=memorized_gallery(model), visible=bool(model.memorized)),
+                gr.update(visible=lists_sd14_prompts(model)),
+                model.memorized[0].caption if model.memorized else "", model.default_steps, model.default_guidance,
+                [], "", None)
+
+    context.on_model_change[VIEW] = (refresh, [training_gallery, sd14_table, prompt, steps, guidance, replicas,
+                                               summary, noise_gap_plot])

@@ -1,12 +1,21 @@
+"""The app's endpoints driven by gradio_client on the tiny model: results, session isolation, bad inputs."""
+
 import socket
+import threading
+import time
+import zipfile
 
 import pytest
-from gradio_client import Client
+import torch
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from safetensors.torch import save_file
 
 from dori_ui.app import build_app
+from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
 
 STEPS = 3
+MITIGATE = "Wanda (weights)"
 
 
 def free_port() -> int:
@@ -16,28 +25,193 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_handle):
-    app = build_app(tiny_handle)
+def app_url(tiny_handle, tiny_model_dir):
+    app = build_app(tiny_handle, allowed_roots=[tiny_model_dir.parent])
     _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield Client(url, verbose=False)
+    yield url
     app.close()
 
 
-def test_replicate_endpoint_returns_images_and_similarities(client, tiny_handle):
-    gallery, summary, plot = client.predict(tiny_handle.memorized[0].caption, 2, 5, STEPS, 4.0,
-                                            api_name="/replicate")
+@pytest.fixture
+def client(app_url):
+    """A new client is a new browser session with its own state."""
+    return Client(app_url, verbose=False)
+
+
+def replicate(client, prompt, seeds=2, first_seed=5, steps=STEPS):
+    return client.predict(prompt, seeds, first_seed, steps, 4.0, api_name="/replicate")
+
+
+def mitigate(client, method=MITIGATE, prompt=None, seeds=2):
+    return client.predict(prompt, method, 2, 5.0, STEPS, seeds, api_name="/mitigate")
+
+
+def perturb(client, target, steps=4, start="random embedding", other="", upload=None, every=2, submit=False):
+    args = (target, start, other, 0, upload, steps, 0.1, 2, 2, every)
+    if submit:
+        return client.submit(*args, api_name="/perturb")
+    return client.predict(*args, api_name="/perturb")
+
+
+def test_replicate_returns_images_similarities_and_the_wen_plot(client, tiny_handle):
+    gallery, summary, plot = replicate(client, tiny_handle.memorized[0].caption)
     assert len(gallery) == 2
     assert gallery[0]["image"].endswith(".png")
     assert "similarity" in gallery[0]["caption"] and "seed 5" in gallery[0]["caption"]
-    assert "of 2 seeds replicate" in summary
+    assert "of 2 seeds replicate the training image" in summary
     assert plot["type"] == "plotly"
+
+
+def test_replicate_export_is_a_zip_with_config_and_images(client, tiny_handle):
+    replicate(client, tiny_handle.memorized[0].caption)
+    path = client.predict(api_name="/export_replicate")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    assert "config.json" in names and "images/seed5.png" in names and "images/seed6.png" in names
+
+
+def test_export_before_any_run_says_so(client):
+    with pytest.raises(AppError, match="Nothing to export yet"):
+        client.predict(api_name="/export_perturb")
 
 
 @pytest.mark.parametrize("prompt, seeds, steps, message", [
     ("", 2, STEPS, "prompt is empty"),
+    ("red " * 100, 2, STEPS, "the text encoder reads at most"),
+    ("x" * 2000, 2, STEPS, "at most 1000 are accepted"),
     ("a red circle", 17, STEPS, "Seeds must be a whole number from 1 to 16"),
     ("a red circle", 2, 0, "Steps must be a whole number from 1 to 100"),
+    ("a red circle", 2, 10**9, "Steps must be a whole number from 1 to 100"),
 ])
-def test_bad_input_gives_a_clear_error(client, prompt, seeds, steps, message):
+def test_bad_replicate_input_gives_a_clear_error_and_the_app_stays_usable(client, tiny_handle, prompt, seeds, steps,
+                                                                         message):
     with pytest.raises(AppError, match=message):
-        client.predict(prompt, seeds, 0, steps, 4.0, api_name="/replicate")
+        replicate(client, prompt, seeds=seeds, steps=steps)
+    assert len(replicate(client, tiny_handle.memorized[1].caption, seeds=1)[0]) == 1
+
+
+def test_mitigation_is_per_session_and_reaches_replicate(app_url, tiny_handle):
+    """Two clients at once: one mitigates while the other replicates; neither sees the other's state."""
+    first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    caption = tiny_handle.memorized[0].caption
+    results = {}
+    threads = [threading.Thread(target=lambda: results.update(mitigated=mitigate(first, prompt=caption))),
+               threading.Thread(target=lambda: results.update(plain=replicate(second, caption)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log, summary, counts, before, after, header = results["mitigated"]
+    assert "wanda" in summary and "Before:" in summary and "After:" in summary
+    assert counts["type"] == "plotly"
+    assert len(before) == len(after) == 2
+    assert "mitigation:** wanda" in header
+    # The mitigation is the first session's: its replicate says so, the second session's does not.
+    assert "mitigation" not in results["plain"][1]
+    assert "Generated with the session's mitigation" in replicate(first, caption)[1]
+    assert "Generated with the session's mitigation" not in replicate(second, caption)[1]
+    log, summary, *_, header = mitigate(first, method="none")
+    assert "mitigation:** none" in header
+    assert "Generated with the session's mitigation" not in replicate(first, caption)[1]
+
+
+def test_mitigate_rejects_a_bad_sparsity(client, tiny_handle):
+    with pytest.raises(AppError, match="Wanda sparsity must be a percentage"):
+        client.predict(tiny_handle.memorized[0].caption, MITIGATE, 2, 90.0, STEPS, 2, api_name="/mitigate")
+
+
+def test_perturb_streams_the_search_and_returns_the_trigger(client, tiny_handle):
+    job = perturb(client, tiny_handle.memorized[0].caption, submit=True)
+    status, loss, _, target, after, distances = job.result(timeout=120)
+    previews = [output[2] for output in job.outputs() if isinstance(output[2], list) and output[2]]
+    assert "Dori search of 4 steps against the model as it is" in status
+    assert loss["type"] == "plotly" and distances["type"] == "plotly"
+    assert len(target) == 1 and len(after) == 2
+    assert "similarity" in after[0]["caption"]
+    assert "step 4" in previews[-1][0]["caption"]  # the last preview comes from the last step
+    with zipfile.ZipFile(client.predict(api_name="/export_perturb")) as archive:
+        assert "tensors.safetensors" in archive.namelist()
+
+
+def test_stop_ends_the_search_within_a_step(client, tiny_handle):
+    job = perturb(client, tiny_handle.memorized[0].caption, steps=1000, every=0, submit=True)
+    deadline = time.monotonic() + 60
+    while not any(str(output[0]).startswith("Step ") for output in job.outputs()):
+        assert time.monotonic() < deadline, "the search never reported a step"
+        time.sleep(0.05)
+    client.predict(api_name="/perturb_stop")
+    status = job.result(timeout=60)[0]
+    stopped_at = int(status.split("after step ")[1].split(" ")[0])
+    assert status.startswith("Stopped after step") and stopped_at < 1000
+
+
+def test_held_out_control_and_other_prompt_starts(client, tiny_handle):
+    # The tiny model's held-out prompts are shape captions the demo data can render: they are offered as controls.
+    control = "held-out control: " + tiny_handle.held_out_prompts[0]
+    status = perturb(client, control, steps=2, start="another prompt", other=tiny_handle.held_out_prompts[1])[0]
+    assert "the held-out control image" in status
+
+
+def test_uploaded_start_embedding(client, tiny_handle, tmp_path):
+    good = tmp_path / "start.safetensors"
+    save_file({"embedding": torch.zeros(77, 32)}, str(good))
+    status = perturb(client, tiny_handle.memorized[0].caption, steps=2, start="uploaded embedding (.safetensors)",
+                     upload=handle_file(str(good)))[0]
+    assert "Dori search of 2 steps" in status
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: save_file({"embedding": torch.full((77, 32), float("nan"))}, str(path)), "NaN"),
+    (lambda path: save_file({"embedding": torch.zeros(5, 32)}, str(path)), "has shape \\[77, 32\\]"),
+    (lambda path: path.write_text("not tensors"), "could not be read as safetensors"),
+])
+def test_bad_uploaded_embedding_gives_a_clear_error(client, tiny_handle, tmp_path, make, message):
+    path = tmp_path / "start.safetensors"
+    make(path)
+    with pytest.raises(AppError, match=message):
+        perturb(client, tiny_handle.memorized[0].caption, start="uploaded embedding (.safetensors)",
+                upload=handle_file(str(path)))
+    assert "Dori search of 1 steps" in perturb(client, tiny_handle.memorized[0].caption, steps=1, every=0)[0]
+
+
+def test_wrong_file_type_is_refused(client, tiny_handle, tmp_path):
+    path = tmp_path / "start.txt"
+    path.write_text("hello")
+    with pytest.raises(AppError, match="not a .safetensors file|Invalid file type"):
+        perturb(client, tiny_handle.memorized[0].caption, start="uploaded embedding (.safetensors)",
+                upload=handle_file(str(path)))
+
+
+def test_sweep_plots_replication_against_the_radius(client, tiny_handle):
+    plot, summary = client.predict(tiny_handle.memorized[0].caption, "0, 50", 1, 1, api_name="/sweep")
+    assert plot["type"] == "plotly"
+    assert "0: " in summary and "50: " in summary
+    with pytest.raises(AppError, match="Radii must be numbers"):
+        client.predict(tiny_handle.memorized[0].caption, "0, far", 1, 1, api_name="/sweep")
+
+
+@pytest.mark.parametrize("method, delta", [("Gradient norm (Wen et al.)", False),
+                                           ("Integrated Gradients (captum)", True)])
+def test_attribution_highlights_every_word(client, tiny_handle, method, delta):
+    caption = tiny_handle.memorized[0].caption
+    words, summary = client.predict(caption, method, 1, 4, api_name="/attribute")
+    highlighted = [item["token"] for item in words if item["class_or_confidence"] is not None]
+    assert highlighted == caption.split()
+    assert all(-1 <= item["class_or_confidence"] <= 1 for item in words if item["class_or_confidence"] is not None)
+    assert ("convergence delta" in summary) == delta
+
+
+def test_model_switch_only_within_the_allowed_roots(client, tiny_model_dir, tmp_path):
+    with pytest.raises(AppError, match="outside the allowed roots"):
+        client.predict(str(tmp_path), api_name="/switch_model")
+    header, choice = client.predict(str(tiny_model_dir), api_name="/switch_model")
+    assert str(tiny_model_dir) in header and "mitigation:** none" in header
+    # The switched model has no memorized images: replication is not checked, the app still generates.
+    gallery, summary, _ = replicate(client, "a green ring on a black background", seeds=1)
+    assert len(gallery) == 1 and "not checked" in summary
+
+
+def test_sd14_prompt_list_is_offered_for_latent_models_only(tiny_handle):
+    prompts = sd14_prompts()
+    assert len(prompts) == 500 and prompts[0][1] == "VM"
+    assert not lists_sd14_prompts(tiny_handle)

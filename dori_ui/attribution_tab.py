@@ -1,0 +1,91 @@
+"""The Attribution view: which words of a prompt drive Wen et al.'s memorization signal.
+
+Element ids: `attribution-prompt`, `attribution-method`, `attribution-seeds`, `attribution-ig-steps`,
+`attribution-run`, `attribution-words`, `attribution-summary`, `attribution-export`, `attribution-export-file`.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from analysis.export import RunRecord
+from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.export import build_export
+from dori_ui.session import AppContext, Session, check_prompt, check_whole_number, session_handle
+from dori_ui.streaming import run_or_error
+
+VIEW = "attribution"
+METHODS = {"Gradient norm (Wen et al.)": "gradient_norm", "Integrated Gradients (captum)": "integrated_gradients"}
+MAX_SEEDS = 8
+MAX_IG_STEPS = 128
+
+EXPLANATION = """
+**What am I looking at?** The score explained is Wen et al.'s memorization
+signal m(y): how far the prompt moves the first noise prediction, averaged over
+the seeds. *Gradient norm* colours each word by ‖∂m/∂y‖ of its tokens (always
+positive). *Integrated Gradients* integrates the gradient from the empty
+prompt's embedding to the prompt's: word scores are signed (blue lowers m) and
+add up to m(y); the convergence delta says how far the numerical integral is
+from that. Words that name the memorized image usually carry most of the score.
+"""
+
+
+def highlighted_words(record: RunRecord) -> list[tuple[str, float | None]]:
+    """(word, score scaled to [-1, 1]) pairs with spaces between, for gr.HighlightedText."""
+    scores = record.metrics["word_scores"]
+    largest = max((abs(score) for score in scores), default=0.0) or 1.0
+    pairs: list[tuple[str, float | None]] = []
+    for row in record.table:
+        pairs += [(row["word"], row["score"] / largest), (" ", None)]
+    return pairs[:-1]
+
+
+def attribution_summary(record: RunRecord) -> str:
+    metrics = record.metrics
+    ranked = sorted(record.table, key=lambda row: -row["score"])
+    lines = [f"Memorization score m(y) = {metrics['score']:.4f}.",
+             "Words by score: " + ", ".join(f"{row['word']} {row['score']:.3g}" for row in ranked) + "."]
+    if "convergence_delta" in metrics:
+        lines.append(f"Integrated Gradients' convergence delta |Σ attributions − m(y)| = "
+                     f"{metrics['convergence_delta']:.2g} (more steps make it smaller).")
+    return "\n\n".join(lines)
+
+
+def build_attribution_tab(context: AppContext) -> None:
+    """The tab's components and events, inside the caller's `gr.Tab`."""
+    handle = context.models.get(context.models.first)
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", value=handle.memorized[0].caption if handle.memorized else "",
+                            scale=3, elem_id="attribution-prompt")
+        method = gr.Radio(list(METHODS), value=next(iter(METHODS)), label="Method", scale=2,
+                          elem_id="attribution-method")
+    with gr.Row():
+        n_seeds = gr.Number(4, label=f"Seeds m(y) is averaged over (1–{MAX_SEEDS})", precision=0,
+                            elem_id="attribution-seeds")
+        ig_steps = gr.Number(32, label=f"Integrated Gradients steps (2–{MAX_IG_STEPS})", precision=0,
+                             elem_id="attribution-ig-steps")
+        run_button = gr.Button("Attribute", variant="primary", elem_id="attribution-run")
+    gr.Markdown(EXPLANATION)
+    words = gr.HighlightedText(label="Words coloured by their score", show_legend=False,
+                               elem_id="attribution-words")
+    summary = gr.Markdown(elem_id="attribution-summary")
+    build_export(context, VIEW)
+
+    def run(prompt_text: str, method_label: str, seed_count: float | None, step_count: float | None,
+            state: Session):
+        model = session_handle(context.models, state)
+        prompt_text = check_prompt(model, prompt_text)
+        if method_label not in METHODS:
+            raise gr.Error(f"Unknown method {method_label!r}; choose one of {list(METHODS)}.")
+        seeds = list(range(check_whole_number("Seeds", seed_count, 1, MAX_SEEDS)))
+        parameters = dict(seeds=seeds)
+        if METHODS[method_label] == "integrated_gradients":
+            parameters["n_steps"] = check_whole_number("Integrated Gradients steps", step_count, 2, MAX_IG_STEPS)
+        config = dict(prompt=prompt_text, method=METHODS[method_label], parameters=parameters)
+        record = run_or_error(model, "attribute", config, {})
+        state.records[VIEW] = record
+        return highlighted_words(record), attribution_summary(record), state
+
+    run_button.click(run, inputs=[prompt, method, n_seeds, ig_steps, context.session],
+                     outputs=[words, summary, context.session], api_name="attribute",
+                     concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)

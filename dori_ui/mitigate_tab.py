@@ -1,0 +1,166 @@
+"""The Mitigate view: remove the neurons (NeMo) or weights (Wanda) behind a memorized prompt and check the result.
+
+The mask found becomes the session's mitigation: Replicate and Perturb then run
+on the mitigated model, so Perturb's Dori search attacks it. Method "none"
+removes it again.
+
+Element ids: `mitigate-prompt`, `mitigate-method`, `mitigate-seeds`, `mitigate-sparsity`, `mitigate-steps`,
+`mitigate-eval-seeds`, `mitigate-run`, `mitigate-log`, `mitigate-counts`, `mitigate-before`, `mitigate-after`,
+`mitigate-summary`, `mitigate-export`, `mitigate-export-file`.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import plotly.graph_objects as go
+import torch
+
+from analysis.export import RunRecord
+from analysis.images import to_display
+from analysis.tasks import TaskProgress, record_mask
+from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.export import build_export
+from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, describe_model,
+                             session_handle)
+from dori_ui.streaming import Stopped, progress_of, stream_task
+
+VIEW = "mitigate"
+METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda"}
+MAX_SEEDS = 16
+MAX_STEPS = 100
+LOG_LINES = 12  # the progress log shows the latest lines only
+
+EXPLANATION = """
+**What am I looking at?** *NeMo* (Hintersdorf et al. 2024) blocks output
+neurons of the cross-attention value layers whose activation on the prompt is
+an outlier, adding neurons until the first denoising step no longer looks
+memorized. *Wanda* (Chavhan et al. 2024) prunes the feed-forward weights that
+matter for the prompt but not for ordinary prompts. The bars count what was
+removed per layer; the galleries show the prompt's generations before and after
+with the same seeds. The mask then stays active for this session (see the
+header): Perturb searches against the mitigated model.
+"""
+
+
+def counts_figure(record: RunRecord) -> go.Figure:
+    """Removed units per layer, as bars."""
+    layers = [row["layer"] for row in record.table]
+    unit = "neurons" if record.config["method"] == "nemo" else "weights"
+    figure = go.Figure(go.Bar(x=layers, y=[row["removed"] for row in record.table],
+                              hovertext=[f"{row['removed']} of {row['units']} {unit}" for row in record.table]))
+    figure.update_layout(title=f"{unit.capitalize()} removed per layer ({record.metrics['removed_total']} in all)",
+                         xaxis_title="layer", yaxis_title=f"removed {unit}", height=340, margin=dict(t=50, b=80))
+    return figure
+
+
+def stage_gallery(record: RunRecord, stage: str) -> list:
+    """The `before` or `after` generations with their similarity and verdict."""
+    seeds = record.config["evaluation_seeds"]
+    images = to_display(torch.stack([record.images[f"{stage}_seed{seed}"] for seed in seeds]))
+    similarities = record.metrics.get(f"{stage}_similarities")
+    if similarities is None:
+        return [(image, f"seed {seed}") for image, seed in zip(images, seeds)]
+    replicated = record.metrics[f"{stage}_replicated"]
+    return [(image, f"{'replicated' if flag else 'not replicated'} · similarity {s:.2f} · seed {seed}")
+            for image, seed, s, flag in zip(images, seeds, similarities, replicated)]
+
+
+def mitigation_summary(record: RunRecord) -> str:
+    metrics = record.metrics
+    lines = [f"**{record.config['method']}** removed {metrics['removed_total']} units for “{record.config['prompt']}”."]
+    if "before_rate" in metrics:
+        seeds = len(record.config["evaluation_seeds"])
+        lines.append(f"Before: {sum(metrics['before_replicated'])} of {seeds} seeds replicate "
+                     f"(mean similarity {metrics['before_mean_similarity']:.2f}). "
+                     f"After: {sum(metrics['after_replicated'])} of {seeds} seeds replicate "
+                     f"(mean similarity {metrics['after_mean_similarity']:.2f}).")
+    if metrics.get("similarity") is not None:
+        lines.append(f"NeMo's criterion: first-step similarity {metrics['similarity']:.3f} "
+                     f"against the threshold τ = {metrics['threshold']:.3f}.")
+    return "\n\n".join(lines)
+
+
+def build_mitigate_tab(context: AppContext) -> None:
+    """The tab's components and events, inside the caller's `gr.Tab`."""
+    handle = context.models.get(context.models.first)
+    captions = [m.caption for m in handle.memorized]
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Dropdown(captions, value=captions[0] if captions else None, allow_custom_value=True,
+                                 label="Prompt to mitigate (a training image's caption, or type one)",
+                                 elem_id="mitigate-prompt")
+            method = gr.Radio(list(METHODS), value="NeMo (neurons)", label="Mitigation", elem_id="mitigate-method")
+        with gr.Column(scale=2):
+            with gr.Row():
+                n_seeds = gr.Number(4, label=f"Localizer seeds (2–{MAX_SEEDS})", precision=0,
+                                    elem_id="mitigate-seeds")
+                sparsity = gr.Number(1.0, label="Wanda sparsity (% of each row compared, 0–50)",
+                                     elem_id="mitigate-sparsity")
+            with gr.Row():
+                steps = gr.Number(handle.default_steps, label=f"Localizer schedule steps (1–{MAX_STEPS})",
+                                  precision=0, elem_id="mitigate-steps")
+                eval_seeds = gr.Number(4, label=f"Seeds before/after (1–{MAX_SEEDS})", precision=0,
+                                       elem_id="mitigate-eval-seeds")
+            run_button = gr.Button("Mitigate", variant="primary", elem_id="mitigate-run")
+    gr.Markdown(EXPLANATION)
+    log = gr.Textbox(label="Progress", lines=4, max_lines=LOG_LINES, interactive=False, elem_id="mitigate-log")
+    summary = gr.Markdown(elem_id="mitigate-summary")
+    counts = gr.Plot(label="Removed per layer", elem_id="mitigate-counts")
+    with gr.Row():
+        before = gr.Gallery(label="Before", columns=4, format="png", interactive=False, elem_id="mitigate-before")
+        after = gr.Gallery(label="After (mitigated)", columns=4, format="png", interactive=False,
+                           elem_id="mitigate-after")
+    build_export(context, VIEW)
+
+    def run(prompt_text: str | None, method_label: str, seed_count: float | None, sparsity_percent: float | None,
+            step_count: float | None, eval_count: float | None, state: Session, progress=gr.Progress()):
+        model = session_handle(context.models, state)
+        if method_label not in METHODS:
+            raise gr.Error(f"Unknown mitigation {method_label!r}; choose one of {list(METHODS)}.")
+        chosen = METHODS[method_label]
+        if chosen is None:
+            state.mask = None
+            state.records.pop(VIEW, None)
+            yield "Mitigation removed.", "No mitigation: the session uses the model as it is.", None, [], [], \
+                describe_model(model, state), state
+            return
+        prompt_text = check_prompt(model, prompt_text)
+        seeds = list(range(check_whole_number("Localizer seeds", seed_count, 2, MAX_SEEDS)))
+        schedule = check_whole_number("Localizer schedule steps", step_count, 1, MAX_STEPS)
+        evaluation_seeds = list(range(check_whole_number("Seeds before/after", eval_count, 1, MAX_SEEDS)))
+        parameters = dict(steps=schedule)
+        if chosen == "wanda":
+            if sparsity_percent is None or not 0 < sparsity_percent <= 50:
+                raise gr.Error(f"Wanda sparsity must be a percentage in (0, 50], got {sparsity_percent}.")
+            parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
+        captions = [m.caption for m in model.memorized]
+        config = dict(image=captions.index(prompt_text) if prompt_text in captions else None, prompt=prompt_text,
+                      method=chosen, parameters=parameters, seeds=seeds, evaluation_seeds=evaluation_seeds)
+        lines: list[str] = []
+        for event in stream_task(model, "localize", config, {}, state):
+            if (shown := progress_of(event)) is not None:
+                done_total, description, unit = shown
+                progress(done_total, desc=description, unit=unit)
+            if isinstance(event, TaskProgress):
+                lines = [*lines, event.message][-LOG_LINES:]
+                yield "\n".join(lines), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
+            elif isinstance(event, Stopped):
+                yield "\n".join([*lines, "Stopped."]), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
+            elif isinstance(event, RunRecord):
+                state.mask = record_mask(event)
+                state.records[VIEW] = event
+                yield ("\n".join([*lines, "Done."]), mitigation_summary(event), counts_figure(event),
+                       stage_gallery(event, "before"), stage_gallery(event, "after"), describe_model(model, state),
+                       state)
+
+    run_button.click(run, inputs=[prompt, method, n_seeds, sparsity, steps, eval_seeds, context.session],
+                     outputs=[log, summary, counts, before, after, context.header, context.session],
+                     api_name="mitigate", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+
+    def refresh(state: Session):
+        model = session_handle(context.models, state)
+        names = [m.caption for m in model.memorized]
+        return (gr.update(choices=names, value=names[0] if names else None), model.default_steps, "", "", None,
+                [], [])
+
+    context.on_model_change[VIEW] = (refresh, [prompt, steps, log, summary, counts, before, after])

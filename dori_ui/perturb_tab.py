@@ -1,0 +1,368 @@
+"""The Perturb view: Dori's adversarial embedding search and the random perturbation sweep, on the session's model.
+
+When Mitigate has set a mask, both run on the mitigated model: the search shows
+whether the memorized image comes back. The held-out control searches toward
+an image the model never saw (a rendering of a held-out caption of the demo
+data), which should not come out in the same number of steps.
+
+Element ids: `perturb-target`, `perturb-start`, `perturb-other-prompt`, `perturb-random-seed`, `perturb-upload`,
+`perturb-steps`, `perturb-lr`, `perturb-batch`, `perturb-eval-seeds`, `perturb-preview-every`, `perturb-run`,
+`perturb-stop`, `perturb-status`, `perturb-loss`, `perturb-preview`, `perturb-target-image`, `perturb-after`,
+`perturb-distances`, `perturb-export`, `perturb-export-file`; sweep: `sweep-radii`, `sweep-directions`,
+`sweep-seeds`, `sweep-run`, `sweep-plot`, `sweep-summary`, `sweep-export`, `sweep-export-file`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import plotly.graph_objects as go
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from analysis.demo.data import all_shape_specs, render_shapes
+from analysis.dori import DoriStep, evaluate, token_distances
+from analysis.export import RunRecord
+from analysis.images import to_display
+from analysis.metrics import replication
+from analysis.model import ModelHandle
+from analysis.sampling import encode_prompts
+from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.export import build_export
+from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, mitigation_settings,
+                             session_handle)
+from dori_ui.streaming import Stopped, progress_of, run_or_error, stream_task
+
+VIEW = "perturb"
+SWEEP_VIEW = "sweep"
+CONTROL = "held-out control: "  # prefix of the targets that are renderings of held-out captions
+STARTS = {"the prompt's own embedding": "prompt", "random embedding": "random", "another prompt": "other",
+          "uploaded embedding (.safetensors)": "upload"}
+MAX_SEARCH_STEPS = 1000
+MAX_SEEDS = 16
+MAX_RADII = 12
+MAX_DIRECTIONS = 16
+# Streamed plots are sent at most this often; every step would flood a slow browser.
+STREAM_INTERVAL_S = 0.5
+
+EXPLANATION = """
+**What am I looking at?** Dori (Kowalczuk et al. 2025) optimises a text
+embedding, not words, so that the model denoises toward the training image.
+The loss curve falls as the search finds a trigger; the previews show what the
+current embedding generates. Against a mitigated model (see the header) the
+image usually comes back within 50 steps: the mitigation removed one route to
+the memory, not the memory. The distance plot shows how far each token moved
+from the start and from the prompt's own embedding. The *held-out control*
+targets an image the model never saw: the search should fail there.
+"""
+
+SWEEP_EXPLANATION = """
+**Random perturbation sweep.** The prompt's embedding is moved by a fixed
+distance (radius) in random directions and generated again: how far can it
+move and still replicate? Dori's triggers lie much further away than random
+perturbations survive, in directions a random sweep would not find.
+"""
+
+
+@dataclass
+class Preview:
+    """Generations of the running search's current embedding."""
+
+    step: int
+    images: torch.Tensor  # [seeds, 3, H, W]
+    similarities: list[float]
+
+
+def control_targets(handle: ModelHandle) -> list[str]:
+    """Held-out captions the demo data can render at the model's resolution (pixel-space models only)."""
+    if not handle.pixel_space or handle.latent_shape[0] != 3:
+        return []
+    renderable = {spec.caption for spec in all_shape_specs()}
+    return [prompt for prompt in handle.held_out_prompts if prompt in renderable]
+
+
+def target_choices(handle: ModelHandle) -> list[str]:
+    return [m.caption for m in handle.memorized] + [CONTROL + prompt for prompt in control_targets(handle)]
+
+
+def control_image(handle: ModelHandle, prompt: str) -> torch.Tensor:
+    """One seeded rendering `[3, H, W]` of a held-out caption at the model's resolution."""
+    spec = next(spec for spec in all_shape_specs() if spec.caption == prompt)
+    return render_shapes([spec], torch.Generator().manual_seed(0), resolution=handle.latent_shape[-1])[0]
+
+
+def read_embedding(path: str | None, handle: ModelHandle) -> torch.Tensor:
+    """The one `[77, d]` (or `[1, 77, d]`) tensor of an uploaded .safetensors file; a gr.Error for anything else."""
+    if not path:
+        raise gr.Error("Upload a .safetensors file holding one embedding, or pick another start.")
+    name = Path(path).name
+    if not name.endswith(".safetensors"):
+        raise gr.Error(f"{name} is not a .safetensors file: upload an embedding saved with safetensors.")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise gr.Error(f"{name} could not be read as safetensors: {err}") from err
+    if len(tensors) != 1:
+        raise gr.Error(f"{name} holds {len(tensors)} tensors ({', '.join(tensors)}); upload one embedding.")
+    embedding = next(iter(tensors.values()))
+    embedding = embedding[0] if embedding.ndim == 3 and embedding.shape[0] == 1 else embedding
+    expected = (handle.tokenizer.model_max_length, handle.unet.config.cross_attention_dim)
+    if tuple(embedding.shape) != expected:
+        raise gr.Error(f"{name}: an embedding for this model has shape {list(expected)}, got {list(embedding.shape)}.")
+    if not embedding.is_floating_point() or not torch.isfinite(embedding).all():
+        raise gr.Error(f"{name}: the embedding holds NaN or infinite values (or is not floating point).")
+    return embedding.float()
+
+
+def loss_figure(losses: list[float], total: int) -> go.Figure:
+    figure = go.Figure(go.Scatter(x=list(range(1, len(losses) + 1)), y=losses, mode="lines"))
+    figure.update_layout(title=f"Denoising loss toward the image (step {len(losses)} of {total})",
+                         xaxis_title="search step", yaxis_title="loss", xaxis_range=[1, max(total, 2)], height=320,
+                         margin=dict(t=50, b=40))
+    return figure
+
+
+def distances_figure(record: RunRecord, prompt_embedding: torch.Tensor) -> go.Figure:
+    """Per-token L2 distance of the trigger from its start and from the prompt's embedding."""
+    embeddings, starts = record.tensors["embeddings"], record.tensors["starts"]
+    from_start = token_distances(embeddings, starts).l2[0]
+    from_prompt = token_distances(embeddings, prompt_embedding).l2[0]
+    positions = list(range(embeddings.shape[1]))
+    figure = go.Figure([go.Bar(x=positions, y=from_start.tolist(), name="from the start"),
+                        go.Scatter(x=positions, y=from_prompt.tolist(), name="from the prompt's embedding",
+                                   mode="lines")])
+    figure.update_layout(title="Per-token L2 distance of the trigger (token 0 is the start marker)",
+                         xaxis_title="token position", yaxis_title="‖y_adv − y‖₂", height=320,
+                         margin=dict(t=50, b=40))
+    return figure
+
+
+def trigger_gallery(record: RunRecord) -> list:
+    """The trigger's generations, each with its similarity to the target and the verdict."""
+    seeds = record.config["evaluation_seeds"]
+    images = torch.stack([record.images[f"start0_seed{seed}"] for seed in seeds])
+    checked = replication(images, record.images["target"])
+    return [(image, f"{'replicated' if flag else 'not replicated'} · similarity {s:.2f} · seed {seed}")
+            for image, s, flag, seed in zip(to_display(images), checked.similarities.tolist(),
+                                            checked.replicated.tolist(), seeds)]
+
+
+def attack_summary(record: RunRecord, stopped_at: int | None = None) -> str:
+    metrics, config = record.metrics, record.config
+    seeds = len(config["evaluation_seeds"])
+    against = ("the mitigated model" if config["mitigation"] is not None else "the model as it is")
+    target = "the training image" if config["image"] is not None else "the held-out control image"
+    return (f"Dori search of {config['search']['steps']} steps against {against}: the trigger replicates {target} "
+            f"in {round(metrics['rate'][0] * seeds)} of {seeds} seeds (start: {round(metrics['rate_before'][0] * seeds)}"
+            f" of {seeds}); mean similarity {metrics['mean_similarity'][0]:.2f}, final loss "
+            f"{metrics['final_loss'][0]:.4f}, distance from the start {metrics['distance_from_start'][0]:.1f}.")
+
+
+def sweep_figure(record: RunRecord) -> go.Figure:
+    radii = [row["radius"] for row in record.table]
+    figure = go.Figure([go.Scatter(x=radii, y=[row["rate"] for row in record.table], name="replication rate",
+                                   mode="lines+markers"),
+                        go.Scatter(x=radii, y=[row["mean_similarity"] for row in record.table],
+                                   name="mean similarity", mode="lines+markers", line=dict(dash="dot"))])
+    figure.update_layout(title=f"Replication vs perturbation radius (‖y‖ = {record.metrics['embedding_norm']:.1f})",
+                         xaxis_title="radius (L2 distance from the prompt's embedding)", yaxis_title="rate / similarity",
+                         yaxis_range=[0, 1.05], height=340, margin=dict(t=50, b=40))
+    return figure
+
+
+def parse_radii(text: str | None) -> list[float]:
+    try:
+        radii = [float(part) for part in (text or "").replace(";", ",").split(",") if part.strip()]
+    except ValueError as err:
+        raise gr.Error(f"Radii must be numbers separated by commas, got {text!r}.") from err
+    if not radii or len(radii) > MAX_RADII or any(not 0 <= r < 1e4 for r in radii):
+        raise gr.Error(f"Give 1 to {MAX_RADII} radii from 0 to 10000, separated by commas; got {text!r}.")
+    return radii
+
+
+def build_perturb_tab(context: AppContext) -> None:
+    """The tab's components and events, inside the caller's `gr.Tab`."""
+    handle = context.models.get(context.models.first)
+    targets = target_choices(handle)
+    with gr.Row():
+        with gr.Column(scale=3):
+            target = gr.Dropdown(targets, value=targets[0] if targets else None,
+                                 label="Target image (a training image, or a held-out control)",
+                                 elem_id="perturb-target")
+            start = gr.Radio(list(STARTS), value="random embedding", label="Start the search from",
+                             elem_id="perturb-start")
+            with gr.Row():
+                other_prompt = gr.Textbox(label="Other prompt (start 'another prompt')",
+                                          value=handle.held_out_prompts[0] if handle.held_out_prompts else "",
+                                          elem_id="perturb-other-prompt")
+                random_seed = gr.Number(0, label="Random start seed", precision=0, elem_id="perturb-random-seed")
+            upload = gr.File(label="Start embedding [77, d] (.safetensors)", file_types=[".safetensors"],
+                             elem_id="perturb-upload")
+        with gr.Column(scale=2):
+            with gr.Row():
+                steps = gr.Number(50, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=0,
+                                  elem_id="perturb-steps")
+                lr = gr.Number(0.1, label="Learning rate (Adam)", elem_id="perturb-lr")
+            with gr.Row():
+                batch = gr.Number(8, label="Batch (ε, t pairs per step, 1–64)", precision=0,
+                                  elem_id="perturb-batch")
+                eval_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=0,
+                                       elem_id="perturb-eval-seeds")
+            preview_every = gr.Number(10, label="Preview every n steps (0: never)", precision=0,
+                                      elem_id="perturb-preview-every")
+            with gr.Row():
+                run_button = gr.Button("Run Dori", variant="primary", elem_id="perturb-run")
+                stop_button = gr.Button("Stop", variant="stop", elem_id="perturb-stop")
+    gr.Markdown(EXPLANATION)
+    status = gr.Markdown(elem_id="perturb-status")
+    with gr.Row():
+        loss_plot = gr.Plot(label="Loss", elem_id="perturb-loss")
+        preview = gr.Gallery(label="Current embedding generates", columns=2, format="png", interactive=False,
+                             elem_id="perturb-preview")
+    with gr.Row():
+        target_view = gr.Gallery(label="Target", columns=1, format="png", interactive=False, elem_id="perturb-target-image")
+        after = gr.Gallery(label="The trigger generates", columns=4, format="png", interactive=False,
+                           elem_id="perturb-after")
+    distances = gr.Plot(label="Distances", elem_id="perturb-distances")
+    build_export(context, VIEW)
+
+    def attack(target_label: str | None, start_label: str, other_text: str, seed: float | None, upload_path,
+               step_count: float | None, rate: float | None, batch_size: float | None, eval_count: float | None,
+               every: float | None, state: Session, progress=gr.Progress()):
+        model = session_handle(context.models, state)
+        choices = target_choices(model)
+        if target_label not in choices:
+            raise gr.Error(f"Pick a target image from the list, got {target_label!r}.")
+        if start_label not in STARTS:
+            raise gr.Error(f"Unknown start {start_label!r}; choose one of {list(STARTS)}.")
+        total = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
+        if rate is None or not 0 < rate <= 10:
+            raise gr.Error(f"The learning rate must be in (0, 10], got {rate}.")
+        search = dict(steps=total, lr=float(rate), batch_size=check_whole_number("Batch", batch_size, 1, 64))
+        seeds = list(range(check_whole_number("Seeds to generate", eval_count, 1, MAX_SEEDS)))
+        every = check_whole_number("Preview every", every, 0, MAX_SEARCH_STEPS)
+        mitigation, inputs = mitigation_settings(state)
+        if target_label.startswith(CONTROL):
+            prompt = target_label.removeprefix(CONTROL)
+            inputs["target"] = control_image(model, prompt)
+            config = dict(image=None, prompt=prompt)
+        else:
+            config = dict(image=choices.index(target_label), prompt=target_label)
+        kind = STARTS[start_label]
+        if kind == "random":
+            start_spec = dict(kind="random", seed=check_whole_number("Random start seed", seed, 0, 2**31 - 1))
+        elif kind == "other":
+            start_spec = dict(kind="prompt", text=check_prompt(model, other_text))
+        elif kind == "upload":
+            inputs["start"] = read_embedding(upload_path, model)
+            start_spec = dict(kind="embedding", input="start")
+        else:
+            start_spec = dict(kind="prompt")
+        config.update(starts=[start_spec], search=search, evaluation_seeds=seeds, mitigation=mitigation)
+        target_image = inputs.get("target", model.memorized[config["image"]].image if config["image"] is not None
+                                  else None)
+
+        def preview_of(event: object) -> Preview | None:
+            # Runs in the search's thread, inside the run: the mask (if any) is applied.
+            if not isinstance(event, DoriStep) or not every or ((event.index + 1) % every and
+                                                                event.index + 1 != event.total):
+                return None
+            shown = evaluate(model, event.embeddings[:1], target_image, seeds[:2])
+            return Preview(event.index + 1, shown.images[0], shown.similarities[0].tolist())
+
+        losses: list[float] = []
+        sent = 0.0
+        yield "Starting the search…", None, [], [], [], None, state
+        for event in stream_task(model, "attack", config, inputs, state, extra=preview_of):
+            if (shown := progress_of(event)) is not None:
+                done_total, description, unit = shown
+                progress(done_total, desc=description, unit=unit)
+            if isinstance(event, DoriStep):
+                losses.append(event.loss[0].item())
+                if time.monotonic() - sent < STREAM_INTERVAL_S and event.index + 1 != event.total:
+                    continue
+                sent = time.monotonic()
+                yield (f"Step {event.index + 1} of {event.total}: loss {losses[-1]:.4f}, distance from the start "
+                       f"{event.distance[0].item():.1f}", loss_figure(losses, total), *[gr.skip()] * 4, state)
+            elif isinstance(event, Preview):
+                captions = [f"step {event.step} · similarity {s:.2f}" for s in event.similarities]
+                yield gr.skip(), gr.skip(), list(zip(to_display(event.images), captions)), *[gr.skip()] * 3, state
+            elif isinstance(event, Stopped):
+                yield (f"Stopped after step {len(losses)} of {total}.", loss_figure(losses, total),
+                       *[gr.skip()] * 4, state)
+            elif isinstance(event, RunRecord):
+                state.records[VIEW] = event
+                prompt_embedding = encode_prompts(model, [event.config["prompt"]])[0].float().cpu()
+                yield (attack_summary(event), loss_figure(losses, total), gr.skip(),
+                       [(to_display(event.images["target"][None])[0], "target")], trigger_gallery(event),
+                       distances_figure(event, prompt_embedding), state)
+
+    run_button.click(attack, inputs=[target, start, other_prompt, random_seed, upload, steps, lr, batch, eval_seeds,
+                                     preview_every, context.session],
+                     outputs=[status, loss_plot, preview, target_view, after, distances, context.session],
+                     api_name="perturb", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+
+    def stop(state: Session) -> str:
+        state.stop_requested = True
+        return "Stopping after the current step…"
+
+    # Not on the model's concurrency id: it must run while the search holds the model.
+    stop_button.click(stop, inputs=context.session, outputs=status, api_name="perturb_stop",
+                      concurrency_limit=None)
+
+    with gr.Accordion("Random perturbation sweep", open=True):
+        gr.Markdown(SWEEP_EXPLANATION)
+        with gr.Row():
+            radii = gr.Textbox("0, 5, 10, 20, 40", label="Radii (L2 distances, comma-separated)",
+                               elem_id="sweep-radii")
+            directions = gr.Number(4, label=f"Directions (1–{MAX_DIRECTIONS})", precision=0,
+                                   elem_id="sweep-directions")
+            sweep_seeds = gr.Number(2, label=f"Seeds per direction (1–{MAX_SEEDS})", precision=0,
+                                    elem_id="sweep-seeds")
+            sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
+        sweep_plot = gr.Plot(label="Replication vs radius", elem_id="sweep-plot")
+        sweep_summary = gr.Markdown(elem_id="sweep-summary")
+        build_export(context, SWEEP_VIEW)
+
+    def sweep(target_label: str | None, radii_text: str, direction_count: float | None, seed_count: float | None,
+              state: Session, progress=gr.Progress()):
+        model = session_handle(context.models, state)
+        choices = target_choices(model)
+        if target_label not in choices:
+            raise gr.Error(f"Pick a target image from the list, got {target_label!r}.")
+        mitigation, inputs = mitigation_settings(state)
+        config = dict(radii=parse_radii(radii_text),
+                      directions=check_whole_number("Directions", direction_count, 1, MAX_DIRECTIONS),
+                      seeds=list(range(check_whole_number("Seeds per direction", seed_count, 1, MAX_SEEDS))),
+                      mitigation=mitigation)
+        if target_label.startswith(CONTROL):
+            config.update(image=None, prompt=target_label.removeprefix(CONTROL))
+            inputs["target"] = control_image(model, config["prompt"])
+        else:
+            config.update(image=choices.index(target_label), prompt=target_label)
+
+        def report(event: object) -> None:
+            if (shown := progress_of(event)) is not None:
+                done_total, description, unit = shown
+                progress(done_total, desc=description, unit=unit)
+
+        record = run_or_error(model, "sweep", config, inputs, report)
+        state.records[SWEEP_VIEW] = record
+        rates = ", ".join(f"{row['radius']:g}: {row['rate']:.0%}" for row in record.table)
+        return sweep_figure(record), f"Replication rate per radius: {rates}.", state
+
+    sweep_button.click(sweep, inputs=[target, radii, directions, sweep_seeds, context.session],
+                       outputs=[sweep_plot, sweep_summary, context.session], api_name="sweep",
+                       concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+
+    def refresh(state: Session):
+        model = session_handle(context.models, state)
+        names = target_choices(model)
+        return gr.update(choices=names, value=names[0] if names else None), "", None, [], [], [], None, None, ""
+
+    context.on_model_change[VIEW] = (refresh, [target, status, loss_plot, preview, target_view, after, distances,
+                                               sweep_plot, sweep_summary])

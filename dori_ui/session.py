@@ -1,0 +1,148 @@
+"""What the app keeps: the models it may load (shared, read-only) and each browser session's own state.
+
+A `Session` lives in a `gr.State`, so two users never see each other's
+results: which model they look at, their mitigation mask, the last run of
+each view (for Export) and a stop flag for the running search.
+`ModelChoices` holds the loaded models, shared by all sessions because
+weights are large and never changed by an event (masks are applied with
+hooks for the duration of one event, and model events run one at a time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from analysis.masks import Mask
+from analysis.model import ModelHandle, ModelLoadError, load_model
+from analysis.tasks import mask_tensors
+
+# Subfolders a diffusers Stable Diffusion pipeline folder has (see analysis.model.load_model).
+PIPELINE_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Session:
+    """One browser session's state. Mutated in place by events; the stop event sets `stop_requested`."""
+
+    model: str  # a name in ModelChoices
+    mask: Mask | None = None  # the active mitigation: the session's generations run with it applied
+    records: dict = field(default_factory=dict)  # view name -> the RunRecord of its last run
+    stop_requested: bool = False
+
+
+class ModelChoices:
+    """The models a session may switch to: those given on the command line and pipeline folders in allowed roots.
+
+    A remote user picks one of `names()` or types a folder, which must lie
+    inside an allowed root; nothing else is ever opened.
+    """
+
+    def __init__(self, first: ModelHandle, sources: Sequence[str] = (), allowed_roots: Sequence[str | Path] = ()):
+        self.allowed_roots = [Path(root).expanduser().resolve() for root in allowed_roots]
+        self._handles: dict[str, ModelHandle] = {first.name: first}
+        self._sources: dict[str, str] = {str(source): str(source) for source in sources}
+        self.first = first.name
+
+    def names(self) -> list[str]:
+        """Loaded models, command-line models and the pipeline folders directly inside the allowed roots."""
+        found = [str(folder) for root in self.allowed_roots if root.is_dir() for folder in sorted(root.iterdir())
+                 if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
+        return list(dict.fromkeys([*self._handles, *self._sources, *found]))
+
+    def add(self, handle: ModelHandle) -> str:
+        """Make an in-memory model (e.g. a fine-tuned one) available under its name."""
+        self._handles[handle.name] = handle
+        return handle.name
+
+    def allowed_source(self, name: str) -> str:
+        """`name` if the app may load it, else ValueError saying why not."""
+        if name in self._handles or name in self._sources:
+            return name
+        folder = Path(name).expanduser().resolve()
+        if not any(folder.is_relative_to(root) for root in self.allowed_roots):
+            roots = ", ".join(str(root) for root in self.allowed_roots) or "none (start the app with --allowed-root DIR)"
+            raise ValueError(f"model {name!r} is not one the app was started with and lies outside the allowed "
+                             f"roots ({roots})")
+        return str(folder)
+
+    def get(self, name: str) -> ModelHandle:
+        """The model called `name`, loaded on the first model's device and dtype on first use."""
+        source = self.allowed_source(name)
+        if source not in self._handles:
+            first = self._handles[self.first]
+            try:
+                self._handles[source] = load_model(source, device=first.device, dtype=first.dtype)
+            except ModelLoadError as err:
+                raise ValueError(str(err)) from err
+        return self._handles[source]
+
+    def new_session(self) -> Session:
+        return Session(model=self.first)
+
+
+def session_handle(models: ModelChoices, session: Session) -> ModelHandle:
+    """The session's model; a gr.Error if it cannot be loaded."""
+    try:
+        return models.get(session.model)
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+
+
+def mitigation_settings(session: Session) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """The `mitigation` setting and the `inputs` that make `run_task` run with the session's mask applied."""
+    if session.mask is None:
+        return None, {}
+    return {"method": "mask"}, mask_tensors(session.mask)
+
+
+def describe_model(handle: ModelHandle, session: Session) -> str:
+    """The header line: model, device, dtype and the active mitigation."""
+    mitigation = "none"
+    if session.mask is not None:
+        removed = sum(session.mask.counts().values())
+        mitigation = f"{session.mask.method} ({removed} units removed, for “{session.mask.prompt}”)"
+    return (f"**Model:** {handle.name} · **device:** {handle.device} · "
+            f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **mitigation:** {mitigation}")
+
+
+# A prompt longer than this many characters is refused before it is tokenized.
+MAX_PROMPT_CHARS = 1000
+
+
+def check_prompt(handle: ModelHandle, prompt: str | None) -> str:
+    """The prompt, stripped; a gr.Error when it is empty or longer than the text encoder reads."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise gr.Error("The prompt is empty: type a prompt or pick a training image.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise gr.Error(f"The prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted.")
+    # Two of the encoder's positions hold the start and end markers.
+    readable = handle.tokenizer.model_max_length - 2
+    tokens = len(handle.tokenizer(prompt).input_ids) - 2
+    if tokens > readable:
+        raise gr.Error(f"The prompt has {tokens} tokens; the text encoder reads at most {readable}, "
+                       "so the rest would be cut off silently. Shorten it.")
+    return prompt
+
+
+def check_whole_number(name: str, value: float | None, low: int, high: int) -> int:
+    """`value` as an int; a gr.Error unless it is a whole number in [low, high]."""
+    if value is None or value != value or not low <= value <= high or int(value) != value:
+        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value}.")
+    return int(value)
+
+
+@dataclass
+class AppContext:
+    """What every tab builder receives: the models, the session state, the header, and the model-switch hooks."""
+
+    models: ModelChoices
+    session: gr.State
+    header: gr.Markdown
+    # view name -> (fn(session) -> updates, outputs), run after the session switches model.
+    on_model_change: dict = field(default_factory=dict)
