@@ -84,8 +84,10 @@ def app_url(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def browser():
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # Model runs take seconds to minutes on a shared 2-core machine; Playwright's default wait is 5 s.
+    expect.set_options(timeout=120_000)
     with sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where chromium refuses its sandbox.
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
