@@ -6,7 +6,8 @@ an image the model never saw (a rendering of a held-out caption of the demo
 data), which should not come out in the same number of steps.
 
 Element ids: `perturb-target`, `perturb-start`, `perturb-other-prompt`, `perturb-random-seed`, `perturb-upload`,
-`perturb-steps`, `perturb-lr`, `perturb-batch`, `perturb-eval-seeds`, `perturb-preview-every`, `perturb-run`,
+`perturb-steps`, `perturb-lr`, `perturb-batch`, `perturb-eval-seeds`, `perturb-generation-steps`,
+`perturb-preview-every`, `perturb-run`,
 `perturb-stop`, `perturb-status`, `perturb-loss`, `perturb-preview`, `perturb-target-image`, `perturb-after`,
 `perturb-distances`, `perturb-export`, `perturb-export-file`; sweep: `sweep-radii`, `sweep-directions`,
 `sweep-seeds`, `sweep-run`, `sweep-plot`, `sweep-summary`, `sweep-export`, `sweep-export-file`.
@@ -44,6 +45,7 @@ STARTS = {"the prompt's own embedding": "prompt", "random embedding": "random", 
           "uploaded embedding (.safetensors)": "upload"}
 MAX_SEARCH_STEPS = 1000
 MAX_SEEDS = 16
+MAX_STEPS = 100
 MAX_RADII = 12
 MAX_DIRECTIONS = 16
 # Streamed plots are sent at most this often; every step would flood a slow browser.
@@ -212,8 +214,11 @@ def build_perturb_tab(context: AppContext) -> None:
                                   elem_id="perturb-batch")
                 eval_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=0,
                                        elem_id="perturb-eval-seeds")
-            preview_every = gr.Number(10, label="Preview every n steps (0: never)", precision=0,
-                                      elem_id="perturb-preview-every")
+            with gr.Row():
+                generation_steps = gr.Number(handle.default_steps, label=f"Generation steps (1–{MAX_STEPS})",
+                                             precision=0, elem_id="perturb-generation-steps")
+                preview_every = gr.Number(10, label="Preview every n search steps (0: never)", precision=0,
+                                          elem_id="perturb-preview-every")
             with gr.Row():
                 run_button = gr.Button("Run Dori", variant="primary", elem_id="perturb-run")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="perturb-stop")
@@ -232,7 +237,7 @@ def build_perturb_tab(context: AppContext) -> None:
 
     def attack(target_label: str | None, start_label: str, other_text: str, seed: float | None, upload_path,
                step_count: float | None, rate: float | None, batch_size: float | None, eval_count: float | None,
-               every: float | None, state: Session, progress=gr.Progress()):
+               sampling_steps: float | None, every: float | None, state: Session, progress=gr.Progress()):
         model = session_handle(context.models, state)
         choices = target_choices(model)
         if target_label not in choices:
@@ -245,6 +250,7 @@ def build_perturb_tab(context: AppContext) -> None:
         search = dict(steps=total, lr=float(rate), batch_size=check_whole_number("Batch", batch_size, 1, 64))
         seeds = list(range(check_whole_number("Seeds to generate", eval_count, 1, MAX_SEEDS)))
         every = check_whole_number("Preview every", every, 0, MAX_SEARCH_STEPS)
+        sampling_steps = check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS)
         mitigation, inputs = mitigation_settings(state)
         if target_label.startswith(CONTROL):
             prompt = target_label.removeprefix(CONTROL)
@@ -262,7 +268,8 @@ def build_perturb_tab(context: AppContext) -> None:
             start_spec = dict(kind="embedding", input="start")
         else:
             start_spec = dict(kind="prompt")
-        config.update(starts=[start_spec], search=search, evaluation_seeds=seeds, mitigation=mitigation)
+        config.update(starts=[start_spec], search=search, evaluation_seeds=seeds, steps=sampling_steps,
+                      mitigation=mitigation)
         target_image = inputs.get("target", model.memorized[config["image"]].image if config["image"] is not None
                                   else None)
 
@@ -271,7 +278,7 @@ def build_perturb_tab(context: AppContext) -> None:
             if not isinstance(event, DoriStep) or not every or ((event.index + 1) % every and
                                                                 event.index + 1 != event.total):
                 return None
-            shown = evaluate(model, event.embeddings[:1], target_image, seeds[:2])
+            shown = evaluate(model, event.embeddings[:1], target_image, seeds[:2], steps=sampling_steps)
             return Preview(event.index + 1, shown.images[0], shown.similarities[0].tolist())
 
         losses: list[float] = []
@@ -302,7 +309,7 @@ def build_perturb_tab(context: AppContext) -> None:
                        distances_figure(event, prompt_embedding), state)
 
     run_button.click(attack, inputs=[target, start, other_prompt, random_seed, upload, steps, lr, batch, eval_seeds,
-                                     preview_every, context.session],
+                                     generation_steps, preview_every, context.session],
                      outputs=[status, loss_plot, preview, target_view, after, distances, context.session],
                      api_name="perturb", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
 
@@ -329,7 +336,7 @@ def build_perturb_tab(context: AppContext) -> None:
         build_export(context, SWEEP_VIEW)
 
     def sweep(target_label: str | None, radii_text: str, direction_count: float | None, seed_count: float | None,
-              state: Session, progress=gr.Progress()):
+              sampling_steps: float | None, state: Session, progress=gr.Progress()):
         model = session_handle(context.models, state)
         choices = target_choices(model)
         if target_label not in choices:
@@ -338,7 +345,7 @@ def build_perturb_tab(context: AppContext) -> None:
         config = dict(radii=parse_radii(radii_text),
                       directions=check_whole_number("Directions", direction_count, 1, MAX_DIRECTIONS),
                       seeds=list(range(check_whole_number("Seeds per direction", seed_count, 1, MAX_SEEDS))),
-                      mitigation=mitigation)
+                      steps=check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS), mitigation=mitigation)
         if target_label.startswith(CONTROL):
             config.update(image=None, prompt=target_label.removeprefix(CONTROL))
             inputs["target"] = control_image(model, config["prompt"])
@@ -355,14 +362,15 @@ def build_perturb_tab(context: AppContext) -> None:
         rates = ", ".join(f"{row['radius']:g}: {row['rate']:.0%}" for row in record.table)
         return sweep_figure(record), f"Replication rate per radius: {rates}.", state
 
-    sweep_button.click(sweep, inputs=[target, radii, directions, sweep_seeds, context.session],
+    sweep_button.click(sweep, inputs=[target, radii, directions, sweep_seeds, generation_steps, context.session],
                        outputs=[sweep_plot, sweep_summary, context.session], api_name="sweep",
                        concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
 
     def refresh(state: Session):
         model = session_handle(context.models, state)
         names = target_choices(model)
-        return gr.update(choices=names, value=names[0] if names else None), "", None, [], [], [], None, None, ""
+        return (gr.update(choices=names, value=names[0] if names else None), model.default_steps, "", None, [], [], [],
+                None, None, "")
 
-    context.on_model_change[VIEW] = (refresh, [target, status, loss_plot, preview, target_view, after, distances,
-                                               sweep_plot, sweep_summary])
+    context.on_model_change[VIEW] = (refresh, [target, generation_steps, status, loss_plot, preview, target_view,
+                                               after, distances, sweep_plot, sweep_summary])

@@ -49,9 +49,10 @@ class ModelChoices:
         self.first = first.name
 
     def names(self) -> list[str]:
-        """Loaded models, command-line models and the pipeline folders directly inside the allowed roots."""
-        found = [str(folder) for root in self.allowed_roots if root.is_dir() for folder in sorted(root.iterdir())
-                 if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
+        """Loaded models, command-line models, and the allowed roots and their subfolders that are pipeline folders."""
+        candidates = [folder for root in self.allowed_roots if root.is_dir()
+                      for folder in [root, *sorted(root.iterdir())]]
+        found = [str(folder) for folder in candidates if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
         return list(dict.fromkeys([*self._handles, *self._sources, *found]))
 
     def add(self, handle: ModelHandle) -> str:

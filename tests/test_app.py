@@ -1,5 +1,6 @@
 """The app's endpoints driven by gradio_client on the tiny model: results, session isolation, bad inputs."""
 
+import dataclasses
 import socket
 import threading
 import time
@@ -26,7 +27,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tiny_handle, tiny_model_dir):
-    app = build_app(tiny_handle, allowed_roots=[tiny_model_dir.parent])
+    # Few default steps: the localizer's before/after check and the previews generate with the model's default.
+    app = build_app(dataclasses.replace(tiny_handle, default_steps=STEPS), allowed_roots=[tiny_model_dir])
     _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url
     app.close()
@@ -47,7 +49,7 @@ def mitigate(client, method=MITIGATE, prompt=None, seeds=2):
 
 
 def perturb(client, target, steps=4, start="random embedding", other="", upload=None, every=2, submit=False):
-    args = (target, start, other, 0, upload, steps, 0.1, 2, 2, every)
+    args = (target, start, other, 0, upload, steps, 0.1, 2, 2, STEPS, every)
     if submit:
         return client.submit(*args, api_name="/perturb")
     return client.predict(*args, api_name="/perturb")
@@ -82,7 +84,7 @@ def test_export_before_any_run_says_so(client):
     ("a red circle", 17, STEPS, "Seeds must be a whole number from 1 to 16"),
     ("a red circle", 2, 0, "Steps must be a whole number from 1 to 100"),
     ("a red circle", 2, 10**9, "Steps must be a whole number from 1 to 100"),
-])
+], ids=["empty", "too many tokens", "too many characters", "too many seeds", "no steps", "absurd steps"])
 def test_bad_replicate_input_gives_a_clear_error_and_the_app_stays_usable(client, tiny_handle, prompt, seeds, steps,
                                                                          message):
     with pytest.raises(AppError, match=message):
@@ -183,11 +185,11 @@ def test_wrong_file_type_is_refused(client, tiny_handle, tmp_path):
 
 
 def test_sweep_plots_replication_against_the_radius(client, tiny_handle):
-    plot, summary = client.predict(tiny_handle.memorized[0].caption, "0, 50", 1, 1, api_name="/sweep")
+    plot, summary = client.predict(tiny_handle.memorized[0].caption, "0, 50", 1, 1, STEPS, api_name="/sweep")
     assert plot["type"] == "plotly"
     assert "0: " in summary and "50: " in summary
     with pytest.raises(AppError, match="Radii must be numbers"):
-        client.predict(tiny_handle.memorized[0].caption, "0, far", 1, 1, api_name="/sweep")
+        client.predict(tiny_handle.memorized[0].caption, "0, far", 1, 1, STEPS, api_name="/sweep")
 
 
 @pytest.mark.parametrize("method, delta", [("Gradient norm (Wen et al.)", False),
