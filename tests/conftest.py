@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 # Tests never touch the network: without this a hub id retries for minutes before failing.
 # Set before diffusers/transformers are imported, since huggingface_hub reads it at import.
@@ -14,7 +16,9 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from analysis.demo.architecture import MAX_LENGTH, build_scheduler, build_tokenizer, save_pipeline_folder  # noqa: E402
-from analysis.model import MemorizedImage, ModelHandle, PassThroughCodec  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle, PassThroughCodec  # noqa: E402
 
 TINY_SIZE = 16
 TINY_WIDTH = 32
@@ -71,4 +75,22 @@ def tiny_model_dir(tiny_handle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_model")
     h = tiny_handle
     save_pipeline_folder(folder, h.tokenizer, h.text_encoder, h.unet, h.scheduler)
+    return folder
+
+
+TINY_FOLDER_STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tiny_handle, tiny_model_dir, tmp_path_factory):
+    """`tiny_model_dir` plus the sidecar listing its memorized images, so `load_model(folder)` knows its targets.
+
+    Sampling defaults to 3 steps, so analyses of the loaded model are fast.
+    """
+    folder = tmp_path_factory.mktemp("tiny_model_with_images") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    save_file({"images": torch.stack([m.image for m in tiny_handle.memorized])}, str(folder / "memorized.safetensors"))
+    (folder / MEMORIZED_FILE).write_text(json.dumps(dict(
+        captions=[m.caption for m in tiny_handle.memorized], images_file="memorized.safetensors",
+        held_out_prompts=tiny_handle.held_out_prompts, sampling=dict(steps=TINY_FOLDER_STEPS, guidance=7.0))))
     return folder

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from analysis.export import RunRecord, compare_metrics, load_export, rerun, save_export
-from analysis.model import MEMORIZED_FILE, load_model
+from analysis.model import load_model
 from analysis.tasks import TaskProgress, record_mask, run_task
 
 TINY_STEPS = 3
@@ -19,20 +17,8 @@ WANDA = {"method": "wanda", "parameters": {"steps": TINY_STEPS, "record_steps": 
 
 
 @pytest.fixture(scope="module")
-def model_folder(tiny_handle, tiny_model_dir, tmp_path_factory):
-    """The tiny model's folder with a sidecar listing its memorized images, so a rerun finds its targets."""
-    folder = tmp_path_factory.mktemp("exported_model") / "model"
-    shutil.copytree(tiny_model_dir, folder)
-    save_file({"images": torch.stack([m.image for m in tiny_handle.memorized])}, str(folder / "memorized.safetensors"))
-    (folder / MEMORIZED_FILE).write_text(json.dumps(dict(
-        captions=[m.caption for m in tiny_handle.memorized], images_file="memorized.safetensors",
-        held_out_prompts=tiny_handle.held_out_prompts, sampling=dict(steps=TINY_STEPS, guidance=7.0))))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def folder_handle(model_folder):
-    return load_model(model_folder)
+def folder_handle(tiny_model_folder):
+    return load_model(tiny_model_folder)
 
 
 def test_round_trip_keeps_every_part(tmp_path):
@@ -113,7 +99,7 @@ def test_replicate_record_is_complete_and_streams_steps(tiny_handle):
     assert record.metrics["rate"] == sum(record.metrics["replicated"]) / 2
 
 
-def test_rerun_reproduces_replicate_and_attack(folder_handle, model_folder, tmp_path):
+def test_rerun_reproduces_replicate_and_attack(folder_handle, tiny_model_folder, tmp_path):
     """A replicate run and a Dori attack under a Wanda mask, exported and rerun from the model folder."""
     runs = {
         "replicate": {"image": 0, "seeds": [0, 1]},
@@ -122,7 +108,7 @@ def test_rerun_reproduces_replicate_and_attack(folder_handle, model_folder, tmp_
     }
     for kind, config in runs.items():
         record = run_task(folder_handle, kind, config)
-        assert record.model == str(model_folder)
+        assert record.model == str(tiny_model_folder)
         recorded, reproduced = rerun(save_export(record, tmp_path / f"{kind}.zip"))
         rows = compare_metrics(recorded.metrics, reproduced.metrics)
         assert rows and all(row["match"] for row in rows), [row for row in rows if not row["match"]]

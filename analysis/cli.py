@@ -1,0 +1,398 @@
+"""The `dori` command line: every analysis of the app from a shell, through the same `run_task`.
+
+    dori replicate --image 0 --seeds 0-9
+    dori localize --method wanda --image 0 --export wanda.zip
+    dori attack --image 0 --mitigation nemo --random-starts 4 --json
+    dori rerun wanda.zip
+
+Progress bars go to stderr, results to stdout (a short summary, or the whole
+record as JSON with `--json`; `--out FILE.json` writes that JSON to a file).
+Exit codes: 0 success, 1 a rerun that does not reproduce its numbers or an
+unexpected failure, 2 bad input (arguments, configuration, files, model path),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from analysis.export import RunRecord, compare_metrics, rerun, save_export
+from analysis.model import ModelHandle, ModelLoadError, load_model
+from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, TaskProgress, mask_tensors, record_mask, run_task
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class BadInput(ValueError):
+    """A command-line value that cannot be used; the message says which."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-3' -> [0, 1, 2, 3]; '0,5,7' -> [0, 5, 7]; ranges and lists combine ('0-2,9')."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            seeds.extend(range(int(first), int(last) + 1) if last else [int(first)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must look like '0-9' or '0,3,5', got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
+    return seeds
+
+
+def parse_numbers(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def parse_parameter(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, lists, null), else as a string."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"a parameter is KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+class ProgressBars:
+    """A callback for `run_task` that shows one tqdm bar per stage on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.label = ""
+
+    def __call__(self, event: object) -> None:
+        if not self.enabled:
+            return
+        kind = type(event).__name__
+        if isinstance(event, TaskProgress):
+            label, done, total = event.stage, event.done, event.total
+        elif kind == "DoriStep":
+            label, done, total = "Dori search", event.index + 1, event.total
+        elif kind == "DenoisingStep":
+            label, done, total = "sampling", event.index + 1, event.total
+        else:
+            label, done, total = kind, getattr(event, "index", 0) + 1, getattr(event, "total", None)
+        if self.bar is None or label != self.label or done <= self.bar.n:
+            self.close()
+            self.bar = tqdm(total=total, desc=label, file=sys.stderr, leave=False, dynamic_ncols=True)
+            self.label = label
+        self.bar.update(done - self.bar.n)
+        if kind == "DoriStep":
+            self.bar.set_postfix(loss=f"{event.loss.mean().item():.4f}", refresh=False)
+        if isinstance(event, TaskProgress) and event.message:
+            self.bar.set_postfix_str(event.message[:60], refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="diffusers SD 1.x/2.x folder or hub id (default: the bundled model)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    group.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
+
+
+def _output_options(parser: argparse.ArgumentParser, export: bool) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
+    group.add_argument("--out", type=Path, help="write the result as JSON to this file")
+    if export:
+        group.add_argument("--export", type=Path, help="write the run as a ZIP export (rerun it with `dori rerun`)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _target_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("target")
+    group.add_argument("--image", type=int, help="index of a memorized training image (its caption is the prompt)")
+    group.add_argument("--prompt", help="a prompt (with --image: the prompt to use instead of the caption)")
+
+
+def _sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
+
+
+def _mitigation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("mitigation")
+    group.add_argument("--mitigation", choices=sorted(LOCALIZERS), help="localize for the prompt and remove the units")
+    group.add_argument("--mask", type=Path, help="a mask file (safetensors, e.g. from `dori localize --save-mask`)")
+    group.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
+                       help="a parameter of the localizer or attribution method (repeatable; JSON values)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dori", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, target: bool = True, export: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if target:
+            _target_options(sub)
+        _model_options(sub)
+        # A trigger set's folder and a campaign's results folder are their own exports.
+        _output_options(sub, export)
+        return sub
+
+    sub = command("replicate", "generate a prompt with several seeds; check each image for a training-image copy")
+    sub.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3], help="e.g. 0-9 or 0,3,5 (default 0-3)")
+    sub.add_argument("--threshold", type=float, help="similarity above which an image is a copy")
+    _sampling_options(sub)
+    _mitigation_options(sub)
+
+    sub = command("localize", "find the neurons (NeMo) or weights (Wanda) behind a memorized prompt")
+    sub.add_argument("--method", choices=sorted(LOCALIZERS), default="nemo")
+    sub.add_argument("--seeds", type=parse_seeds, help="seeds of the localizer (default: the method's)")
+    sub.add_argument("--evaluation-seeds", type=parse_seeds, default=[0, 1, 2, 3], help="before/after seeds")
+    sub.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
+                     help="a parameter of the localizer, e.g. sparsity=0.05 (repeatable; JSON values)")
+    sub.add_argument("--save-mask", type=Path, help="also write the mask as a safetensors file")
+
+    sub = command("attack", "Dori: search text embeddings that make the model draw a training image again")
+    sub.add_argument("--random-starts", type=int, default=1, help="random starts, seeds 0..N-1 (default 1)")
+    sub.add_argument("--prompt-start", action="store_true", help="also start from the prompt's own embedding")
+    sub.add_argument("--search-steps", type=int, default=50)
+    sub.add_argument("--lr", type=float, default=0.1)
+    sub.add_argument("--batch-size", type=int, default=8, help="(noise, timestep) pairs per start and step")
+    sub.add_argument("--search-seed", type=int, default=0)
+    sub.add_argument("--evaluation-seeds", type=parse_seeds, default=[0, 1, 2, 3])
+    _sampling_options(sub)
+    _mitigation_options(sub)
+
+    sub = command("sweep", "replication of a prompt's embedding moved by random perturbations of growing size")
+    sub.add_argument("--radii", type=parse_numbers, default=[0.0, 5.0, 10.0, 20.0], help="L2 distances, e.g. 0,5,10")
+    sub.add_argument("--directions", type=int, default=4)
+    sub.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3])
+    sub.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    _sampling_options(sub)
+    _mitigation_options(sub)
+
+    sub = command("attribute", "which words of the prompt drive Wen et al.'s memorization score")
+    sub.add_argument("--method", choices=sorted(ATTRIBUTIONS), default="gradient_norm")
+    sub.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
+                     help="a parameter of the method, e.g. n_steps=64 (repeatable; JSON values)")
+
+    sub = command("triggers", "build (or resume) a set of Dori triggers from random starts for one training image",
+                  target=False, export=False)
+    sub.add_argument("--image", type=int, required=True, help="index of the memorized training image")
+    sub.add_argument("--folder", type=Path, required=True, help="where the set is kept (resumed if present)")
+    sub.add_argument("--count", type=int, default=100)
+    sub.add_argument("--starts-per-batch", type=int, default=10)
+    sub.add_argument("--seed", type=int, default=0, help="trigger i starts from random seed SEED + i")
+    sub.add_argument("--search-steps", type=int, default=50)
+    sub.add_argument("--evaluation-seeds", type=parse_seeds, help="also generate each trigger with these seeds")
+
+    sub = command("campaign", "run one analysis over a prompt list; one result file per item, resumable",
+                  target=False, export=False)
+    sub.add_argument("--prompts", default="bundled",
+                     help="a CSV/JSON prompt list, 'bundled' (the model's memorized captions) or a shipped SD v1.4 list "
+                          "('sd14-memorized', 'sd14-unmemorized')")
+    sub.add_argument("--method", default="replicate", help="replicate, attack, localize or sweep (default replicate)")
+    sub.add_argument("--out-dir", type=Path, required=True, help="one JSON per item is written here")
+    sub.add_argument("--limit", type=int, help="only the first N items")
+    sub.add_argument("--executor", choices=["local", "ray"], default="local")
+    sub.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    sub.add_argument("--workers", type=int, help="CPUs of a local Ray (default: all)")
+    sub.add_argument("--set", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
+                     help="a setting of the analysis, e.g. seeds=[0,1] (repeatable; JSON values)")
+
+    sub = commands.add_parser("rerun", help="run an exported ZIP again and compare its numbers",
+                              description="run an exported ZIP again and compare its numbers")
+    sub.add_argument("export_file", type=Path, metavar="EXPORT.zip")
+    sub.add_argument("--device", default="cpu")
+    _output_options(sub, export=True)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _target_config(args) -> dict:
+    return {key: value for key, value in (("image", args.image), ("prompt", args.prompt)) if value is not None}
+
+
+def _sampling_config(args) -> dict:
+    return {key: value for key, value in (("steps", args.steps), ("guidance", args.guidance)) if value is not None}
+
+
+def _mitigation(args) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The `mitigation` setting and the inputs it needs."""
+    from analysis.masks import Mask
+
+    if args.mitigation and args.mask:
+        raise BadInput("give --mitigation or --mask, not both")
+    if args.mask:
+        if not args.mask.is_file():
+            raise BadInput(f"no mask file at {args.mask}")
+        return {"mitigation": {"method": "mask"}}, mask_tensors(Mask.load(args.mask))
+    if args.mitigation:
+        return {"mitigation": {"method": args.mitigation, "parameters": dict(args.param)}}, {}
+    if args.param:
+        raise BadInput("--param needs --mitigation")
+    return {}, {}
+
+
+def task_config(args) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(kind, config, inputs) of a task subcommand."""
+    config = _target_config(args)
+    inputs: dict[str, torch.Tensor] = {}
+    if args.command == "replicate":
+        config.update(seeds=args.seeds, **_sampling_config(args))
+        if args.threshold is not None:
+            config["threshold"] = args.threshold
+        mitigation, inputs = _mitigation(args)
+        config.update(mitigation)
+    elif args.command == "localize":
+        config.update(method=args.method, parameters=dict(args.param), evaluation_seeds=args.evaluation_seeds)
+        if args.seeds is not None:
+            config["seeds"] = args.seeds
+    elif args.command == "attack":
+        starts = [{"kind": "random", "seed": seed} for seed in range(args.random_starts)]
+        starts += [{"kind": "prompt"}] if args.prompt_start else []
+        config.update(starts=starts, search=dict(lr=args.lr, steps=args.search_steps, batch_size=args.batch_size,
+                                                 seed=args.search_seed),
+                      evaluation_seeds=args.evaluation_seeds, **_sampling_config(args))
+        mitigation, inputs = _mitigation(args)
+        config.update(mitigation)
+    elif args.command == "sweep":
+        config.update(radii=args.radii, directions=args.directions, seeds=args.seeds, seed=args.seed,
+                      **_sampling_config(args))
+        mitigation, inputs = _mitigation(args)
+        config.update(mitigation)
+    elif args.command == "attribute":
+        config.update(method=args.method, parameters=dict(args.param))
+    return args.command, config, inputs
+
+
+def record_json(record: RunRecord) -> dict:
+    """The JSON part of a record: what `--json` prints (images and tensors live in the ZIP export)."""
+    return dict(kind=record.kind, model=record.model, config=record.config, metrics=record.metrics,
+                table=record.table)
+
+
+def _summary_lines(value: dict) -> list[str]:
+    """Scalar metrics one a line; lists and objects shortened."""
+    lines = []
+    for key, item in value.items():
+        text = json.dumps(item)
+        lines.append(f"{key}: {text if len(text) <= 100 else text[:97] + '...'}")
+    return lines
+
+
+def _emit(args, payload: dict, summary: list[str]) -> None:
+    text = json.dumps(payload, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text if args.json else "\n".join(summary))
+
+
+def _load(args) -> ModelHandle:
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_task(args, progress: ProgressBars) -> int:
+    kind, config, inputs = task_config(args)
+    handle = _load(args)
+    record = run_task(handle, kind, config, callback=progress, inputs=inputs)
+    progress.close()
+    if args.command == "localize" and args.save_mask:
+        args.save_mask.parent.mkdir(parents=True, exist_ok=True)
+        record_mask(record).save(args.save_mask)
+    if args.export:
+        save_export(record, args.export)
+    _emit(args, record_json(record), [f"{kind} on {record.model}", *_summary_lines(record.metrics)])
+    return 0
+
+
+def cmd_rerun(args, progress: ProgressBars) -> int:
+    recorded, reproduced = rerun(args.export_file, device=args.device)
+    rows = compare_metrics(recorded.metrics, reproduced.metrics)
+    if args.export:
+        save_export(reproduced, args.export)
+    reproduced_all = all(row["match"] for row in rows)
+    lines = [f"rerun of {recorded.kind} on {recorded.model}: "
+             f"{sum(row['match'] for row in rows)} of {len(rows)} numbers reproduced"]
+    lines += [f"  {row['metric']}: recorded {row['recorded']}, now {row['reproduced']}" for row in rows if not row["match"]]
+    _emit(args, dict(kind=recorded.kind, model=recorded.model, reproduced=reproduced_all, metrics=rows), lines)
+    return 0 if reproduced_all else EXIT_FAILED
+
+
+def cmd_triggers(args, progress: ProgressBars) -> int:
+    from analysis.dori import DoriSearch
+    from analysis.triggers import build_trigger_set
+
+    handle = _load(args)
+    if not 0 <= args.image < len(handle.memorized):
+        raise BadInput(f"--image {args.image} does not exist: the model has {len(handle.memorized)} memorized images")
+    if args.count < 1 or args.starts_per_batch < 1:
+        raise BadInput(f"--count and --starts-per-batch must be at least 1, got {args.count}, {args.starts_per_batch}")
+
+    def report(event) -> None:
+        progress(TaskProgress("triggers", event.finished + event.step.index / event.step.total, event.total))
+
+    trigger_set = build_trigger_set(handle, args.folder, handle.memorized[args.image], count=args.count,
+                                    search=DoriSearch(steps=args.search_steps), starts_per_batch=args.starts_per_batch,
+                                    seed=args.seed, evaluation_seeds=args.evaluation_seeds, callback=report)
+    progress.close()
+    rates = [t["replication_rate"] for t in trigger_set.triggers if t["replication_rate"] is not None]
+    payload = dict(kind="triggers", model=handle.name, folder=str(args.folder), config=trigger_set.config,
+                   count=len(trigger_set.triggers),
+                   mean_replication_rate=sum(rates) / len(rates) if rates else None)
+    _emit(args, payload, _summary_lines(payload))
+    return 0
+
+
+def cmd_campaign(args, progress: ProgressBars) -> int:
+    from analysis.campaign import load_items, run_campaign
+
+    items = load_items(args.prompts, model=args.model)
+    if args.limit is not None:
+        items = items[:args.limit]
+    config = dict(args.set, model=args.model, device=args.device, dtype=args.dtype)
+    summary = run_campaign(items, args.method, config, args.out_dir, executor=args.executor, address=args.address,
+                           workers=args.workers, progress=progress)
+    progress.close()
+    _emit(args, summary, summary["table_markdown"].splitlines())
+    return 0
+
+
+COMMANDS = {"rerun": cmd_rerun, "triggers": cmd_triggers, "campaign": cmd_campaign}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = ProgressBars(enabled=not args.quiet)
+    try:
+        return COMMANDS.get(args.command, cmd_task)(args, progress)
+    except (ValueError, FileNotFoundError, ModelLoadError) as err:
+        progress.close()
+        print(f"dori {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"dori {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+

@@ -1,0 +1,114 @@
+"""The `dori` command line, called in-process on the tiny model folder."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+
+import pytest
+
+from analysis.cli import main, parse_seeds
+from analysis.export import load_export
+from analysis.masks import Mask
+
+
+@pytest.fixture()
+def dori(tiny_model_folder, capsys):
+    """Run `dori ARGS --model <tiny folder>`; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str, model: bool = True):
+        code = main([*args, *(["--model", str(tiny_model_folder)] if model else [])])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_seed_ranges():
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds("0-1,7") == [0, 1, 7]
+
+
+def test_replicate_prints_json_and_writes_files(dori, tiny_model_folder, tmp_path):
+    code, out, err = dori("replicate", "--image", "0", "--seeds", "0-2", "--json", "--out", str(tmp_path / "r.json"),
+                          "--export", str(tmp_path / "r.zip"))
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["config"]["seeds"] == [0, 1, 2] and len(printed["metrics"]["similarities"]) == 3
+    assert json.loads((tmp_path / "r.json").read_text()) == printed
+    assert load_export(tmp_path / "r.zip").metrics == printed["metrics"]
+    assert "sampling" in err  # the progress bar goes to stderr
+
+
+def test_localize_saves_a_mask_that_attack_and_rerun_use(dori, tmp_path):
+    code, _, err = dori("localize", "--method", "wanda", "--image", "0", "--seeds", "0", "--evaluation-seeds", "0",
+                        "--param", "record_steps=2", "--save-mask", str(tmp_path / "m.safetensors"))
+    assert code == 0, err
+    mask = Mask.load(tmp_path / "m.safetensors")
+    assert mask.method == "wanda" and sum(mask.counts().values()) > 0
+    code, out, err = dori("attack", "--image", "0", "--mask", str(tmp_path / "m.safetensors"), "--search-steps", "2",
+                          "--batch-size", "2", "--evaluation-seeds", "0", "--prompt-start", "--json",
+                          "--export", str(tmp_path / "a.zip"))
+    assert code == 0, err
+    printed = json.loads(out)
+    assert [start["kind"] for start in printed["config"]["starts"]] == ["random", "prompt"]
+    assert printed["metrics"]["mitigation_removed"] == sum(mask.counts().values())
+    code, out, err = dori("rerun", str(tmp_path / "a.zip"), "--json", model=False)
+    assert code == 0, err
+    assert json.loads(out)["reproduced"] is True
+
+
+def test_sweep_and_attribute(dori):
+    code, out, err = dori("sweep", "--image", "1", "--radii", "0,3", "--directions", "1", "--seeds", "0", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["metrics"]["rates"]) == 2
+    code, out, err = dori("attribute", "--image", "0", "--method", "integrated_gradients", "--param", "n_steps=4",
+                          "--param", "seeds=[0]", "--json")
+    assert code == 0, err
+    assert json.loads(out)["config"]["parameters"]["n_steps"] == 4
+
+
+def test_triggers_resume_in_the_same_folder(dori, tmp_path):
+    args = ("triggers", "--image", "0", "--folder", str(tmp_path / "t"), "--starts-per-batch", "1", "--json")
+    code, out, err = dori(*args, "--count", "2", "--search-steps", "2")
+    assert code == 0, err
+    assert json.loads(out)["count"] == 2
+    code, out, err = dori(*args, "--count", "2", "--search-steps", "3")
+    assert code == 2 and "other settings" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("replicate", "--image", "9"), "image must be a whole number from 0 to 1"),
+    (("replicate",), "give a prompt"),
+    (("attack", "--prompt", "a cat"), "needs a target image"),
+    (("replicate", "--image", "0", "--mask", "/nonexistent.safetensors"), "no mask file"),
+    (("localize", "--method", "wanda", "--image", "0", "--param", "sparsity=2"), "sparsity must be in"),
+    (("replicate", "--image", "0", "--dtype", "float64"), "unknown dtype"),
+])
+def test_bad_input_exits_2_with_a_message(dori, args, message):
+    code, out, err = dori(*args)
+    assert code == 2 and message in err and out == ""
+
+
+def test_bad_model_and_bad_export(dori, tmp_path, capsys):
+    assert main(["replicate", "--image", "0", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "no model folder" in capsys.readouterr().err
+    (tmp_path / "x.zip").write_text("not a zip")
+    code, _, err = dori("rerun", str(tmp_path / "x.zip"), model=False)
+    assert code == 2 and "not a ZIP" in err
+
+
+def test_argument_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["replicate", "--seeds", "zero"])
+    assert stopped.value.code == 2 and "seeds must look like" in capsys.readouterr().err
+
+
+def test_python_dash_m_analysis_is_the_command_line(tiny_model_folder, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["analysis", "replicate", "--image", "1", "--seeds", "0", "--quiet", "--json",
+                                      "--model", str(tiny_model_folder)])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_module("analysis", run_name="__main__")
+    assert stopped.value.code == 0
+    assert json.loads(capsys.readouterr().out)["config"]["image"] == 1
