@@ -1,0 +1,114 @@
+"""How long does the app take to start, and to show its first replication gallery?
+
+    python -m analysis.bench.startup [--repeats 5] [--out docs/results/bench_startup.md]
+
+Each repeat starts `python app.py --port P` on the bundled model in a fresh
+process and times (a) from the process start until the page answers HTTP 200
+(target: at most 15 s) and (b) the first 4-seed replication gallery through
+`gradio_client`, the app's `/replicate` endpoint with the model's default steps
+and guidance (target: at most 3 s). The client connects before (b) is timed.
+
+Run it on a quiet machine: other processes on the cores change the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from analysis.bench import seconds, verdict, write_report
+from analysis.model import REPO_ROOT, load_model
+
+SEEDS = 4
+START_SECONDS_TARGET = 15.0
+GALLERY_SECONDS_TARGET = 3.0
+START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_ready(url: str, server: subprocess.Popen) -> None:
+    """Poll `url` until it answers HTTP 200; RuntimeError if the app exits or takes longer than START_TIMEOUT_S."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the app exited with code {server.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the app did not answer at {url} within {START_TIMEOUT_S} s")
+
+
+def one_start(prompt: str, steps: int, guidance: float) -> tuple[float, float]:
+    """(seconds to HTTP 200, seconds for the first gallery) of one fresh app process."""
+    from gradio_client import Client
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    started = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"], cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_until_ready(url, server)
+        ready = time.perf_counter() - started
+        client = Client(url, verbose=False)
+        gallery = seconds(lambda: client.predict(prompt, SEEDS, 0, steps, guidance, api_name="/replicate"))
+        return ready, gallery
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="app starts (at least 5 for a recorded result)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/bench_startup.md"))
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    # Only to read the prompt and settings the app starts with; the timed runs load their own.
+    handle = load_model()
+    prompt, steps, guidance = handle.memorized[0].caption, handle.default_steps, handle.default_guidance
+    del handle
+
+    load_before = os.getloadavg()[0]
+    runs = [one_start(prompt, steps, guidance) for _ in range(args.repeats)]
+    load_after = os.getloadavg()[0]
+    ready_s, gallery_s = [ready for ready, _ in runs], [gallery for _, gallery in runs]
+    ready_median, gallery_median = statistics.median(ready_s), statistics.median(gallery_s)
+    rows = [("`python app.py` to HTTP 200", f"{ready_median:.2f} s", verdict(ready_median, START_SECONDS_TARGET, " s")),
+            (f"first {SEEDS}-seed gallery (`/replicate` via gradio_client)", f"{gallery_median:.2f} s",
+             verdict(gallery_median, GALLERY_SECONDS_TARGET, " s"))]
+    write_report(
+        args.out, "App start and first gallery on the bundled model",
+        f"python -m analysis.bench.startup --repeats {args.repeats}",
+        f"Prompt “{prompt}”, {SEEDS} seeds, DDIM {steps} steps, guidance {guidance}, float32 on CPU.\n"
+        f"Medians of {args.repeats} fresh app processes; each is timed from process start to the first HTTP 200, "
+        "then the connected client asks for one gallery.",
+        rows,
+        f"Every run, in seconds: start {[round(s, 2) for s in ready_s]}, gallery {[round(s, 2) for s in gallery_s]}.",
+        load_before, load_after)
+
+
+if __name__ == "__main__":
+    main()
