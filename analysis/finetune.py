@@ -226,18 +226,23 @@ def attack(handle: ModelHandle, item: MemorizedImage, dori: DoriSearch, starts: 
     """Replication of one memorized image under its caption and under a Dori attack from `starts`.
 
     On the model as it is (apply a mask around the call to attack a masked
-    model; no `starts`: the caption only). Returns JSON-ready rates and mean
-    similarities, and the triggers.
+    model; no `starts`: the caption only). Returns rates and mean similarities,
+    and as tensors (drop them with `json_ready`) the generations and the triggers.
     """
     prompt = evaluate(handle, encode_prompts(handle, [item.caption]), item.image, seeds, callback=sample_callback)
     row = dict(caption=item.caption, prompt_replication=prompt.rates.mean().item(),
-               prompt_similarity=prompt.similarities.mean().item())
+               prompt_similarity=prompt.similarities.mean().item(), prompt_images=prompt.images[0])
     if not starts:
         return row
     found = dori.fit(handle, item.image, starts, prompt=item.caption, callback=callback)
     attacked = evaluate(handle, found.embeddings, item.image, seeds, callback=sample_callback)
     return dict(row, dori_replication=attacked.rates.mean().item(), dori_similarity=attacked.similarities.mean().item(),
-                dori_loss=found.losses[-1].tolist(), triggers=found.embeddings)
+                dori_loss=found.losses[-1].tolist(), triggers=found.embeddings, dori_images=attacked.images)
+
+
+def json_ready(row: dict) -> dict:
+    """`row` without its tensors."""
+    return {key: value for key, value in row.items() if not isinstance(value, torch.Tensor)}
 
 
 @dataclass
@@ -364,8 +369,7 @@ class AdversarialFineTuning:
                 row = attack(tuned, item, dataclasses.replace(self.dori, seed=base), starts[:self.eval_starts],
                              range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + self.eval_seeds),
                              report(round_index, "evaluate"), report(round_index, "evaluate"))
-                row.pop("triggers", None)
-                record["targets"].append(row)
+                record["targets"].append(json_ready(row))
             record["seconds"] = round(time.time() - started, 1)
             state["history"].append(record)
             state["rounds_done"] = round_index + 1
