@@ -3,6 +3,7 @@
     dori replicate --image 0 --seeds 0-9
     dori localize --method wanda --image 0 --export wanda.zip
     dori attack --image 0 --mitigation nemo --random-starts 4 --json
+    dori finetune --targets 0 --out-dir runs/finetuned --param rounds=2
     dori rerun wanda.zip
 
 Progress bars go to stderr, results to stdout (a short summary, or the whole
@@ -85,6 +86,8 @@ class ProgressBars:
             label, done, total = "Dori search", event.index + 1, event.total
         elif kind == "DenoisingStep":
             label, done, total = "sampling", event.index + 1, event.total
+        elif kind == "FineTuneProgress":
+            label, done, total = f"round {event.round + 1}/{event.rounds}: {event.stage}", event.step + 1, event.total
         else:
             label, done, total = kind, getattr(event, "index", 0) + 1, getattr(event, "total", None)
         if self.bar is None or label != self.label or done <= self.bar.n:
@@ -193,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
                      help="a parameter of the method, e.g. n_steps=64 (repeatable; JSON values)")
 
+    sub = command("finetune", "adversarial fine-tuning: train memorized images away against Dori's triggers",
+                  target=False)
+    sub.add_argument("--targets", type=parse_seeds, default=[0], help="indices of memorized images, e.g. 0,2 (default 0)")
+    sub.add_argument("--out-dir", type=Path, required=True, help="checkpoint and tuned model (OUT/model) go here")
+    sub.add_argument("--resume", action="store_true", help="continue after the last finished round in --out-dir")
+    sub.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
+                     help="a fine-tuning parameter, e.g. rounds=3 or dori={\"steps\": 20} (repeatable; JSON values)")
+
     sub = command("triggers", "build (or resume) a set of Dori triggers from random starts for one training image",
                   target=False, export=False)
     sub.add_argument("--image", type=int, required=True, help="index of the memorized training image")
@@ -230,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _target_config(args) -> dict:
-    return {key: value for key, value in (("image", args.image), ("prompt", args.prompt)) if value is not None}
+    return {key: value for key, value in (("image", getattr(args, "image", None)), ("prompt", getattr(args, "prompt", None)))
+            if value is not None}
 
 
 def _sampling_config(args) -> dict:
@@ -283,6 +295,8 @@ def task_config(args) -> tuple[str, dict, dict[str, torch.Tensor]]:
         config.update(mitigation)
     elif args.command == "attribute":
         config.update(method=args.method, parameters=dict(args.param))
+    elif args.command == "finetune":
+        config.update(targets=args.targets, out_dir=str(args.out_dir), parameters=dict(args.param), resume=args.resume)
     return args.command, config, inputs
 
 

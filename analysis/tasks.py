@@ -11,7 +11,9 @@ returns an `analysis.export.RunRecord`. Kinds:
 * "localize": a NeMo or Wanda mask (tensors `mask.LAYER`), replication before and after it;
 * "attack": a Dori search toward a training image, optionally against a mitigated model, then `evaluate`;
 * "sweep": `analysis.sweep.perturbation_sweep`;
-* "attribute": token attribution by gradient norm or Integrated Gradients.
+* "attribute": token attribution by gradient norm or Integrated Gradients;
+* "wen": Wen et al.'s inference-time mitigation of a training image's caption, generations before and after;
+* "finetune": `analysis.finetune.AdversarialFineTuning` of the targets; the tuned model goes to `out_dir/model`.
 
 The target is `image` (index of a memorized training image; its caption is
 the default prompt) and/or `prompt`. `inputs` are tensors the configuration
@@ -22,7 +24,7 @@ it again. `mitigation` is None, `{"method": "nemo"|"wanda", "parameters": {...}}
 (computed for the prompt) or `{"method": "mask"}` (the `mask.*` inputs).
 
 `callback` receives what the analysis streams: `DenoisingStep` while sampling,
-`DoriStep` while searching, `TaskProgress` otherwise. It may raise
+`DoriStep` while searching, `FineTuneProgress` while fine-tuning, `TaskProgress` otherwise. It may raise
 `analysis.sampling.SamplingCancelled` to stop.
 """
 
@@ -39,6 +41,7 @@ import torch
 from analysis.attribution import GradientNorm, IntegratedGradients
 from analysis.dori import DoriSearch, Start, evaluate
 from analysis.export import INPUT_PREFIX, RunRecord
+from analysis.finetune import AdversarialFineTuning
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
@@ -46,6 +49,7 @@ from analysis.metrics import REPLICATION_THRESHOLD
 from analysis.model import ModelHandle
 from analysis.replicate import replicate
 from analysis.sweep import perturbation_sweep
+from analysis.wen_mitigation import WenMitigation
 
 BUNDLED_MODEL_NAME = "bundled demo model"  # what `load_model(None)` names the bundled model
 MASK_PREFIX = "mask."
@@ -407,12 +411,66 @@ def _run_attribute(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
     return record
 
 
+def _run_wen(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    """Wen et al.'s inference-time mitigation of a prompt: its embedding and the optimised one, generated alike."""
+    wen_defaults = {name: p.default for name, p in inspect.signature(WenMitigation).parameters.items()}
+    config = _fill("wen", dict(image=None, prompt=None, parameters=None, seeds=DEFAULT_SEEDS, steps=None,
+                               guidance=None), config)
+    target, prompt, image = _target(handle, config, inputs, need_image=True)
+    filled = dict(**target, parameters=_json_ready(_fill("wen parameter", wen_defaults, config["parameters"])),
+                  seeds=_seeds("seeds", config["seeds"]), **_sampling(handle, config))
+    record = RunRecord("wen", handle.name, filled)
+    result = WenMitigation(**filled["parameters"]).fit(handle, prompt, filled["seeds"])
+    generated = evaluate(handle, torch.stack([result.start, result.embedding]), image, filled["seeds"],
+                         filled["steps"], filled["guidance"], callback=callback)
+    for stage, images, replicated in zip(("before", "after"), generated.images, generated.replication):
+        record.metrics.update({f"{stage}_similarities": replicated.similarities.tolist(),
+                               f"{stage}_replicated": replicated.replicated.int().tolist(),
+                               f"{stage}_rate": replicated.rate})
+        record.images.update({f"{stage}_seed{seed}": picture for seed, picture in zip(filled["seeds"], images)})
+    record.metrics.update(magnitudes=result.trace, target=result.target, reached=result.reached)
+    record.tensors["embedding"] = result.embedding
+    return record
+
+
+def _run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    config = _fill("finetune", dict(targets=[0], out_dir=None, parameters=None, resume=False), config)
+    if not isinstance(config["out_dir"], str) or not config["out_dir"]:
+        raise ValueError(f"out_dir must name the folder for the checkpoint and the tuned model, got {config['out_dir']!r}")
+    defaults = AdversarialFineTuning().get_params()
+    # Only the default surrogate is a JSON value; a mask or an image surrogate is the Python API's.
+    defaults.pop("surrogate")
+    parameters = _fill("finetune parameter", defaults, config["parameters"])
+    parameters["dori"] = _fill("finetune dori", defaults["dori"], parameters["dori"])
+    filled = dict(targets=config["targets"], out_dir=config["out_dir"], parameters=_json_ready(parameters),
+                  resume=bool(config["resume"]))
+    record = RunRecord("finetune", handle.name, filled)
+    result = AdversarialFineTuning(**{**parameters, "dori": DoriSearch(**parameters["dori"])}).fit(
+        handle, config["targets"], config["out_dir"], callback=callback, resume=filled["resume"])
+    last = result.history[-1]["targets"]
+    record.metrics.update(
+        model_dir=str(result.model_dir), surrogate_sources=result.surrogate_sources,
+        normal_loss=[row["normal_loss"] for row in result.history],
+        adversarial_loss=[row["adversarial_loss"] for row in result.history],
+        **{key: [target.get(key) for target in last]
+           for key in ("prompt_replication", "prompt_similarity", "dori_replication", "dori_similarity")})
+    record.table = [dict(round=row["round"], caption=target["caption"], **{
+        key: target.get(key) for key in ("prompt_replication", "prompt_similarity", "dori_replication",
+                                         "dori_similarity")}) for row in result.history for target in row["targets"]]
+    for caption, images in result.surrogates.items():
+        index = [m.caption for m in handle.memorized].index(caption)
+        record.images.update({f"surrogate{index}_{k}": image for k, image in enumerate(images)})
+    return record
+
+
 TASKS: dict[str, Callable[[ModelHandle, dict, dict, Callback | None], RunRecord]] = {
     "replicate": _run_replicate,
     "localize": _run_localize,
     "attack": _run_attack,
     "sweep": _run_sweep,
     "attribute": _run_attribute,
+    "wen": _run_wen,
+    "finetune": _run_finetune,
 }
 
 

@@ -112,3 +112,17 @@ def test_python_dash_m_analysis_is_the_command_line(tiny_model_folder, monkeypat
         runpy.run_module("analysis", run_name="__main__")
     assert stopped.value.code == 0
     assert json.loads(capsys.readouterr().out)["config"]["image"] == 1
+
+
+def test_finetune_exports_and_reruns(dori, tmp_path):
+    code, out, err = dori("finetune", "--targets", "0", "--out-dir", str(tmp_path / "ft"), "--param", "rounds=1",
+                          "--param", "triggers_per_image=1", "--param", "steps_per_round=1",
+                          "--param", 'dori={"steps": 1, "batch_size": 1}', "--param", "surrogate_seeds=1",
+                          "--param", "eval_seeds=1", "--param", "normal_batch=2", "--param", "adversarial_batch=2",
+                          "--json", "--export", str(tmp_path / "ft.zip"))
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["metrics"]["model_dir"] == str(tmp_path / "ft" / "model")
+    assert (tmp_path / "ft" / "model" / "unet").is_dir()
+    code, out, err = dori("rerun", str(tmp_path / "ft.zip"), "--json", model=False)
+    assert code == 0 and json.loads(out)["reproduced"] is True, out
