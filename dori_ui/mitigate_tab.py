@@ -25,7 +25,7 @@ from dori_ui.session import (AppContext, Session, check_prompt, check_whole_numb
 from dori_ui.streaming import Stopped, progress_of, stream_task
 
 VIEW = "mitigate"
-METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda"}
+METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda", "Wen et al. (prompt embedding)": "wen"}
 MAX_SEEDS = 16
 MAX_STEPS = 100
 LOG_LINES = 12  # the progress log shows the latest lines only
@@ -38,7 +38,11 @@ memorized. *Wanda* (Chavhan et al. 2024) prunes the feed-forward weights that
 matter for the prompt but not for ordinary prompts. The bars count what was
 removed per layer; the galleries show the prompt's generations before and after
 with the same seeds. The mask then stays active for this session (see the
-header): Perturb searches against the mitigated model.
+header): Perturb searches against the mitigated model. *Wen et al.* (2024)
+change no weight: at generation time they nudge the prompt's embedding until
+its memorization signal is as small as an ordinary prompt's (the plot shows the
+signal per iteration). A Dori trigger is an embedding already, so Perturb then
+attacks the model as it is.
 """
 
 
@@ -53,9 +57,20 @@ def counts_figure(record: RunRecord) -> go.Figure:
     return figure
 
 
+def wen_figure(record: RunRecord) -> go.Figure:
+    """Wen et al.'s signal m(y) at each iteration of the mitigation, and the target it stops at."""
+    magnitudes = record.metrics["magnitudes"]
+    figure = go.Figure([go.Scatter(x=list(range(len(magnitudes))), y=magnitudes, mode="lines+markers", name="m(y)"),
+                        go.Scatter(x=[0, max(len(magnitudes) - 1, 1)], y=[record.metrics["target"]] * 2,
+                                   mode="lines", name="target", line=dict(dash="dash"))])
+    figure.update_layout(title="Wen et al.: memorization signal of the embedding per iteration",
+                         xaxis_title="iteration", yaxis_title="m(y)", height=340, margin=dict(t=50, b=40))
+    return figure
+
+
 def stage_gallery(record: RunRecord, stage: str) -> list:
     """The `before` or `after` generations with their similarity and verdict."""
-    seeds = record.config["evaluation_seeds"]
+    seeds = record.config["evaluation_seeds" if record.kind == "localize" else "seeds"]
     images = to_display(torch.stack([record.images[f"{stage}_seed{seed}"] for seed in seeds]))
     similarities = record.metrics.get(f"{stage}_similarities")
     if similarities is None:
@@ -67,13 +82,18 @@ def stage_gallery(record: RunRecord, stage: str) -> list:
 
 def mitigation_summary(record: RunRecord) -> str:
     metrics = record.metrics
-    lines = [f"**{record.config['method']}** removed {metrics['removed_total']} units for “{record.config['prompt']}”."]
+    if record.kind == "wen":
+        lines = [f"**Wen et al.** moved the embedding of “{record.config['prompt']}” in {len(metrics['magnitudes']) - 1}"
+                 f" iterations: m(y) {metrics['magnitudes'][0]:.3f} → {metrics['magnitudes'][-1]:.3f} (target "
+                 f"{metrics['target']:.3f}, {'reached' if metrics['reached'] else 'not reached'}). No weight changed."]
+    else:
+        lines = [f"**{record.config['method']}** removed {metrics['removed_total']} units for "
+                 f"“{record.config['prompt']}”."]
     if "before_rate" in metrics:
-        seeds = len(record.config["evaluation_seeds"])
-        lines.append(f"Before: {sum(metrics['before_replicated'])} of {seeds} seeds replicate "
-                     f"(mean similarity {metrics['before_mean_similarity']:.2f}). "
-                     f"After: {sum(metrics['after_replicated'])} of {seeds} seeds replicate "
-                     f"(mean similarity {metrics['after_mean_similarity']:.2f}).")
+        seeds = len(record.config["evaluation_seeds" if record.kind == "localize" else "seeds"])
+        lines.append(" ".join(
+            f"{stage.capitalize()}: {sum(metrics[f'{stage}_replicated'])} of {seeds} seeds replicate (mean similarity "
+            f"{sum(metrics[f'{stage}_similarities']) / seeds:.2f})." for stage in ("before", "after")))
     if metrics.get("similarity") is not None:
         lines.append(f"NeMo's criterion: first-step similarity {metrics['similarity']:.3f} "
                      f"against the threshold τ = {metrics['threshold']:.3f}.")
@@ -97,7 +117,7 @@ def build_mitigate_tab(context: AppContext) -> None:
                 sparsity = gr.Number(1.0, label="Wanda sparsity (% of each row compared, 0–50)",
                                      elem_id="mitigate-sparsity")
             with gr.Row():
-                steps = gr.Number(handle.default_steps, label=f"Localizer schedule steps (1–{MAX_STEPS})",
+                steps = gr.Number(handle.default_steps, label=f"Schedule steps (1–{MAX_STEPS})",
                                   precision=0, elem_id="mitigate-steps")
                 eval_seeds = gr.Number(4, label=f"Seeds before/after (1–{MAX_SEEDS})", precision=0,
                                        elem_id="mitigate-eval-seeds")
@@ -105,7 +125,8 @@ def build_mitigate_tab(context: AppContext) -> None:
     gr.Markdown(EXPLANATION)
     log = gr.Textbox(label="Progress", lines=4, max_lines=LOG_LINES, interactive=False, elem_id="mitigate-log")
     summary = gr.Markdown(elem_id="mitigate-summary")
-    counts = gr.Plot(label="Removed per layer", elem_id="mitigate-counts")
+    counts = gr.Plot(label="Removed per layer (NeMo, Wanda) or the signal per iteration (Wen)",
+                     elem_id="mitigate-counts")
     with gr.Row():
         before = gr.Gallery(label="Before", columns=4, format="png", interactive=False, elem_id="mitigate-before")
         after = gr.Gallery(label="After (mitigated)", columns=4, format="png", interactive=False,
@@ -126,7 +147,7 @@ def build_mitigate_tab(context: AppContext) -> None:
             return
         prompt_text = check_prompt(model, prompt_text)
         seeds = list(range(check_whole_number("Localizer seeds", seed_count, 2, MAX_SEEDS)))
-        schedule = check_whole_number("Localizer schedule steps", step_count, 1, MAX_STEPS)
+        schedule = check_whole_number("Schedule steps", step_count, 1, MAX_STEPS)
         evaluation_seeds = list(range(check_whole_number("Seeds before/after", eval_count, 1, MAX_SEEDS)))
         parameters = dict(steps=schedule)
         if chosen == "wanda":
@@ -134,10 +155,15 @@ def build_mitigate_tab(context: AppContext) -> None:
                 raise gr.Error(f"Wanda sparsity must be a percentage in (0, 50], got {sparsity_percent}.")
             parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
         captions = [m.caption for m in model.memorized]
-        config = dict(image=captions.index(prompt_text) if prompt_text in captions else None, prompt=prompt_text,
-                      method=chosen, parameters=parameters, seeds=seeds, evaluation_seeds=evaluation_seeds)
+        image = captions.index(prompt_text) if prompt_text in captions else None
+        if chosen == "wen":
+            # Wen's mitigation is checked against a training image, and leaves the weights (and no mask) behind.
+            kind, config = "wen", dict(image=image, prompt=prompt_text, seeds=evaluation_seeds, steps=schedule)
+        else:
+            kind, config = "localize", dict(image=image, prompt=prompt_text, method=chosen, parameters=parameters,
+                                            seeds=seeds, evaluation_seeds=evaluation_seeds)
         lines: list[str] = []
-        for event in stream_task(model, "localize", config, {}, state):
+        for event in stream_task(model, kind, config, {}, state):
             if (shown := progress_of(event)) is not None:
                 done_total, description, unit = shown
                 progress(done_total, desc=description, unit=unit)
@@ -147,9 +173,10 @@ def build_mitigate_tab(context: AppContext) -> None:
             elif isinstance(event, Stopped):
                 yield "\n".join([*lines, "Stopped."]), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
             elif isinstance(event, RunRecord):
-                state.mask = record_mask(event)
+                state.mask = record_mask(event) if kind == "localize" else None
                 state.records[VIEW] = event
-                yield ("\n".join([*lines, "Done."]), mitigation_summary(event), counts_figure(event),
+                figure = counts_figure(event) if kind == "localize" else wen_figure(event)
+                yield ("\n".join([*lines, "Done."]), mitigation_summary(event), figure,
                        stage_gallery(event, "before"), stage_gallery(event, "after"), describe_model(model, state),
                        state)
 

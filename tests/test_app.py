@@ -117,6 +117,16 @@ def test_mitigation_is_per_session_and_reaches_replicate(app_url, tiny_handle):
     assert "Generated with the session's mitigation" not in replicate(first, caption)[1]
 
 
+def test_wen_mitigation_leaves_no_mask_and_exports(client, tiny_handle):
+    log, summary, plot, before, after, header = mitigate(client, method="Wen et al. (prompt embedding)",
+                                                         prompt=tiny_handle.memorized[0].caption)
+    assert "Wen et al." in summary and "No weight changed" in summary
+    assert plot["type"] == "plotly" and len(before) == len(after) == 2
+    assert "mitigation:** none" in header
+    with zipfile.ZipFile(client.predict(api_name="/export_mitigate")) as archive:
+        assert "images/after_seed0.png" in archive.namelist()
+
+
 def test_mitigate_rejects_a_bad_sparsity(client, tiny_handle):
     with pytest.raises(AppError, match="Wanda sparsity must be a percentage"):
         client.predict(tiny_handle.memorized[0].caption, MITIGATE, 2, 90.0, STEPS, 2, api_name="/mitigate")
