@@ -205,6 +205,19 @@ def run_campaign(items: Sequence[dict], method: str, config: dict, out_dir: str 
     return summary
 
 
+def load_campaign(out_dir: str | Path, min_share: float = MIN_SHARE) -> dict:
+    """A campaign folder as it stands (also one still running or killed): `method`, `config`, `results`
+    (one per finished item, in file-name order) and their aggregated `table`. For the app to browse."""
+    out_dir = Path(out_dir)
+    campaign_file = out_dir / CAMPAIGN_FILE
+    if not campaign_file.is_file():
+        raise ValueError(f"{out_dir} is not a campaign folder: it has no {CAMPAIGN_FILE}")
+    header = json.loads(campaign_file.read_text())
+    results = [json.loads(path.read_text()) for path in sorted((out_dir / ITEMS_FOLDER).glob("*.json"))]
+    table = aggregate(results, header["method"], min_share) if results else []
+    return dict(**header, results=results, table=table)
+
+
 def aggregate(results: Sequence[dict], method: str, min_share: float = MIN_SHARE) -> list[dict]:
     """Rows `{"group", "items", "similarity_mean", "similarity_std", "mr"}`: all items, then each type."""
     similarity_key, rate_key = SCORES[method]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from analysis import campaign
-from analysis.campaign import load_items, run_campaign
+from analysis.campaign import load_campaign, load_items, run_campaign
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,8 @@ def test_killed_campaign_resumes_with_only_the_missing_items(items, config, loca
         run_campaign(items, "replicate", config, tmp_path)
     assert sorted(path.stem for path in (tmp_path / "items").glob("*.json")) == sorted(calls)
     assert not list((tmp_path / "items").glob("*.tmp"))
+    halfway = load_campaign(tmp_path)  # what the app shows of a killed campaign
+    assert halfway["method"] == "replicate" and len(halfway["results"]) == 2 and halfway["table"][0]["items"] == 2
 
     resumed = []
     monkeypatch.setattr(campaign, "run_one", lambda item, method, settings: resumed.append(item["id"]) or
@@ -78,6 +80,8 @@ def test_killed_campaign_resumes_with_only_the_missing_items(items, config, loca
     assert summary["computed"] == 2 and summary["table"] == local_summary["table"]
     with pytest.raises(ValueError, match="other settings"):
         run_campaign(items, "replicate", {**config, "seeds": [5]}, tmp_path)
+    with pytest.raises(ValueError, match="not a campaign folder"):
+        load_campaign(tmp_path / "items")
 
 
 def test_ray_gives_the_same_table_as_local(items, config, local_summary, tmp_path):

@@ -126,3 +126,16 @@ def test_finetune_exports_and_reruns(dori, tmp_path):
     assert (tmp_path / "ft" / "model" / "unet").is_dir()
     code, out, err = dori("rerun", str(tmp_path / "ft.zip"), "--json", model=False)
     assert code == 0 and json.loads(out)["reproduced"] is True, out
+
+
+def test_campaign_over_the_models_captions(dori, tmp_path):
+    code, out, err = dori("campaign", "--prompts", "bundled", "--out-dir", str(tmp_path / "c"), "--set", "seeds=[0]",
+                          "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["computed"] == 2 and summary["table"][0]["items"] == 2
+    code, out, err = dori("campaign", "--prompts", "bundled", "--out-dir", str(tmp_path / "c"), "--set", "seeds=[0]",
+                          "--json")
+    assert code == 0 and json.loads(out)["computed"] == 0  # all done already
+    code, _, err = dori("campaign", "--prompts", "nowhere.csv", "--out-dir", str(tmp_path / "d"))
+    assert code == 2 and "no prompt list" in err
