@@ -286,6 +286,20 @@ class AdversarialFineTuning:
             params["surrogate"] = f"{self.surrogate.method} mask for {self.surrogate.prompt!r}"
         return params
 
+    @classmethod
+    def from_params(cls, params: dict) -> AdversarialFineTuning:
+        """The inverse of `get_params` (e.g. from JSON). A surrogate image or mask is not stored: pass it again."""
+        params = dict(params)
+        if "dori" in params:
+            params["dori"] = DoriSearch(**params["dori"])
+        if params.get("surrogate", "mitigated") != "mitigated":
+            raise ValueError(f"surrogate {params['surrogate']!r} cannot be rebuilt from parameters: "
+                             "construct the fine-tuning with the image or Mask itself")
+        unknown = set(params) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown fine-tuning parameters {sorted(unknown)}")
+        return cls(**params)
+
     def _check(self, handle: ModelHandle) -> None:
         for name in ("rounds", "triggers_per_image", "steps_per_round", "adversarial_batch", "surrogate_seeds",
                      "eval_seeds"):

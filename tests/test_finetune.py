@@ -118,3 +118,9 @@ def test_params_are_json():
     params = tiny_finetuning(surrogate=torch.zeros(3, 16, 16)).get_params()
     assert json.loads(json.dumps(params))["dori"]["steps"] == 2
     assert params["surrogate"] == "image [3, 16, 16]"
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        AdversarialFineTuning.from_params(params)
+    rebuilt = AdversarialFineTuning.from_params(json.loads(json.dumps(tiny_finetuning().get_params())))
+    assert rebuilt == tiny_finetuning()
+    with pytest.raises(ValueError, match="unknown"):
+        AdversarialFineTuning.from_params({"epochs": 3})
