@@ -16,16 +16,16 @@ import plotly.graph_objects as go
 import torch
 
 from analysis.export import RunRecord
-from analysis.images import to_display
 from analysis.tasks import TaskProgress, record_mask
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, describe_model,
-                             session_handle)
-from dori_ui.streaming import Stopped, progress_of, stream_task
+from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, describe_model, session_handle,
+                             verdict_gallery)
+from dori_ui.streaming import Stopped, progress_of, report_to, run_or_error, stream_task
 
 VIEW = "mitigate"
-METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda", "Wen et al. (prompt embedding)": "wen"}
+METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda", "Wen et al. (prompt embedding)": "wen",
+           "Adversarially fine-tuned (Fine-tune tab)": "finetuned"}
 MAX_SEEDS = 16
 MAX_STEPS = 100
 LOG_LINES = 12  # the progress log shows the latest lines only
@@ -42,7 +42,9 @@ header): Perturb searches against the mitigated model. *Wen et al.* (2024)
 change no weight: at generation time they nudge the prompt's embedding until
 its memorization signal is as small as an ordinary prompt's (the plot shows the
 signal per iteration). A Dori trigger is an embedding already, so Perturb then
-attacks the model as it is.
+attacks the model as it is. *Adversarially fine-tuned* (the paper's answer)
+compares the base model with the one the Fine-tune tab trained in this session,
+and switches the session to the tuned model for Perturb.
 """
 
 
@@ -68,16 +70,20 @@ def wen_figure(record: RunRecord) -> go.Figure:
     return figure
 
 
-def stage_gallery(record: RunRecord, stage: str) -> list:
-    """The `before` or `after` generations with their similarity and verdict."""
+def stage_gallery(record: RunRecord, prefix: str) -> list:
+    """Generations of a record whose images are `{prefix}seed{seed}`, with their similarity and verdict."""
     seeds = record.config["evaluation_seeds" if record.kind == "localize" else "seeds"]
-    images = to_display(torch.stack([record.images[f"{stage}_seed{seed}"] for seed in seeds]))
-    similarities = record.metrics.get(f"{stage}_similarities")
-    if similarities is None:
-        return [(image, f"seed {seed}") for image, seed in zip(images, seeds)]
-    replicated = record.metrics[f"{stage}_replicated"]
-    return [(image, f"{'replicated' if flag else 'not replicated'} · similarity {s:.2f} · seed {seed}")
-            for image, seed, s, flag in zip(images, seeds, similarities, replicated)]
+    images = torch.stack([record.images[f"{prefix}seed{seed}"] for seed in seeds])
+    return verdict_gallery(images, seeds, record.metrics.get(f"{prefix}similarities"),
+                           record.metrics.get(f"{prefix}replicated"))
+
+
+def replication_line(label: str, record: RunRecord, prefix: str) -> str:
+    metrics, seeds = record.metrics, len(stage_gallery(record, prefix))
+    if f"{prefix}replicated" not in metrics:
+        return f"{label}: replication not checked (no training image)."
+    return (f"{label}: {sum(metrics[f'{prefix}replicated'])} of {seeds} seeds replicate (mean similarity "
+            f"{sum(metrics[f'{prefix}similarities']) / seeds:.2f}).")
 
 
 def mitigation_summary(record: RunRecord) -> str:
@@ -89,11 +95,7 @@ def mitigation_summary(record: RunRecord) -> str:
     else:
         lines = [f"**{record.config['method']}** removed {metrics['removed_total']} units for "
                  f"“{record.config['prompt']}”."]
-    if "before_rate" in metrics:
-        seeds = len(record.config["evaluation_seeds" if record.kind == "localize" else "seeds"])
-        lines.append(" ".join(
-            f"{stage.capitalize()}: {sum(metrics[f'{stage}_replicated'])} of {seeds} seeds replicate (mean similarity "
-            f"{sum(metrics[f'{stage}_similarities']) / seeds:.2f})." for stage in ("before", "after")))
+    lines.append(replication_line("Before", record, "before_") + " " + replication_line("After", record, "after_"))
     if metrics.get("similarity") is not None:
         lines.append(f"NeMo's criterion: first-step similarity {metrics['similarity']:.3f} "
                      f"against the threshold τ = {metrics['threshold']:.3f}.")
@@ -156,6 +158,10 @@ def build_mitigate_tab(context: AppContext) -> None:
             parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
         captions = [m.caption for m in model.memorized]
         image = captions.index(prompt_text) if prompt_text in captions else None
+        if chosen == "finetuned":
+            yield from compare_finetuned(dict(image=image, prompt=prompt_text, seeds=evaluation_seeds, steps=schedule),
+                                         state, progress)
+            return
         if chosen == "wen":
             # Wen's mitigation is checked against a training image, and leaves the weights (and no mask) behind.
             kind, config = "wen", dict(image=image, prompt=prompt_text, seeds=evaluation_seeds, steps=schedule)
@@ -177,8 +183,23 @@ def build_mitigate_tab(context: AppContext) -> None:
                 state.records[VIEW] = event
                 figure = counts_figure(event) if kind == "localize" else wen_figure(event)
                 yield ("\n".join([*lines, "Done."]), mitigation_summary(event), figure,
-                       stage_gallery(event, "before"), stage_gallery(event, "after"), describe_model(model, state),
+                       stage_gallery(event, "before_"), stage_gallery(event, "after_"), describe_model(model, state),
                        state)
+
+    def compare_finetuned(config: dict, state: Session, progress):
+        if state.finetuned is None:
+            raise gr.Error("No adversarially fine-tuned model in this session yet: fine-tune one in the Fine-tune "
+                           "tab, then compare it here.")
+        base_name, tuned_name = state.finetuned
+        records = [run_or_error(context.models.get(name), "replicate", config, {}, report_to(progress))
+                   for name in (base_name, tuned_name)]
+        # Perturb attacks what Mitigate produced: here the tuned model.
+        state.model, state.mask, state.records[VIEW] = tuned_name, None, records[1]
+        summary_text = (f"**Adversarially fine-tuned** model {tuned_name} against its base {base_name}, prompt "
+                        f"“{config['prompt']}”.\n\n" + replication_line("Base", records[0], "") + " "
+                        + replication_line("Fine-tuned", records[1], ""))
+        yield ("Done.", summary_text, None, stage_gallery(records[0], ""), stage_gallery(records[1], ""),
+               describe_model(context.models.get(tuned_name), state), state)
 
     run_button.click(run, inputs=[prompt, method, n_seeds, sparsity, steps, eval_seeds, context.session],
                      outputs=[log, summary, counts, before, after, context.header, context.session],

@@ -35,7 +35,7 @@ from analysis.sampling import encode_prompts
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, mitigation_settings,
-                             session_handle)
+                             session_handle, verdict_gallery)
 from dori_ui.streaming import Stopped, progress_of, run_or_error, stream_task
 
 VIEW = "perturb"
@@ -148,9 +148,7 @@ def trigger_gallery(record: RunRecord) -> list:
     seeds = record.config["evaluation_seeds"]
     images = torch.stack([record.images[f"start0_seed{seed}"] for seed in seeds])
     checked = replication(images, record.images["target"])
-    return [(image, f"{'replicated' if flag else 'not replicated'} · similarity {s:.2f} · seed {seed}")
-            for image, s, flag, seed in zip(to_display(images), checked.similarities.tolist(),
-                                            checked.replicated.tolist(), seeds)]
+    return verdict_gallery(images, seeds, checked.similarities.tolist(), checked.replicated.tolist())
 
 
 def attack_summary(record: RunRecord, stopped_at: int | None = None) -> str:

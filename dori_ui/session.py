@@ -17,6 +17,8 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from analysis.export import RunRecord
+from analysis.images import to_display
 from analysis.masks import Mask
 from analysis.model import ModelHandle, ModelLoadError, load_model
 from analysis.tasks import mask_tensors
@@ -33,6 +35,7 @@ class Session:
     mask: Mask | None = None  # the active mitigation: the session's generations run with it applied
     records: dict = field(default_factory=dict)  # view name -> the RunRecord of its last run
     stop_requested: bool = False
+    finetuned: tuple[str, str] | None = None  # (base, adversarially fine-tuned) model names, set by `use_finetuned`
 
 
 class ModelChoices:
@@ -86,6 +89,19 @@ class ModelChoices:
         return Session(model=self.first)
 
 
+def use_finetuned(models: ModelChoices, session: Session, record: RunRecord) -> ModelHandle:
+    """Switch the session to the model a "finetune" record wrote, remembering the base for Mitigate's comparison."""
+    base = session_handle(models, session)
+    try:
+        tuned = load_model(record.metrics["model_dir"], device=base.device, dtype=base.dtype)
+    except ModelLoadError as err:
+        raise gr.Error(str(err)) from err
+    session.finetuned = (base.name, models.add(tuned))
+    session.model, session.mask = tuned.name, None
+    session.records["finetune"] = record
+    return tuned
+
+
 def session_handle(models: ModelChoices, session: Session) -> ModelHandle:
     """The session's model; a gr.Error if it cannot be loaded."""
     try:
@@ -113,6 +129,16 @@ def describe_model(handle: ModelHandle, session: Session) -> str:
 
 # A prompt longer than this many characters is refused before it is tokenized.
 MAX_PROMPT_CHARS = 1000
+
+
+def verdict_gallery(images: torch.Tensor, seeds: list[int], similarities: list[float] | None = None,
+                    replicated: list | None = None) -> list:
+    """(picture, caption) pairs for a gr.Gallery: the verdict first (galleries cut long captions), similarity, seed."""
+    pictures = to_display(images)
+    if similarities is None:
+        return [(picture, f"seed {seed}") for picture, seed in zip(pictures, seeds)]
+    return [(picture, f"{'replicated' if flag else 'not replicated'} · similarity {similarity:.2f} · seed {seed}")
+            for picture, seed, similarity, flag in zip(pictures, seeds, similarities, replicated)]
 
 
 def check_prompt(handle: ModelHandle, prompt: str | None) -> str:

@@ -12,7 +12,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
 
+from analysis.export import RunRecord
 from dori_ui.app import build_app
+from dori_ui.session import ModelChoices, use_finetuned
 from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
 
 STEPS = 3
@@ -125,6 +127,20 @@ def test_wen_mitigation_leaves_no_mask_and_exports(client, tiny_handle):
     assert "mitigation:** none" in header
     with zipfile.ZipFile(client.predict(api_name="/export_mitigate")) as archive:
         assert "images/after_seed0.png" in archive.namelist()
+
+
+def test_fine_tuned_comparison_needs_a_fine_tuned_model_first(client, tiny_handle):
+    with pytest.raises(AppError, match="No adversarially fine-tuned model in this session yet"):
+        mitigate(client, method="Adversarially fine-tuned (Fine-tune tab)", prompt=tiny_handle.memorized[0].caption)
+
+
+def test_use_finetuned_switches_the_session_and_keeps_the_base(tiny_handle, tiny_model_dir):
+    models = ModelChoices(tiny_handle)
+    state = models.new_session()
+    record = RunRecord("finetune", tiny_handle.name, {}, metrics={"model_dir": str(tiny_model_dir)})
+    tuned = use_finetuned(models, state, record)
+    assert state.finetuned == (tiny_handle.name, tuned.name) and state.model == tuned.name
+    assert models.get(tuned.name) is tuned and state.records["finetune"] is record
 
 
 def test_mitigate_rejects_a_bad_sparsity(client, tiny_handle):
