@@ -1,7 +1,6 @@
 """The app's endpoints driven by gradio_client on the tiny model: results, session isolation, bad inputs."""
 
 import dataclasses
-import socket
 import threading
 import time
 import zipfile
@@ -12,19 +11,14 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
 
+from analysis.bench.startup import free_port
 from analysis.export import RunRecord
 from dori_ui.app import build_app
-from dori_ui.session import ModelChoices, use_finetuned
 from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
+from dori_ui.session import ModelChoices, use_finetuned
 
 STEPS = 3
 MITIGATE = "Wanda (weights)"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
