@@ -7,6 +7,7 @@ import zipfile
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
@@ -108,6 +109,10 @@ def test_mitigation_is_per_session_and_reaches_replicate(app_url, tiny_handle):
     assert "mitigation" not in results["plain"][1]
     assert "Generated with the session's mitigation" in replicate(first, caption)[1]
     assert "Generated with the session's mitigation" not in replicate(second, caption)[1]
+    # Each session exports its own run.
+    assert zipfile.is_zipfile(first.predict(api_name="/export_mitigate"))
+    with pytest.raises(AppError, match="Nothing to export yet"):
+        second.predict(api_name="/export_mitigate")
     log, summary, *_, header = mitigate(first, method="none")
     assert "mitigation:** none" in header
     assert "Generated with the session's mitigation" not in replicate(first, caption)[1]
@@ -233,7 +238,18 @@ def test_model_switch_only_within_the_allowed_roots(client, tiny_model_dir, tmp_
     assert len(gallery) == 1 and "not checked" in summary
 
 
+def sd14_table_visible(app) -> bool:
+    (table,) = [c for c in app.config["components"] if c["props"].get("elem_id") == "replicate-sd14"]
+    return table["props"]["visible"]
+
+
 def test_sd14_prompt_list_is_offered_for_latent_models_only(tiny_handle):
     prompts = sd14_prompts()
-    assert len(prompts) == 500 and prompts[0][1] == "VM"
-    assert not lists_sd14_prompts(tiny_handle)
+    assert len(prompts) == 500 and prompts[0][1] == "VM"  # verbatim memorized prompts first
+    # A tiny VAE makes the tiny model a latent one, as SD is.
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=3,
+                        norm_num_groups=8, sample_size=16)
+    latent = dataclasses.replace(tiny_handle, codec=vae, memorized=[])
+    assert lists_sd14_prompts(latent) and not lists_sd14_prompts(tiny_handle)
+    assert sd14_table_visible(build_app(latent)) and not sd14_table_visible(build_app(tiny_handle))
