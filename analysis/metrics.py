@@ -1,7 +1,7 @@
 """Image similarity, replication and memorization scores (docs/methods.md sections 1-2).
 
 * `similarity_matrix`: the built-in similarity (pixel correlation), needs no download.
-* `ssim`: structural similarity, used where noise maps are compared (NeMo).
+* `ssim`, `ms_ssim`: structural similarity, single- and multi-scale, for noise maps (NeMo).
 * `SSCD`: the literature's copy-detection similarity, from a TorchScript file the user supplies.
 * `replication`, `memorization_rate`: is a training image reproduced, and how often.
 * `wen_magnitude`, `wen_score`: Wen et al.'s reference-free memorization score.
@@ -45,12 +45,8 @@ def _check_images(images: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be images [n, C, H, W], got shape {tuple(images.shape)}")
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
-    """SSIM (Wang et al. 2004) of image pairs in [-1, 1], `[n, C, H, W]` each (a batch of 1 broadcasts) -> `[n]`.
-
-    Gaussian-weighted local statistics without padding, per channel, then
-    averaged over pixels and channels. Constants K1 = 0.01, K2 = 0.03 with data range 2.
-    """
+def _ssim_maps(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSIM's luminance and contrast-structure maps of image pairs in [-1, 1] (valid region, per channel)."""
     _check_images(a, "a")
     _check_images(b, "b")
     a, b = torch.broadcast_tensors(a.float(), b.float())
@@ -70,8 +66,40 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: flo
     var_b = local_mean(b * b) - mu_b**2
     cov = local_mean(a * b) - mu_a * mu_b
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return ssim_map.mean(dim=(1, 2, 3))
+    return (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1), (2 * cov + c2) / (var_a + var_b + c2)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """SSIM (Wang et al. 2004) of image pairs in [-1, 1], `[n, C, H, W]` each (a batch of 1 broadcasts) -> `[n]`.
+
+    Gaussian-weighted local statistics without padding, per channel, then
+    averaged over pixels and channels. Constants K1 = 0.01, K2 = 0.03 with data range 2.
+    """
+    luminance, contrast_structure = _ssim_maps(a, b, window, sigma)
+    return (luminance * contrast_structure).mean(dim=(1, 2, 3))
+
+
+def ms_ssim(a: torch.Tensor, b: torch.Tensor, scales: int = 3, window: int = SSIM_WINDOW,
+            sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """Multi-scale SSIM (Wang et al. 2003) of image pairs in [-1, 1] -> `[n]`, equal weight per scale.
+
+    Contrast-structure at every scale, luminance at the coarsest, each scale
+    averaged over pixels and channels, clamped at 0 and halved by 2x2 average
+    pooling, combined as a geometric mean. NeMo's code uses 3 scales with
+    equal weights (torchmetrics, `normalize="relu"`); 3 scales of a 7x7 window
+    fit 32x32 images (the coarsest is 8x8).
+    """
+    if scales < 1:
+        raise ValueError(f"scales must be at least 1, got {scales}")
+    per_scale = []
+    for scale in range(scales):
+        luminance, contrast_structure = _ssim_maps(a, b, window, sigma)
+        coarsest = scale == scales - 1
+        value = (luminance * contrast_structure if coarsest else contrast_structure).mean(dim=(1, 2, 3))
+        per_scale.append(value.clamp_min(0))
+        if not coarsest:
+            a, b = F.avg_pool2d(a.float(), 2), F.avg_pool2d(b.float(), 2)
+    return torch.stack(per_scale).pow(1 / scales).prod(dim=0)
 
 
 def similarity_matrix(generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:

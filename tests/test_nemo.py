@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from analysis.hooks import nemo_layers
 from analysis.localize.nemo import NeMo, initial_selection, max_ssim_with_other_seeds, refine
+from analysis.metrics import ms_ssim
 
 PROMPT = "a photo of the red lighthouse"
 
@@ -49,8 +51,8 @@ def test_refinement_keeps_only_what_the_criterion_needs():
 
 
 def test_max_ssim_with_other_seeds():
-    base = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    other = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    base = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    other = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     best = max_ssim_with_other_seeds(torch.cat([base, base, other]))
     assert best[0] == best[1] and abs(best[0] - 1) < 1e-5 and best[2] < 0.5
 
@@ -66,7 +68,8 @@ def test_fit_counts_every_unet_row_and_returns_a_nemo_mask(tiny_handle, tmp_path
     messages = []
     try:
         # τ = -1: every seed counts as memorized and the criterion never holds, so the loop runs from θ = 2 to 1.
-        nemo = NeMo(threshold=-1.0, steps=4, theta_start=2.0, cache_dir=tmp_path, progress=messages.append)
+        nemo = NeMo(threshold=-1.0, steps=4, step_index=1, theta_start=2.0, scales=2, cache_dir=tmp_path,
+                    progress=messages.append)
         mask = nemo.fit(tiny_handle, PROMPT, seeds=[0, 1, 2])
     finally:
         handle.remove()
@@ -74,12 +77,24 @@ def test_fit_counts_every_unet_row_and_returns_a_nemo_mask(tiny_handle, tmp_path
     assert nemo.memorized_seeds_ == [0, 1, 2] and len(nemo.trace_) == 5
     reference_rows = len(tiny_handle.held_out_prompts)
     assert sum(rows) == reference_rows + nemo.unet_evaluations_
-    assert len(messages) == (nemo.unet_evaluations_ - 1 - 3) // 3  # one message per criterion evaluation
+    # One message per criterion evaluation, each 2 steps (step_index 1) of 3 seeds.
+    assert len(messages) == (nemo.unet_evaluations_ - 1 - 2 * 3) // (2 * 3)
     assert mask.method == "nemo" and mask.parameters["threshold"] == -1.0
 
 
 def test_fit_blocks_nothing_when_no_seed_looks_memorized(tiny_handle, tmp_path):
-    nemo = NeMo(threshold=1.0, steps=4, cache_dir=tmp_path)
+    nemo = NeMo(threshold=1.0, steps=4, scales=2, cache_dir=tmp_path)
     mask = nemo.fit(tiny_handle, PROMPT, seeds=[0, 1, 2])
-    assert nemo.memorized_seeds_ == [] and nemo.trace_ == [] and nemo.unet_evaluations_ == 1 + 3
+    assert nemo.memorized_seeds_ == [] and nemo.trace_ == [] and nemo.unet_evaluations_ == 1 + 3 * 3
     assert sum(mask.counts().values()) == 0
+
+
+def test_ms_ssim_is_one_for_identical_maps_and_drops_with_noise():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ms_ssim(x, x), torch.ones(2))
+    slightly, strongly = ms_ssim(x, x + 0.1 * noise), ms_ssim(x, x + 0.5 * noise)
+    assert (strongly < slightly).all() and (slightly < 1).all()
+    assert torch.equal(ms_ssim(x, -x), torch.zeros(2))  # negative structure is clamped to 0, as in NeMo's code
+    with pytest.raises(ValueError, match="smaller than"):
+        ms_ssim(x[..., :16, :16], x[..., :16, :16])  # 3 scales of 16 px end at 4x4 < the 7x7 window

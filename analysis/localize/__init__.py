@@ -49,3 +49,13 @@ def cached(cache_dir: str | Path | None, name: str, key: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
     return tensors
+
+
+def localizer_target(prompt: str | torch.Tensor) -> tuple[list[str] | torch.Tensor, str]:
+    """A localizer's target, a prompt or an embedding `[77, d]` (e.g. a Dori trigger), as `sample` takes it,
+    and the label its Mask records as `prompt`."""
+    if isinstance(prompt, str):
+        return [prompt], prompt
+    if prompt.ndim != 2:
+        raise ValueError(f"an embedding to localize has shape [tokens, d], got {tuple(prompt.shape)}")
+    return prompt[None], "<embedding>"

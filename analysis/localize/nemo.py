@@ -5,25 +5,31 @@ docs/methods.md §3, following the authors' code (github.com/ml-research/localiz
 1. Activation of neuron i of a value layer for a prompt: a_i = mean over tokens
    |(W_v y)_i|. Its mean μ_i and std σ_i over non-memorized reference prompts
    are cached; the outlier score is z_i = |a_i − μ_i| / σ_i.
-2. Memorization signal: δ = ε(x_t, t, y) − x_t at an early denoising step
-   (default the first: x_T), text branch only ("guidance 0"), min–max
-   normalised per image and channel. A seed counts as memorized when its δ
-   has SSIM > τ with at least one other seed; only those seeds are used from
-   then on. τ = mean + 1 std of that pairwise SSIM on non-memorized prompts.
+2. Memorization signal: δ = ε(x_t, t, y) − x_t at an early denoising step,
+   text branch only ("guidance 0"), min–max normalised per image and channel.
+   A seed counts as memorized when its δ has MS-SSIM > τ with at least one
+   other seed; only those seeds are used from then on. τ = mean + 1 std of
+   that pairwise MS-SSIM on non-memorized prompts.
 3. Initial selection: θ = 5, k = 0; each round blocks every neuron with z > θ
    plus the k neurons of largest a per layer, then θ −= 0.25 (floor 1), k += 1,
-   until the max over seeds of SSIM(δ unblocked, δ blocked) is ≤ τ.
+   until the max over seeds of MS-SSIM(δ unblocked, δ blocked) is ≤ τ.
 4. Refinement: unblock whole layers (last first), then single neurons, keeping
    each change that keeps the criterion.
 
 Choices where this differs from the authors' code, each for a stated reason:
 
-* SSIM instead of MS-SSIM: five MS-SSIM scales need images of at least
-  ~160 pixels; the demo model's are 32x32. `analysis.metrics.ssim` (7x7
-  Gaussian window) is used, on δ normalised to [-1, 1], the range it expects.
-* δ is read at x_T itself by default (`step_index=0`), as docs/methods.md
-  states it: one UNet call. The authors' code reads it one DDIM step later
-  (`step_index=1`, blocking active during both steps).
+* MS-SSIM with 3 scales of a 7x7 window (`analysis.metrics.ms_ssim`) where the
+  authors use 3 scales of an 11x11 window (torchmetrics, betas 0.33 each): an
+  11x11 window does not fit the coarsest scale of a 32x32 image.
+* δ is read at step `step_index=2` of the model's DDIM schedule by default
+  (t = 701 of the demo model's 10 steps), blocking active on every step up to
+  it; the authors read step 1 of 50 (t = 961). Measured on the demo model
+  (docs/results/mitigation.md, "δ"): in its pixel space the δ of two different
+  captions with the same seed stay alike at the first steps (MS-SSIM ≈ 0.5,
+  the seed's noise), far above τ (≈ 0.2), so the criterion, which compares
+  blocked and unblocked δ of the same seed, could not fall below τ whatever
+  is blocked. That shared part fades as the image forms; at t = 701 it is
+  lower, while memorized captions stay far apart from held-out ones.
 * τ is calibrated with the same δ (text branch only) as the criterion; the
   authors calibrated with guidance 7 but tested with guidance 0.
 * As in the authors' code, the selection loop also ends after the round at
@@ -32,9 +38,10 @@ Choices where this differs from the authors' code, each for a stated reason:
 * Activations are read by a hook on a UNet forward pass, so anything the UNet
   does to the text states before the value projection is included.
 
-On the bundled demo model the criterion is never reached (docs/results/mitigation.md):
-blocked and unblocked δ of one seed share that seed's noise, and their SSIM
-stays far above a τ calibrated between different seeds.
+On the bundled demo model the memorized captions are strong outliers (z up to
+~17 where held-out captions stay below ~5), yet blocking even hundreds of the
+highest-z value neurons leaves them replicating: only blocking the whole
+`down.2` value layer stops them (docs/results/mitigation.md, "Investigation").
 """
 
 from __future__ import annotations
@@ -47,13 +54,14 @@ import torch
 from torch import nn
 
 from analysis.hooks import MeanAbsOutput, hooked, nemo_layers, resolve_layers, zero_outputs
-from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, weights_checksum
+from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, localizer_target, weights_checksum
 from analysis.masks import Mask, removed_counts
-from analysis.metrics import ssim
+from analysis.metrics import ms_ssim
 from analysis.model import ModelHandle
-from analysis.sampling import DenoisingStep, SamplingCancelled, encode_prompts, sample
+from analysis.sampling import DenoisingStep, SamplingCancelled, as_embeddings, encode_prompts, sample
 
 DEFAULT_SEEDS = tuple(range(10))
+SCALES = 3  # MS-SSIM scales, as in the authors' code
 
 
 def noise_differences(handle: ModelHandle, text: torch.Tensor, seeds: Sequence[int], steps: int, step_index: int = 0,
@@ -84,10 +92,10 @@ def noise_differences(handle: ModelHandle, text: torch.Tensor, seeds: Sequence[i
     return 2 * (delta - low) / (high - low).clamp_min(1e-12) - 1
 
 
-def max_ssim_with_other_seeds(deltas: torch.Tensor) -> torch.Tensor:
-    """For each δ of `[n, C, h, w]` (one prompt, n seeds), its highest SSIM with any other: `[n]`."""
+def max_ssim_with_other_seeds(deltas: torch.Tensor, scales: int = SCALES) -> torch.Tensor:
+    """For each δ of `[n, C, h, w]` (one prompt, n seeds), its highest MS-SSIM with any other: `[n]`."""
     pairs = torch.combinations(torch.arange(len(deltas)), r=2)
-    similarities = ssim(deltas[pairs[:, 0]], deltas[pairs[:, 1]])
+    similarities = ms_ssim(deltas[pairs[:, 0]], deltas[pairs[:, 1]], scales)
     best = torch.full((len(deltas),), -1.0)
     for column in (0, 1):
         best = best.scatter_reduce(0, pairs[:, column], similarities, reduce="amax")
@@ -95,12 +103,12 @@ def max_ssim_with_other_seeds(deltas: torch.Tensor) -> torch.Tensor:
 
 
 def calibrate_threshold(handle: ModelHandle, prompts: Sequence[str], seeds: Sequence[int] = DEFAULT_SEEDS,
-                        steps: int | None = None, step_index: int = 0,
+                        steps: int | None = None, step_index: int = 0, scales: int = SCALES,
                         cache_dir: str | Path | None = DEFAULT_CACHE_DIR, batch_size: int | None = None) -> float:
-    """τ = mean + 1 std of the pairwise SSIM between the δ of different seeds of each non-memorized prompt.
+    """τ = mean + 1 std of the pairwise MS-SSIM between the δ of different seeds of each non-memorized prompt.
 
     δ as `noise_differences` reads it. Cached per model weights, prompts,
-    seeds, steps and step. SD v1.4 with MS-SSIM gives 0.428.
+    seeds, steps and step. SD v1.4 gives 0.428.
     """
     steps = steps or handle.default_steps
     seeds = [int(seed) for seed in seeds]
@@ -108,11 +116,12 @@ def calibrate_threshold(handle: ModelHandle, prompts: Sequence[str], seeds: Sequ
     def compute() -> dict[str, torch.Tensor]:
         deltas = noise_differences(handle, encode_prompts(handle, list(prompts)), seeds, steps, step_index, batch_size)
         pairs = torch.combinations(torch.arange(len(seeds)), r=2)
-        similarities = torch.cat([ssim(per_prompt[pairs[:, 0]], per_prompt[pairs[:, 1]])
+        similarities = torch.cat([ms_ssim(per_prompt[pairs[:, 0]], per_prompt[pairs[:, 1]], scales)
                                   for per_prompt in deltas.split(len(seeds))])
         return {"threshold": similarities.mean() + similarities.std()}
 
-    key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(prompts), seeds, steps, step_index)
+    key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(prompts), seeds, steps, step_index,
+                    f"ms_ssim-{scales}")
     return cached(cache_dir, "nemo-threshold", key, compute)["threshold"].item()
 
 
@@ -164,9 +173,10 @@ class NeMo:
     value projections of the down and mid blocks); `threshold`, τ (None:
     `calibrate_threshold` on the reference prompts with `calibration_seeds`);
     `steps` of the DDIM schedule (None: the model's default) and `step_index`,
-    the step δ is read at (0: x_T; the authors' code reads step 1); θ
-    schedule; `cache_dir` (None: no cache); `batch_size` caps UNet rows per
-    call; `progress(message)` is called after every criterion evaluation.
+    the step δ is read at (0: x_T; the authors read step 1 of 50); θ
+    schedule; `scales` of MS-SSIM (3 need images of at least 28 pixels);
+    `cache_dir` (None: no cache); `batch_size` caps UNet rows per call;
+    `progress(message)` is called after every criterion evaluation.
 
     After `fit`: `threshold_` (τ used), `memorized_seeds_`, `trace_` (one
     `SelectionRound` per initial-selection round), `similarity_` (criterion
@@ -176,8 +186,8 @@ class NeMo:
 
     def __init__(self, reference_prompts: Sequence[str] | None = None, layers: Sequence[str] | None = None,
                  threshold: float | None = None, calibration_seeds: Sequence[int] = DEFAULT_SEEDS,
-                 steps: int | None = None, step_index: int = 0, theta_start: float = 5.0, theta_step: float = 0.25,
-                 theta_min: float = 1.0, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+                 steps: int | None = None, step_index: int = 2, theta_start: float = 5.0, theta_step: float = 0.25,
+                 theta_min: float = 1.0, scales: int = SCALES, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
                  batch_size: int | None = None, progress: Callable[[str], None] | None = None):
         self.reference_prompts = reference_prompts
         self.layers = layers
@@ -188,11 +198,14 @@ class NeMo:
         self.theta_start = theta_start
         self.theta_step = theta_step
         self.theta_min = theta_min
+        self.scales = scales
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.progress = progress
 
-    def fit(self, handle: ModelHandle, prompt: str, seeds: Sequence[int] = DEFAULT_SEEDS) -> Mask:
+    def fit(self, handle: ModelHandle, prompt: str | torch.Tensor, seeds: Sequence[int] = DEFAULT_SEEDS) -> Mask:
+        """`prompt`: a prompt or an embedding `[77, d]` (e.g. a Dori trigger)."""
+        conditioning, prompt = localizer_target(prompt)
         seeds = [int(seed) for seed in seeds]
         if len(seeds) < 2:
             raise ValueError("NeMo compares seeds with each other: give at least 2")
@@ -205,9 +218,9 @@ class NeMo:
         self.threshold_ = self.threshold
         if self.threshold_ is None:
             self.threshold_ = calibrate_threshold(handle, reference_prompts, self.calibration_seeds, steps,
-                                                  self.step_index, self.cache_dir, self.batch_size)
+                                                  self.step_index, self.scales, self.cache_dir, self.batch_size)
         self.trace_: list[SelectionRound] = []
-        text = encode_prompts(handle, [prompt])
+        text = as_embeddings(handle, conditioning)
         activations = record_activations(handle, layers, text, self.batch_size)
         activations = {name: per_prompt[0] for name, per_prompt in activations.items()}
         self.unet_evaluations_ = 1
@@ -220,7 +233,7 @@ class NeMo:
         z_scores = {name: (activations[name] - mean).abs() / std.clamp_min(1e-12)
                     for name, (mean, std) in statistics.items()}
 
-        memorized = max_ssim_with_other_seeds(unblocked) > self.threshold_
+        memorized = max_ssim_with_other_seeds(unblocked, self.scales) > self.threshold_
         self.memorized_seeds_ = [seed for seed, flag in zip(seeds, memorized.tolist()) if flag]
         if not self.memorized_seeds_:
             self.similarity_ = None
@@ -232,7 +245,7 @@ class NeMo:
         def similarity_when_blocked(blocked: dict[str, torch.Tensor]) -> float:
             hooks = {name: zero_outputs(removed) for name, removed in blocked.items() if removed.any()}
             with hooked(handle.unet, forward_hooks=hooks):
-                return ssim(unblocked, deltas_of(self.memorized_seeds_)).max().item()
+                return ms_ssim(unblocked, deltas_of(self.memorized_seeds_), self.scales).max().item()
 
         blocked, similarity, self.trace_ = initial_selection(
             activations, z_scores, similarity_when_blocked, self.threshold_, self.theta_start, self.theta_step,
@@ -247,7 +260,7 @@ class NeMo:
               blocked: dict[str, torch.Tensor]) -> Mask:
         parameters = dict(seeds=seeds, memorized_seeds=self.memorized_seeds_, steps=steps, step_index=self.step_index,
                           threshold=self.threshold_, theta_start=self.theta_start, theta_step=self.theta_step,
-                          theta_min=self.theta_min, similarity=self.similarity_,
+                          theta_min=self.theta_min, scales=self.scales, similarity=self.similarity_,
                           unet_evaluations=self.unet_evaluations_)
         return Mask(blocked, method="nemo", prompt=prompt, model=handle.name, parameters=parameters)
 
