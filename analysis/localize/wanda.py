@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from analysis.hooks import InputSquaredNorm, hooked, resolve_layers
-from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, weights_checksum
+from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, localizer_target, weights_checksum
 from analysis.masks import Mask
 from analysis.model import ModelHandle
 from analysis.sampling import DenoisingStep, SamplingCancelled, sample
@@ -42,8 +42,9 @@ from analysis.sampling import DenoisingStep, SamplingCancelled, sample
 DEFAULT_SEEDS = tuple(range(4))
 
 
-def input_norms(handle: ModelHandle, layers: dict[str, nn.Linear], prompts: Sequence[str], seeds: Sequence[int],
-                steps: int, record_steps: int, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+def input_norms(handle: ModelHandle, layers: dict[str, nn.Linear], prompts: Sequence[str] | torch.Tensor,
+                seeds: Sequence[int], steps: int, record_steps: int,
+                batch_size: int | None = None) -> dict[str, torch.Tensor]:
     """‖X_j‖₂ per input channel `[in]` of each layer, over the first `record_steps` steps of sampling `prompts` × `seeds`.
 
     Text branch only (guidance 1).
@@ -56,7 +57,7 @@ def input_norms(handle: ModelHandle, layers: dict[str, nn.Linear], prompts: Sequ
 
     with hooked(handle.unet, forward_hooks=recorders):
         try:
-            sample(handle, list(prompts), seeds, steps=steps, guidance=1.0, callback=stop_after_recording,
+            sample(handle, prompts, seeds, steps=steps, guidance=1.0, callback=stop_after_recording,
                    batch_size=batch_size)
         except SamplingCancelled:
             pass  # the planned stop after record_steps
@@ -97,8 +98,10 @@ class Wanda:
         self.cache_dir = cache_dir
         self.batch_size = batch_size
 
-    def fit(self, handle: ModelHandle, prompt: str, reference_prompts: Sequence[str] | None = None,
+    def fit(self, handle: ModelHandle, prompt: str | torch.Tensor, reference_prompts: Sequence[str] | None = None,
             seeds: Sequence[int] = DEFAULT_SEEDS) -> Mask:
+        """`prompt`: a prompt or an embedding `[77, d]` (e.g. a Dori trigger)."""
+        conditioning, prompt = localizer_target(prompt)
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
         seeds = [int(seed) for seed in seeds]
@@ -108,10 +111,10 @@ class Wanda:
             raise ValueError("Wanda needs non-memorized reference prompts: pass reference_prompts")
         layers = resolve_layers(handle.unet, self.layers)
 
-        def norms_of(prompts: list[str]) -> dict[str, torch.Tensor]:
+        def norms_of(prompts: list[str] | torch.Tensor) -> dict[str, torch.Tensor]:
             return input_norms(handle, layers, prompts, seeds, steps, self.record_steps, self.batch_size)
 
-        memorized_norms = norms_of([prompt])
+        memorized_norms = norms_of(conditioning)
         key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(layers), reference_prompts,
                         seeds, steps, self.record_steps)
         reference_norms = cached(self.cache_dir, "wanda-norms", key, lambda: norms_of(reference_prompts))
