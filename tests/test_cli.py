@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 import sys
 
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
 
+from analysis.bench import dori as dori_bench
+from analysis.bench import sampling as sampling_bench
+from analysis.bench.__main__ import SD14_UNET_CONFIG
 from analysis.cli import main, parse_seeds
+from analysis.dori import Start
 from analysis.export import load_export
 from analysis.masks import Mask
+from analysis.sampling import encode_prompts
 
 
 @pytest.fixture()
@@ -139,3 +147,17 @@ def test_campaign_over_the_models_captions(dori, tmp_path):
     assert code == 0 and json.loads(out)["computed"] == 0  # all done already
     code, _, err = dori("campaign", "--prompts", "nowhere.csv", "--out-dir", str(tmp_path / "d"))
     assert code == 2 and "no prompt list" in err
+
+
+def test_combined_benchmark_pieces_run_on_the_tiny_model(tiny_handle):
+    """`python -m analysis.bench` reuses the sampling and Dori benchmarks' `measure`; shapes only, no timing asserted."""
+    handle = dataclasses.replace(tiny_handle, default_steps=2)
+    sampling = sampling_bench.measure(handle, repeats=1)
+    assert len(sampling["ours_s"]) == len(sampling["theirs_s"]) == 1 and sampling["ratio"] > 0
+    target = handle.memorized[0]
+    dori = dori_bench.measure(handle, target.image, Start.random(0), encode_prompts(handle, [target.caption]),
+                              repeats=1, search_steps=2)
+    assert len(dori["step_s"]) == len(dori["search_s"]) == 1 and dori["ratio"] > 0
+    with torch.device("meta"):  # the GPU part's UNet: SD v1.4's published size, without allocating it
+        unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964

@@ -18,9 +18,17 @@ import transformers
 
 
 def seconds(run: Callable[[], object]) -> float:
+    synchronize()
     started = time.perf_counter()
     run()
+    synchronize()
     return time.perf_counter() - started
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a stopwatch measures the work and not its launch."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def cpu_model() -> str:

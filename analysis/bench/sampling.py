@@ -24,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from analysis.bench import seconds, verdict, write_report
-from analysis.model import load_model
+from analysis.model import ModelHandle, load_model
 from analysis.replicate import replicate
 from analysis.sampling import sample
 
@@ -33,13 +33,8 @@ SAMPLING_RATIO_TARGET = 1.05
 REPLICATION_SECONDS_TARGET = 3.0
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (at least 5 for a recorded result)")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/bench_sampling.md"))
-    args = parser.parse_args(argv)
-
-    handle = load_model()
+def measure(handle: ModelHandle, repeats: int) -> dict:
+    """Time (a) and (b) on `handle`, `repeats` interleaved runs after one warm-up: every run's seconds and the medians."""
     prompt = handle.memorized[0].caption
     steps, guidance = handle.default_steps, handle.default_guidance
     # A scheduler of the pipeline's own, so the handle's stays untouched.
@@ -63,18 +58,31 @@ def main(argv=None) -> None:
 
     load_before = os.getloadavg()[0]
     ours_s, theirs_s, replicate_s = [], [], []
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         pair = [(ours, ours_s), (theirs, theirs_s)]
         for run, times in pair if repeat % 2 == 0 else reversed(pair):
             times.append(seconds(run))
         replicate_s.append(seconds(lambda: replicate(handle, 0, SEEDS)))
-        print(f"repeat {repeat + 1}/{args.repeats}: sample {ours_s[-1]:.3f} s, pipeline {theirs_s[-1]:.3f} s, "
+        print(f"repeat {repeat + 1}/{repeats}: sample {ours_s[-1]:.3f} s, pipeline {theirs_s[-1]:.3f} s, "
               f"replicate {replicate_s[-1]:.3f} s", flush=True)
-    load_after = os.getloadavg()[0]
+    return dict(prompt=prompt, steps=steps, guidance=guidance, ours_s=ours_s, theirs_s=theirs_s,
+                replicate_s=replicate_s, ratio=statistics.median(ours_s) / statistics.median(theirs_s),
+                load_before=load_before, load_after=os.getloadavg()[0])
 
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (at least 5 for a recorded result)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/bench_sampling.md"))
+    args = parser.parse_args(argv)
+
+    measured = measure(load_model(), args.repeats)
+    ours_s, theirs_s, replicate_s = measured["ours_s"], measured["theirs_s"], measured["replicate_s"]
+    prompt, steps, guidance = measured["prompt"], measured["steps"], measured["guidance"]
+    load_before, load_after = measured["load_before"], measured["load_after"]
     ours_median, theirs_median = statistics.median(ours_s), statistics.median(theirs_s)
     replicate_median = statistics.median(replicate_s)
-    ratio = ours_median / theirs_median
+    ratio = measured["ratio"]
     rows = [
         ("`sample`, 4 seeds", f"{ours_median:.3f} s", ""),
         ("`StableDiffusionPipeline`, 4 seeds", f"{theirs_median:.3f} s", ""),
