@@ -17,6 +17,7 @@ from dori_ui.mitigate_tab import build_mitigate_tab
 from dori_ui.perturb_tab import build_perturb_tab
 from dori_ui.replicate_tab import build_replicate_tab
 from dori_ui.session import AppContext, ModelChoices, Session, describe_model
+from dori_ui.trigger_map_tab import build_trigger_map_tab
 
 # Requests that may wait for the model; more are turned away with a "queue full" message.
 QUEUE_SIZE = 16
@@ -66,6 +67,8 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                 build_perturb_tab(context)
             with gr.Tab("Attribution", id="attribution"):
                 build_attribution_tab(context)
+            with gr.Tab("Trigger map", id="trigger_map"):
+                build_trigger_map_tab(context)
 
         def switch_model(name: str | None, state: Session):
             try:

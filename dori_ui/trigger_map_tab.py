@@ -1,0 +1,302 @@
+"""The Trigger map view: many Dori triggers of one image on a 2-D map, beside prompts and random embeddings.
+
+A trigger set is loaded from assets/triggers/ (shipped for the bundled model)
+or built here (resumable: a stopped build continues where it stopped). Rows of
+the table are the map's triggers: selecting one generates it; two can be
+pinned side by side.
+
+Element ids: `trigger-map-image`, `trigger-map-source`, `trigger-map-count`, `trigger-map-steps`,
+`trigger-map-eval-seeds`, `trigger-map-method`, `trigger-map-colour`, `trigger-map-load`, `trigger-map-stop`,
+`trigger-map-status`, `trigger-map-plot`, `trigger-map-table`, `trigger-map-index`, `trigger-map-seeds`,
+`trigger-map-show`, `trigger-map-selected`, `trigger-map-selected-summary`, `trigger-map-pin-a`,
+`trigger-map-pin-b`, `trigger-map-pinned-a`, `trigger-map-pinned-b`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cache
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from analysis.dori import DoriSearch, evaluate
+from analysis.experiments.trigger_assets import asset_folder
+from analysis.images import to_display
+from analysis.model import REPO_ROOT, ModelHandle
+from analysis.projection import DEFAULT_CACHE_DIR, METHODS, warm_up
+from analysis.sampling import SamplingCancelled
+from analysis.trigger_map import TRIGGERS, TriggerMap, map_trigger_set
+from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set
+from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.session import AppContext, Session, check_whole_number, session_handle
+
+VIEW = "trigger_map"
+SHIPPED = "shipped set (assets/triggers)"
+BUILD = "build a new set here"
+COLOURS = ("replication", "set and start")
+# Sets built in the app; one folder per model, image and settings, so that a rerun resumes.
+BUILT_SETS = REPO_ROOT / "runs" / "trigger_sets"
+PROJECTION_CACHE = DEFAULT_CACHE_DIR
+MAX_TRIGGERS = 64
+MAX_SEARCH_STEPS = 500
+MAX_SEEDS = 16
+TABLE_COLUMNS = ["trigger", "start", "replication", "final loss", "distance from start", "distance from prompt"]
+REFERENCE_STYLE = {"memorized prompts": ("#d62728", "star"), "held-out prompts": ("#7f7f7f", "circle-open"),
+                   "random starts": ("#bcbd22", "x")}
+
+EXPLANATION = """
+**What am I looking at?** Each dot is a *trigger*: a text embedding that Dori's
+search found from a random start and that makes the model draw the chosen
+training image. The map (UMAP, PCA or t-SNE of whole `[77, d]` embeddings)
+puts them beside the embeddings of the memorized captions, of held-out
+captions, and of the random embeddings the searches started from. If
+memorization were local, the triggers would gather in one small region near the
+caption; the paper finds them spread as widely as unrelated prompts. Select a
+row of the table to generate that trigger (with the session's mitigation, if
+any); pin two to compare.
+"""
+
+
+@dataclass
+class MapState:
+    """This session's loaded trigger set and its map."""
+
+    trigger_set: TriggerSet
+    trigger_map: TriggerMap
+    image: int  # index of the target in the model's memorized images
+    selected: int | None = None
+    shown: tuple[list, str] | None = None  # the selected trigger's gallery and summary, for pinning
+
+
+@cache
+def start_umap_warm_up() -> threading.Thread:
+    """Compile UMAP in the background, once per process."""
+    thread = threading.Thread(target=warm_up, name="umap-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def built_folder(handle: ModelHandle, image: int, count: int, steps: int, eval_seeds: int):
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "-", handle.name).strip("-")
+    return BUILT_SETS / model / f"image-{image}-n{count}-steps{steps}-eval{eval_seeds}"
+
+
+def map_figure(trigger_map: TriggerMap, colour: str, selected: int | None) -> go.Figure:
+    """The map as a plotly scatter: triggers coloured by replication or start kind, reference sets as symbols."""
+    figure = go.Figure()
+    triggers = trigger_map.triggers()
+    hover = [f"{p.label}<br>replication {p.replication_rate if p.replication_rate is not None else 'not evaluated'}"
+             for p in triggers]
+    if colour == "replication":
+        rates = [p.replication_rate if p.replication_rate is not None else float("nan") for p in triggers]
+        figure.add_trace(go.Scatter(
+            x=[p.x for p in triggers], y=[p.y for p in triggers], mode="markers", name=TRIGGERS, hovertext=hover,
+            marker=dict(size=10, color=rates, cmin=0, cmax=1, colorscale="Viridis",
+                        colorbar=dict(title="replication", x=1.18))))
+    else:
+        for kind in dict.fromkeys(p.start_kind for p in triggers):
+            chosen = [p for p in triggers if p.start_kind == kind]
+            figure.add_trace(go.Scatter(x=[p.x for p in chosen], y=[p.y for p in chosen], mode="markers",
+                                        name=f"triggers from {kind} starts", hovertext=[p.label for p in chosen],
+                                        marker=dict(size=10)))
+    for group, (color, symbol) in REFERENCE_STYLE.items():
+        chosen = [p for p in trigger_map.points if p.group == group]
+        figure.add_trace(go.Scatter(x=[p.x for p in chosen], y=[p.y for p in chosen], mode="markers", name=group,
+                                    hovertext=[p.label for p in chosen],
+                                    marker=dict(size=9, color=color, symbol=symbol)))
+    if selected is not None:
+        point = triggers[selected]
+        figure.add_trace(go.Scatter(x=[point.x], y=[point.y], mode="markers", name=f"selected: {point.label}",
+                                    marker=dict(size=18, color="rgba(0,0,0,0)", line=dict(width=3, color="black"))))
+    figure.update_layout(title=f"{len(triggers)} triggers of “{trigger_map.caption}” ({trigger_map.method.upper()})",
+                         height=520, margin=dict(t=50, b=40), legend=dict(orientation="h", y=-0.12))
+    return figure
+
+
+def trigger_table(trigger_set: TriggerSet) -> list[list]:
+    rows = []
+    for trigger in trigger_set.triggers:
+        rate = trigger["replication_rate"]
+        rows.append([trigger["index"], trigger["start"]["kind"], "not evaluated" if rate is None else f"{rate:.2f}",
+                     round(trigger["final_loss"], 4), round(trigger["distance_from_start"], 1),
+                     round(trigger["distance_from_prompt"], 1)])
+    return rows
+
+
+def generations(handle: ModelHandle, session: Session, state: MapState, index: int, seeds: list[int]):
+    """A gallery of trigger `index` generated with `seeds` (the session's mask applied), and a one-line summary."""
+    target = handle.memorized[state.image].image
+    with session.mask.applied(handle) if session.mask is not None else nullcontext():
+        result = evaluate(handle, state.trigger_set.embeddings[index:index + 1], target, seeds)
+    checked = result.replication[0]
+    gallery = [(image, f"{'replicated' if flag else 'not replicated'} · similarity {s:.2f} · seed {seed}")
+               for image, s, flag, seed in zip(to_display(result.images[0]), checked.similarities.tolist(),
+                                               checked.replicated.tolist(), seeds)]
+    mitigation = f" with the session's mitigation ({session.mask.method})" if session.mask is not None else ""
+    summary = (f"Trigger {index} replicates the training image in {int(checked.replicated.sum())} of {len(seeds)} "
+               f"seeds{mitigation}; final search loss {state.trigger_set.triggers[index]['final_loss']:.4f}.")
+    return gallery, summary
+
+
+def build_trigger_map_tab(context: AppContext) -> None:
+    """The tab's components and events, inside the caller's `gr.Tab`."""
+    handle = context.models.get(context.models.first)
+    captions = [m.caption for m in handle.memorized]
+    map_state = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=3):
+            image = gr.Dropdown(captions, value=captions[0] if captions else None, label="Training image",
+                                elem_id="trigger-map-image")
+            source = gr.Radio([SHIPPED, BUILD], value=SHIPPED, label="Trigger set", elem_id="trigger-map-source")
+            with gr.Row():
+                method = gr.Radio(list(METHODS), value="pca", label="Map", elem_id="trigger-map-method")
+                colour = gr.Radio(list(COLOURS), value="replication", label="Colour triggers by",
+                                  elem_id="trigger-map-colour")
+        with gr.Column(scale=2):
+            with gr.Row():
+                count = gr.Number(8, label=f"Triggers to build (1–{MAX_TRIGGERS})", precision=0,
+                                  elem_id="trigger-map-count")
+                steps = gr.Number(50, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=0,
+                                  elem_id="trigger-map-steps")
+                eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=0,
+                                       elem_id="trigger-map-eval-seeds")
+            with gr.Row():
+                load_button = gr.Button("Load / build and map", variant="primary", elem_id="trigger-map-load")
+                stop_button = gr.Button("Stop", variant="stop", elem_id="trigger-map-stop")
+    gr.Markdown(EXPLANATION)
+    status = gr.Markdown(elem_id="trigger-map-status")
+    plot = gr.Plot(label="Trigger map", elem_id="trigger-map-plot")
+    table = gr.Dataframe(headers=TABLE_COLUMNS, label="Triggers (select a row to generate it)", interactive=False,
+                         elem_id="trigger-map-table")
+    with gr.Row():
+        index = gr.Number(None, label="Trigger", precision=0, elem_id="trigger-map-index")
+        show_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=0,
+                               elem_id="trigger-map-seeds")
+        show_button = gr.Button("Generate trigger", elem_id="trigger-map-show")
+        pin_a = gr.Button("Pin as A", elem_id="trigger-map-pin-a")
+        pin_b = gr.Button("Pin as B", elem_id="trigger-map-pin-b")
+    selected_summary = gr.Markdown(elem_id="trigger-map-selected-summary")
+    selected = gr.Gallery(label="Selected trigger generates", columns=4, format="png", interactive=False,
+                          elem_id="trigger-map-selected")
+    with gr.Row():
+        pinned_a = gr.Gallery(label="Pinned A", columns=4, format="png", interactive=False,
+                              elem_id="trigger-map-pinned-a")
+        pinned_b = gr.Gallery(label="Pinned B", columns=4, format="png", interactive=False,
+                              elem_id="trigger-map-pinned-b")
+
+    def load(caption: str | None, source_label: str, method_name: str, colour_name: str, trigger_count: float | None,
+             step_count: float | None, seed_count: float | None, session: Session, progress=gr.Progress()):
+        model = session_handle(context.models, session)
+        names = [m.caption for m in model.memorized]
+        if caption not in names:
+            raise gr.Error(f"Pick a training image from the list, got {caption!r}.")
+        if method_name not in METHODS or colour_name not in COLOURS:
+            raise gr.Error(f"Choose a map among {list(METHODS)} and a colouring among {list(COLOURS)}.")
+        chosen = names.index(caption)
+        if source_label == SHIPPED:
+            folder = asset_folder(chosen)
+            if not (folder / METADATA_FILE).is_file():
+                raise gr.Error(f"No shipped trigger set for “{caption}” (looked in {folder}): build one here.")
+            trigger_set = TriggerSet.load(folder)
+        elif source_label == BUILD:
+            total = check_whole_number("Triggers to build", trigger_count, 1, MAX_TRIGGERS)
+            search_steps = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
+            seeds = check_whole_number("Seeds per trigger", seed_count, 1, MAX_SEEDS)
+            session.stop_requested = False
+
+            def report(event: TriggerProgress) -> None:
+                if session.stop_requested:
+                    raise SamplingCancelled
+                done = event.finished * event.step.total + event.step.index + 1
+                progress((done, event.total * event.step.total), desc=f"Searching (triggers done: {event.finished})",
+                         unit="steps")
+
+            try:
+                trigger_set = build_trigger_set(
+                    model, built_folder(model, chosen, total, search_steps, seeds), model.memorized[chosen],
+                    count=total, search=DoriSearch(steps=search_steps, batch_size=2),
+                    starts_per_batch=min(total, 8), evaluation_seeds=range(seeds), callback=report)
+            except SamplingCancelled:
+                return "Stopped. The triggers finished so far are saved: build again to resume.", *[gr.skip()] * 3
+        else:
+            raise gr.Error(f"Unknown trigger set source {source_label!r}.")
+        progress(None, desc="Projecting")
+        try:
+            trigger_map = map_trigger_set(model, trigger_set, method=method_name, cache_dir=PROJECTION_CACHE)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        rates = [t["replication_rate"] for t in trigger_set.triggers if t["replication_rate"] is not None]
+        replicated = f"; mean replication {sum(rates) / len(rates):.2f}" if rates else ""
+        summary = f"{len(trigger_set.triggers)} triggers of “{caption}”{replicated}."
+        state = MapState(trigger_set, trigger_map, chosen)
+        return summary, map_figure(trigger_map, colour_name, None), trigger_table(trigger_set), state
+
+    load_button.click(load, inputs=[image, source, method, colour, count, steps, eval_seeds, context.session],
+                      outputs=[status, plot, table, map_state], api_name="trigger_map_load",
+                      concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+
+    def prepare(method_name: str) -> None:
+        # UMAP's first use in a process imports and compiles numba code (a minute of CPU on a busy laptop): start
+        # it when UMAP is picked, not at start-up, so that the app and its tests never pay for it unasked.
+        if method_name == "umap":
+            start_umap_warm_up()
+
+    method.change(prepare, inputs=method, outputs=None, api_name="trigger_map_prepare")
+
+    def stop(session: Session) -> str:
+        session.stop_requested = True
+        return "Stopping after the current search step…"
+
+    stop_button.click(stop, inputs=context.session, outputs=status, api_name="trigger_map_stop")
+
+    def recolour(colour_name: str, state: MapState | None):
+        if state is None:
+            return gr.skip()
+        return map_figure(state.trigger_map, colour_name, state.selected)
+
+    colour.change(recolour, inputs=[colour, map_state], outputs=plot, api_name="trigger_map_recolour")
+
+    def pick_row(selection: gr.SelectData) -> int:
+        return selection.index[0]
+
+    def loaded(state: MapState | None) -> MapState:
+        if state is None:
+            raise gr.Error("Load or build a trigger set first.")
+        return state
+
+    def show(trigger: float | None, seed_count: float | None, colour_name: str, state: MapState | None,
+             session: Session):
+        state = loaded(state)
+        chosen = check_whole_number("Trigger", trigger, 0, len(state.trigger_set.triggers) - 1)
+        seeds = list(range(check_whole_number("Seeds to generate", seed_count, 1, MAX_SEEDS)))
+        gallery, summary = generations(session_handle(context.models, session), session, state, chosen, seeds)
+        state.selected, state.shown = chosen, (gallery, summary)
+        return gallery, summary, map_figure(state.trigger_map, colour_name, chosen), state
+
+    show_inputs = [index, show_seeds, colour, map_state, context.session]
+    show_outputs = [selected, selected_summary, plot, map_state]
+    table.select(pick_row, inputs=None, outputs=index).then(
+        show, inputs=show_inputs, outputs=show_outputs, concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    show_button.click(show, inputs=show_inputs, outputs=show_outputs, api_name="trigger_map_show",
+                      concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+
+    def pin(state: MapState | None):
+        if loaded(state).shown is None:
+            raise gr.Error("Select a trigger first (a row of the table).")
+        gallery, summary = state.shown
+        return gr.update(value=gallery, label=summary)
+
+    pin_a.click(pin, inputs=map_state, outputs=pinned_a, api_name="trigger_map_pin_a")
+    pin_b.click(pin, inputs=map_state, outputs=pinned_b, api_name="trigger_map_pin_b")
+
+    def refresh(session: Session):
+        model = session_handle(context.models, session)
+        names = [m.caption for m in model.memorized]
+        return gr.update(choices=names, value=names[0] if names else None), None, "", None, None, [], "", [], [], None
+
+    context.on_model_change[VIEW] = (refresh, [image, map_state, status, plot, table, selected, selected_summary,
+                                               pinned_a, pinned_b, index])
