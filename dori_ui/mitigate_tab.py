@@ -5,7 +5,7 @@ on the mitigated model, so Perturb's Dori search attacks it. Method "none"
 removes it again.
 
 Element ids: `mitigate-prompt`, `mitigate-method`, `mitigate-seeds`, `mitigate-sparsity`, `mitigate-steps`,
-`mitigate-eval-seeds`, `mitigate-run`, `mitigate-log`, `mitigate-counts`, `mitigate-before`, `mitigate-after`,
+`mitigate-eval-seeds`, `mitigate-run`, `mitigate-stop`, `mitigate-log`, `mitigate-counts`, `mitigate-before`, `mitigate-after`,
 `mitigate-summary`, `mitigate-export`, `mitigate-export-file`.
 """
 
@@ -21,7 +21,7 @@ from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, describe_model, session_handle,
                              verdict_gallery)
-from dori_ui.streaming import Stopped, progress_of, report_to, run_or_error, stream_task
+from dori_ui.streaming import Stopped, progress_of, report_to, request_stop, run_or_error, stream_task
 
 VIEW = "mitigate"
 METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda", "Wen et al. (prompt embedding)": "wen",
@@ -123,7 +123,9 @@ def build_mitigate_tab(context: AppContext) -> None:
                                   precision=0, elem_id="mitigate-steps")
                 eval_seeds = gr.Number(4, label=f"Seeds before/after (1–{MAX_SEEDS})", precision=0,
                                        elem_id="mitigate-eval-seeds")
-            run_button = gr.Button("Mitigate", variant="primary", elem_id="mitigate-run")
+            with gr.Row():
+                run_button = gr.Button("Mitigate", variant="primary", elem_id="mitigate-run")
+                stop_button = gr.Button("Stop", variant="stop", elem_id="mitigate-stop")
     gr.Markdown(EXPLANATION)
     log = gr.Textbox(label="Progress", lines=4, max_lines=LOG_LINES, interactive=False, elem_id="mitigate-log")
     summary = gr.Markdown(elem_id="mitigate-summary")
@@ -204,6 +206,10 @@ def build_mitigate_tab(context: AppContext) -> None:
     run_button.click(run, inputs=[prompt, method, n_seeds, sparsity, steps, eval_seeds, context.session],
                      outputs=[log, summary, counts, before, after, context.header, context.session],
                      api_name="mitigate", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+
+    # Not on the model's concurrency id: it must run while the localizer holds the model.
+    stop_button.click(request_stop, inputs=context.session, outputs=log, api_name="mitigate_stop",
+                      concurrency_limit=None)
 
     def refresh(state: Session):
         model = session_handle(context.models, state)

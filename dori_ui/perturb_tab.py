@@ -36,7 +36,7 @@ from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, mitigation_settings,
                              session_handle, verdict_gallery)
-from dori_ui.streaming import Stopped, progress_of, run_or_error, stream_task
+from dori_ui.streaming import Stopped, progress_of, request_stop, run_or_error, stream_task
 
 VIEW = "perturb"
 SWEEP_VIEW = "sweep"
@@ -311,12 +311,8 @@ def build_perturb_tab(context: AppContext) -> None:
                      outputs=[status, loss_plot, preview, target_view, after, distances, context.session],
                      api_name="perturb", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
 
-    def stop(state: Session) -> str:
-        state.stop_requested = True
-        return "Stopping after the current step…"
-
     # Not on the model's concurrency id: it must run while the search holds the model.
-    stop_button.click(stop, inputs=context.session, outputs=status, api_name="perturb_stop",
+    stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="perturb_stop",
                       concurrency_limit=None)
 
     with gr.Accordion("Random perturbation sweep", open=True):

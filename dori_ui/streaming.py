@@ -59,7 +59,6 @@ def stream_task(handle: ModelHandle, kind: str, config: dict, inputs: dict[str, 
         except BaseException as err:  # noqa: BLE001 - handed to the consuming thread, which raises it
             events.put(_Finished(error=err))
 
-    # The run goes on in the thread if the consumer stops listening; the stop flag ends it.
     worker = threading.Thread(target=work, name=f"dori-{kind}", daemon=True)
     worker.start()
     try:
@@ -78,8 +77,17 @@ def stream_task(handle: ModelHandle, kind: str, config: dict, inputs: dict[str, 
                 yield event.record
             return
     finally:
+        # A consumer that stops listening (closed page, cancelled event) stops the run too, and waits for it:
+        # the next model event must not start while this one still has the model (and maybe a mask on it).
         if worker.is_alive():
             session.stop_requested = True
+            worker.join()
+
+
+def request_stop(session: Session) -> str:
+    """The Stop buttons' event: the session's running `stream_task` ends after its current step."""
+    session.stop_requested = True
+    return "Stopping after the current step…"
 
 
 def progress_of(event: object) -> tuple[tuple[int, int | None], str, str] | None:
