@@ -32,9 +32,14 @@ memorization is not local.
 
 **Replicate** shows the memorization. **Mitigate** removes neurons or weights
 (NeMo, Wanda) and checks whether the image is gone. **Perturb** runs the Dori
-search against the mitigated model and brings it back. **Attribution** shows
-which words of a prompt drive the memorization signal. Each view can export
-its run as a ZIP that `dori rerun` reproduces.
+search against the mitigated model and brings it back. **Trigger map** puts
+many triggers of one image on a map beside ordinary prompts: do they gather
+in one place, or spread out like unrelated prompts? **Attribution** shows which
+words of a prompt drive the memorization signal. A view's "Export ZIP" saves
+its last run (settings, seeds, images, table, tensors) so that `dori rerun`
+reproduces it. The header names the model, its device and dtype, and
+the session's active mitigation; your results are your own, not shared with
+other users of the same app.
 """
 
 
@@ -65,10 +70,10 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                 build_mitigate_tab(context)
             with gr.Tab("Perturb", id="perturb"):
                 build_perturb_tab(context)
-            with gr.Tab("Attribution", id="attribution"):
-                build_attribution_tab(context)
             with gr.Tab("Trigger map", id="trigger_map"):
                 build_trigger_map_tab(context)
+            with gr.Tab("Attribution", id="attribution"):
+                build_attribution_tab(context)
 
         def switch_model(name: str | None, state: Session):
             try:
