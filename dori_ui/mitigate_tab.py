@@ -170,6 +170,8 @@ def build_mitigate_tab(context: AppContext) -> None:
         else:
             kind, config = "localize", dict(image=image, prompt=prompt_text, method=chosen, parameters=parameters,
                                             seeds=seeds, evaluation_seeds=evaluation_seeds)
+        # A stopped or failed run leaves nothing to export, not the run before it.
+        state.records.pop(VIEW, None)
         lines: list[str] = []
         for event in stream_task(model, kind, config, {}, state):
             if (shown := progress_of(event)) is not None:

@@ -279,6 +279,8 @@ def build_perturb_tab(context: AppContext) -> None:
             shown = evaluate(model, event.embeddings[:1], target_image, seeds[:2], steps=sampling_steps)
             return Preview(event.index + 1, shown.images[0], shown.similarities[0].tolist())
 
+        # A stopped or failed run leaves nothing to export, not the run before it.
+        state.records.pop(VIEW, None)
         losses: list[float] = []
         sent = 0.0
         yield "Starting the search…", None, [], [], [], None, state
