@@ -1,4 +1,4 @@
-"""Run records as ZIP exports, and reruns of them on a model folder."""
+"""Run records as ZIP exports, and reruns of them (also of one the app exported) on a model folder."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import zipfile
 
 import pytest
 import torch
+from gradio_client import Client
+
+from analysis.bench.startup import free_port
 
 from analysis.export import RunRecord, compare_metrics, load_export, rerun, save_export
 from analysis.model import load_model
 from analysis.tasks import TaskProgress, record_mask, run_task
+from dori_ui.app import build_app
 
 TINY_STEPS = 3
 WANDA = {"method": "wanda", "parameters": {"steps": TINY_STEPS, "record_steps": 2}, "seeds": [0]}
@@ -132,3 +136,18 @@ def test_given_mask_and_embedding_start_are_inputs_of_the_rerun(folder_handle, t
     for name, run in (("sweep", record), ("attack", attack)):
         recorded, reproduced = rerun(save_export(run, tmp_path / f"{name}.zip"))
         assert all(row["match"] for row in compare_metrics(recorded.metrics, reproduced.metrics))
+
+
+def test_a_zip_exported_by_the_app_reruns_to_the_same_numbers(folder_handle, tmp_path):
+    app = build_app(folder_handle)
+    _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        client.predict(folder_handle.memorized[1].caption, 2, 5, TINY_STEPS, 4.0, api_name="/replicate")
+        exported = client.predict(api_name="/export_replicate")
+    finally:
+        app.close()
+    recorded, reproduced = rerun(exported)
+    assert recorded.config["seeds"] == [5, 6] and recorded.config["guidance"] == 4.0
+    rows = compare_metrics(recorded.metrics, reproduced.metrics)
+    assert len(rows) >= 5 and all(row["match"] for row in rows)
