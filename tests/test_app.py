@@ -13,7 +13,8 @@ from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
 
 from analysis.bench.startup import free_port
-from analysis.export import RunRecord
+from analysis.export import RunRecord, compare_metrics, load_export
+from analysis.tasks import run_task
 from dori_ui.app import build_app
 from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
 from dori_ui.session import ModelChoices, use_finetuned
@@ -67,6 +68,16 @@ def test_replicate_export_is_a_zip_with_config_and_images(client, tiny_handle):
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
     assert "config.json" in names and "images/seed5.png" in names and "images/seed6.png" in names
+
+
+def test_an_export_reruns_to_the_same_numbers_with_the_session_mask(client, tiny_handle):
+    caption = tiny_handle.memorized[0].caption
+    mitigate(client, prompt=caption)
+    replicate(client, caption)
+    recorded = load_export(client.predict(api_name="/export_replicate"))
+    assert recorded.config["mitigation"] == {"method": "mask"} and any(recorded.inputs())
+    reproduced = run_task(tiny_handle, recorded.kind, recorded.config, inputs=recorded.inputs())
+    assert all(row["match"] for row in compare_metrics(recorded.metrics, reproduced.metrics))
 
 
 def test_export_before_any_run_says_so(client):
@@ -170,6 +181,8 @@ def test_stop_ends_the_search_within_a_step(client, tiny_handle):
     status = job.result(timeout=60)[0]
     stopped_at = int(status.split("after step ")[1].split(" ")[0])
     assert status.startswith("Stopped after step") and stopped_at < 1000
+    with pytest.raises(AppError, match="Nothing to export yet"):
+        client.predict(api_name="/export_perturb")
 
 
 def test_held_out_control_and_other_prompt_starts(client, tiny_handle):
