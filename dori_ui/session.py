@@ -52,11 +52,14 @@ class ModelChoices:
         self.first = first.name
 
     def names(self) -> list[str]:
-        """Loaded models, command-line models, and the allowed roots and their subfolders that are pipeline folders."""
+        """The first model, command-line models, and the allowed roots and their subfolders that are pipeline folders.
+
+        Models added with `add` are not listed: they belong to the session that made them.
+        """
         candidates = [folder for root in self.allowed_roots if root.is_dir()
                       for folder in [root, *sorted(root.iterdir())]]
         found = [str(folder) for folder in candidates if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
-        return list(dict.fromkeys([*self._handles, *self._sources, *found]))
+        return list(dict.fromkeys([self.first, *self._sources, *found]))
 
     def add(self, handle: ModelHandle) -> str:
         """Make an in-memory model (e.g. a fine-tuned one) available under its name."""
