@@ -14,6 +14,7 @@ from analysis.model import ModelHandle
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.attribution_tab import build_attribution_tab
 from dori_ui.mitigate_tab import build_mitigate_tab
+from dori_ui.paths_tab import build_paths_tab
 from dori_ui.perturb_tab import build_perturb_tab
 from dori_ui.replicate_tab import build_replicate_tab
 from dori_ui.session import AppContext, ModelChoices, Session, describe_model
@@ -71,7 +72,9 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
             with gr.Tab("Perturb", id="perturb"):
                 build_perturb_tab(context)
             with gr.Tab("Trigger map", id="trigger_map"):
-                build_trigger_map_tab(context)
+                trigger_map = build_trigger_map_tab(context)
+            with gr.Tab("Paths & masks", id="paths"):
+                build_paths_tab(context, trigger_map)
             with gr.Tab("Attribution", id="attribution"):
                 build_attribution_tab(context)
 

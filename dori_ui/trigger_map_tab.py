@@ -142,8 +142,9 @@ def generations(handle: ModelHandle, session: Session, state: MapState, index: i
     return gallery, summary
 
 
-def build_trigger_map_tab(context: AppContext) -> None:
-    """The tab's components and events, inside the caller's `gr.Tab`."""
+def build_trigger_map_tab(context: AppContext) -> gr.State:
+    """The tab's components and events, inside the caller's `gr.Tab`. Returns the session's loaded set
+    (a `MapState`, None before one is loaded), which the Paths & masks view analyses."""
     handle = context.models.get(context.models.first)
     captions = [m.caption for m in handle.memorized]
     map_state = gr.State(None)
@@ -300,3 +301,4 @@ def build_trigger_map_tab(context: AppContext) -> None:
 
     context.on_model_change[VIEW] = (refresh, [image, map_state, status, plot, table, selected, selected_summary,
                                                pinned_a, pinned_b, index])
+    return map_state

@@ -1,0 +1,78 @@
+"""The Paths & masks view's endpoints, driven by gradio_client on the tiny model."""
+
+import dataclasses
+import json
+import socket
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from dori_ui import paths_tab, trigger_map_tab
+from dori_ui.app import build_app
+from dori_ui.trigger_map_tab import BUILD
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def client(tiny_handle, tmp_path_factory):
+    """A session with a 3-trigger set loaded in the Trigger map view."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trigger_map_tab, "BUILT_SETS", tmp_path_factory.mktemp("trigger_sets"))
+        patch.setattr(trigger_map_tab, "PROJECTION_CACHE", None)
+        # The tiny model's 16-pixel images take 2 MS-SSIM scales at most.
+        patch.setattr(paths_tab, "NEMO_PARAMETERS", dict(scales=2, steps=4, cache_dir=None))
+        patch.setattr(paths_tab, "WANDA_PARAMETERS", dict(steps=4, cache_dir=None))
+        app = build_app(dataclasses.replace(tiny_handle, default_steps=STEPS))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        _, url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        client = Client(url, verbose=False)
+        client.predict(tiny_handle.memorized[0].caption, BUILD, "pca", "replication", 3, 2, 1,
+                       api_name="/trigger_map_load")
+        yield client
+        app.close()
+
+
+def test_discrepancy_of_triggers_beside_prompts(client):
+    summary, plot = client.predict("value", 3, api_name="/paths_discrepancy")
+    assert summary.startswith("3 triggers of “") and "triggers / prompts" in summary
+    traces = json.loads(plot["plot"])["data"]
+    assert [trace["name"] for trace in traces] == ["triggers of the image", "different memorized prompts"]
+    assert len(traces[0]["x"]) == len(traces[1]["x"]) > 0 and all(y >= 0 for y in traces[0]["y"])
+
+
+def test_masks_per_trigger_as_iou_heatmaps_and_counts(client):
+    status, plot, counts = client.predict(2, 2, api_name="/paths_masks")
+    assert status.startswith("NeMo and Wanda fitted on 2 triggers")
+    figure = json.loads(plot["plot"])
+    heatmaps = [trace for trace in figure["data"] if trace["type"] == "heatmap"]
+    rows = counts["data"]
+    layers = [row[0] for row in rows]
+    assert len(heatmaps) == 3 * len(layers)  # NeMo–NeMo, Wanda–Wanda, NeMo–Wanda for every layer
+    for heatmap in heatmaps:
+        # 2 × 2 pairs; a cell is a number in [0, 1] or, where both masks are empty, None marked ∅.
+        assert len(heatmap["z"]) == 2 and all(len(line) == 2 for line in heatmap["z"])
+        for values, texts in zip(heatmap["z"], heatmap["text"]):
+            for value, text in zip(values, texts):
+                assert (value is None and text == "∅") or (0 <= value <= 1 and text == f"{value:.2f}")
+    assert all(row[1] >= 0 and row[2] >= 0 and row[6].endswith("%") for row in rows)
+
+
+def test_a_localizer_error_is_shown(client, monkeypatch):
+    monkeypatch.setattr(paths_tab, "NEMO_PARAMETERS", dict(scales=3, steps=4, cache_dir=None))
+    with pytest.raises(AppError, match="smaller than the 7x7 SSIM window"):
+        client.predict(2, 2, api_name="/paths_masks")
+
+
+def test_too_many_triggers_is_refused(client):
+    with pytest.raises(AppError, match="Triggers compared must be a whole number from 2 to 3"):
+        client.predict("value", 4, api_name="/paths_discrepancy")
+
+
+def test_without_a_trigger_set_the_view_says_where_to_load_one(client):
+    fresh = Client(client.src, verbose=False)
+    with pytest.raises(AppError, match="Load or build a trigger set in the Trigger map view first"):
+        fresh.predict("value", 2, api_name="/paths_discrepancy")
