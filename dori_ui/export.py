@@ -19,7 +19,7 @@ def build_export(context: AppContext, view: str) -> gr.File:
     with gr.Row():
         button = gr.Button("Export ZIP", elem_id=f"{view}-export", size="sm", scale=0)
         file = gr.File(label="Export (config, images, table, tensors)", elem_id=f"{view}-export-file",
-                       interactive=False)
+                       interactive=False, height=90)
 
     def export(state: Session) -> str:
         record = state.records.get(view)

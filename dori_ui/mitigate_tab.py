@@ -5,7 +5,8 @@ on the mitigated model, so Perturb's Dori search attacks it. Method "none"
 removes it again.
 
 Element ids: `mitigate-prompt`, `mitigate-method`, `mitigate-seeds`, `mitigate-sparsity`, `mitigate-steps`,
-`mitigate-eval-seeds`, `mitigate-run`, `mitigate-stop`, `mitigate-log`, `mitigate-counts`, `mitigate-before`, `mitigate-after`,
+`mitigate-eval-seeds`, `mitigate-run`, `mitigate-stop`, `mitigate-log`, `mitigate-counts`, `mitigate-before`,
+`mitigate-after`,
 `mitigate-summary`, `mitigate-export`, `mitigate-export-file`.
 """
 
@@ -89,9 +90,10 @@ def replication_line(label: str, record: RunRecord, prefix: str) -> str:
 def mitigation_summary(record: RunRecord) -> str:
     metrics = record.metrics
     if record.kind == "wen":
-        lines = [f"**Wen et al.** moved the embedding of “{record.config['prompt']}” in {len(metrics['magnitudes']) - 1}"
-                 f" iterations: m(y) {metrics['magnitudes'][0]:.3f} → {metrics['magnitudes'][-1]:.3f} (target "
-                 f"{metrics['target']:.3f}, {'reached' if metrics['reached'] else 'not reached'}). No weight changed."]
+        magnitudes = metrics["magnitudes"]
+        lines = [f"**Wen et al.** moved the embedding of “{record.config['prompt']}” in {len(magnitudes) - 1} "
+                 f"iterations: m(y) {magnitudes[0]:.3f} → {magnitudes[-1]:.3f} (target {metrics['target']:.3f}, "
+                 f"{'reached' if metrics['reached'] else 'not reached'}). No weight changed."]
     else:
         lines = [f"**{record.config['method']}** removed {metrics['removed_total']} units for "
                  f"“{record.config['prompt']}”."]
@@ -132,8 +134,9 @@ def build_mitigate_tab(context: AppContext) -> None:
     counts = gr.Plot(label="Removed per layer (NeMo, Wanda) or the signal per iteration (Wen)",
                      elem_id="mitigate-counts")
     with gr.Row():
-        before = gr.Gallery(label="Before", columns=4, format="png", interactive=False, elem_id="mitigate-before")
-        after = gr.Gallery(label="After (mitigated)", columns=4, format="png", interactive=False,
+        before = gr.Gallery(label="Before", columns=4, format="png", interactive=False, height="auto",
+                            elem_id="mitigate-before")
+        after = gr.Gallery(label="After (mitigated)", columns=4, format="png", interactive=False, height="auto",
                            elem_id="mitigate-after")
     build_export(context, VIEW)
 

@@ -151,15 +151,16 @@ def trigger_gallery(record: RunRecord) -> list:
     return verdict_gallery(images, seeds, checked.similarities.tolist(), checked.replicated.tolist())
 
 
-def attack_summary(record: RunRecord, stopped_at: int | None = None) -> str:
+def attack_summary(record: RunRecord) -> str:
     metrics, config = record.metrics, record.config
     seeds = len(config["evaluation_seeds"])
-    against = ("the mitigated model" if config["mitigation"] is not None else "the model as it is")
+    against = "the mitigated model" if config["mitigation"] is not None else "the model as it is"
     target = "the training image" if config["image"] is not None else "the held-out control image"
+    replicated, at_start = round(metrics["rate"][0] * seeds), round(metrics["rate_before"][0] * seeds)
     return (f"Dori search of {config['search']['steps']} steps against {against}: the trigger replicates {target} "
-            f"in {round(metrics['rate'][0] * seeds)} of {seeds} seeds (start: {round(metrics['rate_before'][0] * seeds)}"
-            f" of {seeds}); mean similarity {metrics['mean_similarity'][0]:.2f}, final loss "
-            f"{metrics['final_loss'][0]:.4f}, distance from the start {metrics['distance_from_start'][0]:.1f}.")
+            f"in {replicated} of {seeds} seeds (start: {at_start} of {seeds}); mean similarity "
+            f"{metrics['mean_similarity'][0]:.2f}, final loss {metrics['final_loss'][0]:.4f}, distance from the start "
+            f"{metrics['distance_from_start'][0]:.1f}.")
 
 
 def sweep_figure(record: RunRecord) -> go.Figure:
@@ -169,7 +170,8 @@ def sweep_figure(record: RunRecord) -> go.Figure:
                         go.Scatter(x=radii, y=[row["mean_similarity"] for row in record.table],
                                    name="mean similarity", mode="lines+markers", line=dict(dash="dot"))])
     figure.update_layout(title=f"Replication vs perturbation radius (‖y‖ = {record.metrics['embedding_norm']:.1f})",
-                         xaxis_title="radius (L2 distance from the prompt's embedding)", yaxis_title="rate / similarity",
+                         xaxis_title="radius (L2 distance from the prompt's embedding)",
+                         yaxis_title="rate / similarity",
                          yaxis_range=[0, 1.05], height=340, margin=dict(t=50, b=40))
     return figure
 
@@ -225,11 +227,12 @@ def build_perturb_tab(context: AppContext) -> None:
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", elem_id="perturb-loss")
         preview = gr.Gallery(label="Current embedding generates", columns=2, format="png", interactive=False,
-                             elem_id="perturb-preview")
+                             height="auto", elem_id="perturb-preview")
     with gr.Row():
-        target_view = gr.Gallery(label="Target", columns=1, format="png", interactive=False, elem_id="perturb-target-image")
+        target_view = gr.Gallery(label="Target", columns=1, format="png", interactive=False, height="auto",
+                                 scale=1, elem_id="perturb-target-image")
         after = gr.Gallery(label="The trigger generates", columns=4, format="png", interactive=False,
-                           elem_id="perturb-after")
+                           height="auto", scale=4, elem_id="perturb-after")
     distances = gr.Plot(label="Distances", elem_id="perturb-distances")
     build_export(context, VIEW)
 

@@ -123,7 +123,7 @@ def build_replicate_tab(context: AppContext) -> None:
                                      elem_id="replicate-guidance")
             run_button = gr.Button("Replicate", variant="primary", elem_id="replicate-run")
     gr.Markdown(EXPLANATION)
-    replicas = gr.Gallery(label="Generations", columns=4, format="png", interactive=False,
+    replicas = gr.Gallery(label="Generations", columns=4, format="png", interactive=False, height="auto",
                           elem_id="replicate-gallery")
     summary = gr.Markdown(elem_id="replicate-summary")
     noise_gap_plot = gr.Plot(label="Wen et al.'s memorization signal", elem_id="replicate-plot")

@@ -72,7 +72,8 @@ class ModelChoices:
             return name
         folder = Path(name).expanduser().resolve()
         if not any(folder.is_relative_to(root) for root in self.allowed_roots):
-            roots = ", ".join(str(root) for root in self.allowed_roots) or "none (start the app with --allowed-root DIR)"
+            roots = (", ".join(str(root) for root in self.allowed_roots)
+                     or "none (start the app with --allowed-root DIR)")
             raise ValueError(f"model {name!r} is not one the app was started with and lies outside the allowed "
                              f"roots ({roots})")
         return str(folder)
