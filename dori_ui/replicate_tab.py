@@ -104,7 +104,7 @@ def build_replicate_tab(context: AppContext) -> None:
         with gr.Column(scale=3):
             training_gallery = gr.Gallery(
                 memorized_gallery(handle), label="Memorized training images (select one)", columns=4, format="png",
-                allow_preview=False, visible=bool(handle.memorized), elem_id="replicate-training")
+                allow_preview=False, height="auto", visible=bool(handle.memorized), elem_id="replicate-training")
             sd14_table = gr.Dataframe(
                 sd14_prompts(), headers=SD14_COLUMNS, label="Stable Diffusion v1.4's memorized LAION prompts "
                 "(NeMo's list, MIT licence; select one)", interactive=False, max_height=320,
