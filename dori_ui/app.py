@@ -13,6 +13,7 @@ import gradio as gr
 from analysis.model import ModelHandle
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.attribution_tab import build_attribution_tab
+from dori_ui.finetune_tab import build_finetune_tab
 from dori_ui.mitigate_tab import build_mitigate_tab
 from dori_ui.paths_tab import build_paths_tab
 from dori_ui.perturb_tab import build_perturb_tab
@@ -77,6 +78,9 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                 build_paths_tab(context, trigger_map)
             with gr.Tab("Attribution", id="attribution"):
                 build_attribution_tab(context)
+            # Last: its model switch refreshes the views registered before it.
+            with gr.Tab("Fine-tune", id="finetune"):
+                build_finetune_tab(context)
 
         def switch_model(name: str | None, state: Session):
             try:

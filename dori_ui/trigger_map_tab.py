@@ -25,14 +25,14 @@ import plotly.graph_objects as go
 
 from analysis.dori import DoriSearch, evaluate
 from analysis.experiments.trigger_assets import asset_folder
-from analysis.images import to_display
 from analysis.model import REPO_ROOT, ModelHandle
 from analysis.projection import DEFAULT_CACHE_DIR, METHODS, warm_up
 from analysis.sampling import SamplingCancelled
 from analysis.trigger_map import TRIGGERS, TriggerMap, map_trigger_set
 from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set
 from dori_ui import MODEL_CONCURRENCY_ID
-from dori_ui.session import AppContext, Session, check_whole_number, session_handle
+from dori_ui.session import AppContext, Session, check_whole_number, session_handle, verdict_gallery
+from dori_ui.streaming import request_stop
 
 VIEW = "trigger_map"
 SHIPPED = "shipped set (assets/triggers)"
@@ -133,9 +133,7 @@ def generations(handle: ModelHandle, session: Session, state: MapState, index: i
     with session.mask.applied(handle) if session.mask is not None else nullcontext():
         result = evaluate(handle, state.trigger_set.embeddings[index:index + 1], target, seeds)
     checked = result.replication[0]
-    gallery = [(image, f"{'replicated' if flag else 'not replicated'} · similarity {s:.2f} · seed {seed}")
-               for image, s, flag, seed in zip(to_display(result.images[0]), checked.similarities.tolist(),
-                                               checked.replicated.tolist(), seeds)]
+    gallery = verdict_gallery(result.images[0], seeds, checked.similarities.tolist(), checked.replicated.tolist())
     mitigation = f" with the session's mitigation ({session.mask.method})" if session.mask is not None else ""
     summary = (f"Trigger {index} replicates the training image in {int(checked.replicated.sum())} of {len(seeds)} "
                f"seeds{mitigation}; final search loss {state.trigger_set.triggers[index]['final_loss']:.4f}.")
@@ -248,11 +246,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
 
     method.change(prepare, inputs=method, outputs=None, api_name="trigger_map_prepare")
 
-    def stop(session: Session) -> str:
-        session.stop_requested = True
-        return "Stopping after the current search step…"
-
-    stop_button.click(stop, inputs=context.session, outputs=status, api_name="trigger_map_stop")
+    stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="trigger_map_stop")
 
     def recolour(colour_name: str, state: MapState | None):
         if state is None:

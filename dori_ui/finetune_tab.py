@@ -1,0 +1,153 @@
+"""The Fine-tune view: adversarial fine-tuning against Dori's triggers, then this session can switch to the result.
+
+The run goes through `analysis.tasks.run_task("finetune", ...)`: the same
+configuration the command line runs. Its folder is named after the settings,
+so a stopped run continues from its last finished round.
+
+Element ids: `finetune-targets`, `finetune-rounds`, `finetune-steps`, `finetune-triggers`, `finetune-dori-steps`,
+`finetune-dori-batch`, `finetune-eval-seeds`, `finetune-run`, `finetune-stop`, `finetune-status`,
+`finetune-table`, `finetune-use`, `finetune-export`, `finetune-export-file`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import gradio as gr
+
+from analysis.export import RunRecord
+from analysis.finetune import EVALUATION_SEED_OFFSET, FineTuneProgress
+from analysis.model import REPO_ROOT
+from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.export import build_export
+from dori_ui.session import (AppContext, Session, check_whole_number, describe_model, session_handle,
+                             use_finetuned)
+from dori_ui.streaming import Stopped, request_stop, run_or_error, stream_task
+
+VIEW = "finetune"
+# One folder per model and settings: a rerun with the same settings resumes the checkpoint there.
+RUNS = REPO_ROOT / "runs" / "finetune"
+TABLE_COLUMNS = ["round", "caption", "caption replicates", "caption similarity", "Dori trigger replicates",
+                 "Dori similarity"]
+LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)
+
+EXPLANATION = """
+**What am I looking at?** Pruning neurons or weights does not remove a
+memorized image: Dori finds another way in. The paper's answer is training:
+each round searches triggers for the chosen images on the current model, then
+fine-tunes the UNet so that neither the caption nor those triggers reproduce
+the image, while the other images and ordinary captions keep their training.
+The table gives, before and after each round, how often the caption and a
+*fresh* Dori attack (starts and seeds never used in training) still replicate
+each image. A few minutes per round on a laptop CPU. Then switch this session
+to the fine-tuned model: every other view uses it, and Mitigate can compare it
+with the original.
+"""
+
+
+def run_folder(model_name: str, config: dict):
+    key = hashlib.sha256(json.dumps([model_name, config], sort_keys=True).encode()).hexdigest()[:16]
+    return RUNS / key
+
+
+def before_rows(replication: RunRecord, captions: list[str]) -> list[list]:
+    """The base model's caption replication, as the table's "before" rows (Dori is not run on the base)."""
+    rows = []
+    for caption, metrics in zip(captions, replication):
+        rows.append(["before", caption, f"{metrics['rate']:.0%}", round(metrics["mean_similarity"], 3),
+                     "—", "—"])
+    return rows
+
+
+def round_rows(record: RunRecord) -> list[list]:
+    return [[row["round"] + 1, row["caption"], f"{row['prompt_replication']:.0%}", round(row["prompt_similarity"], 3),
+             f"{row['dori_replication']:.0%}", round(row["dori_similarity"], 3)] for row in record.table]
+
+
+def build_finetune_tab(context: AppContext) -> None:
+    """The tab's components and events, inside the caller's `gr.Tab`. Build it after every other tab: its model
+    switch refreshes the views registered in `context.on_model_change` so far."""
+    handle = context.models.get(context.models.first)
+    captions = [m.caption for m in handle.memorized]
+    gr.Markdown(EXPLANATION)
+    with gr.Row():
+        targets = gr.CheckboxGroup(captions, value=captions[:1], label="Images to train away",
+                                   elem_id="finetune-targets", scale=3)
+        with gr.Column(scale=2):
+            with gr.Row():
+                rounds = gr.Number(2, label=f"Rounds (1–{LIMITS['rounds']})", precision=0, elem_id="finetune-rounds")
+                steps = gr.Number(40, label=f"Training steps per round (1–{LIMITS['steps']})", precision=0,
+                                  elem_id="finetune-steps")
+                triggers = gr.Number(4, label=f"Triggers per image and round (1–{LIMITS['triggers']})", precision=0,
+                                     elem_id="finetune-triggers")
+            with gr.Row():
+                dori_steps = gr.Number(50, label=f"Dori steps (1–{LIMITS['dori_steps']})", precision=0,
+                                       elem_id="finetune-dori-steps")
+                dori_batch = gr.Number(8, label=f"Dori batch (1–{LIMITS['dori_batch']})", precision=0,
+                                       elem_id="finetune-dori-batch")
+                eval_seeds = gr.Number(4, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=0,
+                                       elem_id="finetune-eval-seeds")
+            with gr.Row():
+                run_button = gr.Button("Fine-tune", variant="primary", elem_id="finetune-run")
+                stop_button = gr.Button("Stop", variant="stop", elem_id="finetune-stop")
+    status = gr.Markdown(elem_id="finetune-status")
+    table = gr.Dataframe(headers=TABLE_COLUMNS, label="Replication before and after each round", interactive=False,
+                         elem_id="finetune-table")
+    use_button = gr.Button("Use the fine-tuned model in this session", elem_id="finetune-use")
+    build_export(context, VIEW)
+
+    def run(chosen: list[str] | None, round_count: float | None, step_count: float | None,
+            trigger_count: float | None, search_steps: float | None, search_batch: float | None,
+            seed_count: float | None, session: Session, progress=gr.Progress()):
+        model = session_handle(context.models, session)
+        names = [m.caption for m in model.memorized]
+        if not chosen:
+            raise gr.Error("Choose at least one image to train away.")
+        unknown = [caption for caption in chosen if caption not in names]
+        if unknown:
+            raise gr.Error(f"Not memorized images of this model: {unknown}.")
+        parameters = dict(
+            rounds=check_whole_number("Rounds", round_count, 1, LIMITS["rounds"]),
+            steps_per_round=check_whole_number("Training steps per round", step_count, 1, LIMITS["steps"]),
+            triggers_per_image=check_whole_number("Triggers per image", trigger_count, 1, LIMITS["triggers"]),
+            eval_seeds=check_whole_number("Evaluation seeds", seed_count, 1, LIMITS["eval_seeds"]),
+            dori=dict(steps=check_whole_number("Dori steps", search_steps, 1, LIMITS["dori_steps"]),
+                      batch_size=check_whole_number("Dori batch", search_batch, 1, LIMITS["dori_batch"])))
+        indices = [names.index(caption) for caption in chosen]
+        seeds = list(range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"]))
+        progress(None, desc="Replication before fine-tuning")
+        before = [run_or_error(model, "replicate", dict(image=i, seeds=seeds), {}).metrics for i in indices]
+        rows = before_rows(before, chosen)
+        config = dict(targets=indices, parameters=parameters, resume=True)
+        config["out_dir"] = str(run_folder(model.name, config))
+        yield "Fine-tuning…", rows, session
+        for event in stream_task(model, "finetune", config, {}, session):
+            if isinstance(event, FineTuneProgress):
+                progress((event.step + 1, event.total), unit="steps",
+                         desc=f"Round {event.round + 1} of {event.rounds}: {event.stage}")
+            elif isinstance(event, Stopped):
+                yield "Stopped. Finished rounds are saved: run again with the same settings to resume.", rows, session
+            elif isinstance(event, RunRecord):
+                session.records[VIEW] = event
+                yield (f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is in "
+                       f"`{event.metrics['model_dir']}`. Switch to it below."), rows + round_rows(event), session
+
+    run_button.click(run, inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds,
+                                  context.session],
+                     outputs=[status, table, context.session], api_name="finetune",
+                     concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="finetune_stop")
+
+    def use(session: Session):
+        record = session.records.get(VIEW)
+        if record is None:
+            raise gr.Error("Fine-tune a model first: this session has none yet.")
+        tuned = use_finetuned(context.models, session, record)
+        return session, describe_model(tuned, session), f"This session now uses the fine-tuned model {tuned.name}."
+
+    event = use_button.click(use, inputs=context.session, outputs=[context.session, context.header, status],
+                             api_name="finetune_use", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    # The other views show the new model's images and defaults, as after the header's model switch.
+    for refresh, outputs in list(context.on_model_change.values()):
+        event = event.success(refresh, inputs=context.session, outputs=outputs, api_name=False)

@@ -1,0 +1,59 @@
+"""The Fine-tune view's endpoints, driven by gradio_client on the tiny model."""
+
+import dataclasses
+import socket
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from dori_ui import finetune_tab
+from dori_ui.app import build_app
+
+# targets, rounds, training steps, triggers, Dori steps, Dori batch, evaluation seeds
+TINY_RUN = (1, 2, 2, 2, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_handle, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune_tab, "RUNS", tmp_path_factory.mktemp("finetune"))
+        app = build_app(dataclasses.replace(tiny_handle, default_steps=3))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        _, url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        yield url
+        app.close()
+
+
+def test_finetune_then_switch_the_session_to_the_tuned_model(app_url, tiny_handle):
+    client = Client(app_url, verbose=False)
+    caption = tiny_handle.memorized[0].caption
+    status, table = client.predict([caption], *TINY_RUN, api_name="/finetune")
+    assert status.startswith("Fine-tuned 1 image(s) in 1 round(s)")
+    rows = table["data"]
+    assert [row[:2] for row in rows] == [["before", caption], [1, caption]]
+    assert rows[1][2].endswith("%") and rows[1][4].endswith("%") and -1 <= rows[1][5] <= 1
+
+    header, message = client.predict(api_name="/finetune_use")
+    assert "This session now uses the fine-tuned model" in message
+    tuned_name = message.removeprefix("This session now uses the fine-tuned model ").removesuffix(".")
+    assert f"**Model:** {tuned_name}" in header and tuned_name != tiny_handle.name
+
+    # Another session still has the original model and no fine-tuned one.
+    other = Client(app_url, verbose=False)
+    with pytest.raises(AppError, match="Fine-tune a model first"):
+        other.predict(api_name="/finetune_use")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (([], *TINY_RUN), "Choose at least one image"),
+    ((["not a memorized caption"], *TINY_RUN), "not in the list of choices"),
+    ((None, 0, 2, 2, 2, 2, 2), "Rounds must be a whole number from 1 to 10"),
+    ((None, 1, 2, 2, 2, 2, 17), "Evaluation seeds must be a whole number from 1 to 16"),
+])
+def test_bad_settings_give_a_clear_message(app_url, tiny_handle, arguments, message):
+    targets = [tiny_handle.memorized[0].caption] if arguments[0] is None else arguments[0]
+    with pytest.raises(AppError, match=message):
+        Client(app_url, verbose=False).predict(targets, *arguments[1:], api_name="/finetune")
