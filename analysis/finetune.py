@@ -29,6 +29,11 @@ generations are least similar to the training image is used. If even those
 replicate, `fit` raises ValueError instead of training toward the memorized
 image; pass a `Mask` or an image as `surrogate` then.
 
+Defaults: the whole UNet trains (the paper fine-tunes the full UNet; LoRA
+did not work there) with Adam at lr 1e-4, 40 steps of 16 normal + 16 trigger
+rows per round, 2 rounds, 4 triggers per image, the paper's Dori settings.
+The optimiser and learning rate are open in the paper.
+
 Cost: per round and image, one Dori search over `triggers_per_image` starts
 (≈ triggers × dori.steps UNet passes of batch dori.batch_size), training
 (steps_per_round passes of normal_batch + adversarial_batch rows) and the

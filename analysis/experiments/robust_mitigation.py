@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -49,6 +50,7 @@ WORK = REPO_ROOT / "runs" / "robust_mitigation"
 # Attack starts, search noise and generation seeds from here on are used by no other step.
 ATTACK_SEED = 2_000_000
 MEASURED_FILE = "measured.pt"
+STAGES = ("none", "nemo", "wanda", "wen", "finetune")
 # The first held-out captions, which analysis.experiments.mitigation keeps out of the localizers' reference prompts.
 MITIGATION_HELD_OUT = 10
 SHOWN = 3  # generations per condition in the figure
@@ -154,61 +156,89 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK, help="fine-tuning checkpoints and model (resumable)")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite the report from the last measurement")
+    parser.add_argument("--only", choices=STAGES, help="compute (and save in --work) only this method, e.g. to run "
+                        "methods in parallel processes; a run without it reuses every saved stage")
     args = parser.parse_args(argv)
-    started = time.time()
     handle = load_model()
     conditions = Conditions(handle, args.targets, args)
     if args.rewrite:
         write_outputs(args, handle, conditions)
         return
-    held_out_before = generate(handle, conditions.held_out, [0])
-    others_before = [replication(generate(handle, [handle.memorized[i].caption], conditions.other_seeds),
-                                 handle.memorized[i].image).rate for i in conditions.others]
     # The reference prompts of analysis.experiments.mitigation, so that its cached localizer statistics are reused.
     reference_prompts = (handle.held_out_prompts[MITIGATION_HELD_OUT:]
                          + [s.caption for s in split_shape_specs()[0][::12]])
-    results: dict[str, dict] = {}
 
-    def timed(name: str, fit):
+    def stage(name: str, compute) -> dict:
+        """A stage's result from `args.work`, or computed and saved there (stages may run in parallel processes)."""
+        path = args.work / f"stage-{name}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=False)
         print(name, flush=True)
+        stage_started = time.time()
+        result = dict(compute(), stage_seconds=round(time.time() - stage_started, 1))
+        args.work.mkdir(parents=True, exist_ok=True)
+        # Written whole under a name of this process, then renamed: parallel stages never see a partial file.
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        torch.save(result, partial)
+        os.replace(partial, path)
+        return result
+
+    def baseline() -> dict:
+        return dict(held_out=generate(handle, conditions.held_out, [0]),
+                    others=[replication(generate(handle, [handle.memorized[i].caption], conditions.other_seeds),
+                                        handle.memorized[i].image).rate for i in conditions.others])
+
+    def masked(method: str, localize) -> dict:
         fit_started = time.time()
-        made = fit()
-        return made, round(time.time() - fit_started, 1)
+        mask = union([localize(handle.memorized[i].caption) for i in args.targets], method)
+        seconds = round(time.time() - fit_started, 1)
+        return dict(measure(handle, conditions, held_out_before, mask), fit_seconds=seconds,
+                    removed=sum(mask.counts().values()))
 
-    results["none"] = dict(measure(handle, conditions, held_out_before), fit_seconds=0.0)
-    nemo = NeMo(reference_prompts=reference_prompts, cache_dir=DEFAULT_CACHE_DIR)
-    mask, seconds = timed("NeMo", lambda: union([nemo.fit(handle, handle.memorized[i].caption, seeds=range(4))
-                                                 for i in args.targets], "nemo"))
-    results["nemo"] = dict(measure(handle, conditions, held_out_before, mask), fit_seconds=seconds,
-                           removed=sum(mask.counts().values()))
-    wanda = Wanda(cache_dir=DEFAULT_CACHE_DIR)
-    mask, seconds = timed("Wanda", lambda: union([wanda.fit(handle, handle.memorized[i].caption,
-                                                            reference_prompts=reference_prompts)
-                                                  for i in args.targets], "wanda"))
-    results["wanda"] = dict(measure(handle, conditions, held_out_before, mask), fit_seconds=seconds,
-                            removed=sum(mask.counts().values()))
-    print("Wen", flush=True)
-    # Wen's default target (the held-out captions' mean magnitude), computed once rather than in every fit.
-    wen = WenMitigation(target=WenMitigation.held_out_target(handle, memorization_objective(handle, conditions.seeds)))
-    results["wen"] = dict(measure_wen(handle, conditions, held_out_before, results["none"], wen), fit_seconds=0.0,
-                          target=wen.target)
-    finetuning = AdversarialFineTuning(rounds=args.rounds, triggers_per_image=args.triggers,
-                                       steps_per_round=args.train_steps, dori=conditions.dori, eval_starts=0)
-    tuned, seconds = timed("adversarial fine-tuning", lambda: finetuning.fit(
-        handle, args.targets, args.work / "finetune", callback=progress))
-    tuned_handle = load_model(tuned.model_dir)
-    results["finetune"] = dict(measure(tuned_handle, conditions, held_out_before), fit_seconds=seconds,
-                               history=tuned.history, surrogate_sources=tuned.surrogate_sources,
-                               params=tuned.params, trained_seconds=tuned.seconds)
+    def wen() -> dict:
+        # Wen's default target (the held-out captions' mean magnitude), computed once rather than in every fit.
+        mitigation = WenMitigation(target=WenMitigation.held_out_target(
+            handle, memorization_objective(handle, conditions.seeds)))
+        return dict(measure_wen(handle, conditions, held_out_before, stage("none", none), mitigation),
+                    fit_seconds=0.0, target=mitigation.target)
 
-    summary = summarize(results, others_before, args, time.time() - started)
+    def finetune() -> dict:
+        finetuning = AdversarialFineTuning(rounds=args.rounds, triggers_per_image=args.triggers,
+                                           steps_per_round=args.train_steps, dori=conditions.dori, eval_starts=0)
+        tuned = finetuning.fit(handle, args.targets, args.work / "finetune", callback=progress)
+        return dict(measure(load_model(tuned.model_dir), conditions, held_out_before), fit_seconds=tuned.seconds,
+                    history=tuned.history, surrogate_sources=tuned.surrogate_sources, params=tuned.params,
+                    surrogates=tuned.surrogates)
+
+    def none() -> dict:
+        return dict(measure(handle, conditions, held_out_before), fit_seconds=0.0)
+
+    stages = dict(
+        none=none,
+        nemo=lambda: masked("nemo", lambda caption: NeMo(reference_prompts=reference_prompts,
+                                                         cache_dir=DEFAULT_CACHE_DIR).fit(handle, caption,
+                                                                                          seeds=range(4))),
+        wanda=lambda: masked("wanda", lambda caption: Wanda(cache_dir=DEFAULT_CACHE_DIR).fit(
+            handle, caption, reference_prompts=reference_prompts)),
+        wen=wen,
+        finetune=finetune,
+    )
+    before = stage("baseline", baseline)
+    held_out_before, others_before = before["held_out"], before["others"]
+    if args.only:
+        stage(args.only, stages[args.only])
+        return
+    results = {name: stage(name, compute) for name, compute in stages.items()}
+    surrogates = results["finetune"].pop("surrogates")
+    seconds = before["stage_seconds"] + sum(result["stage_seconds"] for result in results.values())
+    summary = summarize(results, others_before, args, seconds)
     document = dict(summary=summary, settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     others_before=others_before,
                     other_captions=[handle.memorized[i].caption for i in conditions.others],
                     held_out_prompts=conditions.held_out, reference_prompts=reference_prompts,
                     methods={name: strip(result) for name, result in results.items()})
     # Everything measured, so that the report can be rewritten (--rewrite) without measuring again.
-    torch.save(dict(document=document, results=results, held_out_before=held_out_before, surrogates=tuned.surrogates),
+    torch.save(dict(document=document, results=results, held_out_before=held_out_before, surrogates=surrogates),
                args.work / MEASURED_FILE)
     write_outputs(args, handle, conditions)
 
@@ -293,7 +323,7 @@ def write_markdown(path: Path, document: dict, args) -> None:
         "# Robust mitigation: which mitigation holds under a Dori attack",
         "",
         f"Written by `python -m analysis.experiments.robust_mitigation --targets {' '.join(map(str, args.targets))} "
-        f"--seeds {args.seeds} --rounds {args.rounds} --triggers {args.triggers} --train-steps {args.train_steps}` ({summary['wall_time_s']} s on this machine, 2 CPU cores "
+        f"--seeds {args.seeds} --rounds {args.rounds} --triggers {args.triggers} --train-steps {args.train_steps}` ({summary['wall_time_s']} s of stage wall time on this machine, 2 CPU cores "
         "shared with other jobs). Each method gives one mitigated model for all selected images. Replication: share "
         f"of {args.seeds} generations (seeds never used in any fit) whose pixel correlation with the training photo "
         f"exceeds {summary['threshold']}. Dori: a fresh {args.dori_steps}-step search from the caption's embedding "
@@ -345,9 +375,8 @@ def write_markdown(path: Path, document: dict, args) -> None:
         "",
         "## Adversarial fine-tuning",
         "",
-        f"Settings: `{json.dumps({k: v for k, v in tuned['params'].items()})}`. Training took "
-        f"{tuned['trained_seconds']} s over {len(tuned['history'])} rounds (surrogates and model saving "
-        f"included in the fit time above). Surrogates: "
+        f"Settings: `{json.dumps(tuned['params'])}`. The {len(tuned['history'])} rounds took {tuned['fit_seconds']} s "
+        "(the fit time above; the surrogates' generation is not included). Surrogates: "
         + "; ".join(f"{caption}: {source}" for caption, source in tuned["surrogate_sources"].items()) + ".",
         "",
         "| round | normal loss (mean) | trigger loss (mean) | seconds |",
