@@ -1,7 +1,6 @@
 """The Fine-tune view's endpoints, driven by gradio_client on the tiny model."""
 
 import dataclasses
-import socket
 
 import pytest
 from gradio_client import Client
@@ -9,6 +8,7 @@ from gradio_client.exceptions import AppError
 
 from dori_ui import finetune_tab
 from dori_ui.app import build_app
+from served import served
 
 # targets, rounds, training steps, triggers, Dori steps, Dori batch, evaluation seeds
 TINY_RUN = (1, 2, 2, 2, 2, 2)
@@ -19,12 +19,8 @@ def app_url(tiny_handle, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(finetune_tab, "RUNS", tmp_path_factory.mktemp("finetune"))
         app = build_app(dataclasses.replace(tiny_handle, default_steps=3))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        _, url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        yield url
-        app.close()
+        with served(app) as url:
+            yield url
 
 
 def test_finetune_then_switch_the_session_to_the_tuned_model(app_url, tiny_handle):

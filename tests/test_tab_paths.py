@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import socket
 
 import pytest
 from gradio_client import Client
@@ -10,6 +9,7 @@ from gradio_client.exceptions import AppError
 
 from dori_ui import paths_tab, trigger_map_tab
 from dori_ui.app import build_app
+from served import served
 from dori_ui.trigger_map_tab import BUILD
 
 STEPS = 3
@@ -25,15 +25,11 @@ def client(tiny_handle, tmp_path_factory):
         patch.setattr(paths_tab, "NEMO_PARAMETERS", dict(scales=2, steps=4, cache_dir=None))
         patch.setattr(paths_tab, "WANDA_PARAMETERS", dict(steps=4, cache_dir=None))
         app = build_app(dataclasses.replace(tiny_handle, default_steps=STEPS))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        _, url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        client = Client(url, verbose=False)
-        client.predict(tiny_handle.memorized[0].caption, BUILD, "pca", "replication", 3, 2, 1,
-                       api_name="/trigger_map_load")
-        yield client
-        app.close()
+        with served(app) as url:
+            client = Client(url, verbose=False)
+            client.predict(tiny_handle.memorized[0].caption, BUILD, "pca", "replication", 3, 2, 1,
+                           api_name="/trigger_map_load")
+            yield client
 
 
 def test_discrepancy_of_triggers_beside_prompts(client):

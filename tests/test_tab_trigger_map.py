@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import socket
 
 import pytest
 from gradio_client import Client
@@ -10,6 +9,7 @@ from gradio_client.exceptions import AppError
 
 from dori_ui import trigger_map_tab
 from dori_ui.app import build_app
+from served import served
 from dori_ui.trigger_map_tab import BUILD, SHIPPED
 
 STEPS = 3
@@ -24,12 +24,8 @@ def app_url(tiny_handle, tmp_path_factory):
         patch.setattr(trigger_map_tab, "BUILT_SETS", folder)
         patch.setattr(trigger_map_tab, "PROJECTION_CACHE", None)
         app = build_app(dataclasses.replace(tiny_handle, default_steps=STEPS))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        _, url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        yield url
-        app.close()
+        with served(app) as url:
+            yield url
 
 
 def test_build_map_select_and_pin(app_url, tiny_handle):

@@ -8,27 +8,17 @@ DORI_REQUIRE_BROWSER=1 (set by `.ci/run`) makes that a failure.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from analysis.bench.startup import free_port, wait_until_ready
+
 CHROMIUM = Path(os.environ.get("DORI_CHROMIUM", "/usr/bin/chromium"))
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPOSITORY / "docs" / "screenshots"
-# Loading the bundled model and building every tab takes ~10 s alone; on a busy 2-core machine much longer.
-STARTUP_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _missing_browser_reason() -> str | None:
@@ -41,21 +31,6 @@ def _missing_browser_reason() -> str | None:
     return None
 
 
-def _wait_until_ready(url: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the app exited with code {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the app did not answer at {url} within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="session")
 def app_url(tmp_path_factory):
     """URL of `python app.py` on the bundled model, started once for the whole browser suite."""
@@ -64,7 +39,7 @@ def app_url(tmp_path_factory):
         if os.environ.get("DORI_REQUIRE_BROWSER") == "1":
             pytest.fail(f"browser suite required but {reason}")
         pytest.skip(reason)
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
     with log.open("w") as log_file:
         server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"],
@@ -72,7 +47,10 @@ def app_url(tmp_path_factory):
                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_until_ready(url, server, log)
+        try:
+            wait_until_ready(url, server)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}; its log:\n{log.read_text()[-3000:]}") from err
         yield url
     finally:
         server.terminate()

@@ -10,8 +10,19 @@ from __future__ import annotations
 
 import re
 import zipfile
+from typing import TYPE_CHECKING
 
-from playwright.sync_api import Page, expect
+import pytest
+
+from analysis.experiments.trigger_assets import asset_folder
+from analysis.triggers import METADATA_FILE
+from dori_ui.trigger_map_tab import BUILD
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+# Without Playwright the suite is skipped (tests/browser/conftest.py explains when that is a failure instead).
+expect = pytest.importorskip("playwright.sync_api").expect
 
 # Small settings keep the whole story to a few minutes on 2 CPU cores.
 SEEDS = 4
@@ -92,6 +103,39 @@ def test_dori_brings_the_image_back(page: Page, screenshot):
     assert returned / seeds >= RETURNED_RATE, f"the trigger replicates in only {returned} of {seeds} seeds: {text}"
 
 
+def test_trigger_map_select_a_point(page: Page, screenshot):
+    open_tab(page, "Trigger map")
+    expect(page.locator("#trigger-map-image input")).to_have_value(ASTRONAUT)
+    if not (asset_folder(0) / METADATA_FILE).is_file():
+        # No shipped set in this checkout: build a small one here (resumed from runs/ on later runs).
+        page.locator("#trigger-map-source").get_by_label(BUILD).check()
+        set_number(page, "trigger-map-count", 4)
+        set_number(page, "trigger-map-steps", 30)
+    page.locator("#trigger-map-load").click()
+    expect(page.locator("#trigger-map-status")).to_contain_text("triggers of", timeout=300_000)
+    expect(page.locator("#trigger-map-plot .js-plotly-plot")).to_be_visible()
+    for row, slot in ((1, "a"), (0, "b")):
+        page.locator(f'#trigger-map-table [data-testid="cell-{row}-1"]').click()
+        selected_summary = page.locator("#trigger-map-selected-summary")
+        expect(selected_summary).to_contain_text(f"Trigger {row} replicates the training image in")
+        expect(page.locator("#trigger-map-selected .caption-label").filter(has_text=VERDICT)).to_have_count(4)
+        page.locator(f"#trigger-map-pin-{slot}").click()
+        expect(page.locator(f"#trigger-map-pinned-{slot}")).to_contain_text(f"Trigger {row} replicates")
+    # The map marks the selected trigger.
+    expect(page.locator("#trigger-map-plot")).to_contain_text("selected: trigger 0")
+    screenshot(page, "trigger_map")
+
+
+def test_paths_of_the_triggers(page: Page, screenshot):
+    open_tab(page, "Paths & masks")
+    set_number(page, "paths-triggers", 4)
+    page.locator("#paths-discrepancy-run").click()
+    expect(page.locator("#paths-discrepancy-summary")).to_contain_text("4 triggers of")
+    expect(page.locator("#paths-discrepancy-summary")).to_contain_text("triggers / prompts")
+    expect(page.locator("#paths-discrepancy-plot")).to_contain_text("different memorized prompts")
+    screenshot(page, "paths")
+
+
 def test_export_the_search_as_a_zip(page: Page, tmp_path):
     open_tab(page, "Perturb")
     page.locator("#perturb-export").click()
@@ -107,6 +151,25 @@ def test_export_the_search_as_a_zip(page: Page, tmp_path):
     assert any(name.startswith("images/") and name.endswith(".png") for name in names)
 
 
-def test_attribution_tab_shows(page: Page, screenshot):
+def test_attribution_highlights_words(page: Page, screenshot):
     open_tab(page, "Attribution")
+    page.locator("#attribution-run").click()
+    expect(page.locator("#attribution-summary")).not_to_be_empty()
+    expect(page.locator("#attribution-words")).to_contain_text("astronaut")
     screenshot(page, "attribution")
+
+
+def test_finetune_and_switch_to_the_tuned_model(page: Page, screenshot):
+    open_tab(page, "Fine-tune")
+    for elem_id, value in (("finetune-rounds", 1), ("finetune-steps", 2), ("finetune-triggers", 1),
+                           ("finetune-dori-steps", 5), ("finetune-dori-batch", 2), ("finetune-eval-seeds", 2)):
+        set_number(page, elem_id, value)
+    page.locator("#finetune-run").click()
+    status = page.locator("#finetune-status")
+    expect(status).to_contain_text("Fine-tuned 1 image(s) in 1 round(s)", timeout=600_000)
+    expect(page.locator("#finetune-table")).to_contain_text("before")
+    page.locator("#finetune-use").click()
+    expect(status).to_contain_text("This session now uses the fine-tuned model")
+    tuned = status.inner_text().removeprefix("This session now uses the fine-tuned model ").removesuffix(".")
+    expect(page.locator("#model-header")).to_contain_text(tuned)
+    screenshot(page, "finetune")
