@@ -1,8 +1,9 @@
 """Mitigation as masks on the bundled demo model: NeMo neuron blocking and Wanda weight pruning.
 
-    python -m analysis.experiments.mitigation [--seeds 10] [--nemo-seeds 4] [--held-out 10]
+    python -m analysis.experiments.mitigation [--seeds 10] [--nemo-seeds 4] [--held-out 5] [--nemo-refine]
 
-For every memorized caption: a NeMo mask and a Wanda mask localized for it,
+For every memorized caption replicated on at least 80 % of seeds (the
+target's starting point): a NeMo mask and a Wanda mask localized for it,
 then the replication (share of seeds above the threshold, mean similarity to
 the training photo) with no mitigation and under each mask; units removed per
 layer; UNet evaluations NeMo spent. Effect on held-out captions: pixel
@@ -13,7 +14,7 @@ at, whole layers, how many neurons, Wanda variants): `investigate`.
 Writes docs/results/mitigation.{md,json} and mitigation_grid.png.
 
 Reference (non-memorized) prompts for NeMo's statistics and τ and for Wanda:
-the held-out captions not used for evaluation plus every 12th training shape
+the held-out captions after the first 10 plus every 12th training shape
 caption, so the evaluated held-out captions stay unseen by both localizers.
 """
 
@@ -42,15 +43,14 @@ from analysis.sampling import encode_prompts, sample
 RESULTS = Path("docs/results")
 MASKS = REPO_ROOT / "runs" / "mitigation_masks"
 SHOWN_SEEDS = 3  # generations per condition in the grid
+RESERVED_HELD_OUT = 10  # the first held-out captions: kept out of the reference prompts, side effects measured on them
 INVESTIGATION_SEEDS = 4
 INVESTIGATION_CAPTIONS = (0, 1, 6)  # astronaut, cat, cameraman: replicated on 10/10 seeds
-INVESTIGATION_STEP_INDICES = (0, 1, 2, 3)
 INVESTIGATION_CALIBRATION_PROMPTS = 12  # reference prompts for τ at each investigated step
-INVESTIGATION_NEURON_COUNTS = (64, 128, 256)
+INVESTIGATION_STEP_INDICES = (0, 2)
+INVESTIGATION_NEURON_COUNTS = (128, 256, 512)
 INVESTIGATION_WANDA = {
     "5% ff, first step": dict(sparsity=0.05, record_steps=1),
-    "5% ff, all steps": dict(sparsity=0.05, record_steps=10),
-    "20% ff, first 5 steps": dict(sparsity=0.2),
     "5% value, first 5 steps": dict(sparsity=0.05, layers="value"),
 }
 
@@ -80,7 +80,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=10, help="seeds per caption for replication")
     parser.add_argument("--nemo-seeds", type=int, default=4, help="seeds of NeMo's internal criterion")
-    parser.add_argument("--held-out", type=int, default=10, help="held-out captions to evaluate side effects on")
+    parser.add_argument("--held-out", type=int, default=5,
+                        help=f"held-out captions to evaluate side effects on (of the first {RESERVED_HELD_OUT})")
+    parser.add_argument("--min-replication", type=float, default=0.8,
+                        help="localize only captions replicated at least this often without mitigation (the target's)")
+    parser.add_argument("--nemo-refine", action="store_true",
+                        help="run NeMo's refinement (one criterion evaluation per blocked neuron); off: its initial "
+                             "selection, the largest mask it considers")
     parser.add_argument("--sparsity", type=float, default=0.01, help="Wanda's top share per output row")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -90,20 +96,28 @@ def main(argv=None) -> None:
     started = time.time()
     handle = load_model()
     seeds, nemo_seeds = list(range(args.seeds)), list(range(args.nemo_seeds))
+    if not 0 < args.held_out <= RESERVED_HELD_OUT:
+        raise ValueError(f"--held-out must be in [1, {RESERVED_HELD_OUT}], got {args.held_out}")
     evaluation_prompts = handle.held_out_prompts[:args.held_out]
-    reference_prompts = handle.held_out_prompts[args.held_out:] + [s.caption for s in split_shape_specs()[0][::12]]
-    nemo = NeMo(reference_prompts=reference_prompts, cache_dir=DEFAULT_CACHE_DIR)
+    reference_prompts = (handle.held_out_prompts[RESERVED_HELD_OUT:]
+                         + [s.caption for s in split_shape_specs()[0][::12]])
+    nemo = NeMo(reference_prompts=reference_prompts, refine=args.nemo_refine, cache_dir=DEFAULT_CACHE_DIR)
     wanda = Wanda(sparsity=args.sparsity, cache_dir=DEFAULT_CACHE_DIR)
     print(f"{len(handle.memorized)} memorized captions, {args.seeds} seeds, NeMo criterion on {args.nemo_seeds} seeds, "
           f"{len(evaluation_prompts)} held-out captions, {len(reference_prompts)} reference prompts", flush=True)
     held_out_before = generate(handle, evaluation_prompts, [0])
 
-    rows, grid_rows = [], []
+    rows, grid_rows, not_localized = [], [], []
     held_out_under_first_masks = {}
     for index, item in enumerate(handle.memorized):
         row = dict(caption=item.caption)
         baseline = generate(handle, [item.caption], seeds)
         row["none"] = replication_row(baseline, item.image)
+        if row["none"]["replicated"] < args.min_replication:
+            not_localized.append(row)
+            print(f"{item.caption}: replicated {row['none']['replicated']:.2f} < {args.min_replication}, not localized",
+                  flush=True)
+            continue
         grid_row = [item.image[None], baseline[:SHOWN_SEEDS]]
 
         fit_started = time.time()
@@ -123,7 +137,7 @@ def main(argv=None) -> None:
                                                                          mask))
             mask.save(MASKS / f"{method}-{index}.safetensors")
             grid_row.append(mitigated[:SHOWN_SEEDS])
-            if index == 0:
+            if method not in held_out_under_first_masks:
                 held_out_under_first_masks[method] = generate(handle, evaluation_prompts, [0], mask)
         grid_rows.append(torch.cat(grid_row))
         rows.append(row)
@@ -136,9 +150,10 @@ def main(argv=None) -> None:
     investigation = investigate(handle, reference_prompts, evaluation_prompts, held_out_before)
     summary = summarize(rows, detection, args, time.time() - started)
     (args.out / "mitigation.json").write_text(json.dumps(dict(
-        summary=summary, captions=rows, held_out_detection=detection, investigation=investigation,
-        reference_prompts=reference_prompts, evaluation_prompts=evaluation_prompts), indent=1))
-    write_markdown(args.out / "mitigation.md", summary, rows, detection, investigation)
+        summary=summary, captions=rows, not_localized=not_localized, held_out_detection=detection,
+        investigation=investigation, reference_prompts=reference_prompts, evaluation_prompts=evaluation_prompts),
+        indent=1))
+    write_markdown(args.out / "mitigation.md", summary, rows, not_localized, detection, investigation)
     print(json.dumps(summary, indent=1))
 
 
@@ -304,7 +319,8 @@ def mean(values) -> float:
 
 
 def summarize(rows: list[dict], detection: dict, args, seconds: float) -> dict:
-    summary = dict(seeds=args.seeds, nemo_seeds=args.nemo_seeds, wanda_sparsity=args.sparsity,
+    summary = dict(seeds=args.seeds, nemo_seeds=args.nemo_seeds, nemo_refine=args.nemo_refine,
+                   wanda_sparsity=args.sparsity, min_replication=args.min_replication,
                    threshold=REPLICATION_THRESHOLD, wall_time_s=round(seconds, 1))
     for method in ("none", "nemo", "wanda"):
         summary[f"{method}_mean_replicated"] = mean(row[method]["replicated"] for row in rows)
@@ -317,7 +333,8 @@ def summarize(rows: list[dict], detection: dict, args, seconds: float) -> dict:
     return summary
 
 
-def write_markdown(path: Path, summary: dict, rows: list[dict], detection: dict, investigation: dict) -> None:
+def write_markdown(path: Path, summary: dict, rows: list[dict], not_localized: list[dict], detection: dict,
+                   investigation: dict) -> None:
     n = summary["seeds"]
 
     def cell(result: dict) -> str:
@@ -335,8 +352,16 @@ def write_markdown(path: Path, summary: dict, rows: list[dict], detection: dict,
         f"Written by `python -m analysis.experiments.mitigation` ({summary['wall_time_s']} s on this machine). "
         f"Replication: {n} seeds per caption at the model's default sampling settings; a generation replicates when "
         f"its pixel correlation with the training photo exceeds {summary['threshold']}. NeMo's criterion uses "
-        f"{summary['nemo_seeds']} seeds; Wanda prunes the top {summary['wanda_sparsity']:.0%} per output row of the "
+        f"{summary['nemo_seeds']} seeds; " + ("NeMo's masks are refined. " if summary["nemo_refine"] else
+        "NeMo's masks are its initial selection, unrefined: refinement only unblocks neurons from it while keeping "
+        "the criterion, so it is the strongest mask NeMo builds, and refinement (one criterion evaluation per "
+        "blocked neuron, ≈ 200 per caption) did not fit this shared 2-core machine's time. ") +
+        f"Wanda prunes the top {summary['wanda_sparsity']:.0%} per output row of the "
         "feed-forward layers. Paper target: replication from ≥ 0.8 to ≤ 0.2 under both, held-out barely changed.",
+        "",
+        f"Localized: the captions replicated on at least {summary['min_replication']:.0%} of seeds without "
+        "mitigation (the target's starting point). Not localized: " +
+        ("; ".join(f"{r['caption']} {cell(r['none'])}" for r in not_localized) or "none") + ".",
         "",
         "## Replication (replicated seeds, mean similarity)",
         "",

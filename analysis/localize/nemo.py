@@ -175,6 +175,9 @@ class NeMo:
     `steps` of the DDIM schedule (None: the model's default) and `step_index`,
     the step δ is read at (0: x_T; the authors read step 1 of 50); θ
     schedule; `scales` of MS-SSIM (3 need images of at least 28 pixels);
+    `refine=False` returns the initial selection, the largest mask NeMo
+    considers (refinement only unblocks neurons from it, at one criterion
+    evaluation per blocked neuron);
     `cache_dir` (None: no cache); `batch_size` caps UNet rows per call;
     `progress(message)` is called after every criterion evaluation.
 
@@ -187,7 +190,8 @@ class NeMo:
     def __init__(self, reference_prompts: Sequence[str] | None = None, layers: Sequence[str] | None = None,
                  threshold: float | None = None, calibration_seeds: Sequence[int] = DEFAULT_SEEDS,
                  steps: int | None = None, step_index: int = 2, theta_start: float = 5.0, theta_step: float = 0.25,
-                 theta_min: float = 1.0, scales: int = SCALES, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+                 theta_min: float = 1.0, scales: int = SCALES, refine: bool = True,
+                 cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
                  batch_size: int | None = None, progress: Callable[[str], None] | None = None):
         self.reference_prompts = reference_prompts
         self.layers = layers
@@ -199,6 +203,7 @@ class NeMo:
         self.theta_step = theta_step
         self.theta_min = theta_min
         self.scales = scales
+        self.refine = refine
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.progress = progress
@@ -250,9 +255,10 @@ class NeMo:
         blocked, similarity, self.trace_ = initial_selection(
             activations, z_scores, similarity_when_blocked, self.threshold_, self.theta_start, self.theta_step,
             self.theta_min, self._report)
-        # If the loop ended without reaching τ, refine against the similarity reached (as the authors do).
-        blocked, similarity = refine(blocked, similarity, similarity_when_blocked,
-                                     max(self.threshold_, similarity), self._report)
+        if self.refine:
+            # If the loop ended without reaching τ, refine against the similarity reached (as the authors do).
+            blocked, similarity = refine(blocked, similarity, similarity_when_blocked,
+                                         max(self.threshold_, similarity), self._report)
         self.similarity_ = similarity
         return self._mask(handle, prompt, seeds, steps, blocked)
 
@@ -260,7 +266,7 @@ class NeMo:
               blocked: dict[str, torch.Tensor]) -> Mask:
         parameters = dict(seeds=seeds, memorized_seeds=self.memorized_seeds_, steps=steps, step_index=self.step_index,
                           threshold=self.threshold_, theta_start=self.theta_start, theta_step=self.theta_step,
-                          theta_min=self.theta_min, scales=self.scales, similarity=self.similarity_,
+                          theta_min=self.theta_min, scales=self.scales, refine=self.refine, similarity=self.similarity_,
                           unet_evaluations=self.unet_evaluations_)
         return Mask(blocked, method="nemo", prompt=prompt, model=handle.name, parameters=parameters)
 
