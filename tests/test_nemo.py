@@ -98,3 +98,11 @@ def test_ms_ssim_is_one_for_identical_maps_and_drops_with_noise():
     assert torch.equal(ms_ssim(x, -x), torch.zeros(2))  # negative structure is clamped to 0, as in NeMo's code
     with pytest.raises(ValueError, match="smaller than"):
         ms_ssim(x[..., :16, :16], x[..., :16, :16])  # 3 scales of 16 px end at 4x4 < the 7x7 window
+
+
+def test_fit_without_refinement_returns_the_initial_selection(tiny_handle, tmp_path):
+    nemo = NeMo(threshold=-1.0, steps=4, step_index=0, theta_start=1.5, scales=2, refine=False, cache_dir=tmp_path)
+    mask = nemo.fit(tiny_handle, PROMPT, seeds=[0, 1])
+    assert len(nemo.trace_) == 3 and mask.counts() == nemo.trace_[-1].neurons
+    assert nemo.unet_evaluations_ == 1 + 2 + 3 * 2  # activations, unblocked δ, one δ per round
+    assert mask.parameters["refine"] is False
