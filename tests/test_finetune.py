@@ -12,7 +12,7 @@ from analysis.dori import DoriSearch
 from analysis.finetune import CHECKPOINT_FILE, AdversarialFineTuning, FineTuneProgress, trainable_parameters
 from analysis.model import load_model
 from analysis.sampling import SamplingCancelled
-from conftest import MEMORIZED_CAPTIONS
+from tiny_model import MEMORIZED_CAPTIONS
 
 
 @pytest.fixture(scope="module")

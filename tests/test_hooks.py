@@ -4,7 +4,7 @@ from diffusers import UNet2DConditionModel
 
 from analysis.hooks import (InputSquaredNorm, MeanAbsOutput, hook_points, hooked, nemo_layers, resolve_layers,
                             zero_outputs)
-from conftest import build_tiny_handle
+from tiny_model import build_tiny_handle
 
 
 def test_names_are_stable_across_builds(tiny_handle):

@@ -43,7 +43,7 @@ def test_partial_folder_lists_the_missing_parts(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("local_files_only", [True, False])
 def test_unreachable_hub_id_names_the_id(local_files_only):
-    # conftest sets HF_HUB_OFFLINE=1, so the plain call fails fast as well.
+    # tests/tiny_model.py (imported by conftest) sets HF_HUB_OFFLINE=1, so the plain call fails fast as well.
     with pytest.raises(ModelLoadError, match="nobody/no-such-model"):
         load_model("nobody/no-such-model", local_files_only=local_files_only)
 
