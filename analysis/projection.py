@@ -94,7 +94,7 @@ class Projection:
             return self
         path = self._cache_path(vectors)
         if path is not None and path.is_file():
-            # Our own cache folder, written by the pickle.dump below.
+            # pickle runs code on load: cache_dir must only hold files this class wrote.
             self.model_ = pickle.loads(path.read_bytes())
         else:
             self.model_ = self._new_model().fit(vectors)

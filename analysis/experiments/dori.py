@@ -190,8 +190,8 @@ def markdown(data: dict, command: str) -> str:
         a = data["agreement"]
         lines += ["## 5. Mask agreement", "",
                   f"Masks for “{a['caption']}” and {a['triggers']} replicating triggers of it. Mean pairwise IoU per "
-                  "layer over masks of different embeddings (undefined: both masks empty in that layer; share of "
-                  "such pairs in brackets).", "", "| method | layer | mean IoU | undefined pairs |", "|---|---|---|---|"]
+                  "layer over the pairs of different embeddings whose IoU is defined; undefined pairs: the share where "
+                  "both masks are empty in that layer (no IoU, not counted as agreement).", "", "| method | layer | mean IoU | undefined pairs |", "|---|---|---|---|"]
         for method in ("nemo", "wanda"):
             lines += [f"| {method} | {layer} | {fmt(v['mean'])} | {v['undefined']:.2f} |"
                       for layer, v in a[method].items()]
@@ -326,6 +326,8 @@ def main(argv=None) -> None:
                        zip(ours.layers, ours.relative.tolist(), theirs.relative.tolist())})
     report.add("discrepancy", dict(caption=target.caption, same_image_count=len(same_image),
                                    prompt_count=len(prompts), layers=layers))
+    figures(report.data, map_points, args.out)  # before the agreement: NeMo per trigger is the slowest part
+    report.add("figures", ["dori.png", "dori.html"])
 
     # 5. Agreement between masks of different embeddings of image 0, and between methods.
     embeddings = same_image[:1 + args.agreement_triggers]
@@ -344,9 +346,6 @@ def main(argv=None) -> None:
                     undefined=undefined[diagonal].float().mean().item())
         for layer, values, undefined in zip(between.layers, between.values, between.undefined)}
     report.add("agreement", agreement)
-
-    figures(report.data, map_points, args.out)
-    report.add("figures", ["dori.png", "dori.html"])
     print(f"wrote {args.out / 'dori.md'}")
 
 
