@@ -158,6 +158,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rewrite", action="store_true", help="only rewrite the report from the last measurement")
     parser.add_argument("--only", choices=STAGES, help="compute (and save in --work) only this method, e.g. to run "
                         "methods in parallel processes; a run without it reuses every saved stage")
+    parser.add_argument("--saved-only", action="store_true", help="report only the stages already saved in --work")
     args = parser.parse_args(argv)
     handle = load_model()
     conditions = Conditions(handle, args.targets, args)
@@ -228,8 +229,12 @@ def main(argv=None) -> None:
     if args.only:
         stage(args.only, stages[args.only])
         return
-    results = {name: stage(name, compute) for name, compute in stages.items()}
-    surrogates = results["finetune"].pop("surrogates")
+    if args.saved_only:
+        results = {name: torch.load(args.work / f"stage-{name}.pt", weights_only=False) for name in stages
+                   if (args.work / f"stage-{name}.pt").is_file()}
+    else:
+        results = {name: stage(name, compute) for name, compute in stages.items()}
+    surrogates = results["finetune"].pop("surrogates") if "finetune" in results else None
     seconds = before["stage_seconds"] + sum(result["stage_seconds"] for result in results.values())
     summary = summarize(results, others_before, args, seconds)
     document = dict(summary=summary, settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -278,7 +283,7 @@ METHOD_NAMES = dict(none="no mitigation", nemo="NeMo", wanda="Wanda", wen="Wen e
 def summarize(results: dict, others_before: list[float], args, seconds: float) -> dict:
     summary = dict(seeds=args.seeds, other_seeds=args.other_seeds, dori_steps=args.dori_steps, rounds=args.rounds,
                    threshold=REPLICATION_THRESHOLD, wall_time_s=round(seconds, 1),
-                   others_replication_before=mean(others_before))
+                   others_replication_before=mean(others_before), measured=list(results))
     for name, result in results.items():
         summary[name] = dict(
             prompt_replication=mean(row["prompt_replication"] for row in result["targets"]),
@@ -286,45 +291,51 @@ def summarize(results: dict, others_before: list[float], args, seconds: float) -
             held_out_similarity=result["held_out_similarity"],
             others_replication=mean(result["others_replication"]),
             fit_seconds=result["fit_seconds"], attack_seconds=result["attack_seconds"])
-    summary["wen"]["dori_through_wen_replication"] = mean(row["dori_through_wen_replication"]
-                                                          for row in results["wen"]["targets"])
-    tuned = summary["finetune"]
-    summary["target"] = dict(
-        dori_replication_at_most=TARGET_DORI_REPLICATION, held_out_similarity_at_least=HELD_OUT_UNAFFECTED,
-        others_drop_at_most=OTHERS_UNAFFECTED,
-        dori_met=tuned["dori_replication"] <= TARGET_DORI_REPLICATION,
-        held_out_met=tuned["held_out_similarity"] >= HELD_OUT_UNAFFECTED,
-        others_met=summary["others_replication_before"] - tuned["others_replication"] <= OTHERS_UNAFFECTED)
+    if "wen" in results:
+        summary["wen"]["dori_through_wen_replication"] = mean(row["dori_through_wen_replication"]
+                                                              for row in results["wen"]["targets"])
+    if "finetune" in results:
+        tuned = summary["finetune"]
+        summary["target"] = dict(
+            dori_replication_at_most=TARGET_DORI_REPLICATION, held_out_similarity_at_least=HELD_OUT_UNAFFECTED,
+            others_drop_at_most=OTHERS_UNAFFECTED,
+            dori_met=tuned["dori_replication"] <= TARGET_DORI_REPLICATION,
+            held_out_met=tuned["held_out_similarity"] >= HELD_OUT_UNAFFECTED,
+            others_met=summary["others_replication_before"] - tuned["others_replication"] <= OTHERS_UNAFFECTED)
     return summary
 
 
 def write_figure(path: Path, handle: ModelHandle, conditions: Conditions, held_out_before: torch.Tensor,
-                 results: dict, surrogates: dict[str, torch.Tensor]) -> None:
+                 results: dict, surrogates: dict[str, torch.Tensor] | None) -> None:
     rows = []
     for j, index in enumerate(conditions.targets):
         item = handle.memorized[index]
-        rows.append(torch.cat([item.image[None], surrogates[item.caption][:SHOWN]]))
+        if surrogates is not None:
+            rows.append(torch.cat([item.image[None], surrogates[item.caption][:SHOWN]]))
         for result in results.values():
             row = result["targets"][j]
             rows.append(torch.cat([item.image[None], row["prompt_images"][:SHOWN],
                                    row["dori_images"][:, :SHOWN].flatten(0, 1)]))
-    rows += [held_out_before, results["finetune"]["held_out_images"]]
+    rows.append(held_out_before)
+    if "finetune" in results:
+        rows.append(results["finetune"]["held_out_images"])
     image_grid(rows, scale=3).save(path)
 
 
 def write_markdown(path: Path, document: dict, args) -> None:
     summary, methods = document["summary"], document["methods"]
-    target = summary["target"]
 
     def yes(flag: bool) -> str:
         return "yes" if flag else "**no**"
 
+    missing = [label for name, label in METHOD_NAMES.items() if name not in methods]
     lines = [
         "# Robust mitigation: which mitigation holds under a Dori attack",
         "",
         f"Written by `python -m analysis.experiments.robust_mitigation --targets {' '.join(map(str, args.targets))} "
-        f"--seeds {args.seeds} --rounds {args.rounds} --triggers {args.triggers} --train-steps {args.train_steps}` ({summary['wall_time_s']} s of stage wall time on this machine, 2 CPU cores "
-        "shared with other jobs). Each method gives one mitigated model for all selected images. Replication: share "
+        f"--seeds {args.seeds} --rounds {args.rounds} --triggers {args.triggers} --train-steps {args.train_steps}` "
+        f"({summary['wall_time_s']} s of stage wall time on this machine, 2 CPU cores shared with other jobs). "
+        "Each method gives one mitigated model for all selected images. Replication: share "
         f"of {args.seeds} generations (seeds never used in any fit) whose pixel correlation with the training photo "
         f"exceeds {summary['threshold']}. Dori: a fresh {args.dori_steps}-step search from the caption's embedding "
         "and from a Gaussian start, each trigger generated with every seed. Held-out: mean pixel correlation of "
@@ -332,42 +343,65 @@ def write_markdown(path: Path, document: dict, args) -> None:
         f"(1 = unchanged). Non-selected: mean replication of the other {len(document['other_captions'])} memorized "
         f"photos over {args.other_seeds} seeds (unmitigated: {summary['others_replication_before']:.2f}).",
         "",
+        *([f"**Not measured** (the run was stopped before these stages finished): {', '.join(missing)}.", ""]
+          if missing else []),
         "| method | caption: replicated | Dori: replicated | held-out similarity | non-selected replicated "
         "| fit s | attack s |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, label in METHOD_NAMES.items():
-        s = summary[name]
-        lines.append(f"| {label} | {s['prompt_replication']:.2f} | **{s['dori_replication']:.2f}** | "
-                     f"{s['held_out_similarity']:.3f} | {s['others_replication']:.2f} | {s['fit_seconds']} | "
-                     f"{s['attack_seconds']} |")
+        if name in methods:
+            s = summary[name]
+            lines.append(f"| {label} | {s['prompt_replication']:.2f} | **{s['dori_replication']:.2f}** | "
+                         f"{s['held_out_similarity']:.3f} | {s['others_replication']:.2f} | {s['fit_seconds']} | "
+                         f"{s['attack_seconds']} |")
+    if "wen" in methods:
+        lines += [
+            "",
+            f"Wen et al.: AdamW lr 0.05, at most 10 iterations, stop at m ≤ {methods['wen']['target']:.3f} (the mean "
+            "first-step magnitude of the held-out captions); every prompt given is mitigated, the non-selected and "
+            "held-out captions too. Against Wen the triggers are given as embeddings, which bypasses the mitigation "
+            "(it only rewrites the embedding of what it is given; the weights are the plain model's). Passed through "
+            f"Wen's mitigation as well, they replicate at **{summary['wen']['dori_through_wen_replication']:.2f}**.",
+        ]
     lines += [
-        "",
-        f"Wen et al.: AdamW lr 0.05, at most 10 iterations, stop at m ≤ {methods['wen']['target']:.3f} (the mean "
-        "first-step magnitude of the held-out captions); every prompt given is mitigated, the non-selected and "
-        "held-out captions too. "
-        f"Against Wen the triggers are given as embeddings, which bypasses the mitigation (it only rewrites "
-        "the embedding of what it is given; the weights are the plain model's). Passed through Wen's mitigation as "
-        f"well, they replicate at **{summary['wen']['dori_through_wen_replication']:.2f}**.",
         "",
         "## Per image",
         "",
         "| method | image | caption: replicated (similarity) | Dori: replicated (similarity) |",
         "|---|---|---|---|",
-    ]
-    for name, label in METHOD_NAMES.items():
-        for row in methods[name]["targets"]:
-            lines.append(f"| {label} | {row['caption']} | {row['prompt_replication']:.2f} "
-                         f"({row['prompt_similarity']:.2f}) | {row['dori_replication']:.2f} "
-                         f"({row['dori_similarity']:.2f}) |")
-    tuned = methods["finetune"]
-    lines += [
+        *[f"| {label} | {row['caption']} | {row['prompt_replication']:.2f} ({row['prompt_similarity']:.2f}) | "
+          f"{row['dori_replication']:.2f} ({row['dori_similarity']:.2f}) |"
+          for name, label in METHOD_NAMES.items() if name in methods for row in methods[name]["targets"]],
         "",
+    ]
+    if "finetune" in methods:
+        lines += finetune_lines(summary, methods["finetune"], yes)
+    shown = ", ".join(label for name, label in METHOD_NAMES.items() if name in methods)
+    lines += [
+        "## Figure",
+        "",
+        (f"Per selected image: the photo and {SHOWN} surrogate images; then " if "finetune" in methods
+         else "Per selected image: ")
+        + f"one row per method ({shown}): the photo, {SHOWN} generations of the caption, {SHOWN} generations of each "
+        "of the 2 Dori triggers (for Wen: the triggers as given). Last rows: held-out captions (seed 0) on the plain "
+        + ("and on the fine-tuned model." if "finetune" in methods else "model."),
+        "",
+        "![grid](robust_mitigation.png)",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def finetune_lines(summary: dict, tuned: dict, yes) -> list[str]:
+    target = summary["target"]
+    others = ", ".join(f"{name} {summary[name]['dori_replication']:.2f}" for name in ("none", "nemo", "wanda")
+                       if name in summary)
+    return [
         "## Target (paper: after adversarial fine-tuning Dori replication ≤ 0.2, held-out and non-selected unaffected)",
         "",
         f"- Dori replication after fine-tuning ≤ {target['dori_replication_at_most']}: {yes(target['dori_met'])} "
-        f"({summary['finetune']['dori_replication']:.2f}; NeMo {summary['nemo']['dori_replication']:.2f}, Wanda "
-        f"{summary['wanda']['dori_replication']:.2f}, none {summary['none']['dori_replication']:.2f}).",
+        f"({summary['finetune']['dori_replication']:.2f}; {others}).",
         f"- Held-out similarity ≥ {target['held_out_similarity_at_least']}: {yes(target['held_out_met'])} "
         f"({summary['finetune']['held_out_similarity']:.3f}).",
         f"- Non-selected replication drops by ≤ {target['others_drop_at_most']}: {yes(target['others_met'])} "
@@ -384,17 +418,7 @@ def write_markdown(path: Path, document: dict, args) -> None:
         *[f"| {r['round'] + 1} | {mean(r['normal_loss']):.4f} | {mean(r['adversarial_loss']):.4f} | {r['seconds']} |"
           for r in tuned["history"]],
         "",
-        "## Figure",
-        "",
-        f"Per selected image: the photo and {SHOWN} surrogate images; then one row per method (none, NeMo, Wanda, "
-        f"Wen, fine-tuning): the photo, {SHOWN} generations of the caption, {SHOWN} generations of each of the 2 "
-        "Dori triggers (for Wen: the triggers as given). Last two rows: held-out captions (seed 0) on the plain and "
-        "on the fine-tuned model.",
-        "",
-        "![grid](robust_mitigation.png)",
-        "",
     ]
-    path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
