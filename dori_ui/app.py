@@ -36,8 +36,11 @@ memorization is not local.
 (NeMo, Wanda) and checks whether the image is gone. **Perturb** runs the Dori
 search against the mitigated model and brings it back. **Trigger map** puts
 many triggers of one image on a map beside ordinary prompts: do they gather
-in one place, or spread out like unrelated prompts? **Attribution** shows which
-words of a prompt drive the memorization signal. A view's "Export ZIP" saves
+in one place, or spread out like unrelated prompts? **Paths & masks** compares
+the activations and the NeMo/Wanda masks of those triggers layer by layer.
+**Attribution** shows which words of a prompt drive the memorization signal.
+**Fine-tune** trains the memory away against Dori's triggers (the paper's
+mitigation) and switches the session to the tuned model. A view's "Export ZIP" saves
 its last run (settings, seeds, images, table, tensors) so that `dori rerun`
 reproduces it. The header names the model, its device and dtype, and
 the session's active mitigation; your results are your own, not shared with
