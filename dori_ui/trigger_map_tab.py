@@ -214,6 +214,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                 progress((done, event.total * event.step.total), desc=f"Searching (triggers done: {event.finished})",
                          unit="steps")
 
+            # Batch 2 per start, as the shipped sets (analysis.experiments.trigger_assets): sized for a laptop CPU.
             try:
                 trigger_set = build_trigger_set(
                     model, built_folder(model, chosen, total, search_steps, seeds), model.memorized[chosen],

@@ -73,7 +73,7 @@ def test_nemo_makes_the_replicas_vanish(page: Page, screenshot):
     set_number(page, "mitigate-eval-seeds", SEEDS)
     page.locator("#mitigate-run").click()
     summary = page.locator("#mitigate-summary")
-    expect(summary).to_contain_text("After:", timeout=300_000)
+    expect(summary).to_contain_text("After:", timeout=600_000)
     text = summary.inner_text()
     before, seeds = fraction(text, r"Before: (\d+) of (\d+) seeds replicate")
     after, _ = fraction(text, r"After: (\d+) of (\d+) seeds replicate")
