@@ -22,6 +22,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from analysis.bench import seconds, verdict, write_report
@@ -55,28 +57,37 @@ def wait_until_ready(url: str, server: subprocess.Popen) -> None:
     raise RuntimeError(f"the app did not answer at {url} within {START_TIMEOUT_S} s")
 
 
-def one_start(prompt: str, steps: int, guidance: float) -> tuple[float, float]:
-    """(seconds to HTTP 200, seconds for the first gallery) of one fresh app process."""
-    from gradio_client import Client
+@contextmanager
+def app_process(output=subprocess.DEVNULL) -> Iterator[str]:
+    """`python app.py` on the bundled model on a free port, until the block ends: its URL, once it answers.
 
+    `output`: where the app's stdout and stderr go (a file, or DEVNULL).
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"], cwd=REPO_ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         wait_until_ready(url, server)
-        ready = time.perf_counter() - started
-        client = Client(url, verbose=False)
-        gallery = seconds(lambda: client.predict(prompt, SEEDS, 0, steps, guidance, api_name="/replicate"))
-        return ready, gallery
+        yield url
     finally:
         server.terminate()
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def one_start(prompt: str, steps: int, guidance: float) -> tuple[float, float]:
+    """(seconds to HTTP 200, seconds for the first gallery) of one fresh app process."""
+    from gradio_client import Client
+
+    started = time.perf_counter()
+    with app_process() as url:
+        ready = time.perf_counter() - started
+        client = Client(url, verbose=False)
+        gallery = seconds(lambda: client.predict(prompt, SEEDS, 0, steps, guidance, api_name="/replicate"))
+    return ready, gallery
 
 
 def main(argv=None) -> None:

@@ -8,13 +8,11 @@ DORI_REQUIRE_BROWSER=1 (set by `.ci/run`) makes that a failure.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from analysis.bench.startup import free_port, wait_until_ready
+from analysis.bench.startup import app_process
 
 CHROMIUM = Path(os.environ.get("DORI_CHROMIUM", "/usr/bin/chromium"))
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -39,25 +37,13 @@ def app_url(tmp_path_factory):
         if os.environ.get("DORI_REQUIRE_BROWSER") == "1":
             pytest.fail(f"browser suite required but {reason}")
         pytest.skip(reason)
-    port = free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
-    with log.open("w") as log_file:
-        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"],
-                                  cwd=REPOSITORY, stdout=log_file, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    with log.open("w") as output:
         try:
-            wait_until_ready(url, server)
+            with app_process(output) as url:
+                yield url
         except RuntimeError as err:
             raise RuntimeError(f"{err}; its log:\n{log.read_text()[-3000:]}") from err
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 @pytest.fixture(scope="session")
