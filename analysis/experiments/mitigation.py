@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from analysis.demo.data import split_shape_specs
-from analysis.hooks import hook_points, nemo_layers
+from analysis.hooks import hook_points, nemo_layers, resolve_layers
 from analysis.images import image_grid
 from analysis.localize import DEFAULT_CACHE_DIR
 from analysis.localize.nemo import (NeMo, calibrate_threshold, max_ssim_with_other_seeds, noise_differences,
@@ -43,15 +43,18 @@ from analysis.sampling import encode_prompts, sample
 RESULTS = Path("docs/results")
 MASKS = REPO_ROOT / "runs" / "mitigation_masks"
 SHOWN_SEEDS = 3  # generations per condition in the grid
+LOCALIZATION_FILE = "mitigation.json"
+INVESTIGATION_FILE = "mitigation_investigation.json"
 RESERVED_HELD_OUT = 10  # the first held-out captions: kept out of the reference prompts, side effects measured on them
 INVESTIGATION_SEEDS = 4
 INVESTIGATION_CAPTIONS = (0, 1, 6)  # astronaut, cat, cameraman: replicated on 10/10 seeds
 INVESTIGATION_CALIBRATION_PROMPTS = 12  # reference prompts for τ at each investigated step
 INVESTIGATION_STEP_INDICES = (0, 2)
-INVESTIGATION_NEURON_COUNTS = (128, 256, 512)
+INVESTIGATION_NEURON_COUNTS = (256, 512)
+INVESTIGATION_WHOLE_LAYER = "down.2.attn.0.to_v"  # the one value layer whose blocking stopped replication before
 INVESTIGATION_WANDA = {
     "5% ff, first step": dict(sparsity=0.05, record_steps=1),
-    "5% value, first 5 steps": dict(sparsity=0.05, layers="value"),
+    "5% value, first step": dict(sparsity=0.05, layers="value", record_steps=1),
 }
 
 
@@ -72,7 +75,11 @@ def replication_row(images: torch.Tensor, photo: torch.Tensor) -> dict:
 
 def held_out_correlation(handle: ModelHandle, prompts: list[str], before: torch.Tensor, mask: Mask) -> float:
     """Mean pixel correlation between each prompt's generation (seed 0) without and with `mask`: 1 = unchanged."""
-    after = generate(handle, prompts, [0], mask)
+    return correlation(before, generate(handle, prompts, [0], mask))
+
+
+def correlation(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean pixel correlation of each image with its counterpart."""
     return similarity_matrix(before, after).diag().mean().item()
 
 
@@ -88,6 +95,9 @@ def main(argv=None) -> None:
                         help="run NeMo's refinement (one criterion evaluation per blocked neuron); off: its initial "
                              "selection, the largest mask it considers")
     parser.add_argument("--sparsity", type=float, default=0.01, help="Wanda's top share per output row")
+    parser.add_argument("--investigation", action="store_true",
+                        help="run only the investigation (mitigation_investigation.json); without it, only the "
+                             "localization (mitigation.json); the markdown is rendered from whichever exist")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +116,12 @@ def main(argv=None) -> None:
     print(f"{len(handle.memorized)} memorized captions, {args.seeds} seeds, NeMo criterion on {args.nemo_seeds} seeds, "
           f"{len(evaluation_prompts)} held-out captions, {len(reference_prompts)} reference prompts", flush=True)
     held_out_before = generate(handle, evaluation_prompts, [0])
+    if args.investigation:
+        investigation = investigate(handle, reference_prompts, evaluation_prompts, held_out_before)
+        investigation["wall_time_s"] = round(time.time() - started, 1)
+        (args.out / INVESTIGATION_FILE).write_text(json.dumps(investigation, indent=1))
+        render_markdown(args.out)
+        return
 
     rows, grid_rows, not_localized = [], [], []
     held_out_under_first_masks = {}
@@ -132,13 +148,12 @@ def main(argv=None) -> None:
 
         for method, mask in (("nemo", nemo_mask), ("wanda", wanda_mask)):
             mitigated = generate(handle, [item.caption], seeds, mask)
+            held_out_after = generate(handle, evaluation_prompts, [0], mask)
             row[method] = dict(**replication_row(mitigated, item.image), removed=mask.counts(),
-                               held_out_correlation=held_out_correlation(handle, evaluation_prompts, held_out_before,
-                                                                         mask))
+                               held_out_correlation=correlation(held_out_before, held_out_after))
             mask.save(MASKS / f"{method}-{index}.safetensors")
             grid_row.append(mitigated[:SHOWN_SEEDS])
-            if method not in held_out_under_first_masks:
-                held_out_under_first_masks[method] = generate(handle, evaluation_prompts, [0], mask)
+            held_out_under_first_masks.setdefault(method, held_out_after)
         grid_rows.append(torch.cat(grid_row))
         rows.append(row)
         print_row(row, args.seeds)
@@ -147,14 +162,24 @@ def main(argv=None) -> None:
     image_grid(grid_rows, scale=3).save(args.out / "mitigation_grid.png")
 
     detection = held_out_detection(handle, evaluation_prompts, nemo_seeds, nemo)
-    investigation = investigate(handle, reference_prompts, evaluation_prompts, held_out_before)
     summary = summarize(rows, detection, args, time.time() - started)
-    (args.out / "mitigation.json").write_text(json.dumps(dict(
+    (args.out / LOCALIZATION_FILE).write_text(json.dumps(dict(
         summary=summary, captions=rows, not_localized=not_localized, held_out_detection=detection,
-        investigation=investigation, reference_prompts=reference_prompts, evaluation_prompts=evaluation_prompts),
-        indent=1))
-    write_markdown(args.out / "mitigation.md", summary, rows, not_localized, detection, investigation)
+        reference_prompts=reference_prompts, evaluation_prompts=evaluation_prompts), indent=1))
+    render_markdown(args.out)
     print(json.dumps(summary, indent=1))
+
+
+def render_markdown(out: Path) -> None:
+    """mitigation.md from the localization results, with the investigation's when that has run too."""
+    if not (out / LOCALIZATION_FILE).is_file():
+        print(f"no {LOCALIZATION_FILE} in {out} yet: markdown not written", flush=True)
+        return
+    results = json.loads((out / LOCALIZATION_FILE).read_text())
+    investigation_path = out / INVESTIGATION_FILE
+    investigation = json.loads(investigation_path.read_text()) if investigation_path.is_file() else None
+    write_markdown(out / "mitigation.md", results["summary"], results["captions"], results["not_localized"],
+                   results["held_out_detection"], investigation)
 
 
 def print_row(row: dict, n: int) -> None:
@@ -290,8 +315,10 @@ def investigate(handle: ModelHandle, reference_prompts: list[str], evaluation_pr
     seeds = list(range(INVESTIGATION_SEEDS))
     items = [handle.memorized[i] for i in INVESTIGATION_CAPTIONS]
     captions = [item.caption for item in items]
-    whole_layers = {name: Mask({name: torch.ones(layer.out_features, dtype=torch.bool)}, "whole layer", "",
-                               handle.name) for name, layer in nemo_layers(handle.unet).items()}
+    layer = resolve_layers(handle.unet, [INVESTIGATION_WHOLE_LAYER])[INVESTIGATION_WHOLE_LAYER]
+    whole_layers = {INVESTIGATION_WHOLE_LAYER: Mask({INVESTIGATION_WHOLE_LAYER: torch.ones(layer.out_features,
+                                                                                          dtype=torch.bool)},
+                                                    "whole layer", "", handle.name)}
     whole = {name: dict(replicated=[replication(generate(handle, [item.caption], seeds, mask), item.image).rate
                                     for item in items],
                         held_out_correlation=held_out_correlation(handle, evaluation_prompts, held_out_before, mask))
@@ -334,7 +361,7 @@ def summarize(rows: list[dict], detection: dict, args, seconds: float) -> dict:
 
 
 def write_markdown(path: Path, summary: dict, rows: list[dict], not_localized: list[dict], detection: dict,
-                   investigation: dict) -> None:
+                   investigation: dict | None) -> None:
     n = summary["seeds"]
 
     def cell(result: dict) -> str:
@@ -411,7 +438,8 @@ def write_markdown(path: Path, summary: dict, rows: list[dict], not_localized: l
         f"(mean flagged share {mean(detection['flagged_share_per_prompt']):.2f}); with τ = mean + 1 std of that "
         "very similarity this is expected, and NeMo uses the flag only to choose the seeds it looks at.",
         "",
-        *investigation_lines(investigation),
+        *(investigation_lines(investigation) if investigation else
+          ["## Investigation", "", "Not run yet: `python -m analysis.experiments.mitigation --investigation`.", ""]),
         "## Figure",
         "",
         f"Each caption's row: the training photo, {SHOWN_SEEDS} generations without mitigation, {SHOWN_SEEDS} under "
@@ -458,7 +486,7 @@ def investigation_lines(investigation: dict) -> list[str]:
           f"{', '.join(f'{v:.2f}' for v in r['held_out_between_seeds'])} | {r['same_seed_floor']:.3f} |"
           for r in investigation["delta_signal"]],
         "",
-        "**Whole layers.** Every neuron of one NeMo layer blocked:",
+        "**Whole layer.** Every neuron of one value layer blocked:",
         "",
         "| layer | replicated | held-out correlation |",
         "|---|---|---|",
