@@ -29,14 +29,14 @@ def localize_each(localizer, handle: ModelHandle, embeddings: torch.Tensor, **fi
 
 
 def as_neurons(mask: Mask) -> Mask:
-    """The mask at neuron level: a weight mask `[out, in]` becomes `[out]`, True where any weight of the row is removed."""
+    """The mask at neuron level: a weight mask `[out, in]` becomes `[out]`, True where a row lost any weight."""
     removed = {name: units.any(dim=1) if units.ndim == 2 else units for name, units in mask.removed.items()}
     return Mask(removed, mask.method, mask.prompt, mask.model, mask.parameters)
 
 
 @dataclass
 class IoUMatrix:
-    """Pairwise IoU of two lists of masks per layer: entry [l, i, j] compares row mask i and column mask j at layer l."""
+    """Pairwise IoU of two lists of masks per layer: entry [l, i, j] compares row mask i with column mask j."""
 
     layers: list[str]
     values: torch.Tensor  # [layers, rows, columns] float32; NaN where undefined
@@ -44,7 +44,7 @@ class IoUMatrix:
     symmetric: bool  # rows and columns are the same masks (the diagonal is 1 or undefined and says nothing)
 
     def layer_means(self) -> dict[str, float | None]:
-        """Mean IoU over the defined pairs of each layer (off the diagonal when symmetric); None if no pair is defined."""
+        """Mean IoU over the defined pairs of each layer (off the diagonal when symmetric); None if there are none."""
         pairs = ~self.undefined
         if self.symmetric:
             pairs &= ~torch.eye(self.values.shape[1], dtype=torch.bool)

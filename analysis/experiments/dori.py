@@ -90,7 +90,7 @@ def replication_under_masks(handle: ModelHandle, indices: list[int], seeds: list
                                                     prompt=target.caption)
                 attacked = evaluate(handle, result.embeddings, target.image, seeds)
             rows.append(dict(image=index, caption=target.caption, method=method,
-                             units_removed=sum(mask.counts().values()),
+                             units_removed=sum(mask.counts().values()), mask_parameters=mask.parameters,
                              rate=mitigated.rates.item(), similarity=mitigated.similarities.mean().item(),
                              rate_dori=attacked.rates.item(), similarity_dori=attacked.similarities.mean().item(),
                              distance_from_prompt=result.from_prompt.l2.norm().item(),
@@ -138,60 +138,77 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "undefined" if value is None else f"{value:.{digits}f}"
 
 
+def section(title: str, text: str, columns: list[str]) -> list[str]:
+    """A report section's heading, text and table header."""
+    return [f"## {title}", "", text, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def markdown(data: dict, command: str) -> str:
     lines = ["# Dori and the non-locality of memorization on the bundled demo model", "",
              f"Written by `{command}`. A generation replicates when its pixel correlation with the training "
-             f"image exceeds {REPLICATION_THRESHOLD}. Every Dori search: Adam, lr 0.1, {data['settings']['steps']} steps, "
-             "batch 8, from the caption's own embedding unless said otherwise. Numbers are measured by this run; "
-             "sections missing below were not reached.", ""]
+             f"image exceeds {REPLICATION_THRESHOLD}. Every Dori search: Adam, lr 0.1, "
+             f"{data['settings']['steps']} steps, batch 8, from the caption's own embedding unless said otherwise. "
+             "Numbers are measured by this run; sections missing below were not reached.", ""]
     if "replication" in data:
         rows = data["replication"]
-        lines += ["## 1. Replication under NeMo and Wanda masks, and with Dori", "",
-                  "| image | method | units removed | replication (similarity) | + Dori | moved from prompt (L2) |",
-                  "|---|---|---|---|---|---|"]
+        lines += section("1. Replication under NeMo and Wanda masks, and with Dori",
+                         f"Each caption generated with {data['settings']['seeds']} seeds under the mask, then a Dori "
+                         "search from its embedding against the masked model, generated with the same mask and seeds.",
+                         ["image", "method", "units removed", "replication (similarity)", "+ Dori",
+                          "moved from prompt (L2)"])
         lines += [f"| {r['caption']} | {r['method']} | {r['units_removed']} | {r['rate']:.2f} ({r['similarity']:.2f}) "
                   f"| **{r['rate_dori']:.2f}** ({r['similarity_dori']:.2f}) | {r['distance_from_prompt']:.1f} |"
                   for r in rows]
         means = data["replication_means"]
         lines += ["", f"Mean replication: NeMo **{means['nemo']:.2f}**, NeMo + Dori **{means['nemo_dori']:.2f}** "
                   f"(paper target ≥ 0.8), Wanda **{means['wanda']:.2f}**, Wanda + Dori **{means['wanda_dori']:.2f}** "
-                  "(paper target ≥ 0.6). The masks come from the mitigation experiment; on this model they barely "
-                  "lower replication in the first place (docs/results/mitigation.md), so Dori has little to undo.",
-                  ""]
+                  "(paper target ≥ 0.6). The masks come from the mitigation experiment (runs/mitigation_masks)." +
+                  (" Here they do not stop replication in the first place (paper: NeMo 0.20, Wanda 0.00; see "
+                   "docs/results/mitigation.md), so Dori has nothing to undo and the targets say little."
+                   if min(means["nemo"], means["wanda"]) >= 0.5 else ""), ""]
     if "control" in data:
         c = data["control"]
         lines += ["## 2. Control: Dori toward a never-trained image", "",
                   f"From the held-out caption “{c['caption']}” toward its rendering (never in training), "
                   f"{c['steps']} steps: replication {c['rate_before']:.2f} → **{c['rate']:.2f}** "
                   f"(similarity {c['similarity_before']:.2f} → {c['similarity']:.2f}; loss {c['loss_first']:.4f} → "
-                  f"{c['loss_last']:.4f}). Paper target ≤ 0.1.", ""]
+                  f"{c['loss_last']:.4f}). Paper target ≤ 0.1. With {data['settings']['seeds']} seeds a rate moves in "
+                  f"steps of {1 / data['settings']['seeds']:.2f}.", ""]
     if "dispersion" in data:
         d = data["dispersion"]
-        lines += ["## 3. Dispersion of random-start triggers", "",
-                  f"{d['triggers']} triggers for “{d['caption']}” from random starts ({d['search']}), "
-                  f"{d['replicating']} of them replicate with at least one of {d['evaluation_seeds']} seed(s). "
-                  "Pairwise L2 distance between whole embeddings (77 tokens × d):", "",
-                  "| set | size | mean | median | min | max |", "|---|---|---|---|---|---|"]
+        lines += section("3. Dispersion of random-start triggers",
+                         f"{d['triggers']} triggers for “{d['caption']}” from random starts ({d['search']}), "
+                         f"{d['replicating']} of them replicate with at least one of {d['evaluation_seeds']} "
+                         "seed(s). Pairwise L2 distance between whole embeddings (77 tokens × d):",
+                         ["set", "size", "mean", "median", "min", "max"])
         lines += [f"| {name} | {s['size']} | {s['mean']:.1f} | {s['median']:.1f} | {s['min']:.1f} | {s['max']:.1f} |"
                   for name, s in d["sets"].items()]
         lines += ["", f"{d['compared']} at least as far apart as different memorized prompts (mean): "
                   f"**{'yes' if d['claim_holds'] else 'no'}**. The map is in dori.html.", ""]
     if "discrepancy" in data:
         d = data["discrepancy"]
-        lines += ["## 4. Activation discrepancy at the first denoising step", "",
-                  f"Relative discrepancy (mean pairwise L2 / mean norm of the layer's output, seed 0, first "
-                  f"timestep): {d['same_image_count']} embeddings replicating “{d['caption']}” versus the captions of "
-                  f"{d['prompt_count']} different memorized images.", "",
-                  "| layer | same image | different images | ratio |", "|---|---|---|---|"]
+        lines += section("4. Activation discrepancy at the first denoising step",
+                         "Relative discrepancy (mean pairwise L2 / mean norm of the layer's output, seed 0, first "
+                         f"timestep): {d['same_image_count']} embeddings replicating “{d['caption']}” versus the "
+                         f"captions of {d['prompt_count']} different memorized images.",
+                         ["layer", "same image", "different images", "ratio"])
         lines += [f"| {name} | {v['same_image']:.3f} | {v['different_images']:.3f} "
                   f"| {v['same_image'] / v['different_images']:.2f} |" for name, v in d["layers"].items()]
-        lines += [""]
+        ratios = {kind: [v["same_image"] / v["different_images"] for name, v in d["layers"].items() if marker in name]
+                  for kind, marker in [("value", ".to_v"), ("feed-forward", ".ff.")]}
+        lines += ["", "Mean ratio (same image / different images): " + ", ".join(
+            f"{kind} layers **{np.mean(values):.2f}**" for kind, values in ratios.items() if values) +
+            ". Value projections read only the text, so there the figure restates how far apart the embeddings are; "
+            "feed-forward layers read the image tokens. A ratio ≥ 1 in a layer is the paper's claim (triggers of one "
+            "image take paths as different as different prompts do); below 1 the same-image embeddings share more "
+            "of their path there.", ""]
     if "agreement" in data:
         a = data["agreement"]
-        lines += ["## 5. Mask agreement", "",
-                  f"Masks for “{a['caption']}” and {a['triggers']} replicating triggers of it. Mean pairwise IoU per "
-                  "layer over the pairs of different embeddings whose IoU is defined; undefined pairs: the share where "
-                  "both masks are empty in that layer (no IoU, not counted as agreement).", "", "| method | layer | mean IoU | undefined pairs |", "|---|---|---|---|"]
+        lines += section("5. Mask agreement",
+                         f"Masks for “{a['caption']}” and {a['triggers']} replicating triggers of it. Mean pairwise "
+                         "IoU per layer over the pairs of different embeddings whose IoU is defined; undefined pairs: "
+                         "the share where both masks are empty in that layer (no IoU, not counted as agreement).",
+                         ["method", "layer", "mean IoU", "undefined pairs"])
         for method in ("nemo", "wanda"):
             lines += [f"| {method} | {layer} | {fmt(v['mean'])} | {v['undefined']:.2f} |"
                       for layer, v in a[method].items()]

@@ -59,10 +59,11 @@ def main(argv=None) -> None:
         image = handle.memorized[index]
         started = time.time()
         trigger_set = build_trigger_set(handle, asset_folder(index, args.out), image, count=args.count, search=search,
-                                        starts_per_batch=min(args.count, STARTS_PER_BATCH), evaluation_seeds=range(args.eval_seeds))
+                                        starts_per_batch=min(args.count, STARTS_PER_BATCH),
+                                        evaluation_seeds=range(args.eval_seeds))
         rates = [trigger["replication_rate"] for trigger in trigger_set.triggers]
-        print(f"image {index} “{image.caption}”: {len(rates)} triggers, mean replication {sum(rates) / len(rates):.2f}, "
-              f"{time.time() - started:.0f} s", flush=True)
+        print(f"image {index} “{image.caption}”: {len(rates)} triggers, "
+              f"mean replication {sum(rates) / len(rates):.2f}, {time.time() - started:.0f} s", flush=True)
     summary = {}
     for folder in sorted(args.out.glob("image-*")):
         trigger_set = TriggerSet.load(folder)
