@@ -20,9 +20,15 @@ The authors' code is unreleased; the choices made here:
 * Top share per output row, Wanda's comparison group (Sun et al. found it
   better than per layer), at least one weight per row so that 1 % of a narrow
   layer is not zero weights.
+* Importance X of one memorized prompt against pooled reference prompts: a
+  per-prompt mask (as NeMo's), where Chavhan et al. contrast a set of
+  memorized prompts; the set can be one prompt.
 
-On the bundled demo model, masks of 1 %, 5 % and 20 % leave the strongly
-memorized photos replicating (docs/results/mitigation.md).
+On the bundled demo model, feed-forward masks of 1 % (activations of the first
+5 steps) and 5 % (the first step only) and a 5 % mask of the value layers
+leave the strongly memorized photos replicating on nearly every seed
+(docs/results/mitigation.md): this model does not keep a photo in the few
+weights per row that stand out for its caption.
 """
 
 from __future__ import annotations
