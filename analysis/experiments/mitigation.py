@@ -464,6 +464,8 @@ def investigation_lines(investigation: dict) -> list[str]:
     lines = [
         "## Investigation",
         "",
+        "Written by `python -m analysis.experiments.mitigation --investigation` "
+        f"({investigation['wall_time_s']} s on this machine) to mitigation_investigation.json. "
         f"Small experiments on {len(captions)} captions replicated on 10/10 seeds ({'; '.join(captions)}), "
         f"{n} seeds each, functions in the investigation section of `analysis/experiments/mitigation.py`. "
         "Replication below is listed per caption in that order.",
@@ -533,14 +535,15 @@ def conclusion_lines(investigation: dict) -> list[str]:
         f"> τ = {late['threshold']:.2f}: in this pixel-space model a seed's noise shapes its δ at every early step, "
         "so NeMo's same-seed comparison of blocked and unblocked δ does not fall to τ and its search runs to the "
         "θ floor.")
-    needed = "; ".join(f"{r['neurons']} of the {layers} value neurons (held-out correlation "
+    needed = "; ".join(f"the {r['neurons']} highest-z of the {layers} value neurons (held-out correlation "
                        f"{r['held_out_correlation']:.2f})" for layers, r in stopped) or "none of the tried counts"
     lines.append(
-        f"* **Memorization here is not held by a few neurons**: replication stops only when {needed} are "
-        f"blocked, or the whole {whole_name} layer (replicated {max(whole['replicated']):.2f}, held-out correlation "
-        f"{whole['held_out_correlation']:.2f}). NeMo's largest mask (its initial selection at the θ floor) already "
-        "blocks most neurons of its layers and damages held-out generations; no mask that leaves held-out "
-        "generations nearly unchanged stops replication. The method does not allow the target on this model.")
+        f"* **Memorization here is not held by a few neurons**: replication stops (≤ 1 of "
+        f"{len(investigation['seeds'])} seeds) only with {needed} blocked, or the whole {whole_name} layer "
+        f"(replicated {max(whole['replicated']):.2f}, held-out correlation {whole['held_out_correlation']:.2f}). "
+        "NeMo's largest mask (its initial selection at the θ floor) blocks most neurons of its layers. None of the "
+        "masks tried here that stops replication leaves held-out generations nearly unchanged, so NeMo does not "
+        "reach the target on this model.")
     spread = f"{min(wanda_replicated):.2f}" + (f"–{max(wanda_replicated):.2f}" if min(wanda_replicated) <
                                                max(wanda_replicated) else "")
     lines.append(
@@ -548,7 +551,7 @@ def conclusion_lines(investigation: dict) -> list[str]:
         "The weights Wanda singles out for one memorized caption, per output row, are not where this model "
         "keeps the photo.")
     lines.append(
-        f"* **Likely cause (model)**: a tiny UNet ({investigation['nemo_neurons']} value neurons in NeMo's layers, "
+        f"* **Likely cause (a hypothesis, not tested here)**: a tiny UNet ({investigation['nemo_neurons']} value neurons in NeMo's layers, "
         "4,480 in SD v1.4) whose "
         "frozen random text encoder gives each caption an embedding spread over all channels; each photo is "
         "recalled through most of the cross-attention path rather than a few outlier units.")

@@ -39,11 +39,12 @@ Choices where this differs from the authors' code, each for a stated reason:
   does to the text states before the value projection is included.
 
 On the bundled demo model the memorized captions are strong outliers (max z
-7.9–17.4, held-out captions 3.2–4.7), yet NeMo's largest mask (≈ 200 of 320
-neurons) leaves them replicating on 2–7 of 10 seeds while changing held-out
-generations (pixel correlation ≈ 0.6); replication stops only with ≈ 256 of
-the 320 neurons or the whole `down.2` value layer blocked (held-out correlation
-0.41 / 0.54). Memorization there is not local (docs/results/mitigation.md).
+7.9–17.4, held-out captions 3.2–4.7), yet NeMo's largest mask (184–238 of 320
+neurons) leaves them replicating on 0–8 of 10 seeds (mean 0.43) while changing
+held-out generations (pixel correlation 0.51–0.64); replication stops only
+with 256 of the 320 neurons or the whole `down.2` value layer blocked (held-out
+correlation 0.41 / 0.54). Memorization there is not local
+(docs/results/mitigation.md).
 """
 
 from __future__ import annotations
