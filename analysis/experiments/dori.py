@@ -43,6 +43,7 @@ from analysis.dispersion import dispersion, reference_sets
 from analysis.dori import DoriSearch, Start, evaluate
 from analysis.experiments.mitigation import MASKS
 from analysis.experiments.trigger_assets import asset_folder
+from analysis.hooks import nemo_layers
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
@@ -63,7 +64,7 @@ def never_trained_image() -> tuple[str, torch.Tensor]:
     return spec.caption, render_shapes([spec], torch.Generator().manual_seed(0))[0]
 
 
-def localizer(method: str, layers: str | None = None):
+def localizer(method: str, layers: list[str] | None = None):
     if method == "nemo":
         return NeMo()
     return Wanda() if layers is None else Wanda(layers=layers)
@@ -214,7 +215,9 @@ def markdown(data: dict, command: str) -> str:
                       for layer, v in a[method].items()]
         lines += ["", "NeMo versus Wanda (Wanda run on NeMo's value layers, compared at neuron level), same embedding:",
                   "", "| layer | mean IoU | undefined pairs |", "|---|---|---|"]
-        lines += [f"| {layer} | {fmt(v['mean'])} | {v['undefined']:.2f} |" for layer, v in a["between"].items()]
+        # NeMo's layers only: elsewhere NeMo removes nothing by construction.
+        lines += [f"| {layer} | {fmt(v['mean'])} | {v['undefined']:.2f} |" for layer, v in a["between"].items()
+                  if layer in a["nemo"]]
         lines += [""]
     if "figures" in data:
         lines += ["![Dori results](dori.png)", "", "Interactive: [dori.html](dori.html).", ""]
@@ -350,7 +353,8 @@ def main(argv=None) -> None:
     embeddings = same_image[:1 + args.agreement_triggers]
     masks = {method: localize_each(localizer(method), handle, embeddings, seeds=LOCALIZER_SEEDS)
              for method in ("nemo", "wanda")}
-    wanda_on_values = localize_each(localizer("wanda", layers="value"), handle, embeddings, seeds=LOCALIZER_SEEDS)
+    wanda_on_nemo_layers = localizer("wanda", layers=list(nemo_layers(handle.unet)))
+    wanda_on_values = localize_each(wanda_on_nemo_layers, handle, embeddings, seeds=LOCALIZER_SEEDS)
     agreement = dict(caption=target.caption, triggers=len(embeddings) - 1)
     for method, method_masks in masks.items():
         matrix = iou_matrix(method_masks)
