@@ -23,7 +23,7 @@ from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_whole_number, describe_model, session_handle,
                              use_finetuned)
-from dori_ui.streaming import Stopped, request_stop, run_or_error, stream_task
+from dori_ui.streaming import Stopped, request_stop, run_and_stop_buttons, run_or_error, stream_task
 
 VIEW = "finetune"
 # One folder per model and settings: a rerun with the same settings resumes the checkpoint there.
@@ -88,9 +88,7 @@ def build_finetune_tab(context: AppContext) -> None:
                                        elem_id="finetune-dori-batch")
                 eval_seeds = gr.Number(4, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=0,
                                        elem_id="finetune-eval-seeds")
-            with gr.Row():
-                run_button = gr.Button("Fine-tune", variant="primary", elem_id="finetune-run")
-                stop_button = gr.Button("Stop", variant="stop", elem_id="finetune-stop")
+            run_button, stop_button = run_and_stop_buttons("Fine-tune", "finetune-run", "finetune-stop")
     status = gr.Markdown(elem_id="finetune-status")
     table = gr.Dataframe(headers=TABLE_COLUMNS, label="Replication before and after each round", interactive=False,
                          elem_id="finetune-table")

@@ -22,7 +22,8 @@ from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, describe_model, session_handle,
                              verdict_gallery)
-from dori_ui.streaming import Stopped, progress_of, report_to, request_stop, run_or_error, stream_task
+from dori_ui.streaming import (Stopped, progress_of, report_to, request_stop, run_and_stop_buttons, run_or_error,
+                               stream_task)
 
 VIEW = "mitigate"
 METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda", "Wen et al. (prompt embedding)": "wen",
@@ -125,9 +126,7 @@ def build_mitigate_tab(context: AppContext) -> None:
                                   precision=0, elem_id="mitigate-steps")
                 eval_seeds = gr.Number(4, label=f"Seeds before/after (1–{MAX_SEEDS})", precision=0,
                                        elem_id="mitigate-eval-seeds")
-            with gr.Row():
-                run_button = gr.Button("Mitigate", variant="primary", elem_id="mitigate-run")
-                stop_button = gr.Button("Stop", variant="stop", elem_id="mitigate-stop")
+            run_button, stop_button = run_and_stop_buttons("Mitigate", "mitigate-run", "mitigate-stop")
     gr.Markdown(EXPLANATION)
     log = gr.Textbox(label="Progress", lines=4, max_lines=LOG_LINES, interactive=False, elem_id="mitigate-log")
     summary = gr.Markdown(elem_id="mitigate-summary")

@@ -36,7 +36,7 @@ from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, mitigation_settings,
                              session_handle, verdict_gallery)
-from dori_ui.streaming import Stopped, progress_of, request_stop, run_or_error, stream_task
+from dori_ui.streaming import Stopped, progress_of, request_stop, run_and_stop_buttons, run_or_error, stream_task
 
 VIEW = "perturb"
 SWEEP_VIEW = "sweep"
@@ -219,9 +219,7 @@ def build_perturb_tab(context: AppContext) -> None:
                                              precision=0, elem_id="perturb-generation-steps")
                 preview_every = gr.Number(10, label="Preview every n search steps (0: never)", precision=0,
                                           elem_id="perturb-preview-every")
-            with gr.Row():
-                run_button = gr.Button("Run Dori", variant="primary", elem_id="perturb-run")
-                stop_button = gr.Button("Stop", variant="stop", elem_id="perturb-stop")
+            run_button, stop_button = run_and_stop_buttons("Run Dori", "perturb-run", "perturb-stop")
     gr.Markdown(EXPLANATION)
     status = gr.Markdown(elem_id="perturb-status")
     with gr.Row():

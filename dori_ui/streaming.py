@@ -119,3 +119,10 @@ def run_or_error(handle: ModelHandle, kind: str, config: dict, inputs: dict[str,
         return run_task(handle, kind, config, callback=callback, inputs=inputs)
     except ValueError as err:
         raise gr.Error(str(err)) from err
+
+
+def run_and_stop_buttons(label: str, run_id: str, stop_id: str) -> tuple[gr.Button, gr.Button]:
+    """A long run's primary button with its Stop button beside it (Stop calls the view's `request_stop`)."""
+    with gr.Row():
+        return (gr.Button(label, variant="primary", elem_id=run_id),
+                gr.Button("Stop", variant="stop", elem_id=stop_id))

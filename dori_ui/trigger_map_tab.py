@@ -32,7 +32,7 @@ from analysis.trigger_map import TRIGGERS, TriggerMap, map_trigger_set
 from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.session import AppContext, Session, check_whole_number, session_handle, verdict_gallery
-from dori_ui.streaming import request_stop
+from dori_ui.streaming import request_stop, run_and_stop_buttons
 
 VIEW = "trigger_map"
 SHIPPED = "shipped set (assets/triggers)"
@@ -163,9 +163,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                                   elem_id="trigger-map-steps")
                 eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=0,
                                        elem_id="trigger-map-eval-seeds")
-            with gr.Row():
-                load_button = gr.Button("Load / build and map", variant="primary", elem_id="trigger-map-load")
-                stop_button = gr.Button("Stop", variant="stop", elem_id="trigger-map-stop")
+            load_button, stop_button = run_and_stop_buttons("Load / build and map", "trigger-map-load", "trigger-map-stop")
     gr.Markdown(EXPLANATION)
     status = gr.Markdown(elem_id="trigger-map-status")
     plot = gr.Plot(label="Trigger map", elem_id="trigger-map-plot")
