@@ -153,7 +153,10 @@ def _ray_results(pending: list[dict], method: str, config: dict, address: str | 
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False)
-    remote = ray.remote(num_gpus=1 if torch.cuda.is_available() else 0)(run_one)
+    # Ray starts CPU workers with one torch thread; another thread count sums in another order, and the table would
+    # differ from the local executor's in the last digits. So the workers get the driver's count.
+    threads = {"env_vars": {"OMP_NUM_THREADS": str(torch.get_num_threads())}}
+    remote = ray.remote(num_gpus=1 if torch.cuda.is_available() else 0, runtime_env=threads)(run_one)
     futures = {remote.remote(item, method, config): item for item in pending}
     while futures:
         done, _ = ray.wait(list(futures), num_returns=1)
