@@ -18,7 +18,7 @@ from dori_ui.mitigate_tab import build_mitigate_tab
 from dori_ui.paths_tab import build_paths_tab
 from dori_ui.perturb_tab import build_perturb_tab
 from dori_ui.replicate_tab import build_replicate_tab
-from dori_ui.session import AppContext, ModelChoices, Session, describe_model
+from dori_ui.session import AppContext, ModelChoices, Session, describe_model, session_model
 from dori_ui.trigger_map_tab import build_trigger_map_tab
 
 # Requests that may wait for the model; more are turned away with a "queue full" message.
@@ -86,10 +86,7 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                 build_finetune_tab(context)
 
         def switch_model(name: str | None, state: Session):
-            try:
-                chosen = models.get(name or state.model)
-            except ValueError as err:
-                raise gr.Error(str(err)) from err
+            chosen = session_model(models, state, name or state.model)
             # A mask names layers of the model it was found on, and records belong to that model too.
             state.model, state.mask, state.records = chosen.name, None, {}
             return state, describe_model(chosen, state), gr.update(choices=models.names(), value=chosen.name)

@@ -21,7 +21,7 @@ from analysis.tasks import TaskProgress, record_mask
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, describe_model, session_handle,
-                             verdict_gallery)
+                             session_model, verdict_gallery)
 from dori_ui.streaming import (Stopped, progress_of, report_to, request_stop, run_and_stop_buttons, run_or_error,
                                stream_task)
 
@@ -197,7 +197,7 @@ def build_mitigate_tab(context: AppContext) -> None:
             raise gr.Error("No adversarially fine-tuned model in this session yet: fine-tune one in the Fine-tune "
                            "tab, then compare it here.")
         base_name, tuned_name = state.finetuned
-        records = [run_or_error(context.models.get(name), "replicate", config, {}, report_to(progress))
+        records = [run_or_error(session_model(context.models, state, name), "replicate", config, {}, report_to(progress))
                    for name in (base_name, tuned_name)]
         # Perturb attacks what Mitigate produced: here the tuned model.
         state.model, state.mask, state.records[VIEW] = tuned_name, None, records[1]
@@ -205,7 +205,7 @@ def build_mitigate_tab(context: AppContext) -> None:
                         f"“{config['prompt']}”.\n\n" + replication_line("Base", records[0], "") + " "
                         + replication_line("Fine-tuned", records[1], ""))
         yield ("Done.", summary_text, None, stage_gallery(records[0], ""), stage_gallery(records[1], ""),
-               describe_model(context.models.get(tuned_name), state), state)
+               describe_model(session_model(context.models, state, tuned_name), state), state)
 
     run_button.click(run, inputs=[prompt, method, n_seeds, sparsity, steps, eval_seeds, context.session],
                      outputs=[log, summary, counts, before, after, context.header, context.session],

@@ -36,6 +36,8 @@ class Session:
     records: dict = field(default_factory=dict)  # view name -> the RunRecord of its last run
     stop_requested: bool = False
     finetuned: tuple[str, str] | None = None  # (base, adversarially fine-tuned) model names, set by `use_finetuned`
+    # Models this session made (fine-tuned ones), by name: no other session sees or loads them.
+    own_models: dict[str, ModelHandle] = field(default_factory=dict)
 
 
 class ModelChoices:
@@ -54,17 +56,11 @@ class ModelChoices:
     def names(self) -> list[str]:
         """The first model, command-line models, and the allowed roots and their subfolders that are pipeline folders.
 
-        Models added with `add` are not listed: they belong to the session that made them.
         """
         candidates = [folder for root in self.allowed_roots if root.is_dir()
                       for folder in [root, *sorted(root.iterdir())]]
         found = [str(folder) for folder in candidates if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
         return list(dict.fromkeys([self.first, *self._sources, *found]))
-
-    def add(self, handle: ModelHandle) -> str:
-        """Make an in-memory model (e.g. a fine-tuned one) available under its name."""
-        self._handles[handle.name] = handle
-        return handle.name
 
     def allowed_source(self, name: str) -> str:
         """`name` if the app may load it, else ValueError saying why not."""
@@ -100,18 +96,26 @@ def use_finetuned(models: ModelChoices, session: Session, record: RunRecord) -> 
         tuned = load_model(record.metrics["model_dir"], device=base.device, dtype=base.dtype)
     except ModelLoadError as err:
         raise gr.Error(str(err)) from err
-    session.finetuned = (base.name, models.add(tuned))
+    session.own_models[tuned.name] = tuned
+    session.finetuned = (base.name, tuned.name)
     session.model, session.mask = tuned.name, None
     session.records["finetune"] = record
     return tuned
 
 
-def session_handle(models: ModelChoices, session: Session) -> ModelHandle:
-    """The session's model; a gr.Error if it cannot be loaded."""
+def session_model(models: ModelChoices, session: Session, name: str) -> ModelHandle:
+    """The model called `name` as this session may see it: one it made, or one of `models`; else a gr.Error."""
+    if name in session.own_models:
+        return session.own_models[name]
     try:
-        return models.get(session.model)
+        return models.get(name)
     except ValueError as err:
         raise gr.Error(str(err)) from err
+
+
+def session_handle(models: ModelChoices, session: Session) -> ModelHandle:
+    """The session's current model; a gr.Error if it cannot be loaded."""
+    return session_model(models, session, session.model)
 
 
 def mitigation_settings(session: Session) -> tuple[dict | None, dict[str, torch.Tensor]]:

@@ -5,6 +5,7 @@ import threading
 import time
 import zipfile
 
+import gradio as gr
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -17,7 +18,7 @@ from analysis.export import RunRecord, compare_metrics, load_export
 from analysis.tasks import run_task
 from dori_ui.app import build_app
 from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
-from dori_ui.session import ModelChoices, use_finetuned
+from dori_ui.session import ModelChoices, session_model, use_finetuned
 
 STEPS = 3
 MITIGATE = "Wanda (weights)"
@@ -150,7 +151,10 @@ def test_use_finetuned_switches_the_session_and_keeps_the_base(tiny_handle, tiny
     record = RunRecord("finetune", tiny_handle.name, {}, metrics={"model_dir": str(tiny_model_dir)})
     tuned = use_finetuned(models, state, record)
     assert state.finetuned == (tiny_handle.name, tuned.name) and state.model == tuned.name
-    assert models.get(tuned.name) is tuned and state.records["finetune"] is record
+    assert session_model(models, state, tuned.name) is tuned and state.records["finetune"] is record
+    # The tuned model is this session's own: another session cannot open it.
+    with pytest.raises(gr.Error, match="is not one the app was started with"):
+        session_model(models, models.new_session(), tuned.name)
 
 
 def test_mitigate_rejects_a_bad_sparsity(client, tiny_handle):

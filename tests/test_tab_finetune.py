@@ -41,6 +41,9 @@ def test_finetune_then_switch_the_session_to_the_tuned_model(app_url, tiny_handl
     other = Client(app_url, verbose=False)
     with pytest.raises(AppError, match="Fine-tune a model first"):
         other.predict(api_name="/finetune_use")
+    # Nor can it open the tuned model by typing its exact name.
+    with pytest.raises(AppError, match="is not one the app was started with"):
+        other.predict(tuned_name, api_name="/switch_model")
 
 
 @pytest.mark.parametrize("arguments, message", [
