@@ -4,6 +4,8 @@
     dori localize --method wanda --image 0 --export wanda.zip
     dori attack --image 0 --mitigation nemo --random-starts 4 --json
     dori finetune --targets 0 --out-dir runs/finetuned --param rounds=2
+    dori triggers --image 0 --folder runs/triggers-0 --count 16
+    dori map --folder runs/triggers-0 --method pca --export map.zip
     dori rerun wanda.zip
 
 Progress bars go to stderr, results to stdout (a short summary, or the whole
@@ -24,12 +26,16 @@ import torch
 from tqdm import tqdm
 
 from analysis.export import RunRecord, compare_metrics, rerun, save_export
+from analysis.hooks import KINDS
 from analysis.model import ModelHandle, ModelLoadError, load_model
+from analysis.projection import METHODS
 from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, TaskProgress, mask_tensors, record_mask, run_task
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# Commands that analyse a trigger set (`dori triggers`), and the kind of task each runs.
+TRIGGER_SET_KINDS = {"map": "trigger_map", "discrepancy": "discrepancy", "agreement": "agreement"}
 
 
 class BadInput(ValueError):
@@ -145,6 +151,14 @@ def _mitigation_options(parser: argparse.ArgumentParser) -> None:
                        help="a parameter of the localizer or attribution method (repeatable; JSON values)")
 
 
+def _trigger_set_options(parser: argparse.ArgumentParser, count: bool, default_count: int | None = None) -> None:
+    group = parser.add_argument_group("trigger set")
+    group.add_argument("--folder", type=Path, required=True, help="a trigger set's folder (from `dori triggers`)")
+    if count:
+        group.add_argument("--count", type=int, default=default_count,
+                           help=f"use the first N triggers (default: {default_count or 'all'})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dori", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -213,6 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0, help="trigger i starts from random seed SEED + i")
     sub.add_argument("--search-steps", type=int, default=50)
     sub.add_argument("--evaluation-seeds", type=parse_seeds, help="also generate each trigger with these seeds")
+
+    sub = command("map", "a trigger set on a 2-D map beside prompts and random starts; the dispersion of each set",
+                  target=False)
+    _trigger_set_options(sub, count=False)
+    sub.add_argument("--method", choices=METHODS, default="umap")
+    sub.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
+                     help="a projection parameter, e.g. n_neighbors=10 or seed=1 (repeatable; JSON values)")
+
+    sub = command("discrepancy", "activation discrepancy per layer: a trigger set's triggers vs the memorized captions",
+                  target=False)
+    _trigger_set_options(sub, count=True)
+    sub.add_argument("--layers", choices=KINDS, default="value", help="value projections or feed-forward layers")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the first denoising step's noise")
+    sub.add_argument("--steps", type=int, help="the schedule whose first timestep is used (default: the model's)")
+
+    sub = command("agreement", "NeMo and Wanda fitted on each trigger of a trigger set; per-layer IoU of the masks",
+                  target=False)
+    _trigger_set_options(sub, count=True, default_count=3)
+    sub.add_argument("--seeds", type=parse_seeds, help="seeds of both localizers (default: NeMo's)")
+    sub.add_argument("--nemo-param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
+                     help="a NeMo parameter, e.g. scales=3 (repeatable; JSON values)")
+    sub.add_argument("--wanda-param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
+                     help="a Wanda parameter, e.g. sparsity=0.02 (default layers: NeMo's)")
 
     sub = command("campaign", "run one analysis over a prompt list; one result file per item, resumable",
                   target=False, export=False)
@@ -297,7 +334,29 @@ def task_config(args) -> tuple[str, dict, dict[str, torch.Tensor]]:
         config.update(method=args.method, parameters=dict(args.param))
     elif args.command == "finetune":
         config.update(targets=args.targets, out_dir=str(args.out_dir), parameters=dict(args.param), resume=args.resume)
-    return args.command, config, inputs
+    elif args.command == "map":
+        config.update(method=args.method, parameters=dict(args.param))
+    elif args.command == "discrepancy":
+        config.update(layers=args.layers, seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
+    elif args.command == "agreement":
+        config.update(nemo=dict(args.nemo_param), wanda=dict(args.wanda_param),
+                      **({} if args.seeds is None else {"seeds": args.seeds}))
+    return TRIGGER_SET_KINDS.get(args.command, args.command), config, inputs
+
+
+def trigger_set_settings(args, handle: ModelHandle) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The settings and inputs a trigger set gives its command: its image and triggers (and, to map, its starts)."""
+    from analysis.trigger_map import map_settings
+    from analysis.triggers import METADATA_FILE, TriggerSet
+
+    if not (args.folder / METADATA_FILE).is_file():
+        raise BadInput(f"no trigger set in {args.folder}: build one with `dori triggers`")
+    config, inputs = map_settings(handle, TriggerSet.load(args.folder))
+    if args.command == "map":
+        return config, inputs
+    if args.count is not None and args.count < 2:
+        raise BadInput(f"--count must be at least 2, got {args.count}")
+    return dict(image=config["image"]), {"triggers": inputs["triggers"][:args.count]}
 
 
 def record_json(record: RunRecord) -> dict:
@@ -330,6 +389,9 @@ def _load(args) -> ModelHandle:
 def cmd_task(args, progress: ProgressBars) -> int:
     kind, config, inputs = task_config(args)
     handle = _load(args)
+    if args.command in TRIGGER_SET_KINDS:
+        settings, inputs = trigger_set_settings(args, handle)
+        config.update(settings)
     record = run_task(handle, kind, config, callback=progress, inputs=inputs)
     progress.close()
     if args.command == "localize" and args.save_mask:

@@ -13,12 +13,19 @@ returns an `analysis.export.RunRecord`. Kinds:
 * "sweep": `analysis.sweep.perturbation_sweep`;
 * "attribute": token attribution by gradient norm or Integrated Gradients;
 * "wen": Wen et al.'s inference-time mitigation of a training image's caption, generations before and after;
-* "finetune": `analysis.finetune.AdversarialFineTuning` of the targets; the tuned model goes to `out_dir/model`.
+* "finetune": `analysis.finetune.AdversarialFineTuning` of the targets; the tuned model goes to `out_dir/model`;
+* "trigger_map": the `triggers` input on a 2-D map beside the reference sets (`analysis.trigger_map`), and the
+  dispersion of every set (`record_map` gives the map back);
+* "discrepancy": `analysis.discrepancy.activation_discrepancy` of the `triggers` input and of reference prompts;
+* "agreement": NeMo and Wanda fitted on every `triggers` input, pairwise IoU of their masks per layer
+  (`analysis.agreement`).
 
 The target is `image` (index of a memorized training image; its caption is
 the default prompt) and/or `prompt`. `inputs` are tensors the configuration
 refers to: `target` (an image `[3, H, W]` in [-1, 1] instead of a training
-image), start embeddings `[77, d]`, `mask.LAYER` (a given mitigation). They
+image), start embeddings `[77, d]`, `mask.LAYER` (a given mitigation),
+`triggers` (embeddings `[N, 77, d]` of one image's triggers, for the last three
+kinds, where `image`/`prompt` name what they replicate). They
 are stored in the record as `input.NAME`, so `analysis.export.rerun` can run
 it again. `mitigation` is None, `{"method": "nemo"|"wanda", "parameters": {...}}`
 (computed for the prompt) or `{"method": "mask"}` (the `mask.*` inputs).
@@ -30,6 +37,7 @@ it again. `mitigation` is None, `{"method": "nemo"|"wanda", "parameters": {...}}
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Iterator
@@ -38,17 +46,24 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.agreement import as_neurons, iou_matrix, localize_each
 from analysis.attribution import GradientNorm, IntegratedGradients
+from analysis.discrepancy import activation_discrepancy
+from analysis.dispersion import dispersion, reference_sets
 from analysis.dori import DoriSearch, Start, evaluate
 from analysis.export import INPUT_PREFIX, RunRecord
 from analysis.finetune import AdversarialFineTuning
+from analysis.hooks import KINDS, nemo_layers, resolve_layers
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
 from analysis.metrics import REPLICATION_THRESHOLD
 from analysis.model import ModelHandle
+from analysis.projection import Projection
 from analysis.replicate import replicate
+from analysis.sampling import encode_prompts
 from analysis.sweep import perturbation_sweep
+from analysis.trigger_map import REFERENCE_NAMES, TRIGGERS, MapPoint, TriggerMap, map_triggers
 from analysis.wen_mitigation import WenMitigation
 
 BUNDLED_MODEL_NAME = "bundled demo model"  # what `load_model(None)` names the bundled model
@@ -58,6 +73,10 @@ LOCALIZERS = {"nemo": NeMo, "wanda": Wanda}
 ATTRIBUTIONS = {"gradient_norm": GradientNorm, "integrated_gradients": IntegratedGradients}
 # Constructor arguments that change how a run goes, not what it finds: never part of a configuration.
 RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size", "progress"}
+# Projection settings beside its method ("trigger_map" has `method` and `parameters`, as a localizer does).
+PROJECTION_PARAMETERS = {name: p.default for name, p in inspect.signature(Projection).parameters.items()
+                         if name not in RUNTIME_ARGUMENTS | {"method"}}
+START_KINDS = ("random", "prompt", "embedding")
 
 
 @dataclass
@@ -71,6 +90,12 @@ class TaskProgress:
 
 
 Callback = Callable[[object], None]
+
+
+def _progress(callback: Callback | None, stage: str, done: int, total: int | None, message: str = "") -> None:
+    if callback is not None:
+        callback(TaskProgress(stage, done, total, message))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checking a configuration
@@ -159,6 +184,18 @@ def _replicate_what(handle: ModelHandle, target: dict) -> int | str:
     return index if index is not None and handle.memorized[index].caption == target["prompt"] else target["prompt"]
 
 
+def _embeddings_input(handle: ModelHandle, inputs: dict[str, torch.Tensor], name: str, minimum: int) -> torch.Tensor:
+    """Input `name`: at least `minimum` embeddings `[n, 77, d]` of this model, float32 on the handle's device."""
+    if name not in inputs:
+        raise ValueError(f"this analysis needs the embeddings as the input {name!r} [n, 77, d]")
+    embeddings = inputs[name]
+    shape = (handle.tokenizer.model_max_length, handle.unet.config.cross_attention_dim)
+    if embeddings.ndim != 3 or tuple(embeddings.shape[1:]) != shape or len(embeddings) < minimum:
+        raise ValueError(f"the input {name!r} must hold at least {minimum} embeddings [n, {shape[0]}, {shape[1]}], "
+                         f"got shape {tuple(embeddings.shape)}")
+    return embeddings.to(handle.device, torch.float32)
+
+
 def _check_dtype(handle: ModelHandle, config: dict) -> str:
     dtype = str(handle.dtype).removeprefix("torch.")
     if config.get("dtype", dtype) != dtype:
@@ -185,17 +222,17 @@ def record_mask(record: RunRecord) -> Mask:
                 parameters=record.config["parameters"])
 
 
+def _nemo(parameters: dict, callback: Callback | None, stage: str = "localize") -> NeMo:
+    """NeMo with `parameters`; its progress messages reach `callback` as `TaskProgress(stage, ...)`."""
+    messages = iter(range(1, 1 << 62))
+    return NeMo(**parameters, progress=lambda message: _progress(callback, stage, next(messages), None, message))
+
+
 def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
     """Run the configured localizer (`{"method", "parameters", "seeds"}`) on `prompt`."""
     parameters = dict(config["parameters"])
     if config["method"] == "nemo":
-        messages = iter(range(1, 1 << 62))
-
-        def progress(message: str) -> None:
-            if callback is not None:
-                callback(TaskProgress("localize", next(messages), None, message))
-
-        return NeMo(**parameters, progress=progress).fit(handle, prompt, config["seeds"])
+        return _nemo(parameters, callback).fit(handle, prompt, config["seeds"])
     reference_prompts = parameters.pop("reference_prompts", None)
     return Wanda(**parameters).fit(handle, prompt, reference_prompts, config["seeds"])
 
@@ -463,6 +500,128 @@ def _run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
     return record
 
 
+def _run_trigger_map(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    """The `triggers` input on one projection with the reference sets; every set's pairwise distances."""
+    config = _fill("trigger_map", dict(image=None, prompt=None, method="umap", parameters=None, start_seed=0,
+                                       start_kinds=None, replication_rates=None), config)
+    target, prompt, image = _target(handle, config, inputs, need_image=False)
+    triggers = _embeddings_input(handle, inputs, "triggers", 1)
+    count = len(triggers)
+    parameters = _json_ready(_fill("projection parameter", PROJECTION_PARAMETERS, config["parameters"]))
+    _integer("the projection's seed", parameters["seed"])
+    projection = Projection(config["method"], **parameters)
+    start_kinds = ["random"] * count if config["start_kinds"] is None else config["start_kinds"]
+    rates = [None] * count if config["replication_rates"] is None else config["replication_rates"]
+    if not isinstance(start_kinds, list) or len(start_kinds) != count or any(k not in START_KINDS for k in start_kinds):
+        raise ValueError(f"start_kinds must list one of {START_KINDS} per trigger ({count}), got {start_kinds!r}")
+    if not isinstance(rates, list) or len(rates) != count:
+        raise ValueError(f"replication_rates must hold one rate (or null) per trigger ({count}), got {rates!r}")
+    rates = [None if rate is None else _number("a replication rate", rate, 0) for rate in rates]
+    filled = dict(**target, method=config["method"], parameters=parameters,
+                  start_seed=_integer("start_seed", config["start_seed"]), start_kinds=start_kinds,
+                  replication_rates=rates)
+    record = RunRecord("trigger_map", handle.name, filled)
+    references = reference_sets(handle, n_random=count, seed=filled["start_seed"])
+    trigger_map = map_triggers(handle, triggers, references, projection, prompt, filled["start_seed"], start_kinds,
+                               rates)
+    sets = {TRIGGERS: triggers.cpu(), **{REFERENCE_NAMES[name]: embeddings for name, embeddings in references.items()}}
+    # A set of one embedding (one trigger, and so one random start) has no pairs to measure.
+    summaries = dispersion({name: embeddings for name, embeddings in sets.items() if len(embeddings) >= 2},
+                           parameters["tokens"])
+    evaluated = [rate for rate in rates if rate is not None]
+    # UMAP's and t-SNE's coordinates need not repeat to the last digit elsewhere: they are in the table only.
+    record.metrics.update(
+        dispersion={name: summary.as_dict() for name, summary in summaries.items()}, triggers=count,
+        evaluated=len(evaluated), replicating=sum(rate > 0 for rate in evaluated),
+        mean_replication_rate=sum(evaluated) / len(evaluated) if evaluated else None)
+    record.table = [dataclasses.asdict(point) for point in trigger_map.points]
+    if image is not None:
+        record.images["target"] = image.float().cpu()
+    return record
+
+
+def record_map(record: RunRecord) -> TriggerMap:
+    """The map a "trigger_map" record holds (one table row per point), to plot it."""
+    if record.kind != "trigger_map":
+        raise ValueError(f"a {record.kind} record holds no trigger map")
+    return TriggerMap(record.config["method"], record.config["prompt"], [MapPoint(**row) for row in record.table])
+
+
+def _run_discrepancy(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    """Activation discrepancy per layer of the `triggers` input and of `prompts` (default: the memorized captions)."""
+    config = _fill("discrepancy", dict(image=None, prompt=None, layers="value", prompts=None, seed=0, steps=None),
+                   config)
+    target, _, _ = _target(handle, config, inputs, need_image=False)
+    triggers = _embeddings_input(handle, inputs, "triggers", 2)
+    if config["layers"] not in KINDS:
+        raise ValueError(f"layers must be one of {list(KINDS)}, got {config['layers']!r}")
+    prompts = [image.caption for image in handle.memorized] if config["prompts"] is None else config["prompts"]
+    if not isinstance(prompts, list) or len(prompts) < 2 or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompts must list at least 2 prompts to compare the triggers with (default: the "
+                         f"model's memorized captions), got {prompts!r}")
+    steps = handle.default_steps if config["steps"] is None else config["steps"]
+    filled = dict(**target, layers=config["layers"], prompts=prompts, seed=_integer("seed", config["seed"]),
+                  steps=_integer("steps", steps, 1, 1000))
+    record = RunRecord("discrepancy", handle.name, filled)
+    settings = (filled["layers"], filled["seed"], filled["steps"])
+    results = {"triggers": activation_discrepancy(handle, triggers, *settings)}
+    _progress(callback, "discrepancy", 1, 2, "triggers")
+    results["prompts"] = activation_discrepancy(handle, encode_prompts(handle, prompts), *settings)
+    _progress(callback, "discrepancy", 2, 2, "prompts")
+    record.metrics.update({name: result.as_dict() for name, result in results.items()})
+    record.table = [dict(layer=layer, **{f"{name}_{key}": value for name in results
+                                         for key, value in record.metrics[name][layer].items()})
+                    for layer in results["triggers"].layers]
+    return record
+
+
+def _run_agreement(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
+    """NeMo and Wanda fitted on every `triggers` input; per layer, the IoU of every pair of masks.
+
+    Wanda runs on NeMo's layers unless its `layers` are given, and is compared
+    at neuron level (a neuron counts as removed when any of its weights is), so
+    that the two methods can be compared with each other. Tensors: the IoU
+    matrices `iou.NAME` `[layers, N, N]` (NaN where both masks are empty) and
+    every trigger's mask at neuron level, `nemo.I.LAYER` and `wanda.I.LAYER`.
+    """
+    config = _fill("agreement", dict(image=None, prompt=None, seeds=None, nemo=None, wanda=None), config)
+    target, _, _ = _target(handle, config, inputs, need_image=False)
+    triggers = _embeddings_input(handle, inputs, "triggers", 2)
+    nemo = _localizer_config(dict(method="nemo", parameters=config["nemo"], seeds=config["seeds"]))
+    wanda = _localizer_config(dict(method="wanda", parameters=config["wanda"], seeds=nemo["seeds"]))["parameters"]
+    if "layers" not in (config["wanda"] or {}):
+        layers = nemo["parameters"]["layers"]
+        wanda["layers"] = list(nemo_layers(handle.unet) if layers is None else resolve_layers(handle.unet, layers))
+    filled = dict(**target, seeds=nemo["seeds"], nemo=nemo["parameters"], wanda=wanda)
+    record = RunRecord("agreement", handle.name, filled)
+    _progress(callback, "agreement", 0, 2, f"NeMo on {len(triggers)} triggers")
+    masks = {"nemo": localize_each(_nemo(nemo["parameters"], callback, "NeMo"), handle, triggers, seeds=nemo["seeds"])}
+    _progress(callback, "agreement", 1, 2, f"Wanda on {len(triggers)} triggers")
+    masks["wanda"] = [as_neurons(mask) for mask in localize_each(Wanda(**wanda), handle, triggers,
+                                                                  seeds=nemo["seeds"])]
+    _progress(callback, "agreement", 2, 2, "IoU")
+    matrices = {"nemo_nemo": iou_matrix(masks["nemo"]), "wanda_wanda": iou_matrix(masks["wanda"]),
+                "nemo_wanda": iou_matrix(masks["nemo"], masks["wanda"])}
+    layers = matrices["nemo_wanda"].layers  # every layer of either method
+    for method, method_masks in masks.items():
+        counts = [mask.counts() for mask in method_masks]
+        record.metrics[f"{method}_neurons"] = {layer: sum(c.get(layer, 0) for c in counts) / len(counts)
+                                               for layer in layers}
+        for i, mask in enumerate(method_masks):
+            record.tensors.update({f"{method}.{i}.{name}": removed for name, removed in mask.removed.items()})
+    for name, matrix in matrices.items():
+        means, undefined = matrix.layer_means(), matrix.undefined_shares()
+        record.metrics[name] = {layer: dict(mean_iou=means[layer], undefined=undefined[layer])
+                                for layer in matrix.layers}
+        record.tensors[f"iou.{name}"] = matrix.values
+    record.table = [dict(layer=layer, **{f"{method}_neurons": record.metrics[f"{method}_neurons"][layer]
+                                         for method in masks},
+                         **{f"{name}_{key}": record.metrics[name].get(layer, {}).get(key)
+                            for key in ("mean_iou", "undefined") for name in matrices})
+                    for layer in layers]
+    return record
+
+
 TASKS: dict[str, Callable[[ModelHandle, dict, dict, Callback | None], RunRecord]] = {
     "replicate": _run_replicate,
     "localize": _run_localize,
@@ -471,6 +630,9 @@ TASKS: dict[str, Callable[[ModelHandle, dict, dict, Callback | None], RunRecord]
     "attribute": _run_attribute,
     "wen": _run_wen,
     "finetune": _run_finetune,
+    "trigger_map": _run_trigger_map,
+    "discrepancy": _run_discrepancy,
+    "agreement": _run_agreement,
 }
 
 

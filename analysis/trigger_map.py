@@ -1,10 +1,12 @@
 """A trigger set on a 2-D map beside reference embeddings: what the app's Trigger map view plots.
 
-    trigger_map = map_trigger_set(handle, TriggerSet.load(folder), method="umap")
-    for point in trigger_map.points: point.x, point.y, point.group, point.replication_rate
+    config, inputs = map_settings(handle, TriggerSet.load(folder))
+    record = run_task(handle, "trigger_map", {**config, "method": "umap"}, inputs=inputs)
+    for point in record_map(record).points: point.x, point.y, point.group, point.replication_rate
 
-One projection (`analysis.projection.Projection`) is fitted on the triggers
-and the reference sets of `analysis.dispersion.reference_sets` together, so
+(`run_task` and `record_map` are in `analysis.tasks`.) One projection
+(`analysis.projection.Projection`) is fitted on the triggers and the reference
+sets of `analysis.dispersion.reference_sets` together (`map_triggers`), so
 every point lies on the same map: the memorized captions, the held-out
 captions, and the random embeddings the triggers started from (drawn with the
 set's own start seeds, so each trigger can be seen beside its start).
@@ -12,14 +14,13 @@ set's own start seeds, so each trigger can be seen beside its start).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from analysis.dispersion import reference_sets
 from analysis.model import ModelHandle
-from analysis.projection import DEFAULT_CACHE_DIR, Projection
+from analysis.projection import Projection
 from analysis.triggers import TriggerSet
 
 TRIGGERS = "triggers"
@@ -50,29 +51,42 @@ class TriggerMap:
         return [point for point in self.points if point.group == TRIGGERS]
 
 
-def map_trigger_set(handle: ModelHandle, trigger_set: TriggerSet, method: str = "umap", seed: int = 0,
-                    cache_dir: str | Path | None = DEFAULT_CACHE_DIR) -> TriggerMap:
-    """Project the triggers of `trigger_set` and the handle's reference sets onto one 2-D map.
+def map_triggers(handle: ModelHandle, triggers: torch.Tensor, references: dict[str, torch.Tensor],
+                 projection: Projection, caption: str, start_seed: int, start_kinds: Sequence[str],
+                 replication_rates: Sequence[float | None]) -> TriggerMap:
+    """Fit `projection` on triggers `[N, 77, d]` and `references` (`reference_sets(handle, N, start_seed)`) together.
 
-    The random reference holds one start per trigger (`Start.random(set seed + i)`,
-    as `build_trigger_set` drew them). Raises ValueError for an empty set or
-    a set made on another model.
+    Trigger i is labelled with `start_kinds[i]` and `replication_rates[i]`
+    (None: not evaluated); the random reference's start i with seed `start_seed + i`.
+    """
+    labels = {"memorized prompts": [image.caption for image in handle.memorized],
+              "held-out prompts": list(handle.held_out_prompts),
+              "random": [f"start seed {start_seed + i}" for i in range(len(references["random"]))]}
+    points = [MapPoint(0.0, 0.0, TRIGGERS, f"trigger {i}", i, kind, rate)
+              for i, (kind, rate) in enumerate(zip(start_kinds, replication_rates, strict=True))]
+    for name, embeddings in references.items():
+        points += [MapPoint(0.0, 0.0, REFERENCE_NAMES[name], label, None, None, None) for label in labels[name]]
+    xy = projection.fit(torch.cat([triggers.float().cpu(), *references.values()])).reference_xy_
+    for point, (x, y) in zip(points, xy.tolist(), strict=True):
+        point.x, point.y = x, y
+    return TriggerMap(projection.method, caption, points)
+
+
+def map_settings(handle: ModelHandle, trigger_set: TriggerSet) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The configuration (all but the projection) and inputs of the "trigger_map" task that maps `trigger_set`.
+
+    Raises ValueError for an empty set, a set made on another model, or one
+    whose image is not among the handle's memorized images.
     """
     if not trigger_set.triggers:
         raise ValueError("the trigger set is empty: build some triggers first")
     if trigger_set.config["model"] != handle.name:
         raise ValueError(f"the trigger set was made on {trigger_set.config['model']!r}, not on {handle.name!r}")
-    count = len(trigger_set.triggers)
-    references = reference_sets(handle, n_random=count, seed=trigger_set.config["seed"])
-    labels = {"memorized prompts": [image.caption for image in handle.memorized],
-              "held-out prompts": list(handle.held_out_prompts),
-              "random": [f"start seed {trigger_set.config['seed'] + i}" for i in range(count)]}
-    points = [MapPoint(0.0, 0.0, TRIGGERS, f"trigger {trigger['index']}", trigger["index"],
-                       trigger["start"]["kind"], trigger["replication_rate"]) for trigger in trigger_set.triggers]
-    for name, embeddings in references.items():
-        points += [MapPoint(0.0, 0.0, REFERENCE_NAMES[name], label, None, None, None) for label in labels[name]]
-    embeddings = torch.cat([trigger_set.embeddings.float().cpu(), *references.values()])
-    xy = Projection(method, seed=seed, cache_dir=cache_dir).fit(embeddings).reference_xy_
-    for point, (x, y) in zip(points, xy.tolist()):
-        point.x, point.y = x, y
-    return TriggerMap(method, trigger_set.config["caption"], points)
+    captions = [image.caption for image in handle.memorized]
+    if trigger_set.config["caption"] not in captions:
+        raise ValueError(f"the trigger set's image “{trigger_set.config['caption']}” is not a memorized image of "
+                         f"{handle.name!r}")
+    config = dict(image=captions.index(trigger_set.config["caption"]), start_seed=trigger_set.config["seed"],
+                  start_kinds=[trigger["start"]["kind"] for trigger in trigger_set.triggers],
+                  replication_rates=[trigger["replication_rate"] for trigger in trigger_set.triggers])
+    return config, {"triggers": trigger_set.embeddings}

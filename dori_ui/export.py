@@ -14,8 +14,11 @@ from analysis.export import save_export
 from dori_ui.session import AppContext, Session
 
 
-def build_export(context: AppContext, view: str) -> gr.File:
-    """A button that writes the session's last `view` run as a ZIP that `dori rerun` reproduces."""
+def build_export(context: AppContext, view: str, run_label: str | None = None) -> gr.File:
+    """A button that writes the session's last `view` run as a ZIP that `dori rerun` reproduces.
+
+    `run_label` names what makes that run, where a view has more than one (e.g. a button's label).
+    """
     with gr.Row():
         button = gr.Button("Export ZIP", elem_id=f"{view}-export", size="sm", scale=0)
         file = gr.File(label="Export (config, images, table, tensors)", elem_id=f"{view}-export-file",
@@ -24,7 +27,7 @@ def build_export(context: AppContext, view: str) -> gr.File:
     def export(state: Session) -> str:
         record = state.records.get(view)
         if record is None:
-            raise gr.Error(f"Nothing to export yet: run the {view} view first.")
+            raise gr.Error(f"Nothing to export yet: run {run_label or f'the {view} view'} first.")
         # A folder of its own per export: two sessions never overwrite each other's file.
         folder = Path(tempfile.mkdtemp(prefix="dori-export-"))
         return str(save_export(record, folder / f"dori-{view}-{record.kind}.zip"))

@@ -3,13 +3,15 @@
 A trigger set is loaded from assets/triggers/ (shipped for the bundled model)
 or built here (resumable: a stopped build continues where it stopped). Rows of
 the table are the map's triggers: selecting one generates it; two can be
-pinned side by side.
+pinned side by side. The map is one `run_task("trigger_map", ...)` (the
+projection and every set's dispersion); Export saves it.
 
 Element ids: `trigger-map-image`, `trigger-map-source`, `trigger-map-count`, `trigger-map-steps`,
 `trigger-map-eval-seeds`, `trigger-map-method`, `trigger-map-colour`, `trigger-map-load`, `trigger-map-stop`,
 `trigger-map-status`, `trigger-map-plot`, `trigger-map-table`, `trigger-map-index`, `trigger-map-seeds`,
 `trigger-map-show`, `trigger-map-selected`, `trigger-map-selected-summary`, `trigger-map-pin-a`,
-`trigger-map-pin-b`, `trigger-map-pinned-a`, `trigger-map-pinned-b`.
+`trigger-map-pin-b`, `trigger-map-pinned-a`, `trigger-map-pinned-b`, `trigger_map-export`,
+`trigger_map-export-file`.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ import plotly.graph_objects as go
 from analysis.dori import DoriSearch, evaluate
 from analysis.experiments.trigger_assets import asset_folder
 from analysis.model import REPO_ROOT, ModelHandle
-from analysis.projection import DEFAULT_CACHE_DIR, METHODS, warm_up
+from analysis.projection import METHODS, warm_up
 from analysis.sampling import SamplingCancelled
-from analysis.trigger_map import TRIGGERS, TriggerMap, map_trigger_set
+from analysis.tasks import record_map
+from analysis.trigger_map import TRIGGERS, TriggerMap, map_settings
 from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set
 from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.export import build_export
 from dori_ui.session import AppContext, Session, check_whole_number, session_handle, verdict_gallery
-from dori_ui.streaming import request_stop, run_and_stop_buttons
+from dori_ui.streaming import request_stop, run_and_stop_buttons, run_or_error
 
 VIEW = "trigger_map"
 SHIPPED = "shipped set (assets/triggers)"
@@ -40,7 +44,6 @@ BUILD = "build a new set here"
 COLOURS = ("replication", "set and start")
 # Sets built in the app; one folder per model, image and settings, so that a rerun resumes.
 BUILT_SETS = REPO_ROOT / "runs" / "trigger_sets"
-PROJECTION_CACHE = DEFAULT_CACHE_DIR
 MAX_TRIGGERS = 64
 MAX_SEARCH_STEPS = 500
 MAX_SEEDS = 16
@@ -169,6 +172,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
     plot = gr.Plot(label="Trigger map", elem_id="trigger-map-plot")
     table = gr.Dataframe(headers=TABLE_COLUMNS, label="Triggers (select a row to generate it)", interactive=False,
                          elem_id="trigger-map-table")
+    build_export(context, VIEW, "“Load / build and map”")
     with gr.Row():
         index = gr.Number(None, label="Trigger", precision=0, elem_id="trigger-map-index")
         show_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=0,
@@ -219,22 +223,25 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                     count=total, search=DoriSearch(steps=search_steps, batch_size=2),
                     starts_per_batch=min(total, 8), evaluation_seeds=range(seeds), callback=report)
             except SamplingCancelled:
-                return "Stopped. The triggers finished so far are saved: build again to resume.", *[gr.skip()] * 3
+                return "Stopped. The triggers finished so far are saved: build again to resume.", *[gr.skip()] * 4
         else:
             raise gr.Error(f"Unknown trigger set source {source_label!r}.")
         progress(None, desc="Projecting")
         try:
-            trigger_map = map_trigger_set(model, trigger_set, method=method_name, cache_dir=PROJECTION_CACHE)
+            config, inputs = map_settings(model, trigger_set)
         except ValueError as err:
             raise gr.Error(str(err)) from err
-        rates = [t["replication_rate"] for t in trigger_set.triggers if t["replication_rate"] is not None]
-        replicated = f"; mean replication {sum(rates) / len(rates):.2f}" if rates else ""
+        record = run_or_error(model, "trigger_map", dict(config, method=method_name), inputs)
+        session.records[VIEW] = record
+        trigger_map = record_map(record)
+        rate = record.metrics["mean_replication_rate"]
+        replicated = f"; mean replication {rate:.2f}" if rate is not None else ""
         summary = f"{len(trigger_set.triggers)} triggers of “{caption}”{replicated}."
         state = MapState(trigger_set, trigger_map, chosen)
-        return summary, map_figure(trigger_map, colour_name, None), trigger_table(trigger_set), state
+        return summary, map_figure(trigger_map, colour_name, None), trigger_table(trigger_set), state, session
 
     load_button.click(load, inputs=[image, source, method, colour, count, steps, eval_seeds, context.session],
-                      outputs=[status, plot, table, map_state], api_name="trigger_map_load",
+                      outputs=[status, plot, table, map_state, context.session], api_name="trigger_map_load",
                       concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
 
     def prepare(method_name: str) -> None:

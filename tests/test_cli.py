@@ -86,6 +86,30 @@ def test_triggers_resume_in_the_same_folder(dori, tmp_path):
     assert code == 2 and "other settings" in err
 
 
+
+def test_a_trigger_set_is_mapped_compared_and_rerun(dori, tmp_path):
+    folder = str(tmp_path / "t")
+    code, _, err = dori("triggers", "--image", "1", "--folder", folder, "--count", "3", "--starts-per-batch", "3",
+                        "--search-steps", "2", "--evaluation-seeds", "0")
+    assert code == 0, err
+    nemo = ["--nemo-param", "threshold=-1", "--nemo-param", "steps=3", "--nemo-param", "step_index=1",
+            "--nemo-param", "theta_start=1", "--nemo-param", "refine=false", "--nemo-param", "scales=2"]
+    runs = {"map": ("--method", "pca"), "discrepancy": ("--count", "2", "--layers", "ff"),
+            "agreement": ("--count", "2", "--seeds", "0,1", *nemo, "--wanda-param", "record_steps=1")}
+    for command, options in runs.items():
+        export = str(tmp_path / f"{command}.zip")
+        code, out, err = dori(command, "--folder", folder, *options, "--json", "--export", export)
+        assert code == 0, err
+        printed = json.loads(out)
+        assert printed["config"]["image"] == 1 and len(load_export(export).inputs()["triggers"]) == (
+            3 if command == "map" else 2)
+        code, out, err = dori("rerun", export, "--json", model=False)
+        assert code == 0 and json.loads(out)["reproduced"] is True, err
+    assert printed["config"]["nemo"]["threshold"] == -1 and printed["config"]["wanda"]["record_steps"] == 1
+    code, _, err = dori("map", "--folder", str(tmp_path / "none"))
+    assert code == 2 and "no trigger set in" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (("replicate", "--image", "9"), "image must be a whole number from 0 to 1"),
     (("replicate",), "give a prompt"),

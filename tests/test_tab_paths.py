@@ -2,11 +2,13 @@
 
 import dataclasses
 import json
+import zipfile
 
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from analysis.export import load_export
 from dori_ui import paths_tab, trigger_map_tab
 from dori_ui.app import build_app
 from served import served
@@ -20,10 +22,9 @@ def client(tiny_handle, tmp_path_factory):
     """A session with a 3-trigger set loaded in the Trigger map view."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trigger_map_tab, "BUILT_SETS", tmp_path_factory.mktemp("trigger_sets"))
-        patch.setattr(trigger_map_tab, "PROJECTION_CACHE", None)
         # The tiny model's 16-pixel images take 2 MS-SSIM scales at most.
-        patch.setattr(paths_tab, "NEMO_PARAMETERS", dict(scales=2, steps=4, cache_dir=None))
-        patch.setattr(paths_tab, "WANDA_PARAMETERS", dict(steps=4, cache_dir=None))
+        patch.setattr(paths_tab, "NEMO_PARAMETERS", dict(scales=2, steps=4))
+        patch.setattr(paths_tab, "WANDA_PARAMETERS", dict(steps=4))
         app = build_app(dataclasses.replace(tiny_handle, default_steps=STEPS))
         with served(app) as url:
             client = Client(url, verbose=False)
@@ -58,7 +59,7 @@ def test_masks_per_trigger_as_iou_heatmaps_and_counts(client):
 
 
 def test_a_localizer_error_is_shown(client, monkeypatch):
-    monkeypatch.setattr(paths_tab, "NEMO_PARAMETERS", dict(scales=3, steps=4, cache_dir=None))
+    monkeypatch.setattr(paths_tab, "NEMO_PARAMETERS", dict(scales=3, steps=4))
     with pytest.raises(AppError, match="smaller than the 7x7 SSIM window"):
         client.predict(2, 2, api_name="/paths_masks")
 
@@ -72,3 +73,25 @@ def test_without_a_trigger_set_the_view_says_where_to_load_one(client):
     fresh = Client(client.src, verbose=False)
     with pytest.raises(AppError, match="Load or build a trigger set in the Trigger map view first"):
         fresh.predict("value", 2, api_name="/paths_discrepancy")
+
+
+def test_each_comparison_exports_its_last_run(client):
+    client.predict("ff", 2, api_name="/paths_discrepancy")
+    discrepancy = load_export(client.predict(api_name="/export_paths"))
+    assert discrepancy.kind == "discrepancy" and discrepancy.config["layers"] == "ff"
+    assert discrepancy.inputs()["triggers"].shape[0] == 2 and discrepancy.table
+    client.predict(2, 2, api_name="/paths_masks")
+    path = client.predict(api_name="/export_paths_masks")
+    with zipfile.ZipFile(path) as archive:
+        assert {"config.json", "metrics.json", "table.csv", "tensors.safetensors"} <= set(archive.namelist())
+    agreement = load_export(path)
+    assert agreement.kind == "agreement" and agreement.config["seeds"] == [0, 1]
+    assert agreement.config["nemo"]["scales"] == 2 and "iou.nemo_wanda" in agreement.tensors
+
+
+def test_export_before_a_comparison_says_which_to_run(client):
+    fresh = Client(client.src, verbose=False)
+    with pytest.raises(AppError, match="Nothing to export yet: run “Compare activation paths” first"):
+        fresh.predict(api_name="/export_paths")
+    with pytest.raises(AppError, match="Nothing to export yet: run “Localize each trigger” first"):
+        fresh.predict(api_name="/export_paths_masks")

@@ -7,6 +7,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from analysis.export import load_export
 from dori_ui import trigger_map_tab
 from dori_ui.app import build_app
 from served import served
@@ -22,7 +23,6 @@ def app_url(tiny_handle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("trigger_sets")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trigger_map_tab, "BUILT_SETS", folder)
-        patch.setattr(trigger_map_tab, "PROJECTION_CACHE", None)
         app = build_app(dataclasses.replace(tiny_handle, default_steps=STEPS))
         with served(app) as url:
             yield url
@@ -72,3 +72,18 @@ def test_bad_settings_give_a_clear_message(app_url, tiny_handle, arguments, mess
     caption = arguments[0] or tiny_handle.memorized[0].caption
     with pytest.raises(AppError, match=message):
         client.predict(caption, *arguments[1:], api_name="/trigger_map_load")
+
+
+def test_the_map_exports_as_a_trigger_map_record(app_url, tiny_handle):
+    client = Client(app_url, verbose=False)
+    with pytest.raises(AppError, match="Nothing to export yet: run “Load / build and map” first"):
+        client.predict(api_name="/export_trigger_map")
+    caption = tiny_handle.memorized[0].caption
+    _, plot, _ = client.predict(caption, *BUILD_SMALL, api_name="/trigger_map_load")
+    record = load_export(client.predict(api_name="/export_trigger_map"))
+    assert record.kind == "trigger_map" and record.config["prompt"] == caption and record.config["method"] == "pca"
+    assert record.inputs()["triggers"].shape[0] == 3 and record.metrics["triggers"] == 3
+    # The table holds the plotted points: the triggers' coordinates are the plot's.
+    triggers = next(trace for trace in json.loads(plot["plot"])["data"] if trace["name"] == "triggers")
+    rows = [row for row in record.table if row["group"] == "triggers"]
+    assert [row["x"] for row in rows] == pytest.approx(triggers["x"])

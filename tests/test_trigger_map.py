@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from analysis.dori import DoriSearch
-from analysis.trigger_map import RANDOM_STARTS, TRIGGERS, map_trigger_set
+from analysis.tasks import record_map, run_task
+from analysis.trigger_map import RANDOM_STARTS, TRIGGERS, map_settings
 from analysis.triggers import build_trigger_set
 
 
@@ -16,7 +17,9 @@ def trigger_set(tiny_handle, tmp_path_factory):
 
 
 def test_map_holds_triggers_and_every_reference_set(tiny_handle, trigger_set):
-    trigger_map = map_trigger_set(tiny_handle, trigger_set, method="pca", cache_dir=None)
+    config, inputs = map_settings(tiny_handle, trigger_set)
+    assert config["image"] == 0 and config["start_seed"] == 5 and inputs["triggers"] is trigger_set.embeddings
+    trigger_map = record_map(run_task(tiny_handle, "trigger_map", {**config, "method": "pca"}, inputs=inputs))
     groups = [point.group for point in trigger_map.points]
     assert groups.count(TRIGGERS) == 3 and groups.count(RANDOM_STARTS) == 3
     assert groups.count("memorized prompts") == len(tiny_handle.memorized)
@@ -38,8 +41,8 @@ def test_map_holds_triggers_and_every_reference_set(tiny_handle, trigger_set):
 def test_map_refuses_a_set_of_another_model_or_an_empty_one(tiny_handle, trigger_set):
     other = dataclasses.replace(trigger_set, config={**trigger_set.config, "model": "some other model"})
     with pytest.raises(ValueError, match="made on 'some other model'"):
-        map_trigger_set(tiny_handle, other, method="pca", cache_dir=None)
+        map_settings(tiny_handle, other)
     empty = dataclasses.replace(trigger_set, triggers=[], embeddings=trigger_set.embeddings[:0])
     with pytest.raises(ValueError, match="empty"):
-        map_trigger_set(tiny_handle, empty, method="pca", cache_dir=None)
+        map_settings(tiny_handle, empty)
 
