@@ -4,7 +4,8 @@ The mask found becomes the session's mitigation: Replicate and Perturb then run
 on the mitigated model, so Perturb's Dori search attacks it. Method "none"
 removes it again.
 
-Element ids: `mitigate-prompt`, `mitigate-method`, `mitigate-seeds`, `mitigate-sparsity`, `mitigate-steps`,
+Element ids: `mitigate-prompt`, `mitigate-method`, `mitigate-seeds`, `mitigate-sparsity`, `mitigate-refine`,
+`mitigate-steps`,
 `mitigate-eval-seeds`, `mitigate-run`, `mitigate-stop`, `mitigate-log`, `mitigate-counts`, `mitigate-before`,
 `mitigate-after`,
 `mitigate-summary`, `mitigate-export`, `mitigate-export-file`.
@@ -26,6 +27,8 @@ from dori_ui.streaming import (Stopped, progress_of, report_to, request_stop, ru
                                stream_task)
 
 VIEW = "mitigate"
+# NeMo settings beyond its defaults (the tests shrink them for the tiny model).
+NEMO_PARAMETERS: dict = {}
 METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda", "Wen et al. (prompt embedding)": "wen",
            "Adversarially fine-tuned (Fine-tune tab)": "finetuned"}
 MAX_SEEDS = 16
@@ -36,7 +39,10 @@ EXPLANATION = """
 **What am I looking at?** *NeMo* (Hintersdorf et al. 2024) blocks output
 neurons of the cross-attention value layers whose activation on the prompt is
 an outlier, adding neurons until the first denoising step no longer looks
-memorized. *Wanda* (Chavhan et al. 2024) prunes the feed-forward weights that
+memorized. Refinement then unblocks every neuron whose return keeps the
+first step as unmemorized as the full selection did: a smaller mask, which on
+the bundled model often lets replication back (docs/results/mitigation.md);
+untick it to keep the initial selection. *Wanda* (Chavhan et al. 2024) prunes the feed-forward weights that
 matter for the prompt but not for ordinary prompts. The bars count what was
 removed per layer; the galleries show the prompt's generations before and after
 with the same seeds. The mask then stays active for this session (see the
@@ -121,6 +127,9 @@ def build_mitigate_tab(context: AppContext) -> None:
                                     elem_id="mitigate-seeds")
                 sparsity = gr.Number(1.0, label="Wanda sparsity (% of each row compared, 0–50)",
                                      elem_id="mitigate-sparsity")
+            # NeMo's second stage unblocks every neuron it can spare; without it the mask is the initial selection.
+            refine = gr.Checkbox(True, label="NeMo refinement (fewer neurons; one criterion check per neuron)",
+                                 elem_id="mitigate-refine")
             with gr.Row():
                 steps = gr.Number(handle.default_steps, label=f"Schedule steps (1–{MAX_STEPS})",
                                   precision=0, elem_id="mitigate-steps")
@@ -140,7 +149,8 @@ def build_mitigate_tab(context: AppContext) -> None:
     build_export(context, VIEW)
 
     def run(prompt_text: str | None, method_label: str, seed_count: float | None, sparsity_percent: float | None,
-            step_count: float | None, eval_count: float | None, state: Session, progress=gr.Progress()):
+            refine_nemo: bool, step_count: float | None, eval_count: float | None, state: Session,
+            progress=gr.Progress()):
         model = session_handle(context.models, state)
         if method_label not in METHODS:
             raise gr.Error(f"Unknown mitigation {method_label!r}; choose one of {list(METHODS)}.")
@@ -160,6 +170,8 @@ def build_mitigate_tab(context: AppContext) -> None:
             if sparsity_percent is None or not 0 < sparsity_percent <= 50:
                 raise gr.Error(f"Wanda sparsity must be a percentage in (0, 50], got {sparsity_percent}.")
             parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
+        elif chosen == "nemo":
+            parameters.update(NEMO_PARAMETERS, refine=bool(refine_nemo))
         captions = [m.caption for m in model.memorized]
         image = captions.index(prompt_text) if prompt_text in captions else None
         if chosen == "finetuned":
@@ -207,7 +219,7 @@ def build_mitigate_tab(context: AppContext) -> None:
         yield ("Done.", summary_text, None, stage_gallery(records[0], ""), stage_gallery(records[1], ""),
                describe_model(session_model(context.models, state, tuned_name), state), state)
 
-    run_button.click(run, inputs=[prompt, method, n_seeds, sparsity, steps, eval_seeds, context.session],
+    run_button.click(run, inputs=[prompt, method, n_seeds, sparsity, refine, steps, eval_seeds, context.session],
                      outputs=[log, summary, counts, before, after, context.header, context.session],
                      api_name="mitigate", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from analysis.bench.startup import free_port
 from analysis.export import RunRecord, compare_metrics, load_export
 from analysis.tasks import run_task
+from dori_ui import mitigate_tab
 from dori_ui.app import build_app
 from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
 from dori_ui.session import ModelChoices, session_model, use_finetuned
@@ -43,8 +44,8 @@ def replicate(client, prompt, seeds=2, first_seed=5, steps=STEPS):
     return client.predict(prompt, seeds, first_seed, steps, 4.0, api_name="/replicate")
 
 
-def mitigate(client, method=MITIGATE, prompt=None, seeds=2):
-    return client.predict(prompt, method, 2, 5.0, STEPS, seeds, api_name="/mitigate")
+def mitigate(client, method=MITIGATE, prompt=None, seeds=2, refine=True):
+    return client.predict(prompt, method, 2, 5.0, refine, STEPS, seeds, api_name="/mitigate")
 
 
 def perturb(client, target, steps=4, start="random embedding", other="", upload=None, every=2, submit=False):
@@ -157,9 +158,18 @@ def test_use_finetuned_switches_the_session_and_keeps_the_base(tiny_handle, tiny
         session_model(models, models.new_session(), tuned.name)
 
 
+def test_nemo_refinement_can_be_switched_off(client, tiny_handle, monkeypatch):
+    # The tiny model's 16-pixel images take 2 MS-SSIM scales at most.
+    monkeypatch.setattr(mitigate_tab, "NEMO_PARAMETERS", dict(scales=2))
+    summary = mitigate(client, method="NeMo (neurons)", prompt=tiny_handle.memorized[0].caption, refine=False)[1]
+    assert "Before:" in summary and "After:" in summary
+    record = load_export(client.predict(api_name="/export_mitigate"))
+    assert record.config["method"] == "nemo" and record.config["parameters"]["refine"] is False
+
+
 def test_mitigate_rejects_a_bad_sparsity(client, tiny_handle):
     with pytest.raises(AppError, match="Wanda sparsity must be a percentage"):
-        client.predict(tiny_handle.memorized[0].caption, MITIGATE, 2, 90.0, STEPS, 2, api_name="/mitigate")
+        client.predict(tiny_handle.memorized[0].caption, MITIGATE, 2, 90.0, True, STEPS, 2, api_name="/mitigate")
 
 
 def test_perturb_streams_the_search_and_returns_the_trigger(client, tiny_handle):
@@ -235,7 +245,8 @@ def test_sweep_plots_replication_against_the_radius(client, tiny_handle):
 
 
 @pytest.mark.parametrize("method, delta", [("Gradient norm (Wen et al.)", False),
-                                           ("Integrated Gradients (captum)", True)])
+                                           ("Integrated Gradients (captum)", True),
+                                           ("Occlusion (remove each word)", False)])
 def test_attribution_highlights_every_word(client, tiny_handle, method, delta):
     caption = tiny_handle.memorized[0].caption
     words, summary = client.predict(caption, method, 1, 4, api_name="/attribute")

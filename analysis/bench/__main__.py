@@ -45,17 +45,19 @@ SD14_UNET_CONFIG = dict(
     downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, center_input_sample=False)
 SD14_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-SD14_TOKENS, SD14_WIDTH = 77, 768
+SD14_TOKENS = 77
 
 
-def sd14_unet_handle(device: str | torch.device, dtype: torch.dtype = torch.float16, seed: int = 0) -> ModelHandle:
+def sd14_unet_handle(device: str | torch.device, dtype: torch.dtype = torch.float16, seed: int = 0,
+                     unet_config: dict = SD14_UNET_CONFIG) -> ModelHandle:
     """A handle around a randomly initialised SD v1.4 UNet, in latent space through the identity codec.
 
-    It has no text encoder: give its analyses embeddings, not prompts.
+    It has no text encoder: give its analyses embeddings, not prompts. The
+    tests pass a narrower `unet_config` of the same structure.
     """
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD14_UNET_CONFIG).to(device, dtype).eval().requires_grad_(False)
-    codec = PassThroughCodec(latent_channels=4, sample_size=64)
+    unet = UNet2DConditionModel(**unet_config).to(device, dtype).eval().requires_grad_(False)
+    codec = PassThroughCodec(latent_channels=unet_config["in_channels"], sample_size=unet_config["sample_size"])
     return ModelHandle(name="SD v1.4 UNet architecture, random weights", tokenizer=None, text_encoder=None, unet=unet,
                        codec=codec, scheduler=DDIMScheduler(**SD14_SCHEDULER_CONFIG), device=torch.device(device),
                        dtype=dtype)
@@ -81,26 +83,32 @@ def cpu_rows(repeats: int) -> tuple[list[tuple[str, str, str]], list[str], list[
     return rows, details, [sampling["load_before"], dori["load_after"]]
 
 
-def gpu_rows(repeats: int) -> tuple[list[tuple[str, str, str]], list[str]]:
-    handle = sd14_unet_handle("cuda")
+def sd14_rows(handle: ModelHandle, repeats: int, search_steps: int = SEARCH_STEPS
+              ) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The Dori ratio, the search time and (on CUDA) the peak memory on an SD v1.4-architecture handle."""
     generator = torch.Generator().manual_seed(0)
-    target = torch.randn((4, 64, 64), generator=generator)
-    start = Start.embedding(torch.randn((SD14_TOKENS, SD14_WIDTH), generator=generator))
-    text = torch.randn((1, SD14_TOKENS, SD14_WIDTH), generator=generator)
-    torch.cuda.reset_peak_memory_stats()
-    dori = dori_bench.measure(handle, target, start, text, repeats, SEARCH_STEPS)
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    width = handle.unet.config.cross_attention_dim
+    target = torch.randn(handle.latent_shape, generator=generator)
+    start = Start.embedding(torch.randn((SD14_TOKENS, width), generator=generator))
+    text = torch.randn((1, SD14_TOKENS, width), generator=generator)
+    cuda = handle.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(handle.device)
+    dori = dori_bench.measure(handle, target, start, text, repeats, search_steps)
     search = statistics.median(dori["search_s"])
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(handle.device) if cuda else "CPU"
+    label = f"{name}, SD v1.4 UNet {str(handle.dtype).removeprefix('torch.')}"
     rows = [
-        (f"{name}, SD v1.4 UNet fp16: Dori step / bare forward + backward, batch {dori_bench.BATCH}",
+        (f"{label}: Dori step / bare forward + backward, batch {dori_bench.BATCH}",
          f"{dori['ratio']:.3f}", verdict(dori["ratio"], dori_bench.RATIO_TARGET)),
-        (f"{name}, SD v1.4 UNet fp16: Dori search, {SEARCH_STEPS} steps, batch {dori_bench.BATCH}", f"{search:.2f} s",
-         verdict(search, GPU_SEARCH_SECONDS_TARGET, " s")),
-        (f"{name}, SD v1.4 UNet fp16: peak GPU memory of the runs", f"{peak_gib:.1f} GiB", ""),
+        (f"{label}: Dori search, {search_steps} steps, batch {dori_bench.BATCH}", f"{search:.2f} s",
+         verdict(search, GPU_SEARCH_SECONDS_TARGET, " s") if cuda else ""),
     ]
-    details = [f"GPU runs ({name}, torch CUDA {torch.version.cuda}), in seconds: bare pass {_rounded(dori['bare_s'])}, "
-               f"Dori step {_rounded(dori['step_s'])}, search {_rounded(dori['search_s'])}."]
+    if cuda:
+        peak_gib = torch.cuda.max_memory_allocated(handle.device) / 2**30
+        rows.append((f"{label}: peak GPU memory of the runs", f"{peak_gib:.1f} GiB", ""))
+    details = [f"{name} runs{f' (torch CUDA {torch.version.cuda})' if cuda else ''}, in seconds: bare pass "
+               f"{_rounded(dori['bare_s'])}, Dori step {_rounded(dori['step_s'])}, search {_rounded(dori['search_s'])}."]
     return rows, details
 
 
@@ -118,7 +126,7 @@ def main(argv=None) -> None:
     rows, details, loads = cpu_rows(args.repeats)
     gpu = torch.cuda.is_available() and not args.no_gpu
     if gpu:
-        gpu_table, gpu_details = gpu_rows(args.repeats)
+        gpu_table, gpu_details = sd14_rows(sd14_unet_handle("cuda"), args.repeats)
         rows += gpu_table
         details += gpu_details
     else:

@@ -70,6 +70,9 @@ def test_nemo_makes_the_replicas_vanish(page: Page, screenshot):
     open_tab(page, "Mitigate")
     expect(page.locator("#mitigate-prompt input")).to_have_value(ASTRONAUT)
     page.locator("#mitigate-method").get_by_label("NeMo (neurons)").check()
+    # NeMo's initial selection: on the bundled model refinement's smaller masks let replication back
+    # (docs/results/mitigation.md, issue 3), so a teacher unticks it to show the image vanish.
+    page.locator("#mitigate-refine input").uncheck()
     set_number(page, "mitigate-eval-seeds", SEEDS)
     page.locator("#mitigate-run").click()
     summary = page.locator("#mitigate-summary")
@@ -81,10 +84,7 @@ def test_nemo_makes_the_replicas_vanish(page: Page, screenshot):
     # The session now generates with the mask: the header says so.
     expect(page.locator("#model-header")).to_contain_text("mitigation: nemo")
     assert before == seeds
-    if after / seeds > VANISHED_RATE:
-        # A known defect of the bundled model, not of the app: NeMo's masks leave replication at 0.43 on average
-        # (docs/results/mitigation.md, issue 3). Reported as xfail, so the chapter turns green once it is fixed.
-        pytest.xfail(f"NeMo left {after} of {seeds} seeds replicating on the bundled model: {text}")
+    assert after / seeds <= VANISHED_RATE, f"NeMo left {after} of {seeds} seeds replicating: {text}"
 
 
 def test_dori_brings_the_image_back(page: Page, screenshot):
