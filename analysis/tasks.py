@@ -11,7 +11,7 @@ returns an `analysis.export.RunRecord`. Kinds:
 * "localize": a NeMo or Wanda mask (tensors `mask.LAYER`), replication before and after it;
 * "attack": a Dori search toward a training image, optionally against a mitigated model, then `evaluate`;
 * "sweep": `analysis.sweep.perturbation_sweep`;
-* "attribute": token attribution by gradient norm or Integrated Gradients;
+* "attribute": token attribution by gradient norm, Integrated Gradients or word occlusion;
 * "wen": Wen et al.'s inference-time mitigation of a training image's caption, generations before and after;
 * "finetune": `analysis.finetune.AdversarialFineTuning` of the targets; the tuned model goes to `out_dir/model`;
 * "trigger_map": the `triggers` input on a 2-D map beside the reference sets (`analysis.trigger_map`), and the
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from analysis.agreement import as_neurons, iou_matrix, localize_each
-from analysis.attribution import GradientNorm, IntegratedGradients
+from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion
 from analysis.discrepancy import activation_discrepancy
 from analysis.dispersion import dispersion, reference_sets
 from analysis.dori import DoriSearch, Start, evaluate
@@ -70,7 +70,7 @@ BUNDLED_MODEL_NAME = "bundled demo model"  # what `load_model(None)` names the b
 MASK_PREFIX = "mask."
 DEFAULT_SEEDS = [0, 1, 2, 3]
 LOCALIZERS = {"nemo": NeMo, "wanda": Wanda}
-ATTRIBUTIONS = {"gradient_norm": GradientNorm, "integrated_gradients": IntegratedGradients}
+ATTRIBUTIONS = {"gradient_norm": GradientNorm, "integrated_gradients": IntegratedGradients, "occlusion": Occlusion}
 # Constructor arguments that change how a run goes, not what it finds: never part of a configuration.
 RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size", "progress"}
 # Projection settings beside its method ("trigger_map" has `method` and `parameters`, as a localizer does).

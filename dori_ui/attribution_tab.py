@@ -15,7 +15,8 @@ from dori_ui.session import AppContext, Session, check_prompt, check_whole_numbe
 from dori_ui.streaming import run_or_error
 
 VIEW = "attribution"
-METHODS = {"Gradient norm (Wen et al.)": "gradient_norm", "Integrated Gradients (captum)": "integrated_gradients"}
+METHODS = {"Gradient norm (Wen et al.)": "gradient_norm", "Integrated Gradients (captum)": "integrated_gradients",
+           "Occlusion (remove each word)": "occlusion"}
 MAX_SEEDS = 8
 MAX_IG_STEPS = 128
 
@@ -26,7 +27,11 @@ the seeds. *Gradient norm* colours each word by ‖∂m/∂y‖ of its tokens (a
 positive). *Integrated Gradients* integrates the gradient from the empty
 prompt's embedding to the prompt's: word scores are signed (blue lowers m) and
 add up to m(y); the convergence delta says how far the numerical integral is
-from that. Words that name the memorized image usually carry most of the score.
+from that. *Occlusion* scores each word by how much m drops when the word is
+removed from the prompt: no gradient, so it is the ground truth the other two
+approximate (negative: the prompt scores higher without the word). Whether the
+words that name the memorized image carry most of the score depends on the
+model: on the bundled model they do not (docs/results/attribution.md).
 """
 
 

@@ -24,7 +24,7 @@ class TokenAttribution:
     tokens: list[str]  # BPE pieces, positions 1..n of the tokenized prompt
     token_scores: torch.Tensor  # [n]
     words: list[str]
-    word_scores: list[float]  # sum of the scores of each word's pieces
+    word_scores: list[float]  # gradient methods: sum of the scores of each word's pieces; occlusion: the word's drop
     score: float  # the memorization score m(y) that is explained
     convergence_delta: float | None = None  # IG only: sum of attributions − (m(y) − m(baseline))
 
@@ -33,8 +33,13 @@ class TokenAttribution:
 
 
 def prompt_tokens(handle: ModelHandle, prompt: str) -> tuple[list[str], list[str], list[int]]:
-    """BPE pieces of the prompt (without BOS/EOS), its words, and the word index of each piece."""
+    """BPE pieces of the prompt (without BOS/EOS), its words, and the word index of each piece.
+
+    ValueError when the prompt has no tokens: there is nothing to attribute.
+    """
     ids = handle.tokenizer(prompt, truncation=True, max_length=handle.tokenizer.model_max_length).input_ids[1:-1]
+    if not ids:
+        raise ValueError("the prompt has no tokens to attribute")
     pieces = handle.tokenizer.convert_ids_to_tokens(ids)
     words, word_of_piece, current = [], [], ""
     for piece in pieces:
@@ -45,6 +50,8 @@ def prompt_tokens(handle: ModelHandle, prompt: str) -> tuple[list[str], list[str
             current = ""
     if current:  # a prompt cut off by truncation in the middle of a word
         words.append(current)
+    # Pieces spell bytes as printable characters ("ü" is "Ã¼"): decode, so words read and retokenize as typed.
+    words = [handle.tokenizer.convert_tokens_to_string([word]) for word in words]
     return pieces, words, word_of_piece
 
 

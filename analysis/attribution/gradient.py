@@ -19,8 +19,6 @@ class GradientNorm:
 
     def attribute(self, handle: ModelHandle, prompt: str) -> TokenAttribution:
         pieces, words, word_of_piece = prompt_tokens(handle, prompt)
-        if not pieces:
-            raise ValueError("the prompt has no tokens to attribute")
         y = encode_prompts(handle, [prompt]).detach().requires_grad_(True)
         score = memorization_objective(handle, self.seeds)(y)[0]
         (gradient,) = torch.autograd.grad(score, y)

@@ -26,8 +26,6 @@ class IntegratedGradients:
 
     def attribute(self, handle: ModelHandle, prompt: str) -> TokenAttribution:
         pieces, words, word_of_piece = prompt_tokens(handle, prompt)
-        if not pieces:
-            raise ValueError("the prompt has no tokens to attribute")
         objective = memorization_objective(handle, self.seeds)
         y = encode_prompts(handle, [prompt])
         y0 = encode_prompts(handle, [""])
