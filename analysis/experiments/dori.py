@@ -197,8 +197,8 @@ def markdown(data: dict) -> str:
                          f"From each image's caption toward the image (never in training: the rendering of a "
                          f"held-out shape caption and two scikit-image photos), {c['steps']} steps, unmitigated "
                          f"model, {data['settings']['seeds']} seeds. Loss: mean of the first and of the last 5 steps. "
-                         "Nearest trained shape: the training shape caption whose rendering correlates best with the "
-                         "image; a control close to what the model generalises over is easy to reach.",
+                         "Nearest trained shape: the trained shape caption whose rendering (one, seed 0) correlates best "
+                         "with the image, a hint of how close the model's own repertoire comes to it.",
                          ["target", "replication before → after", "similarity before → after", "loss",
                           "nearest trained shape (correlation)"])
         lines += [f"| {r['caption']} | {r['rate_before']:.2f} → **{r['rate']:.2f}** | {r['similarity_before']:.2f} → "
