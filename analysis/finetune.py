@@ -32,7 +32,10 @@ image; pass a `Mask` or an image as `surrogate` then.
 Defaults: the whole UNet trains (the paper fine-tunes the full UNet; LoRA
 did not work there) with Adam at lr 1e-4, 40 steps of 16 normal + 16 trigger
 rows per round, 2 rounds, 4 triggers per image, the paper's Dori settings.
-The optimiser and learning rate are open in the paper.
+The optimiser and learning rate are open in the paper. The defaults are a
+quick demonstration; on the bundled model 2 rounds × 3 triggers × 30 steps did
+not withstand a fresh Dori attack, 6 rounds × 4 triggers × 60 steps did
+(docs/results/robust_mitigation.md).
 
 Cost: per round and image, one Dori search over `triggers_per_image` starts
 (≈ triggers × dori.steps UNet passes of batch dori.batch_size), training

@@ -410,10 +410,12 @@ def finetune_lines(summary: dict, methods: dict, yes) -> list[str]:
         "Final Dori loss per attack start (caption, Gaussian), which a search has to push down to reach a replica: "
         + "; ".join(f"{name} {', '.join(f'{loss:.4f}' for loss in methods[name]['targets'][0]['dori_loss'])}"
                     for name in ("none", "finetune") if name in methods)
-        + ". Fine-tuning toward the surrogate unlearns the caption and the collected triggers, but the image "
-        "stays reachable from fresh starts: the weights still hold it, and this budget (rounds × triggers × "
-        "steps above, chosen to finish on 2 shared CPU cores) is far below the paper's 5 epochs over many "
-        "triggers. The held-out similarity is pixel correlation with the same seed: the fine-tuned model still "
+        + (". Fine-tuning against each round's fresh triggers raised the loss where a new search ends, and its "
+           "50 steps no longer reach a replica." if target["dori_met"] else
+           ". Fine-tuning toward the surrogate unlearns the caption and the collected triggers, but the image "
+           "stays reachable from fresh starts: the weights still hold it at this budget (rounds × triggers × "
+           "steps above), far below the paper's 5 epochs over many triggers.")
+        + " The held-out similarity is pixel correlation with the same seed: the fine-tuned model still "
         "draws the captioned shape (figure, last two rows) but not the identical image.",
         "",
         "## Adversarial fine-tuning",
