@@ -30,12 +30,12 @@ replicate, `fit` raises ValueError instead of training toward the memorized
 image; pass a `Mask` or an image as `surrogate` then.
 
 Defaults: the whole UNet trains (the paper fine-tunes the full UNet; LoRA
-did not work there) with Adam at lr 1e-4, 40 steps of 16 normal + 16 trigger
-rows per round, 2 rounds, 4 triggers per image, the paper's Dori settings.
-The optimiser and learning rate are open in the paper. The defaults are a
-quick demonstration; on the bundled model 2 rounds × 3 triggers × 30 steps did
-not withstand a fresh Dori attack, 6 rounds × 4 triggers × 60 steps did
-(docs/results/robust_mitigation.md).
+did not work there) with Adam at lr 1e-4, 60 steps of 16 normal + 16 trigger
+rows per round, 6 rounds, 4 triggers per image, the paper's Dori settings.
+The optimiser and learning rate are open in the paper. On the bundled model
+this budget withstood a fresh Dori attack (one image: 238–522 s a round on 2
+shared CPU cores, without the per-round evaluation); 2 rounds × 3 triggers ×
+30 steps did not (docs/results/robust_mitigation.md).
 
 Cost: per round and image, one Dori search over `triggers_per_image` starts
 (≈ triggers × dori.steps UNet passes of batch dori.batch_size), training
@@ -268,9 +268,9 @@ class AdversarialFineTuning:
     ones); `eval_seeds`: generations per embedding in the evaluation.
     """
 
-    rounds: int = 2
+    rounds: int = 6
     triggers_per_image: int = 4
-    steps_per_round: int = 40
+    steps_per_round: int = 60
     dori: DoriSearch = dataclasses.field(default_factory=DoriSearch)
     lr: float = 1e-4
     optimizer: str = "adam"

@@ -17,7 +17,7 @@ import json
 import gradio as gr
 
 from analysis.export import RunRecord
-from analysis.finetune import EVALUATION_SEED_OFFSET, FineTuneProgress
+from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
 from analysis.model import REPO_ROOT
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
@@ -30,6 +30,7 @@ VIEW = "finetune"
 RUNS = REPO_ROOT / "runs" / "finetune"
 TABLE_COLUMNS = ["round", "caption", "caption replicates", "caption similarity", "Dori trigger replicates",
                  "Dori similarity"]
+DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
 LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)
 
 EXPLANATION = """
@@ -76,17 +77,17 @@ def build_finetune_tab(context: AppContext) -> None:
                                    elem_id="finetune-targets", scale=3)
         with gr.Column(scale=2):
             with gr.Row():
-                rounds = gr.Number(2, label=f"Rounds (1–{LIMITS['rounds']})", precision=0, elem_id="finetune-rounds")
-                steps = gr.Number(40, label=f"Training steps per round (1–{LIMITS['steps']})", precision=0,
+                rounds = gr.Number(DEFAULTS.rounds, label=f"Rounds (1–{LIMITS['rounds']})", precision=0, elem_id="finetune-rounds")
+                steps = gr.Number(DEFAULTS.steps_per_round, label=f"Training steps per round (1–{LIMITS['steps']})", precision=0,
                                   elem_id="finetune-steps")
-                triggers = gr.Number(4, label=f"Triggers per image and round (1–{LIMITS['triggers']})", precision=0,
+                triggers = gr.Number(DEFAULTS.triggers_per_image, label=f"Triggers per image and round (1–{LIMITS['triggers']})", precision=0,
                                      elem_id="finetune-triggers")
             with gr.Row():
-                dori_steps = gr.Number(50, label=f"Dori steps (1–{LIMITS['dori_steps']})", precision=0,
+                dori_steps = gr.Number(DEFAULTS.dori.steps, label=f"Dori steps (1–{LIMITS['dori_steps']})", precision=0,
                                        elem_id="finetune-dori-steps")
-                dori_batch = gr.Number(8, label=f"Dori batch (1–{LIMITS['dori_batch']})", precision=0,
+                dori_batch = gr.Number(DEFAULTS.dori.batch_size, label=f"Dori batch (1–{LIMITS['dori_batch']})", precision=0,
                                        elem_id="finetune-dori-batch")
-                eval_seeds = gr.Number(4, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=0,
+                eval_seeds = gr.Number(DEFAULTS.eval_seeds, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=0,
                                        elem_id="finetune-eval-seeds")
             run_button, stop_button = run_and_stop_buttons("Fine-tune", "finetune-run", "finetune-stop")
     status = gr.Markdown(elem_id="finetune-status")
