@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--save-mask", type=Path, help="also write the mask as a safetensors file")
 
     sub = command("attack", "Dori: search text embeddings that make the model draw a training image again")
-    sub.add_argument("--random-starts", type=int, default=1, help="random starts, seeds 0..N-1 (default 1)")
+    sub.add_argument("--random-starts", type=int, default=1,
+                     help="random starts, seeds S..S+N-1 with S = --start-seed (default 1)")
+    sub.add_argument("--start-seed", type=int, default=0, help="seed of the first random start (default 0)")
     sub.add_argument("--prompt-start", action="store_true", help="also start from the prompt's own embedding")
     sub.add_argument("--search-steps", type=int, default=50)
     sub.add_argument("--lr", type=float, default=0.1)
@@ -318,7 +320,7 @@ def task_config(args) -> tuple[str, dict, dict[str, torch.Tensor]]:
         if args.seeds is not None:
             config["seeds"] = args.seeds
     elif args.command == "attack":
-        starts = [{"kind": "random", "seed": seed} for seed in range(args.random_starts)]
+        starts = [{"kind": "random", "seed": args.start_seed + i} for i in range(args.random_starts)]
         starts += [{"kind": "prompt"}] if args.prompt_start else []
         config.update(starts=starts, search=dict(lr=args.lr, steps=args.search_steps, batch_size=args.batch_size,
                                                  seed=args.search_seed),

@@ -56,11 +56,12 @@ def test_localize_saves_a_mask_that_attack_and_rerun_use(dori, tmp_path):
     mask = Mask.load(tmp_path / "m.safetensors")
     assert mask.method == "wanda" and sum(mask.counts().values()) > 0
     code, out, err = dori("attack", "--image", "0", "--mask", str(tmp_path / "m.safetensors"), "--search-steps", "2",
-                          "--batch-size", "2", "--evaluation-seeds", "0", "--prompt-start", "--json",
-                          "--export", str(tmp_path / "a.zip"))
+                          "--batch-size", "2", "--evaluation-seeds", "0", "--prompt-start", "--random-starts", "2",
+                          "--start-seed", "7", "--json", "--export", str(tmp_path / "a.zip"))
     assert code == 0, err
     printed = json.loads(out)
-    assert [start["kind"] for start in printed["config"]["starts"]] == ["random", "prompt"]
+    assert [start["kind"] for start in printed["config"]["starts"]] == ["random", "random", "prompt"]
+    assert [start.get("seed") for start in printed["config"]["starts"]] == [7, 8, None]
     assert printed["metrics"]["mitigation_removed"] == sum(mask.counts().values())
     code, out, err = dori("rerun", str(tmp_path / "a.zip"), "--json", model=False)
     assert code == 0, err
