@@ -41,8 +41,8 @@ neurons of the cross-attention value layers whose activation on the prompt is
 an outlier, adding neurons until the first denoising step no longer looks
 memorized. Refinement then unblocks every neuron whose return keeps the
 first step as unmemorized as the full selection did: a smaller mask, which on
-the bundled model often lets replication back (docs/results/mitigation.md);
-untick it to keep the initial selection. *Wanda* (Chavhan et al. 2024) prunes the feed-forward weights that
+the bundled model can let replication back; untick it to keep the initial
+selection. *Wanda* (Chavhan et al. 2024) prunes the feed-forward weights that
 matter for the prompt but not for ordinary prompts. The bars count what was
 removed per layer; the galleries show the prompt's generations before and after
 with the same seeds. The mask then stays active for this session (see the
