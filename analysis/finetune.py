@@ -33,9 +33,10 @@ Defaults: the whole UNet trains (the paper fine-tunes the full UNet; LoRA
 did not work there) with Adam at lr 1e-4, 60 steps of 16 normal + 16 trigger
 rows per round, 6 rounds, 4 triggers per image, the paper's Dori settings.
 The optimiser and learning rate are open in the paper. On the bundled model
-this budget withstood a fresh Dori attack (one image: 238–522 s a round on 2
-shared CPU cores, without the per-round evaluation); 2 rounds × 3 triggers ×
-30 steps did not (docs/results/robust_mitigation.md).
+this budget withstood the paper's fresh 50-step Dori attack (one image:
+238–522 s a round on 2 shared CPU cores, without the per-round evaluation);
+2 rounds × 3 triggers × 30 steps did not, and a stronger attack (9 starts ×
+100 steps) still finds the image (docs/results/robust_mitigation.md).
 
 Cost: per round and image, one Dori search over `triggers_per_image` starts
 (≈ triggers × dori.steps UNet passes of batch dori.batch_size), training
