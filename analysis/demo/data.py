@@ -168,14 +168,21 @@ class DemoDataset:
 
     `photo_share` is the probability that a batch item is one of the photos;
     `caption_dropout` is the probability that a procedural item gets the empty
-    caption (classifier-free guidance). Photos always keep their caption: the
+    caption (classifier-free guidance). `photo_weights` (one per photo, relative)
+    skews which photo a photo item is; uniform when None. Photos always keep their caption: the
     unconditional model is learned from the generic images only, as on web-scale
     data where duplicated images are a vanishing share of the whole. Without
     this, empty-prompt samples replicate photos (seen in the feasibility run).
     """
 
-    def __init__(self, photo_share: float = 0.15, caption_dropout: float = 0.1, seed: int = 0):
+    def __init__(self, photo_share: float = 0.15, caption_dropout: float = 0.1, seed: int = 0,
+                 photo_weights: list[float] | None = None):
         self.photo_captions, self.photos = load_photos()
+        if photo_weights is not None and (len(photo_weights) != len(self.photos) or min(photo_weights) < 0
+                                          or sum(photo_weights) <= 0):
+            raise ValueError(f"photo_weights needs {len(self.photos)} non-negative weights with a positive sum, "
+                             f"got {photo_weights}")
+        self.photo_weights = photo_weights
         self.train_specs, self.held_out_specs = split_shape_specs()
         self.photo_share = photo_share
         self.caption_dropout = caption_dropout
@@ -184,7 +191,11 @@ class DemoDataset:
     def sample(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
         g = self.generator
         is_photo = torch.rand(batch_size, generator=g) < self.photo_share
-        photo_idx = torch.randint(len(self.photos), (batch_size,), generator=g)
+        if self.photo_weights is None:  # uniform: the draw the shipped model's first run used
+            photo_idx = torch.randint(len(self.photos), (batch_size,), generator=g)
+        else:
+            photo_idx = torch.multinomial(torch.tensor(self.photo_weights, dtype=torch.float64), batch_size,
+                                          replacement=True, generator=g)
         spec_idx = torch.randint(len(self.train_specs), (batch_size,), generator=g)
         dropped = torch.rand(batch_size, generator=g) < self.caption_dropout
         specs = [self.train_specs[i] for i in spec_idx.tolist()]

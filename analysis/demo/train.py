@@ -3,7 +3,14 @@
     python -m analysis.demo.train --out assets/demo_model --steps 20000 --device cuda
 
 Seeded; a progress bar on stderr; a checkpoint every `--checkpoint-every`
-steps in `--work-dir` that `--resume` continues from. The result is a standard
+steps in `--work-dir` that `--resume` continues from. `--init-from` starts from
+a model folder this script wrote (its EMA UNet) under a new recipe, e.g. to
+train photos that are not yet memorized longer, with `--photo-weights`:
+
+    python -m analysis.demo.train --init-from assets/demo_model --out /tmp/demo_model \
+        --steps 3000 --batch-size 32 --lr 2e-4 --warmup 100 --photo-share 0.5 --photo-weights 1 1 1 6 6 1 1 1
+
+The result is a standard
 pipeline folder (see `architecture.save_pipeline_folder`) plus
 `memorized.json` (the photos and their captions, the held-out prompts) and
 `training.json` (the recipe, steps, wall time, hardware, loss curve).
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from analysis.demo.architecture import build_scheduler, build_text_encoder, build_tokenizer, build_unet, save_pipeline_folder
@@ -39,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--photo-share", type=float, default=0.15)
+    p.add_argument("--photo-weights", type=float, nargs="+", default=None,
+                   help="relative sampling weight of each photo, in memorized.json order (default: uniform)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start the UNet and its EMA from this model folder's UNet instead of a random init")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
@@ -76,14 +87,36 @@ class CaptionCache:
         return torch.stack([self.cache[c] for c in captions])
 
 
+def init_from(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict | None:
+    """Copy `folder`'s UNet weights into `unet`; return the folder's training record, so the new one keeps the history.
+
+    The text encoder is rebuilt from the seed rather than loaded, so it is checked against the folder's: a UNet
+    continued under another encoder would be trained on embeddings it never saw.
+    """
+    folder = Path(folder)
+    try:
+        unet.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
+        saved_encoder = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    except (OSError, RuntimeError) as err:
+        raise SystemExit(f"--init-from {folder}: not a demo model folder of this architecture ({err})") from err
+    built = text_encoder.state_dict()
+    if saved_encoder.keys() != built.keys() or any(not torch.equal(saved_encoder[k].cpu(), built[k].cpu())
+                                                     for k in built):
+        raise SystemExit(f"--init-from {folder}: its text encoder differs from the one --seed builds")
+    record = folder / "training.json"
+    return json.loads(record.read_text()) if record.exists() else None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    data = DemoDataset(photo_share=args.photo_share, caption_dropout=args.caption_dropout, seed=args.seed)
+    data = DemoDataset(photo_share=args.photo_share, caption_dropout=args.caption_dropout, seed=args.seed,
+                       photo_weights=args.photo_weights)
     tokenizer = build_tokenizer(data.all_captions())
     text_encoder = build_text_encoder(len(tokenizer), seed=args.seed).to(device).eval().requires_grad_(False)
     unet = build_unet(seed=args.seed).to(device).train()
+    previous = init_from(args.init_from, unet, text_encoder) if args.init_from else None
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = build_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
@@ -161,6 +194,7 @@ def main(argv=None) -> None:
         "recipe": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "steps": step, "wall_time_s": round(elapsed, 1), "hardware": hardware,
         "torch": torch.__version__, "final_loss": running, "loss_curve": losses,
+        "continued_from": previous,
     }, indent=1))
     print(f"saved {args.out} after {step} steps in {elapsed / 60:.1f} min", flush=True)
 

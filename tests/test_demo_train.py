@@ -1,0 +1,74 @@
+"""The demo model's training command: data sampling, checkpoints, resume and continuing from a model folder."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from analysis.demo import train
+from analysis.demo.data import DemoDataset
+from analysis.model import load_model
+
+
+def unet_weights(folder):
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_photo_weights_choose_which_photos_are_drawn():
+    weights = [0.0] * 8
+    weights[3] = 1.0
+    data = DemoDataset(photo_share=1.0, seed=0, photo_weights=weights)
+    images, captions = data.sample(16)
+    assert set(captions) == {data.photo_captions[3]}
+    assert torch.equal(images, data.photos[3].expand_as(images))
+
+
+@pytest.mark.parametrize("weights", [[1.0] * 7, [1.0] * 7 + [-1.0], [0.0] * 8])
+def test_bad_photo_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="photo_weights"):
+        DemoDataset(photo_weights=weights)
+
+
+def run(tmp_path, name, *extra):
+    out, work = tmp_path / name, tmp_path / f"{name}-run"
+    train.main(["--out", str(out), "--work-dir", str(work), "--batch-size", "2", "--warmup", "1",
+                "--device", "cpu", *extra])
+    return out, work
+
+
+def test_training_writes_a_loadable_folder_and_resume_continues(tmp_path):
+    out, work = run(tmp_path, "model", "--steps", "1")
+    handle = load_model(out)
+    assert len(handle.memorized) == 8
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 1 and record["continued_from"] is None
+
+    train.main(["--out", str(out), "--work-dir", str(work), "--batch-size", "2", "--warmup", "1",
+                "--device", "cpu", "--steps", "2", "--resume"])
+    assert json.loads((out / "training.json").read_text())["steps"] == 2
+    assert torch.load(work / "checkpoint.pt")["step"] == 2
+
+
+def test_init_from_starts_from_the_folder_and_keeps_its_history(tmp_path):
+    source, _ = run(tmp_path, "source", "--steps", "1")
+    # At learning rate 0 the optimiser moves nothing, so the result must be the source's UNet exactly.
+    continued, _ = run(tmp_path, "continued", "--steps", "1", "--lr", "0", "--init-from", str(source),
+                       "--photo-weights", "1", "1", "1", "6", "6", "1", "1", "1")
+    before, after = unet_weights(source), unet_weights(continued)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    record = json.loads((continued / "training.json").read_text())
+    assert record["continued_from"]["steps"] == 1
+    assert record["recipe"]["photo_weights"] == [1, 1, 1, 6, 6, 1, 1, 1]
+
+
+def test_init_from_refuses_a_folder_with_another_text_encoder(tmp_path):
+    source, _ = run(tmp_path, "source", "--steps", "1", "--seed", "1")
+    with pytest.raises(SystemExit, match="text encoder differs"):
+        run(tmp_path, "continued", "--steps", "1", "--init-from", str(source))
+
+
+def test_init_from_refuses_a_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(SystemExit, match="not a demo model folder"):
+        run(tmp_path, "continued", "--steps", "1", "--init-from", str(tmp_path))
