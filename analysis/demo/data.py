@@ -156,10 +156,11 @@ def render_shapes(specs: list[ShapeSpec], generator: torch.Generator, resolution
     return (img.clamp(0, 1) * 2 - 1).contiguous()
 
 
-def procedural_bank(specs: list[ShapeSpec], per_spec: int = 1, seed: int = 0) -> tuple[list[str], torch.Tensor]:
+def procedural_bank(specs: list[ShapeSpec], per_spec: int = 1, seed: int = 0,
+                    resolution: int = RESOLUTION) -> tuple[list[str], torch.Tensor]:
     """A fixed, seeded set of renderings: the procedural side of the reference pool."""
     repeated = [spec for spec in specs for _ in range(per_spec)]
-    images = render_shapes(repeated, torch.Generator().manual_seed(seed))
+    images = render_shapes(repeated, torch.Generator().manual_seed(seed), resolution)
     return [spec.caption for spec in repeated], images
 
 

@@ -1,6 +1,6 @@
 """Does the bundled model memorize, and does the replication threshold mean what it says?
 
-    python -m analysis.experiments.memorization [--seeds 10] [--held-out 15]
+    python -m analysis.experiments.memorization [--seeds 10] [--held-out 15] [--model FOLDER]
 
 For every memorized caption: the share of seeds whose generation exceeds the
 replication threshold against its training image. For held-out captions
@@ -37,17 +37,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--held-out", type=int, default=15, help="how many held-out captions")
+    parser.add_argument("--model", default=None,
+                        help="a model folder with a memorized.json (default: the bundled model), e.g. a new training run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    handle = load_model()
+    handle = load_model(args.model)
+    if not handle.memorized or not handle.held_out_prompts:
+        parser.error(f"{handle.name} lists no memorized images or held-out prompts (memorized.json)")
     seeds = list(range(args.seeds))
     steps, guidance = handle.default_steps, handle.default_guidance
     photos = torch.stack([m.image for m in handle.memorized])
     captions = [m.caption for m in handle.memorized]
-    bank_captions, bank = procedural_bank(split_shape_specs()[0])
+    bank_captions, bank = procedural_bank(split_shape_specs()[0], resolution=photos.shape[-1])
     held_out = handle.held_out_prompts[: args.held_out]
     print(f"{len(captions)} memorized captions, {len(held_out)} held-out captions + the empty prompt, "
           f"{len(seeds)} seeds, {steps} DDIM steps, guidance {guidance}", flush=True)
@@ -84,7 +88,7 @@ def main(argv=None) -> None:
     memorized_sims = torch.tensor([s for row in memorized_rows for s in row["similarities"]])
     held_out_sims = torch.tensor([s for row in control_rows for s in row["similarities"]])
     summary = dict(
-        threshold=REPLICATION_THRESHOLD, seeds=seeds, steps=steps, guidance=guidance,
+        model=handle.name, threshold=REPLICATION_THRESHOLD, seeds=seeds, steps=steps, guidance=guidance,
         memorized_captions_at_least_8_of_10=sum(r["replicated"] >= 0.8 for r in memorized_rows),
         memorized_mean_replicated=sum(r["replicated"] for r in memorized_rows) / len(memorized_rows),
         held_out_mean_replicated=sum(r["replicated"] for r in control_rows[:-1]) / len(control_rows[:-1]),
@@ -126,7 +130,7 @@ def write_markdown(path: Path, summary: dict, memorized_rows: list, control_rows
                    wen_memorized: torch.Tensor, wen_held_out: torch.Tensor) -> None:
     n = len(summary["seeds"])
     lines = [
-        "# Memorization of the bundled demo model",
+        f"# Memorization of the {summary['model']}",
         "",
         f"Written by `python -m analysis.experiments.memorization` ({summary['wall_time_s']} s on this machine). "
         f"{n} seeds per prompt, DDIM {summary['steps']} steps, guidance {summary['guidance']}. "
