@@ -38,11 +38,11 @@ def run(tmp_path, name, *extra):
 
 
 def test_training_writes_a_loadable_folder_and_resume_continues(tmp_path):
-    out, work = run(tmp_path, "model", "--steps", "1")
+    out, work = run(tmp_path, "model", "--steps", "1", "--offset-noise", "0.1")
     handle = load_model(out)
     assert len(handle.memorized) == 8
     record = json.loads((out / "training.json").read_text())
-    assert record["steps"] == 1 and record["continued_from"] is None
+    assert record["steps"] == 1 and record["continued_from"] is None and record["recipe"]["offset_noise"] == 0.1
 
     train.main(["--out", str(out), "--work-dir", str(work), "--batch-size", "2", "--warmup", "1",
                 "--device", "cpu", "--steps", "2", "--resume"])

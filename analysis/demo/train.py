@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-from", type=Path, default=None,
                    help="start the UNet and its EMA from this model folder's UNet instead of a random init")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--offset-noise", type=float, default=0.0,
+                   help="std of a per-image, per-channel constant added to the training noise (0: off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--seed", type=int, default=0)
@@ -149,6 +151,11 @@ def main(argv=None) -> None:
         x0 = images.to(device)
         cond = embed(captions)
         noise = torch.randn_like(x0)
+        # SD's schedule keeps some of the image's mean at the last step, so a model trained on plain noise cannot
+        # move a sample's overall brightness far from the data's: dark photos come out washed out. A constant
+        # offset in the noise teaches it to (offset noise, Guttenberg 2023).
+        if args.offset_noise:
+            noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
