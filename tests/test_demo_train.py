@@ -63,10 +63,13 @@ def test_init_from_starts_from_the_folder_and_keeps_its_history(tmp_path):
     assert record["recipe"]["photo_weights"] == [1, 1, 1, 6, 6, 1, 1, 1]
 
 
-def test_init_from_refuses_a_folder_with_another_text_encoder(tmp_path):
+def test_init_from_keeps_the_folders_tokenizer_and_text_encoder(tmp_path):
     source, _ = run(tmp_path, "source", "--steps", "1", "--seed", "1")
-    with pytest.raises(SystemExit, match="text encoder differs"):
-        run(tmp_path, "continued", "--steps", "1", "--init-from", str(source))
+    continued, _ = run(tmp_path, "continued", "--steps", "1", "--init-from", str(source))
+    assert (continued / "tokenizer" / "tokenizer.json").read_text() == (source / "tokenizer" / "tokenizer.json").read_text()
+    before = load_file(str(source / "text_encoder" / "model.safetensors"))
+    after = load_file(str(continued / "text_encoder" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_init_from_refuses_a_folder_that_is_not_a_model(tmp_path):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from analysis.demo.architecture import build_scheduler, build_text_encoder, build_tokenizer, build_unet, save_pipeline_folder
 from analysis.demo.data import DemoDataset
@@ -49,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--photo-weights", type=float, nargs="+", default=None,
                    help="relative sampling weight of each photo, in memorized.json order (default: uniform)")
     p.add_argument("--init-from", type=Path, default=None,
-                   help="start the UNet and its EMA from this model folder's UNet instead of a random init")
+                   help="continue this model folder: its tokenizer and text encoder, its UNet as the start of the UNet "
+                        "and its EMA (instead of a random init)")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--offset-noise", type=float, default=0.0,
                    help="std of a per-image, per-channel constant added to the training noise (0: off)")
@@ -89,24 +91,21 @@ class CaptionCache:
         return torch.stack([self.cache[c] for c in captions])
 
 
-def init_from(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict | None:
-    """Copy `folder`'s UNet weights into `unet`; return the folder's training record, so the new one keeps the history.
+def init_from(folder: Path, unet: torch.nn.Module) -> tuple[CLIPTokenizer, CLIPTextModel, dict | None]:
+    """Load `folder`'s tokenizer and text encoder, copy its UNet weights into `unet`; return the folder's training record too.
 
-    The text encoder is rebuilt from the seed rather than loaded, so it is checked against the folder's: a UNet
-    continued under another encoder would be trained on embeddings it never saw.
+    The tokenizer is loaded, not rebuilt: `build_tokenizer` is not reproducible across processes (the `tokenizers`
+    BPE trainer breaks ties between equally frequent merges in hash order), and a rebuilt one gives some tokens other ids.
     """
     folder = Path(folder)
     try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True)
         unet.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
-        saved_encoder = load_file(str(folder / "text_encoder" / "model.safetensors"))
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, ValueError) as err:
         raise SystemExit(f"--init-from {folder}: not a demo model folder of this architecture ({err})") from err
-    built = text_encoder.state_dict()
-    if saved_encoder.keys() != built.keys() or any(not torch.equal(saved_encoder[k].cpu(), built[k].cpu())
-                                                     for k in built):
-        raise SystemExit(f"--init-from {folder}: its text encoder differs from the one --seed builds")
     record = folder / "training.json"
-    return json.loads(record.read_text()) if record.exists() else None
+    return tokenizer, text_encoder, json.loads(record.read_text()) if record.exists() else None
 
 
 def main(argv=None) -> None:
@@ -115,10 +114,13 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     data = DemoDataset(photo_share=args.photo_share, caption_dropout=args.caption_dropout, seed=args.seed,
                        photo_weights=args.photo_weights)
-    tokenizer = build_tokenizer(data.all_captions())
-    text_encoder = build_text_encoder(len(tokenizer), seed=args.seed).to(device).eval().requires_grad_(False)
     unet = build_unet(seed=args.seed).to(device).train()
-    previous = init_from(args.init_from, unet, text_encoder) if args.init_from else None
+    if args.init_from:
+        tokenizer, text_encoder, previous = init_from(args.init_from, unet)
+    else:
+        tokenizer = build_tokenizer(data.all_captions())
+        text_encoder, previous = build_text_encoder(len(tokenizer), seed=args.seed), None
+    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = build_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
