@@ -43,7 +43,7 @@ from analysis.demo.data import load_photo, render_shapes, split_shape_specs
 from analysis.discrepancy import activation_discrepancy
 from analysis.dispersion import dispersion, reference_sets
 from analysis.dori import DoriSearch, Start, evaluate
-from analysis.experiments.mitigation import MASKS
+from analysis.experiments.mitigation import mask_file
 from analysis.experiments.trigger_assets import asset_folder
 from analysis.hooks import nemo_layers
 from analysis.localize.nemo import NeMo
@@ -88,8 +88,8 @@ def localizer(method: str, layers: list[str] | None = None):
 
 
 def mask_of(handle: ModelHandle, method: str, index: int) -> Mask:
-    """The mitigation experiment's mask of memorized image `index`, fitted (not saved) when it is missing."""
-    path = MASKS / f"{method}-{index}.safetensors"
+    """The mitigation experiment's mask of memorized image `index` on these weights, fitted (not saved) when missing."""
+    path = mask_file(handle, method, index)
     if path.is_file():
         return Mask.load(path)
     return localizer(method).fit(handle, handle.memorized[index].caption, seeds=LOCALIZER_SEEDS)

@@ -31,7 +31,7 @@ from torch import nn
 from analysis.demo.data import split_shape_specs
 from analysis.hooks import hook_points, nemo_layers, resolve_layers
 from analysis.images import image_grid
-from analysis.localize import DEFAULT_CACHE_DIR
+from analysis.localize import DEFAULT_CACHE_DIR, cache_key, weights_checksum
 from analysis.localize.nemo import (NeMo, calibrate_threshold, max_ssim_with_other_seeds, noise_differences,
                                     record_activations, reference_statistics)
 from analysis.localize.wanda import Wanda
@@ -81,6 +81,13 @@ def held_out_correlation(handle: ModelHandle, prompts: list[str], before: torch.
 def correlation(before: torch.Tensor, after: torch.Tensor) -> float:
     """Mean pixel correlation of each image with its counterpart."""
     return similarity_matrix(before, after).diag().mean().item()
+
+
+def mask_file(handle: ModelHandle, method: str, index: int) -> Path:
+    """Where this experiment keeps the mask it fitted; the name carries the UNet's checksum, so that after a model
+    changes (retraining, fine-tuning) no reader picks up a mask fitted on other weights."""
+    key = cache_key(handle.name, weights_checksum(handle.unet.parameters()))
+    return MASKS / f"{method}-{index}-{key}.safetensors"
 
 
 def main(argv=None) -> None:
@@ -151,7 +158,7 @@ def main(argv=None) -> None:
             held_out_after = generate(handle, evaluation_prompts, [0], mask)
             row[method] = dict(**replication_row(mitigated, item.image), removed=mask.counts(),
                                held_out_correlation=correlation(held_out_before, held_out_after))
-            mask.save(MASKS / f"{method}-{index}.safetensors")
+            mask.save(mask_file(handle, method, index))
             grid_row.append(mitigated[:SHOWN_SEEDS])
             held_out_under_first_masks.setdefault(method, held_out_after)
         grid_rows.append(torch.cat(grid_row))
