@@ -63,6 +63,7 @@ def test_replicate_a_memorized_image(page: Page, screenshot):
     # The bundled model draws this photo for every seed (docs/results/memorization.md).
     assert replicated == SEEDS
     expect(page.locator("#replicate-gallery .caption-label").filter(has_text=VERDICT)).to_have_count(SEEDS)
+    expect(page.locator("#replicate-plot .js-plotly-plot")).to_be_visible()  # Wen's signal, drawn per step
     screenshot(page, "replicate")
 
 
