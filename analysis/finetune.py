@@ -63,7 +63,7 @@ from safetensors.torch import save_file
 from analysis.demo.architecture import save_pipeline_folder
 from analysis.demo.data import RESOLUTION, render_shapes, split_shape_specs
 from analysis.dori import DoriSearch, DoriStep, Start, evaluate
-from analysis.hooks import nemo_layers
+from analysis.hooks import hook_points, nemo_layers
 from analysis.masks import Mask
 from analysis.metrics import REPLICATION_THRESHOLD, replication
 from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle
@@ -196,14 +196,21 @@ def generate(handle: ModelHandle, prompts: list[str] | torch.Tensor, seeds: Sequ
         return generate(handle, prompts, seeds, callback=callback)
 
 
+def replicates(images: torch.Tensor, image: torch.Tensor) -> bool:
+    """Whether any of `images` replicates `image`: a surrogate must not."""
+    return replication(images, image).similarities.max().item() > REPLICATION_THRESHOLD
+
+
 def mitigated_surrogate(handle: ModelHandle, item: MemorizedImage, surrogate: str | Mask | torch.Tensor,
                         seeds: Sequence[int], callback: Callable[[DenoisingStep], None] | None = None,
                         ) -> tuple[torch.Tensor, str]:
     """Surrogate images `[k, 3, H, W]` for one memorized image and how they were made.
 
-    "mitigated": generations of the caption with the whole NeMo value layer
-    blocked that leaves them least similar to the image. Raises ValueError when
-    the chosen surrogate still replicates the image.
+    "mitigated": of the generations of the caption with one whole NeMo value
+    layer blocked that replicate on no seed, those least similar to the image;
+    with every cross-attention value layer blocked when no single layer stops
+    replication. Raises ValueError
+    when the chosen surrogate still replicates the image.
     """
     if isinstance(surrogate, torch.Tensor):
         images = surrogate[None] if surrogate.ndim == 3 else surrogate
@@ -217,10 +224,18 @@ def mitigated_surrogate(handle: ModelHandle, item: MemorizedImage, surrogate: st
         candidates = {f"whole layer {next(iter(mask.removed))} blocked": generate(handle, [item.caption], seeds, mask,
                                                                                   callback)
                       for mask in whole_layer_masks(handle, item.caption)}
+        if all(replicates(images, item.image) for images in candidates.values()):
+            # No single layer stops it (memorization spread over several): block the text's every value path.
+            every = Mask({name: torch.ones(layer.out_features, dtype=torch.bool)
+                          for name, layer in hook_points(handle.unet, "value").items()},
+                         "every value layer", prompt=item.caption, model=handle.name)
+            candidates["every cross-attention value layer blocked"] = generate(handle, [item.caption], seeds, every,
+                                                                               callback)
     else:
         raise ValueError(f"surrogate must be 'mitigated', a Mask or an image tensor, got {surrogate!r}")
     similarity = {source: replication(images, item.image).similarities for source, images in candidates.items()}
-    source = min(similarity, key=lambda name: similarity[name].mean().item())
+    acceptable = [name for name, images in candidates.items() if not replicates(images, item.image)] or list(candidates)
+    source = min(acceptable, key=lambda name: similarity[name].mean().item())
     worst = similarity[source].max().item()
     if worst > REPLICATION_THRESHOLD:
         raise ValueError(f"the surrogate for {item.caption!r} ({source}) still replicates the training image "

@@ -11,14 +11,12 @@ Element ids: `finetune-targets`, `finetune-rounds`, `finetune-steps`, `finetune-
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import gradio as gr
 
 from analysis.export import RunRecord
 from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
-from analysis.model import REPO_ROOT
+from analysis.localize import cache_key, weights_checksum
+from analysis.model import REPO_ROOT, ModelHandle
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_whole_number, describe_model, session_handle,
@@ -47,9 +45,9 @@ with the original.
 """
 
 
-def run_folder(model_name: str, config: dict):
-    key = hashlib.sha256(json.dumps([model_name, config], sort_keys=True).encode()).hexdigest()[:16]
-    return RUNS / key
+def run_folder(model: ModelHandle, config: dict):
+    """The run's folder, named by the model's weights too: a retrained model with the same name starts afresh."""
+    return RUNS / cache_key(model.name, weights_checksum(model.unet.parameters()), config)
 
 
 def before_rows(replication: RunRecord, captions: list[str]) -> list[list]:
@@ -119,7 +117,7 @@ def build_finetune_tab(context: AppContext) -> None:
         before = [run_or_error(model, "replicate", dict(image=i, seeds=seeds), {}).metrics for i in indices]
         rows = before_rows(before, chosen)
         config = dict(targets=indices, parameters=parameters, resume=True)
-        config["out_dir"] = str(run_folder(model.name, config))
+        config["out_dir"] = str(run_folder(model, config))
         yield "Fine-tuning…", rows, session
         for event in stream_task(model, "finetune", config, {}, session):
             if isinstance(event, FineTuneProgress):

@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
+from analysis import finetune
 from analysis.dori import DoriSearch
 from analysis.finetune import CHECKPOINT_FILE, AdversarialFineTuning, FineTuneProgress, trainable_parameters
+from analysis.hooks import nemo_layers
 from analysis.model import load_model
 from analysis.sampling import SamplingCancelled
 from tiny_model import MEMORIZED_CAPTIONS
@@ -124,3 +126,20 @@ def test_params_are_json():
     assert rebuilt == tiny_finetuning()
     with pytest.raises(ValueError, match="unknown"):
         AdversarialFineTuning.from_params({"epochs": 3})
+
+
+def test_the_mitigated_surrogate_blocks_every_value_layer_when_no_single_layer_stops_replication(handle, monkeypatch):
+    item = handle.memorized[0]
+    blocked = []
+
+    def fake_generate(handle, prompts, seeds, mask=None, callback=None):
+        blocked.append(mask.method)
+        # Every single-layer mask leaves the image; only blocking every value layer removes it.
+        image = torch.zeros_like(item.image) if mask.method == "every value layer" else item.image
+        return image.expand(len(seeds), *item.image.shape).clone()
+
+    monkeypatch.setattr(finetune, "generate", fake_generate)
+    images, source = finetune.mitigated_surrogate(handle, item, "mitigated", seeds=[0, 1])
+    assert source.startswith("every cross-attention value layer blocked")
+    assert blocked.count("whole layer") == len(nemo_layers(handle.unet)) and blocked[-1] == "every value layer"
+    assert torch.equal(images, torch.zeros(2, *item.image.shape))
