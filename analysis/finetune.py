@@ -145,11 +145,18 @@ def trainable_parameters(unet: torch.nn.Module, trainable: str | Sequence[str]) 
 
 def denoising_loss(handle: ModelHandle, unet: torch.nn.Module, images: torch.Tensor, text: torch.Tensor,
                    generator: torch.Generator) -> torch.Tensor:
-    """‖target − unet(x_t, t, y)‖² (mean) for images `[n, 3, H, W]` and embeddings `[n, 77, d]`, fresh (ε, t)."""
+    """‖target − unet(x_t, t, y)‖² (mean) for images `[n, 3, H, W]` and embeddings `[n, 77, d]`, fresh (ε, t).
+
+    The noise carries the model's training offset (`handle.training_offset_noise`): fine-tuning with another noise
+    distribution than the model learned would shift what every prompt generates, not only the targets.
+    """
     z0 = handle.encode_images(images)
     scheduler = handle.scheduler
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator)
-    noise = torch.randn(z0.shape, generator=generator).to(handle.device, handle.dtype)
+    noise = torch.randn(z0.shape, generator=generator)
+    if handle.training_offset_noise:
+        noise = noise + handle.training_offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=generator)
+    noise = noise.to(handle.device, handle.dtype)
     timesteps = timesteps.to(handle.device)
     # v-prediction models (SD 2.x at 768 px) are trained toward v, not ε.
     target = (scheduler.get_velocity(z0, noise, timesteps) if scheduler.config.prediction_type == "v_prediction"
@@ -502,7 +509,7 @@ def save_model_folder(handle: ModelHandle, folder: Path, finetuning: dict | None
               str(folder / images_file))
     sidecar = dict(captions=[item.caption for item in handle.memorized], images_file=images_file,
                    sampling=dict(steps=handle.default_steps, guidance=handle.default_guidance),
-                   held_out_prompts=handle.held_out_prompts)
+                   training=dict(offset_noise=handle.training_offset_noise), held_out_prompts=handle.held_out_prompts)
     if finetuning is not None:
         sidecar["adversarial_finetuning"] = finetuning
     (folder / MEMORIZED_FILE).write_text(json.dumps(sidecar, indent=1))

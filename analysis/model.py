@@ -81,6 +81,8 @@ class ModelHandle:
     # Sampling settings the model is meant to be used with (SD v1.4's reference by default).
     default_steps: int = 50
     default_guidance: float = 7.0
+    # The noise offset the model was trained with (offset noise; 0 for SD): fine-tuning keeps training with it.
+    training_offset_noise: float = 0.0
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -117,7 +119,7 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _read_sidecar(folder: Path) -> dict:
-    """What `memorized.json` beside a model says: memorized images, held-out prompts, sampling settings."""
+    """What `memorized.json` beside a model says: memorized images, held-out prompts, sampling and training settings."""
     path = folder / MEMORIZED_FILE
     if not path.is_file():
         return {}
@@ -129,6 +131,8 @@ def _read_sidecar(folder: Path) -> dict:
                  held_out_prompts=list(meta.get("held_out_prompts", [])))
     if "sampling" in meta:
         found.update(default_steps=int(meta["sampling"]["steps"]), default_guidance=float(meta["sampling"]["guidance"]))
+    if "training" in meta:
+        found.update(training_offset_noise=float(meta["training"]["offset_noise"]))
     return found
 
 

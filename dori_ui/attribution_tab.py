@@ -24,14 +24,14 @@ EXPLANATION = """
 **What am I looking at?** The score explained is Wen et al.'s memorization
 signal m(y): how far the prompt moves the first noise prediction, averaged over
 the seeds. *Gradient norm* colours each word by ‖∂m/∂y‖ of its tokens (always
-positive). *Integrated Gradients* integrates the gradient from the empty
-prompt's embedding to the prompt's: word scores are signed (blue lowers m) and
-add up to m(y); the convergence delta says how far the numerical integral is
-from that. *Occlusion* scores each word by how much m drops when the word is
+positive). *Integrated Gradients* integrates the gradient over the token
+embeddings (the text encoder's input) from the empty prompt's tokens to the
+prompt's: word scores are signed (blue lowers m) and add up to m(y); the
+convergence delta says how far the numerical integral is from that. *Occlusion* scores each word by how much m drops when the word is
 removed from the prompt: no gradient, so it is the ground truth the other two
 approximate (negative: the prompt scores higher without the word). Whether the
 words that name the memorized image carry most of the score depends on the
-model: on the bundled model they do not (docs/results/attribution.md).
+model: on the bundled model they do only weakly (docs/results/attribution.md).
 """
 
 

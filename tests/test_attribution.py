@@ -58,6 +58,13 @@ def test_integrated_gradients_completeness(tiny_handle):
     assert result.convergence_delta < 1e-2 * result.score
 
 
+def test_integrated_gradients_credit_only_the_words_where_padding_is_eos(tiny_handle):
+    """The baseline differs from the prompt only at the word positions, so the words' scores alone add up to m(y)."""
+    assert tiny_handle.tokenizer.pad_token_id == tiny_handle.tokenizer.eos_token_id
+    result = IntegratedGradients(seeds=[0, 1], n_steps=16).attribute(tiny_handle, PROMPT)
+    assert sum(result.word_scores) == pytest.approx(result.score, abs=result.convergence_delta + 1e-3 * result.score)
+
+
 def test_occlusion_is_the_drop_of_the_score_without_each_word(tiny_handle):
     seeds = [0, 1]
     objective = memorization_objective(tiny_handle, seeds)

@@ -143,3 +143,24 @@ def test_the_mitigated_surrogate_blocks_every_value_layer_when_no_single_layer_s
     assert source.startswith("every cross-attention value layer blocked")
     assert blocked.count("whole layer") == len(nemo_layers(handle.unet)) and blocked[-1] == "every value layer"
     assert torch.equal(images, torch.zeros(2, *item.image.shape))
+
+
+def test_the_denoising_loss_draws_noise_with_the_models_training_offset(handle, monkeypatch):
+    """A model trained with offset noise is fine-tuned with it: the noise per image and channel gets a shared shift."""
+    images = torch.zeros(64, *handle.latent_shape)
+    text = torch.zeros(64, 77, handle.text_encoder.config.hidden_size)
+    drawn = []
+    monkeypatch.setattr(finetune, "predict_noise", lambda unet, x, t, y: (drawn.append(x) or torch.zeros_like(x), None))
+    no_noise_schedule = lambda z0, noise, t: noise  # noqa: E731: x_t is the noise itself
+    monkeypatch.setattr(handle.scheduler, "add_noise", no_noise_schedule)
+    for offset in (0.0, 1.0):
+        finetune.denoising_loss(dataclasses.replace(handle, training_offset_noise=offset), handle.unet, images, text,
+                                torch.Generator().manual_seed(0))
+    plain, offset = (x.mean(dim=(2, 3)).std().item() for x in drawn)
+    # Per-(image, channel) means: ≈ 1/side of plain noise, ≈ 1 with an offset of std 1.
+    assert plain < 0.3 < 0.7 < offset
+
+
+def test_the_training_offset_travels_with_a_saved_model(handle, tmp_path):
+    finetune.save_model_folder(dataclasses.replace(handle, training_offset_noise=0.1), tmp_path / "model")
+    assert load_model(tmp_path / "model").training_offset_noise == 0.1

@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import json
-import string
-import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,6 +25,8 @@ from analysis.model import CODEC_SUBFOLDER, PassThroughCodec
 
 TEXT_WIDTH = 128
 MAX_LENGTH = 77
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # ids 0 and 1; EOS pads, as in SD v1.x
+WORD_END = "</w>"  # CLIP's BPE marks the last piece of every word
 
 UNET_CONFIG = dict(
     sample_size=RESOLUTION,
@@ -55,31 +55,49 @@ SCHEDULER_CONFIG = dict(
 
 
 def build_tokenizer(captions: list[str], vocab_size: int = 1024) -> CLIPTokenizer:
-    """Train a CLIP-format BPE tokenizer on `captions`, offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """Train a CLIP-format byte-level BPE tokenizer on `captions`, offline and deterministically.
 
-    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    # The same splitting CLIPTokenizer applies, so the learned merges match at load time.
-    probe = CLIPTokenizer()
-    bpe.normalizer = probe.backend_tokenizer.normalizer
-    bpe.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        continuing_subword_prefix="",
-        show_progress=False,
-    )
-    # Each printable character as a word of its own, so none is unknown at word end.
-    corpus = list(captions) + [" ".join(string.printable.strip())]
-    bpe.train_from_iterator(corpus, trainer=trainer)
-    with tempfile.TemporaryDirectory() as tmp:
-        bpe.model.save(tmp)
-        vocab = json.loads(Path(tmp, "vocab.json").read_text())
-        merges = [tuple(line.split()) for line in Path(tmp, "merges.txt").read_text().splitlines()
-                  if line and not line.startswith("#")]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    Ids: the two special tokens, the 256 byte symbols, the same with CLIP's
+    `</w>` word-end suffix, then one token per merge in the order learned. Each
+    merge joins the most frequent adjacent pair of symbols; ties go to the pair
+    that sorts first, so the same captions give the same tokenizer in every
+    process (the `tokenizers` trainer breaks ties in hash order).
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    # CLIP's own normalizer and word splitter, so the learned merges apply at load time as they were learned.
+    backend = CLIPTokenizer().backend_tokenizer
+    word_counts = Counter(word for caption in captions for word, _ in
+                          backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption)))
+    words = {(*word[:-1], word[-1] + WORD_END): count for word, count in word_counts.items()}
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = [BOS, EOS, *alphabet, *(symbol + WORD_END for symbol in alphabet)]
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pair_counts: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pair_counts[pair] += count
+        if not pair_counts:  # every word is one token
+            break
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        vocab.append("".join(best))
+        words = {merge_pair(symbols, best): count for symbols, count in words.items()}
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges, model_max_length=MAX_LENGTH)
+
+
+def merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    """`symbols` with every non-overlapping occurrence of `pair`, left to right, joined into one symbol."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if symbols[i:i + 2] == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
 
 
 def build_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:

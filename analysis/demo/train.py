@@ -94,8 +94,8 @@ class CaptionCache:
 def init_from(folder: Path, unet: torch.nn.Module) -> tuple[CLIPTokenizer, CLIPTextModel, dict | None]:
     """Load `folder`'s tokenizer and text encoder, copy its UNet weights into `unet`; return the folder's training record too.
 
-    The tokenizer is loaded, not rebuilt: `build_tokenizer` is not reproducible across processes (the `tokenizers`
-    BPE trainer breaks ties between equally frequent merges in hash order), and a rebuilt one gives some tokens other ids.
+    The tokenizer is loaded, not rebuilt: the UNet learned the folder's token ids, and the shipped model's tokenizer
+    came from the `tokenizers` BPE trainer (ties in hash order), so `build_tokenizer` gives some of its tokens other ids.
     """
     folder = Path(folder)
     try:
@@ -195,6 +195,7 @@ def main(argv=None) -> None:
         "images_file": "memorized.safetensors",
         # Guidance 3 keeps the 32x32 samples from saturating (guidance 7 washes colours out).
         "sampling": {"steps": 10, "guidance": 3.0},
+        "training": {"offset_noise": args.offset_noise},
         "held_out_prompts": [s.caption for s in data.held_out_specs],
         "train_prompts": [s.caption for s in data.train_specs],
     }, indent=1))

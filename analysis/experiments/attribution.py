@@ -78,9 +78,11 @@ def why(summary: dict) -> str:
         "The gradient methods' scores correlate with word position at Spearman "
         f"{each_gradient('mean_spearman_position_vs_score')} (occlusion: "
         f"{summary[GROUND_TRUTH]['mean_spearman_position_vs_score']:.2f}) and with occlusion at "
-        f"{each_gradient('mean_spearman_vs_occlusion')}. A gradient measures how m answers a small change of one "
-        "position's embedding; occlusion removes a word, which also moves every later word one position forward. "
-        "What an attribution method can be judged on is that agreement with occlusion.")
+        f"{each_gradient('mean_spearman_vs_occlusion')}. The gradient norm measures how m answers a small change of "
+        "one position's text embedding y (the encoder's output); occlusion removes a word, which changes every later "
+        "position of y, since the encoder is causal. Integrated Gradients integrates over the token embeddings, "
+        "the encoder's input, and so also credits a word with what it changes at later positions. What an "
+        "attribution method can be judged on is that agreement with occlusion.")
     return f"{reading}\n\n{agreement}"
 
 
