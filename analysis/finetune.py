@@ -24,19 +24,25 @@ gets the non-selected memorized images.
 Surrogate x̃: by default what a mitigated model generates for the caption.
 Pruning masks found by NeMo or Wanda do not stop replication on the bundled
 model (docs/results/mitigation.md), so the default mitigation blocks one whole
-cross-attention value layer: every NeMo layer is tried and the one whose
-generations are least similar to the training image is used. If even those
-replicate, `fit` raises ValueError instead of training toward the memorized
-image; pass a `Mask` or an image as `surrogate` then.
+cross-attention value layer: every NeMo layer is tried, and of those that stop
+replication on every seed the one whose generations are least similar to the
+training image is used; when none does, every cross-attention value layer is
+blocked. If even that replicates, `fit` raises ValueError instead of training
+toward the memorized image; pass a `Mask` or an image as `surrogate` then.
+`adversarial_batch=0` is the control: L_DM on the normal pairs alone.
+
+Noise: drawn with the model's training offset (`handle.training_offset_noise`,
+0.1 for the bundled model), so that the normal term keeps the model's own
+training distribution.
 
 Defaults: the whole UNet trains (the paper fine-tunes the full UNet; LoRA
 did not work there) with Adam at lr 1e-4, 60 steps of 16 normal + 16 trigger
 rows per round, 6 rounds, 4 triggers per image, the paper's Dori settings.
 The optimiser and learning rate are open in the paper. On the bundled model
-this budget withstood the paper's fresh 50-step Dori attack (one image:
-238–522 s a round on 2 shared CPU cores, without the per-round evaluation);
-2 rounds × 3 triggers × 30 steps did not, and a stronger attack (9 starts ×
-100 steps) still finds the image (docs/results/robust_mitigation.md).
+(the astronaut, one run, docs/results/robust_mitigation.md) this budget brought
+the paper's fresh 50-step Dori attack down to 0.19 replication (≈ 160–380 s a
+round on 2 CPU cores, without the per-round evaluation); a stronger attack
+(9 starts × 100 steps) still finds the image.
 
 Cost: per round and image, one Dori search over `triggers_per_image` starts
 (≈ triggers × dori.steps UNet passes of batch dori.batch_size), training
@@ -283,7 +289,9 @@ class AdversarialFineTuning:
     `dori`: the search that collects triggers (its seed is replaced per round
     and image). `trainable`: "attn2" (cross-attention), "attn", "all" or
     parameter-name prefixes. `normal_batch` / `adversarial_batch`: rows of
-    L_DM's and of the trigger term's batch per step. `photo_share`: share of
+    L_DM's and of the trigger term's batch per step; `adversarial_batch=0` is
+    the control that fine-tunes on L_DM alone (no surrogates, no triggers), to
+    tell what the trigger term costs from what any fine-tuning costs. `photo_share`: share of
     the normal rows that are non-selected memorized images (when procedural
     data exist). `surrogate`: "mitigated", a `Mask` or an image `[3, H, W]`;
     `surrogate_seeds`: generations per image when it is generated.
@@ -332,12 +340,14 @@ class AdversarialFineTuning:
         return cls(**params)
 
     def _check(self, handle: ModelHandle) -> None:
-        for name in ("rounds", "triggers_per_image", "steps_per_round", "adversarial_batch", "surrogate_seeds",
-                     "eval_seeds"):
+        for name in ("rounds", "triggers_per_image", "steps_per_round", "surrogate_seeds", "eval_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.normal_batch < 0 or self.eval_starts < 0:
-            raise ValueError(f"normal_batch and eval_starts must be >= 0, got {self.normal_batch}, {self.eval_starts}")
+        if min(self.normal_batch, self.adversarial_batch, self.eval_starts) < 0:
+            raise ValueError(f"normal_batch, adversarial_batch and eval_starts must be >= 0, got {self.normal_batch}, "
+                             f"{self.adversarial_batch}, {self.eval_starts}")
+        if self.normal_batch + self.adversarial_batch == 0:
+            raise ValueError("normal_batch and adversarial_batch are both 0: nothing to train on")
         if not 0 <= self.photo_share <= 1:
             raise ValueError(f"photo_share must be in [0, 1], got {self.photo_share}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -384,7 +394,7 @@ class AdversarialFineTuning:
                     callback(FineTuneProgress(round_index, self.rounds, stage, step.index, step.total, loss))
             return on_step
 
-        for item in selected:
+        for item in selected if self.adversarial_batch else []:
             if item.caption not in state["surrogates"]:
                 images, source = mitigated_surrogate(handle, item, self.surrogate, range(self.surrogate_seeds),
                                                      report(0, "surrogate"))
@@ -396,7 +406,7 @@ class AdversarialFineTuning:
         for round_index in range(state["rounds_done"], self.rounds):
             started = time.time()
             unet.requires_grad_(False)
-            for j, item in enumerate(selected):
+            for j, item in enumerate(selected if self.adversarial_batch else []):
                 base = self.seed + 1000 * (round_index * len(selected) + j)
                 starts = [Start.prompt(item.caption)] + [Start.random(base + i) for i in range(1, self.triggers_per_image)]
                 found = dataclasses.replace(self.dori, seed=base).fit(tuned, item.image, starts, prompt=item.caption,
@@ -438,21 +448,14 @@ class AdversarialFineTuning:
         for parameter in trained.values():
             parameter.requires_grad_(True)
         unet.train()
-        # Every trigger of every selected image, with its image's surrogates.
-        triggers = torch.cat([state["triggers"][item.caption] for item in selected])
-        owner = torch.cat([torch.full((len(state["triggers"][item.caption]),), j) for j, item in enumerate(selected)])
         normal_losses, adversarial_losses = [], []
         try:
             with torch.enable_grad():
                 for step in range(self.steps_per_round):
-                    rows = torch.randint(len(triggers), (self.adversarial_batch,), generator=generator)
-                    surrogates = torch.stack([
-                        state["surrogates"][selected[j].caption][
-                            torch.randint(len(state["surrogates"][selected[j].caption]), (1,), generator=generator)][0]
-                        for j in owner[rows].tolist()])
-                    adversarial = denoising_loss(tuned, unet, surrogates, triggers[rows].to(tuned.device, tuned.dtype),
-                                                 generator)
-                    loss = adversarial
+                    loss = adversarial = torch.zeros(())
+                    if self.adversarial_batch:
+                        adversarial = self._trigger_loss(tuned, unet, generator, selected, state)
+                        loss = adversarial
                     normal_loss = torch.zeros(())
                     if self.normal_batch:
                         images, captions = normal.sample(self.normal_batch, generator)
@@ -469,6 +472,18 @@ class AdversarialFineTuning:
         finally:
             unet.eval().requires_grad_(False)
         return normal_losses, adversarial_losses
+
+    def _trigger_loss(self, tuned: ModelHandle, unet: torch.nn.Module, generator: torch.Generator,
+                      selected: list[MemorizedImage], state: dict) -> torch.Tensor:
+        """L_DM toward the surrogates on `adversarial_batch` triggers drawn from every selected image's pool."""
+        triggers = torch.cat([state["triggers"][item.caption] for item in selected])
+        owner = torch.cat([torch.full((len(state["triggers"][item.caption]),), j) for j, item in enumerate(selected)])
+        rows = torch.randint(len(triggers), (self.adversarial_batch,), generator=generator)
+        surrogates = torch.stack([
+            state["surrogates"][selected[j].caption][
+                torch.randint(len(state["surrogates"][selected[j].caption]), (1,), generator=generator)][0]
+            for j in owner[rows].tolist()])
+        return denoising_loss(tuned, unet, surrogates, triggers[rows].to(tuned.device, tuned.dtype), generator)
 
     def _save_checkpoint(self, path: Path, params: dict, selected: list[MemorizedImage], state: dict,
                          unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter],

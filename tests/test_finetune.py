@@ -101,6 +101,10 @@ def test_bad_settings_are_refused(handle, tmp_path):
         tiny_finetuning(optimizer="lbfgs").fit(handle, [0], tmp_path)
     with pytest.raises(ValueError, match="rounds"):
         tiny_finetuning(rounds=0).fit(handle, [0], tmp_path)
+    with pytest.raises(ValueError, match="nothing to train on"):
+        tiny_finetuning(normal_batch=0, adversarial_batch=0).fit(handle, [0], tmp_path)
+    with pytest.raises(ValueError, match="adversarial_batch"):
+        tiny_finetuning(adversarial_batch=-1).fit(handle, [0], tmp_path)
     with pytest.raises(ValueError, match="float32"):
         tiny_finetuning().fit(dataclasses.replace(handle, dtype=torch.float16), [0], tmp_path)
 
@@ -164,3 +168,13 @@ def test_the_denoising_loss_draws_noise_with_the_models_training_offset(handle, 
 def test_the_training_offset_travels_with_a_saved_model(handle, tmp_path):
     finetune.save_model_folder(dataclasses.replace(handle, training_offset_noise=0.1), tmp_path / "model")
     assert load_model(tmp_path / "model").training_offset_noise == 0.1
+
+
+def test_the_control_without_a_trigger_term_trains_on_normal_pairs_only(handle, tmp_path):
+    events: list[FineTuneProgress] = []
+    result = tiny_finetuning(adversarial_batch=0).fit(handle, [0], tmp_path, callback=events.append)
+    assert {stage for _, stage in stages(events)} == {"train", "evaluate"}  # no surrogate, no trigger search
+    assert result.surrogate_sources == {}
+    record = result.history[0]
+    assert record["adversarial_loss"] == [0.0, 0.0] and all(loss > 0 for loss in record["normal_loss"])
+    assert load_model(result.model_dir).memorized[0].caption == handle.memorized[0].caption

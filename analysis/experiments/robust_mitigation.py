@@ -53,7 +53,7 @@ WORK = REPO_ROOT / "runs" / "robust_mitigation"
 ATTACK_SEED = 2_000_000
 STRESS_SEED = 3_000_000  # the stronger attack's starts and search noise, used nowhere else
 MEASURED_FILE = "measured.pt"
-STAGES = ("none", "nemo", "wanda", "wen", "finetune", "stress")
+STAGES = ("none", "nemo", "wanda", "wen", "finetune", "control", "stress")
 # The first held-out captions, which analysis.experiments.mitigation keeps out of the localizers' reference prompts.
 MITIGATION_HELD_OUT = 10
 SHOWN = 3  # generations per condition in the figure
@@ -209,13 +209,20 @@ def main(argv=None) -> None:
         return dict(measure_wen(handle, conditions, held_out_before, stage("none", none), mitigation),
                     fit_seconds=0.0, target=mitigation.target)
 
+    finetuning = AdversarialFineTuning(rounds=args.rounds, triggers_per_image=args.triggers,
+                                       steps_per_round=args.train_steps, dori=conditions.dori, eval_starts=0)
+
     def finetune() -> dict:
-        finetuning = AdversarialFineTuning(rounds=args.rounds, triggers_per_image=args.triggers,
-                                           steps_per_round=args.train_steps, dori=conditions.dori, eval_starts=0)
         tuned = finetuning.fit(handle, args.targets, args.work / "finetune", callback=progress)
         return dict(measure(load_model(tuned.model_dir), conditions, held_out_before), fit_seconds=tuned.seconds,
                     history=tuned.history, surrogate_sources=tuned.surrogate_sources, params=tuned.params,
                     surrogates=tuned.surrogates)
+
+    def control() -> dict:
+        """The same fine-tuning without its trigger term: what any fine-tuning at this budget costs."""
+        tuned = dataclasses.replace(finetuning, adversarial_batch=0).fit(handle, args.targets, args.work / "control",
+                                                                         callback=progress)
+        return dict(measure(load_model(tuned.model_dir), conditions, held_out_before), fit_seconds=tuned.seconds)
 
     def none() -> dict:
         return dict(measure(handle, conditions, held_out_before), fit_seconds=0.0)
@@ -243,6 +250,7 @@ def main(argv=None) -> None:
             handle, caption, reference_prompts=reference_prompts)),
         wen=wen,
         finetune=finetune,
+        control=control,
     )
     before = stage("baseline", baseline)
     held_out_before, others_before = before["held_out"], before["others"]
@@ -301,7 +309,7 @@ def mean(values) -> float:
 
 
 METHOD_NAMES = dict(none="no mitigation", nemo="NeMo", wanda="Wanda", wen="Wen et al.",
-                    finetune="adversarial fine-tuning")
+                    finetune="adversarial fine-tuning", control="fine-tuning without triggers (control)")
 
 
 def summarize(results: dict, others_before: list[float], args, seconds: float) -> dict:
@@ -444,7 +452,9 @@ def finetune_lines(summary: dict, methods: dict, stress: dict | None, yes) -> li
         f"- Dori replication after fine-tuning ≤ {target['dori_replication_at_most']}: {yes(target['dori_met'])} "
         f"({summary['finetune']['dori_replication']:.2f}; {others}).",
         f"- Held-out similarity ≥ {target['held_out_similarity_at_least']}: {yes(target['held_out_met'])} "
-        f"({summary['finetune']['held_out_similarity']:.3f}).",
+        f"({summary['finetune']['held_out_similarity']:.3f}"
+        + (f"; the control, the same fine-tuning without its trigger term: "
+           f"{summary['control']['held_out_similarity']:.3f}" if "control" in summary else "") + ").",
         f"- Non-selected replication drops by ≤ {target['others_drop_at_most']}: {yes(target['others_met'])} "
         f"({summary['others_replication_before']:.2f} → {summary['finetune']['others_replication']:.2f}).",
         "",
