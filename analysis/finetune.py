@@ -42,7 +42,10 @@ The optimiser and learning rate are open in the paper. On the bundled model
 (the astronaut, one run, docs/results/robust_mitigation.md) this budget brought
 the paper's fresh 50-step Dori attack down to 0.19 replication (≈ 160–380 s a
 round on 2 CPU cores, without the per-round evaluation); a stronger attack
-(9 starts × 100 steps) still finds the image.
+(9 starts × 100 steps) still finds the image. There held-out captions drift
+(same-seed similarity 0.725, test loss +14 %); with `utility_loss="distillation"`
+the same Dori figure came with less drift (0.797, +9 %), and cross-attention-only
+training drifted least but left the image reachable (Dori 1.00).
 
 Cost: per round and image, one Dori search over `triggers_per_image` starts
 (≈ triggers × dori.steps UNet passes of batch dori.batch_size), training
@@ -150,9 +153,12 @@ def trainable_parameters(unet: torch.nn.Module, trainable: str | Sequence[str]) 
 
 
 def denoising_loss(handle: ModelHandle, unet: torch.nn.Module, images: torch.Tensor, text: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, teacher: torch.nn.Module | None = None) -> torch.Tensor:
     """‖target − unet(x_t, t, y)‖² (mean) for images `[n, 3, H, W]` and embeddings `[n, 77, d]`, fresh (ε, t).
 
+    The target is the noise (ε or v, as the model was trained), or with a
+    `teacher` UNet its prediction for the same (x_t, t, y): distillation, which
+    holds `unet` to what the teacher generates rather than to the data.
     The noise carries the model's training offset (`handle.training_offset_noise`): fine-tuning with another noise
     distribution than the model learned would shift what every prompt generates, not only the targets.
     """
@@ -164,10 +170,15 @@ def denoising_loss(handle: ModelHandle, unet: torch.nn.Module, images: torch.Ten
         noise = noise + handle.training_offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=generator)
     noise = noise.to(handle.device, handle.dtype)
     timesteps = timesteps.to(handle.device)
-    # v-prediction models (SD 2.x at 768 px) are trained toward v, not ε.
-    target = (scheduler.get_velocity(z0, noise, timesteps) if scheduler.config.prediction_type == "v_prediction"
-              else noise)
-    prediction, _ = predict_noise(unet, scheduler.add_noise(z0, noise, timesteps), timesteps, text)
+    noisy = scheduler.add_noise(z0, noise, timesteps)
+    if teacher is not None:
+        with torch.no_grad():
+            target, _ = predict_noise(teacher, noisy, timesteps, text)
+    elif scheduler.config.prediction_type == "v_prediction":  # SD 2.x at 768 px is trained toward v, not ε
+        target = scheduler.get_velocity(z0, noise, timesteps)
+    else:
+        target = noise
+    prediction, _ = predict_noise(unet, noisy, timesteps, text)
     return (prediction.float() - target.float()).square().mean()
 
 
@@ -291,7 +302,11 @@ class AdversarialFineTuning:
     parameter-name prefixes. `normal_batch` / `adversarial_batch`: rows of
     L_DM's and of the trigger term's batch per step; `adversarial_batch=0` is
     the control that fine-tunes on L_DM alone (no surrogates, no triggers), to
-    tell what the trigger term costs from what any fine-tuning costs. `photo_share`: share of
+    tell what the trigger term costs from what any fine-tuning costs.
+    `utility_loss`: the normal rows' term, "denoising" (L_DM toward the noise,
+    the paper's) or "distillation" (toward the unmodified UNet's prediction for
+    the same noisy image and caption, which holds normal prompts to what they
+    generated before; one more UNet forward per step). `photo_share`: share of
     the normal rows that are non-selected memorized images (when procedural
     data exist). `surrogate`: "mitigated", a `Mask` or an image `[3, H, W]`;
     `surrogate_seeds`: generations per image when it is generated.
@@ -308,6 +323,7 @@ class AdversarialFineTuning:
     trainable: str | list[str] = "all"
     normal_batch: int = 16
     adversarial_batch: int = 16
+    utility_loss: str = "denoising"
     photo_share: float = 0.25
     surrogate: str | Mask | torch.Tensor = "mitigated"
     surrogate_seeds: int = 4
@@ -350,6 +366,8 @@ class AdversarialFineTuning:
             raise ValueError("normal_batch and adversarial_batch are both 0: nothing to train on")
         if not 0 <= self.photo_share <= 1:
             raise ValueError(f"photo_share must be in [0, 1], got {self.photo_share}")
+        if self.utility_loss not in ("denoising", "distillation"):
+            raise ValueError(f"unknown utility_loss {self.utility_loss!r}; choose 'denoising' or 'distillation'")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adam', 'adamw' or 'sgd'")
         if handle.dtype != torch.float32:
@@ -414,8 +432,9 @@ class AdversarialFineTuning:
                 pool = state["triggers"].get(item.caption)
                 state["triggers"][item.caption] = found.embeddings if pool is None else torch.cat([pool, found.embeddings])
 
-            losses = self._train(tuned, unet, trained, optimizer, generator, normal, selected, state, round_index,
-                                 callback)
+            teacher = handle.unet if self.utility_loss == "distillation" else None
+            losses = self._train(tuned, unet, teacher, trained, optimizer, generator, normal, selected, state,
+                                 round_index, callback)
             record = dict(round=round_index, normal_loss=losses[0], adversarial_loss=losses[1],
                           train_seconds=round(time.time() - started, 1), targets=[])
             for j, item in enumerate(selected):
@@ -440,11 +459,13 @@ class AdversarialFineTuning:
                               history=state["history"], surrogates=state["surrogates"],
                               surrogate_sources=state["sources"], params=params, seconds=round(state["seconds"], 1))
 
-    def _train(self, tuned: ModelHandle, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter],
+    def _train(self, tuned: ModelHandle, unet: torch.nn.Module, teacher: torch.nn.Module | None,
+               trained: dict[str, torch.nn.Parameter],
                optimizer: torch.optim.Optimizer, generator: torch.Generator, normal: NormalPairs,
                selected: list[MemorizedImage], state: dict, round_index: int,
                callback: Callable[[FineTuneProgress], None] | None) -> tuple[list[float], list[float]]:
-        """One round's optimiser steps; returns the normal and adversarial loss of every step."""
+        """One round's optimiser steps (the normal term distilled from `teacher` when given); returns the normal and
+        adversarial loss of every step."""
         for parameter in trained.values():
             parameter.requires_grad_(True)
         unet.train()
@@ -459,7 +480,8 @@ class AdversarialFineTuning:
                     normal_loss = torch.zeros(())
                     if self.normal_batch:
                         images, captions = normal.sample(self.normal_batch, generator)
-                        normal_loss = denoising_loss(tuned, unet, images, encode_prompts(tuned, captions), generator)
+                        normal_loss = denoising_loss(tuned, unet, images, encode_prompts(tuned, captions), generator,
+                                                     teacher)
                         loss = loss + normal_loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -13,7 +14,7 @@ from analysis.dori import DoriSearch
 from analysis.finetune import CHECKPOINT_FILE, AdversarialFineTuning, FineTuneProgress, trainable_parameters
 from analysis.hooks import nemo_layers
 from analysis.model import load_model
-from analysis.sampling import SamplingCancelled
+from analysis.sampling import SamplingCancelled, encode_prompts
 from tiny_model import MEMORIZED_CAPTIONS
 
 
@@ -105,6 +106,8 @@ def test_bad_settings_are_refused(handle, tmp_path):
         tiny_finetuning(normal_batch=0, adversarial_batch=0).fit(handle, [0], tmp_path)
     with pytest.raises(ValueError, match="adversarial_batch"):
         tiny_finetuning(adversarial_batch=-1).fit(handle, [0], tmp_path)
+    with pytest.raises(ValueError, match="utility_loss"):
+        tiny_finetuning(utility_loss="l1").fit(handle, [0], tmp_path)
     with pytest.raises(ValueError, match="float32"):
         tiny_finetuning().fit(dataclasses.replace(handle, dtype=torch.float16), [0], tmp_path)
 
@@ -178,3 +181,29 @@ def test_the_control_without_a_trigger_term_trains_on_normal_pairs_only(handle, 
     record = result.history[0]
     assert record["adversarial_loss"] == [0.0, 0.0] and all(loss > 0 for loss in record["normal_loss"])
     assert load_model(result.model_dir).memorized[0].caption == handle.memorized[0].caption
+
+
+def test_distillation_holds_the_unet_to_its_teacher(handle):
+    """The distilled normal term is zero for the teacher itself and positive once the UNet moves away from it."""
+    images = handle.memorized[0].image[None].expand(4, -1, -1, -1)
+    text = encode_prompts(handle, [handle.memorized[0].caption] * 4)
+    moved = copy.deepcopy(handle.unet)
+    with torch.no_grad():
+        next(moved.parameters()).add_(0.1)
+
+    def loss(unet, teacher):
+        return finetune.denoising_loss(handle, unet, images, text, torch.Generator().manual_seed(0), teacher)
+
+    assert loss(handle.unet, handle.unet).item() == 0.0
+    assert loss(moved, handle.unet).item() > 0.0
+    # Toward the noise instead, the loss of the same UNet is the usual positive L_DM.
+    assert loss(handle.unet, None).item() > 0.0
+
+
+def test_distillation_fine_tuning_runs_a_round(handle, tmp_path):
+    result = tiny_finetuning(utility_loss="distillation").fit(handle, [0], tmp_path)
+    record = result.history[0]
+    assert len(record["normal_loss"]) == 2 and all(loss >= 0 for loss in record["normal_loss"])
+    # The first step starts from the teacher's own weights: nothing to distil yet.
+    assert record["normal_loss"][0] == 0.0
+    assert result.params["utility_loss"] == "distillation"
