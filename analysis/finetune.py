@@ -306,7 +306,11 @@ class AdversarialFineTuning:
     `utility_loss`: the normal rows' term, "denoising" (L_DM toward the noise,
     the paper's) or "distillation" (toward the unmodified UNet's prediction for
     the same noisy image and caption, which holds normal prompts to what they
-    generated before; one more UNet forward per step). `photo_share`: share of
+    generated before; one more UNet forward per step). `ema_decay`: when set
+    (e.g. 0.99), an exponential moving average of the trained weights is the
+    model that Dori attacks, the evaluation measures and `fit` saves, as the
+    bundled model's own training ships its EMA; the raw weights keep training.
+    None (the paper's) uses the raw weights. `photo_share`: share of
     the normal rows that are non-selected memorized images (when procedural
     data exist). `surrogate`: "mitigated", a `Mask` or an image `[3, H, W]`;
     `surrogate_seeds`: generations per image when it is generated.
@@ -324,6 +328,7 @@ class AdversarialFineTuning:
     normal_batch: int = 16
     adversarial_batch: int = 16
     utility_loss: str = "denoising"
+    ema_decay: float | None = None
     photo_share: float = 0.25
     surrogate: str | Mask | torch.Tensor = "mitigated"
     surrogate_seeds: int = 4
@@ -368,6 +373,8 @@ class AdversarialFineTuning:
             raise ValueError(f"photo_share must be in [0, 1], got {self.photo_share}")
         if self.utility_loss not in ("denoising", "distillation"):
             raise ValueError(f"unknown utility_loss {self.utility_loss!r}; choose 'denoising' or 'distillation'")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adam', 'adamw' or 'sgd'")
         if handle.dtype != torch.float32:
@@ -394,16 +401,19 @@ class AdversarialFineTuning:
         out_dir.mkdir(parents=True, exist_ok=True)
         params = self.get_params()
 
-        unet = copy.deepcopy(handle.unet)
-        tuned = dataclasses.replace(handle, unet=unet)
+        unet = copy.deepcopy(handle.unet)  # the weights the optimiser steps
+        # What is attacked, evaluated and saved: the raw weights, or their moving average.
+        average = unet if self.ema_decay is None else copy.deepcopy(unet)
+        tuned = dataclasses.replace(handle, unet=average)
         trained = trainable_parameters(unet, self.trainable)
+        averaged = trainable_parameters(average, self.trainable)
         optimizer = self._optimizer(list(trained.values()))
         generator = torch.Generator().manual_seed(self.seed)
         state = dict(rounds_done=0, history=[], seconds=0.0, triggers={}, surrogates={}, sources={})
         checkpoint = out_dir / CHECKPOINT_FILE
         if resume and checkpoint.is_file():
-            state = self._load_checkpoint(checkpoint, params, [item.caption for item in selected], unet, optimizer,
-                                          generator)
+            state = self._load_checkpoint(checkpoint, params, [item.caption for item in selected], unet, average,
+                                          optimizer, generator)
 
         def report(round_index: int, stage: str) -> Callable:
             def on_step(step: DoriStep | DenoisingStep) -> None:
@@ -433,8 +443,8 @@ class AdversarialFineTuning:
                 state["triggers"][item.caption] = found.embeddings if pool is None else torch.cat([pool, found.embeddings])
 
             teacher = handle.unet if self.utility_loss == "distillation" else None
-            losses = self._train(tuned, unet, teacher, trained, optimizer, generator, normal, selected, state,
-                                 round_index, callback)
+            losses = self._train(tuned, unet, teacher, trained, averaged, optimizer, generator, normal, selected,
+                                 state, round_index, callback)
             record = dict(round=round_index, normal_loss=losses[0], adversarial_loss=losses[1],
                           train_seconds=round(time.time() - started, 1), targets=[])
             for j, item in enumerate(selected):
@@ -448,7 +458,7 @@ class AdversarialFineTuning:
             state["history"].append(record)
             state["rounds_done"] = round_index + 1
             state["seconds"] += record["seconds"]
-            self._save_checkpoint(checkpoint, params, selected, state, unet, trained, optimizer, generator)
+            self._save_checkpoint(checkpoint, params, selected, state, trained, averaged, optimizer, generator)
 
         model_dir = out_dir / MODEL_SUBFOLDER
         save_model_folder(tuned, model_dir, dict(params=params, targets=[item.caption for item in selected],
@@ -460,11 +470,12 @@ class AdversarialFineTuning:
                               surrogate_sources=state["sources"], params=params, seconds=round(state["seconds"], 1))
 
     def _train(self, tuned: ModelHandle, unet: torch.nn.Module, teacher: torch.nn.Module | None,
-               trained: dict[str, torch.nn.Parameter],
+               trained: dict[str, torch.nn.Parameter], averaged: dict[str, torch.nn.Parameter],
                optimizer: torch.optim.Optimizer, generator: torch.Generator, normal: NormalPairs,
                selected: list[MemorizedImage], state: dict, round_index: int,
                callback: Callable[[FineTuneProgress], None] | None) -> tuple[list[float], list[float]]:
-        """One round's optimiser steps (the normal term distilled from `teacher` when given); returns the normal and
+        """One round's optimiser steps (the normal term distilled from `teacher` when given), each followed by the
+        moving average's update when `ema_decay` is set; returns the normal and
         adversarial loss of every step."""
         for parameter in trained.values():
             parameter.requires_grad_(True)
@@ -486,6 +497,10 @@ class AdversarialFineTuning:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    if self.ema_decay is not None:
+                        with torch.no_grad():
+                            for name, parameter in trained.items():
+                                averaged[name].lerp_(parameter, 1 - self.ema_decay)
                     normal_losses.append(normal_loss.item())
                     adversarial_losses.append(adversarial.item())
                     if callback is not None:
@@ -508,11 +523,12 @@ class AdversarialFineTuning:
         return denoising_loss(tuned, unet, surrogates, triggers[rows].to(tuned.device, tuned.dtype), generator)
 
     def _save_checkpoint(self, path: Path, params: dict, selected: list[MemorizedImage], state: dict,
-                         unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter],
+                         trained: dict[str, torch.nn.Parameter], averaged: dict[str, torch.nn.Parameter],
                          optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
         payload = dict(params=resumable(params), targets=[item.caption for item in selected],
-                       unet={name: p.detach().cpu() for name, p in trained.items()}, optimizer=optimizer.state_dict(),
-                       generator=generator.get_state(), **state)
+                       unet={name: p.detach().cpu() for name, p in trained.items()},
+                       average={name: p.detach().cpu() for name, p in averaged.items()},
+                       optimizer=optimizer.state_dict(), generator=generator.get_state(), **state)
         # Written whole and then renamed: a run stopped mid-write leaves the previous checkpoint intact.
         partial = path.with_suffix(".partial")
         torch.save(payload, partial)
@@ -520,12 +536,13 @@ class AdversarialFineTuning:
 
     @staticmethod
     def _load_checkpoint(path: Path, params: dict, targets: list[str], unet: torch.nn.Module,
-                         optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict:
+                         average: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload["params"] != resumable(params) or payload["targets"] != targets:
             raise ValueError(f"{path} holds a run with other parameters or targets ({payload['targets']}, "
                              f"{payload['params']}); use another out_dir or resume=False")
         unet.load_state_dict(payload["unet"], strict=False)
+        average.load_state_dict(payload["average"], strict=False)  # the same tensors when there is no average
         optimizer.load_state_dict(payload["optimizer"])
         generator.set_state(payload["generator"])
         return {key: payload[key] for key in ("rounds_done", "history", "seconds", "triggers", "surrogates", "sources")}

@@ -5,7 +5,8 @@ configuration the command line runs. Its folder is named after the settings,
 so a stopped run continues from its last finished round.
 
 Element ids: `finetune-targets`, `finetune-rounds`, `finetune-steps`, `finetune-triggers`, `finetune-dori-steps`,
-`finetune-dori-batch`, `finetune-eval-seeds`, `finetune-run`, `finetune-stop`, `finetune-status`,
+`finetune-dori-batch`, `finetune-eval-seeds`, `finetune-lr`, `finetune-optimizer`, `finetune-trainable`,
+`finetune-utility`, `finetune-ema`, `finetune-run`, `finetune-stop`, `finetune-status`,
 `finetune-table`, `finetune-use`, `finetune-export`, `finetune-export-file`.
 """
 
@@ -30,6 +31,10 @@ TABLE_COLUMNS = ["round", "caption", "caption replicates", "caption similarity",
                  "Dori similarity"]
 DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
 LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)
+MAX_LR = 1e-2  # far above any rate that keeps the model; a typo guard
+TRAINABLE = {"the whole UNet (the paper's)": "all", "attention layers": "attn", "cross-attention only": "attn2"}
+UTILITY_LOSSES = {"toward the noise (L_DM, the paper's)": "denoising",
+                  "toward the original model (distillation)": "distillation"}
 
 EXPLANATION = """
 **What am I looking at?** Pruning neurons or weights does not remove a
@@ -87,6 +92,19 @@ def build_finetune_tab(context: AppContext) -> None:
                                        elem_id="finetune-dori-batch")
                 eval_seeds = gr.Number(DEFAULTS.eval_seeds, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=0,
                                        elem_id="finetune-eval-seeds")
+            with gr.Accordion("Training settings", open=False):
+                with gr.Row():
+                    lr = gr.Number(DEFAULTS.lr, label="Learning rate", elem_id="finetune-lr")
+                    optimizer = gr.Dropdown(["adam", "adamw", "sgd"], value=DEFAULTS.optimizer, label="Optimiser",
+                                            elem_id="finetune-optimizer")
+                    trainable = gr.Dropdown(list(TRAINABLE), label="What trains", elem_id="finetune-trainable",
+                                            value=next(k for k, v in TRAINABLE.items() if v == DEFAULTS.trainable))
+                with gr.Row():
+                    utility = gr.Radio(list(UTILITY_LOSSES), label="Ordinary captions are trained",
+                                       value=next(k for k, v in UTILITY_LOSSES.items() if v == DEFAULTS.utility_loss),
+                                       elem_id="finetune-utility")
+                    ema = gr.Number(DEFAULTS.ema_decay or 0, label="Moving average of the weights: decay (0 = off)",
+                                    elem_id="finetune-ema")
             run_button, stop_button = run_and_stop_buttons("Fine-tune", "finetune-run", "finetune-stop")
     status = gr.Markdown(elem_id="finetune-status")
     table = gr.Dataframe(headers=TABLE_COLUMNS, label="Replication before and after each round", interactive=False,
@@ -96,7 +114,8 @@ def build_finetune_tab(context: AppContext) -> None:
 
     def run(chosen: list[str] | None, round_count: float | None, step_count: float | None,
             trigger_count: float | None, search_steps: float | None, search_batch: float | None,
-            seed_count: float | None, session: Session, progress=gr.Progress()):
+            seed_count: float | None, learning_rate: float | None, optimizer_name: str, trained_part: str,
+            utility_name: str, ema_decay: float | None, session: Session, progress=gr.Progress()):
         model = session_handle(context.models, session)
         names = [m.caption for m in model.memorized]
         if not chosen:
@@ -104,7 +123,13 @@ def build_finetune_tab(context: AppContext) -> None:
         unknown = [caption for caption in chosen if caption not in names]
         if unknown:
             raise gr.Error(f"Not memorized images of this model: {unknown}.")
+        if learning_rate is None or not 0 < learning_rate <= MAX_LR:
+            raise gr.Error(f"Learning rate must be a number in (0, {MAX_LR:g}], got {learning_rate}.")
+        if ema_decay is None or not 0 <= ema_decay < 1:
+            raise gr.Error(f"The moving average's decay must be 0 (off) or in (0, 1), e.g. 0.99; got {ema_decay}.")
         parameters = dict(
+            lr=learning_rate, optimizer=optimizer_name, trainable=TRAINABLE[trained_part],
+            utility_loss=UTILITY_LOSSES[utility_name], ema_decay=ema_decay or None,
             rounds=check_whole_number("Rounds", round_count, 1, LIMITS["rounds"]),
             steps_per_round=check_whole_number("Training steps per round", step_count, 1, LIMITS["steps"]),
             triggers_per_image=check_whole_number("Triggers per image", trigger_count, 1, LIMITS["triggers"]),
@@ -130,8 +155,8 @@ def build_finetune_tab(context: AppContext) -> None:
                 yield (f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is in "
                        f"`{event.metrics['model_dir']}`. Switch to it below."), rows + round_rows(event), session
 
-    run_button.click(run, inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds,
-                                  context.session],
+    run_button.click(run, inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds, lr, optimizer,
+                                  trainable, utility, ema, context.session],
                      outputs=[status, table, context.session], api_name="finetune",
                      concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
     stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="finetune_stop")

@@ -106,6 +106,8 @@ def test_bad_settings_are_refused(handle, tmp_path):
         tiny_finetuning(normal_batch=0, adversarial_batch=0).fit(handle, [0], tmp_path)
     with pytest.raises(ValueError, match="adversarial_batch"):
         tiny_finetuning(adversarial_batch=-1).fit(handle, [0], tmp_path)
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny_finetuning(ema_decay=1.0).fit(handle, [0], tmp_path)
     with pytest.raises(ValueError, match="utility_loss"):
         tiny_finetuning(utility_loss="l1").fit(handle, [0], tmp_path)
     with pytest.raises(ValueError, match="float32"):
@@ -207,3 +209,21 @@ def test_distillation_fine_tuning_runs_a_round(handle, tmp_path):
     # The first step starts from the teacher's own weights: nothing to distil yet.
     assert record["normal_loss"][0] == 0.0
     assert result.params["utility_loss"] == "distillation"
+
+
+def test_with_ema_decay_the_moving_average_is_saved_and_resumes(handle, tmp_path):
+    """One step of d = 0.9: the saved model is 0.9 × the start + 0.1 × the raw weights; a resumed run equals a straight one."""
+    before = {name: p.clone() for name, p in handle.unet.named_parameters()}
+    settings = dict(ema_decay=0.9, steps_per_round=1, eval_starts=0)
+    result = tiny_finetuning(**settings).fit(handle, [0], tmp_path / "resumed")
+    raw = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["unet"]
+    saved = dict(load_model(result.model_dir).unet.named_parameters())
+    assert any(not torch.equal(raw[name], before[name]) for name in raw)
+    for name, weights in raw.items():
+        torch.testing.assert_close(saved[name], 0.9 * before[name] + 0.1 * weights)
+
+    resumed = tiny_finetuning(**settings, rounds=2).fit(handle, [0], tmp_path / "resumed")
+    straight = tiny_finetuning(**settings, rounds=2).fit(handle, [0], tmp_path / "straight")
+    resumed_unet = dict(load_model(resumed.model_dir).unet.named_parameters())
+    for name, weights in load_model(straight.model_dir).unet.named_parameters():
+        torch.testing.assert_close(resumed_unet[name], weights)

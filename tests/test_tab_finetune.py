@@ -1,6 +1,8 @@
 """The Fine-tune view's endpoints, driven by gradio_client on the tiny model."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -10,8 +12,11 @@ from dori_ui import finetune_tab
 from dori_ui.app import build_app
 from served import served
 
-# targets, rounds, training steps, triggers, Dori steps, Dori batch, evaluation seeds
-TINY_RUN = (1, 2, 2, 2, 2, 2)
+# after the targets: rounds, training steps, triggers, Dori steps, Dori batch, evaluation seeds
+COUNTS = (1, 2, 2, 2, 2, 2)
+# learning rate, optimiser, what trains, the ordinary captions' term, the moving average's decay (0 = off)
+SETTINGS = (1e-4, "adam", "the whole UNet (the paper's)", "toward the noise (L_DM, the paper's)", 0)
+TINY_RUN = COUNTS + SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +54,22 @@ def test_finetune_then_switch_the_session_to_the_tuned_model(app_url, tiny_handl
 @pytest.mark.parametrize("arguments, message", [
     (([], *TINY_RUN), "Choose at least one image"),
     ((["not a memorized caption"], *TINY_RUN), "not in the list of choices"),
-    ((None, 0, 2, 2, 2, 2, 2), "Rounds must be a whole number from 1 to 10"),
-    ((None, 1, 2, 2, 2, 2, 17), "Evaluation seeds must be a whole number from 1 to 16"),
+    ((None, 0, 2, 2, 2, 2, 2, *SETTINGS), "Rounds must be a whole number from 1 to 10"),
+    ((None, 1, 2, 2, 2, 2, 17, *SETTINGS), "Evaluation seeds must be a whole number from 1 to 16"),
+    ((None, *COUNTS, 0, *SETTINGS[1:]), "Learning rate must be a number in"),
+    ((None, *COUNTS, *SETTINGS[:-1], 1), "decay must be 0 \\(off\\) or in \\(0, 1\\)"),
 ])
 def test_bad_settings_give_a_clear_message(app_url, tiny_handle, arguments, message):
     targets = [tiny_handle.memorized[0].caption] if arguments[0] is None else arguments[0]
     with pytest.raises(AppError, match=message):
         Client(app_url, verbose=False).predict(targets, *arguments[1:], api_name="/finetune")
+
+
+def test_the_training_settings_reach_the_saved_model(app_url, tiny_handle):
+    settings = (3e-4, "sgd", "cross-attention only", "toward the original model (distillation)", 0.9)
+    status, _ = Client(app_url, verbose=False).predict([tiny_handle.memorized[1].caption], *COUNTS, *settings,
+                                                       api_name="/finetune")
+    model_dir = Path(status.split("`")[1])
+    params = json.loads((model_dir / "memorized.json").read_text())["adversarial_finetuning"]["params"]
+    assert (params["lr"], params["optimizer"], params["trainable"], params["utility_loss"], params["ema_decay"]) == (
+        3e-4, "sgd", "attn2", "distillation", 0.9)

@@ -61,7 +61,9 @@ STRESS_SEED = 3_000_000  # the stronger attack's starts and search noise, used n
 HELD_OUT_LOSS_SEED = 4_000_000  # renderings, noise and steps of the held-out denoising loss, the same for every method
 HELD_OUT_RENDERINGS = 8  # per held-out caption in the held-out denoising loss
 MEASURED_FILE = "measured.pt"
-STAGES = ("none", "nemo", "wanda", "wen", "finetune", "distilled", "distilled_slow", "attn2", "control", "stress")
+STAGES = ("none", "nemo", "wanda", "wen", "finetune", "distilled", "distilled_slow", "attn2", "ema", "distilled_ema",
+          "control", "control_ema", "stress")
+EMA_DECAY = 0.99  # of the variants that ship a moving average of the fine-tuned weights
 # The first held-out captions, which analysis.experiments.mitigation keeps out of the localizers' reference prompts.
 MITIGATION_HELD_OUT = 10
 SHOWN = 3  # generations per condition in the figure
@@ -282,7 +284,10 @@ def main(argv=None) -> None:
         distilled=variant("distilled", utility_loss="distillation"),
         distilled_slow=variant("distilled_slow", utility_loss="distillation", lr=3e-5),
         attn2=variant("attn2", trainable="attn2"),
+        ema=variant("ema", ema_decay=EMA_DECAY),
+        distilled_ema=variant("distilled_ema", utility_loss="distillation", ema_decay=EMA_DECAY),
         control=variant("control", adversarial_batch=0),
+        control_ema=variant("control_ema", adversarial_batch=0, ema_decay=EMA_DECAY),
     )
     before = stage("baseline", baseline)
     held_out_before, others_before = before["held_out"], before["others"]
@@ -344,10 +349,13 @@ METHOD_NAMES = dict(none="no mitigation", nemo="NeMo", wanda="Wanda", wen="Wen e
                     finetune="adversarial fine-tuning", distilled="adversarial fine-tuning, distilled normal term",
                     distilled_slow="adversarial fine-tuning, distilled normal term, lr 3e-5",
                     attn2="adversarial fine-tuning, cross-attention only",
-                    control="fine-tuning without triggers (control)")
+                    ema=f"adversarial fine-tuning, moving average {EMA_DECAY}",
+                    distilled_ema=f"adversarial fine-tuning, distilled normal term, moving average {EMA_DECAY}",
+                    control="fine-tuning without triggers (control)",
+                    control_ema=f"fine-tuning without triggers (control), moving average {EMA_DECAY}")
 
 
-VARIANTS = ("distilled", "distilled_slow", "attn2")  # fine-tuning with other settings, judged against the same targets
+VARIANTS = ("distilled", "distilled_slow", "attn2", "ema", "distilled_ema")  # fine-tuning with other settings, judged against the same targets
 
 
 def summarize(results: dict, others_before: list[float], args, seconds: float) -> dict:
@@ -398,7 +406,8 @@ def variant_lines(summary: dict) -> list[str]:
     """What the variants and the control say about where the held-out drift comes from."""
     if not all(name in summary for name in ("control", *VARIANTS)):
         return []
-    tuned, control, distilled, slow, attn2 = (summary[name] for name in ("finetune", "control", *VARIANTS))
+    tuned, control, distilled, slow, attn2, ema, distilled_ema = (summary[name] for name in ("finetune", "control",
+                                                                                          *VARIANTS))
 
     def loss(s: dict) -> str:
         return loss_cell(s["held_out_loss"], summary)
