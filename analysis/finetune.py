@@ -45,7 +45,11 @@ round on 2 CPU cores, without the per-round evaluation); a stronger attack
 (9 starts × 100 steps) still finds the image. There held-out captions drift
 (same-seed similarity 0.725, test loss +14 %); with `utility_loss="distillation"`
 the same Dori figure came with less drift (0.797, +9 %), and cross-attention-only
-training drifted least but left the image reachable (Dori 1.00).
+training drifted least but left the image reachable (Dori 1.00). With
+`ema_decay=0.99` the saved weights are a moving average of the trained ones:
+most of the drift goes (a control without triggers: similarity 0.900 instead of
+0.833), but so does the unlearning (Dori 1.00); no setting tried there reached
+both targets.
 
 Cost: per round and image, one Dori search over `triggers_per_image` starts
 (≈ triggers × dori.steps UNet passes of batch dori.batch_size), training

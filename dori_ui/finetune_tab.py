@@ -46,7 +46,10 @@ The table gives, before and after each round, how often the caption and a
 *fresh* Dori attack (starts and seeds never used in training) still replicate
 each image. A few minutes per round on a laptop CPU. Then switch this session
 to the fine-tuned model: every other view uses it, and Mitigate can compare it
-with the original.
+with the original. *Training settings* open with the paper's choices; training
+ordinary captions toward the original model (distillation) or shipping a moving
+average of the weights changes ordinary captions less, and unlearns less too
+(docs/results/robust_mitigation.md).
 """
 
 

@@ -61,8 +61,8 @@ STRESS_SEED = 3_000_000  # the stronger attack's starts and search noise, used n
 HELD_OUT_LOSS_SEED = 4_000_000  # renderings, noise and steps of the held-out denoising loss, the same for every method
 HELD_OUT_RENDERINGS = 8  # per held-out caption in the held-out denoising loss
 MEASURED_FILE = "measured.pt"
-STAGES = ("none", "nemo", "wanda", "wen", "finetune", "distilled", "distilled_slow", "attn2", "ema", "distilled_ema",
-          "control", "control_ema", "stress")
+STAGES = ("none", "nemo", "wanda", "wen", "finetune", "distilled", "distilled_slow", "distilled_mid", "attn2",
+          "ema", "ema_long", "distilled_ema", "control", "control_ema", "stress")
 EMA_DECAY = 0.99  # of the variants that ship a moving average of the fine-tuned weights
 # The first held-out captions, which analysis.experiments.mitigation keeps out of the localizers' reference prompts.
 MITIGATION_HELD_OUT = 10
@@ -70,6 +70,7 @@ SHOWN = 3  # generations per condition in the figure
 # "Unaffected": held-out generations this similar to the unmitigated ones, and non-selected images losing at most
 # this much replication.
 HELD_OUT_UNAFFECTED = 0.9
+KEPT_SIMILARITY = 0.85  # "close to unaffected" in the trade-off between unlearning and held-out drift
 OTHERS_UNAFFECTED = 0.1
 TARGET_DORI_REPLICATION = 0.2
 
@@ -283,8 +284,10 @@ def main(argv=None) -> None:
         finetune=finetune,
         distilled=variant("distilled", utility_loss="distillation"),
         distilled_slow=variant("distilled_slow", utility_loss="distillation", lr=3e-5),
+        distilled_mid=variant("distilled_mid", utility_loss="distillation", lr=5e-5),
         attn2=variant("attn2", trainable="attn2"),
         ema=variant("ema", ema_decay=EMA_DECAY),
+        ema_long=variant("ema_long", ema_decay=EMA_DECAY, rounds=2 * args.rounds),
         distilled_ema=variant("distilled_ema", utility_loss="distillation", ema_decay=EMA_DECAY),
         control=variant("control", adversarial_batch=0),
         control_ema=variant("control_ema", adversarial_batch=0, ema_decay=EMA_DECAY),
@@ -348,14 +351,16 @@ def mean(values) -> float:
 METHOD_NAMES = dict(none="no mitigation", nemo="NeMo", wanda="Wanda", wen="Wen et al.",
                     finetune="adversarial fine-tuning", distilled="adversarial fine-tuning, distilled normal term",
                     distilled_slow="adversarial fine-tuning, distilled normal term, lr 3e-5",
+                    distilled_mid="adversarial fine-tuning, distilled normal term, lr 5e-5",
                     attn2="adversarial fine-tuning, cross-attention only",
                     ema=f"adversarial fine-tuning, moving average {EMA_DECAY}",
+                    ema_long=f"adversarial fine-tuning, moving average {EMA_DECAY}, twice the rounds",
                     distilled_ema=f"adversarial fine-tuning, distilled normal term, moving average {EMA_DECAY}",
                     control="fine-tuning without triggers (control)",
                     control_ema=f"fine-tuning without triggers (control), moving average {EMA_DECAY}")
 
 
-VARIANTS = ("distilled", "distilled_slow", "attn2", "ema", "distilled_ema")  # fine-tuning with other settings, judged against the same targets
+VARIANTS = ("distilled", "distilled_slow", "distilled_mid", "attn2", "ema", "ema_long", "distilled_ema")  # fine-tuning with other settings, judged against the same targets
 
 
 def summarize(results: dict, others_before: list[float], args, seconds: float) -> dict:
@@ -403,30 +408,53 @@ def write_figure(path: Path, handle: ModelHandle, conditions: Conditions, held_o
 
 
 def variant_lines(summary: dict) -> list[str]:
-    """What the variants and the control say about where the held-out drift comes from."""
-    if not all(name in summary for name in ("control", *VARIANTS)):
+    """What the variants and the controls say about where the held-out drift comes from."""
+    if not all(name in summary for name in ("control", "control_ema", *VARIANTS)):
         return []
-    tuned, control, distilled, slow, attn2, ema, distilled_ema = (summary[name] for name in ("finetune", "control",
-                                                                                          *VARIANTS))
+    tuned, control, control_ema, distilled, slow, mid, attn2, ema, ema_long, distilled_ema = (
+        summary[name] for name in ("finetune", "control", "control_ema", "distilled", "distilled_slow",
+                                   "distilled_mid", "attn2", "ema", "ema_long", "distilled_ema"))
 
     def loss(s: dict) -> str:
         return loss_cell(s["held_out_loss"], summary)
 
+    def outcome(s: dict) -> str:
+        return f"Dori {s['dori_replication']:.2f}, held-out similarity {s['held_out_similarity']:.3f}, test loss {loss(s)}"
+
+    settings = ("finetune", *VARIANTS)
+    unlearned = [name for name in settings if summary[name]["dori_replication"] <= TARGET_DORI_REPLICATION]
+    kept = [name for name in settings if summary[name]["held_out_similarity"] >= KEPT_SIMILARITY]
+    both = [name for name in unlearned if summary[name]["held_out_similarity"] >= HELD_OUT_UNAFFECTED]
+    trade_off = []
+    if unlearned:
+        best = max(unlearned, key=lambda name: summary[name]["held_out_similarity"])
+        trade_off.append(f"of the settings that bring Dori to ≤ {TARGET_DORI_REPLICATION}, the one that keeps "
+                         f"held-out captions closest is {METHOD_NAMES[best]} (similarity "
+                         f"{summary[best]['held_out_similarity']:.3f})")
+    if kept:
+        best = min(kept, key=lambda name: summary[name]["dori_replication"])
+        trade_off.append(f"of those that keep held-out similarity ≥ {KEPT_SIMILARITY}, the one that unlearns most is "
+                         f"{METHOD_NAMES[best]} (Dori {summary[best]['dori_replication']:.2f})")
     return ["", "## Where the held-out drift comes from", "",
             f"- Fine-tuning on the normal pairs alone (the control) already raises the test loss on held-out "
-            f"captions to {loss(control)} and lowers held-out similarity to {control['held_out_similarity']:.3f}, likely "
-            "because Adam at a constant lr on small batches moves the model off the optimum its training reached (the "
-            "bundled model is an EMA of weights trained with a rate decayed to zero).",
-            f"- Distilling the normal term from the unmodified UNet instead of L_DM: Dori {distilled['dori_replication']:.2f} "
-            f"(paper's term: {tuned['dori_replication']:.2f}), held-out similarity {distilled['held_out_similarity']:.3f} "
-            f"(paper's term: {tuned['held_out_similarity']:.3f}), test loss {loss(distilled)} (paper's term: "
-            f"{loss(tuned)}). At a third of the rate (lr 3e-5) the drift shrinks to held-out similarity "
-            f"{slow['held_out_similarity']:.3f} and test loss {loss(slow)}, but the 6 rounds no longer unlearn the "
-            f"image: Dori {slow['dori_replication']:.2f}.",
-            f"- Training cross-attention only: held-out similarity {attn2['held_out_similarity']:.3f}, test loss "
-            f"{loss(attn2)}, but the caption's image stays reachable: Dori {attn2['dori_replication']:.2f}. Unlearning "
-            "in the text's paths alone leaves the image in the rest of the UNet, for new triggers to find (the paper: "
-            "LoRA did not work)."]
+            f"captions to {loss(control)} and lowers held-out similarity to {control['held_out_similarity']:.3f}. "
+            f"The same control shipping a moving average of its weights (decay {EMA_DECAY}), as the bundled "
+            f"model's own training ships its EMA, keeps them at {loss(control_ema)} and "
+            f"{control_ema['held_out_similarity']:.3f}: most of the control's drift is the noise of single Adam steps "
+            "at a constant lr on small batches, which the average removes.",
+            f"- With the trigger term and the moving average: {outcome(ema)}; with twice the rounds: "
+            f"{outcome(ema_long)}; with the distilled normal term too: {outcome(distilled_ema)}. The average keeps the "
+            "test loss near the pruning methods', but it also averages away much of the unlearning: a fresh attack "
+            "finds the image.",
+            f"- Distilling the normal term from the unmodified UNet instead of L_DM (raw weights): {outcome(distilled)} "
+            f"(paper's term: {outcome(tuned)}). At lr 5e-5: {outcome(mid)}; at lr 3e-5: {outcome(slow)}.",
+            f"- Training cross-attention only: {outcome(attn2)}. Unlearning in the text's paths alone leaves the image "
+            "in the rest of the UNet, for new triggers to find (the paper: LoRA did not work).",
+            f"- The trade-off over all {len(settings)} fine-tuning settings: " + "; ".join(trade_off or ["none "
+            "unlearns the image or keeps the held-out captions"]) + ". " + (
+                f"{', '.join(METHOD_NAMES[name] for name in both)} meet(s) both targets." if both else
+                "No setting meets both targets: on this model, what makes a fresh attack fail also changes what "
+                "held-out captions draw; the unlearning is no more local than the memorization.")]
 
 
 def stress_lines(stress: dict | None, summary: dict) -> list[str]:
