@@ -48,8 +48,11 @@ the same Dori figure came with less drift (0.797, +9 %), and cross-attention-onl
 training drifted least but left the image reachable (Dori 1.00). With
 `ema_decay=0.99` the saved weights are a moving average of the trained ones:
 most of the drift goes (a control without triggers: similarity 0.900 instead of
-0.833), but so does the unlearning (Dori 1.00); no setting tried there reached
-both targets.
+0.833), but so does the unlearning (Dori 1.00). Judged as the paper judges
+utility, by whether held-out captions still get the colours they name, the
+settings that unlearn the image draw them as captioned less often (0.67–0.68
+of generations against 0.79 unmitigated); no setting tried there reached both
+targets.
 
 Cost: per round and image, one Dori search over `triggers_per_image` starts
 (≈ triggers × dori.steps UNet passes of batch dori.batch_size), training

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from analysis.demo import train
-from analysis.demo.data import DemoDataset
+from analysis.demo.data import DemoDataset, read_colors, render_shapes, split_shape_specs
 from analysis.model import load_model
 
 
@@ -75,3 +75,11 @@ def test_init_from_keeps_the_folders_tokenizer_and_text_encoder(tmp_path):
 def test_init_from_refuses_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(SystemExit, match="not a demo model folder"):
         run(tmp_path, "continued", "--steps", "1", "--init-from", str(tmp_path))
+
+
+def test_read_colors_reads_the_captions_colours_back_from_renderings():
+    specs = [*split_shape_specs()[0], *split_shape_specs()[1]]
+    read = read_colors(render_shapes(specs, torch.Generator().manual_seed(1)))
+    assert read == [(spec.background, spec.color) for spec in specs]
+    plain = torch.full((1, 3, 32, 32), -1.0)  # all black: a background and nothing on it
+    assert read_colors(plain) == [("black", None)]

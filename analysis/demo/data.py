@@ -156,6 +156,32 @@ def render_shapes(specs: list[ShapeSpec], generator: torch.Generator, resolution
     return (img.clamp(0, 1) * 2 - 1).contiguous()
 
 
+def read_colors(images: torch.Tensor, far: float = 0.3) -> list[tuple[str, str | None]]:
+    """The (background, shape colour) names a viewer would read from images `[n, 3, r, r]` in [-1, 1].
+
+    The inverse of `render_shapes` for colours, and so a caption-fidelity check for generations: the
+    background is the palette colour nearest the median border pixel (shapes keep a margin from the border),
+    the shape colour the one nearest the median of the pixels `far` from that border colour, never the
+    background's own; None when fewer than 8 pixels stand out (no shape drawn).
+    """
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2).median(dim=2).values
+    names = list(COLORS)
+    palette = torch.tensor(list(COLORS.values()))
+    read = []
+    for image, edge in zip(x, border):
+        background = min(BACKGROUNDS, key=lambda name: (palette[names.index(name)] - edge).norm().item())
+        pixels = image.flatten(1).T
+        shape = pixels[(pixels - edge).norm(dim=1) > far]
+        if len(shape) < 8:
+            read.append((background, None))
+            continue
+        distance = (palette - shape.median(dim=0).values).norm(dim=1)
+        distance[names.index(background)] = float("inf")
+        read.append((background, names[distance.argmin().item()]))
+    return read
+
+
 def procedural_bank(specs: list[ShapeSpec], per_spec: int = 1, seed: int = 0,
                     resolution: int = RESOLUTION) -> tuple[list[str], torch.Tensor]:
     """A fixed, seeded set of renderings: the procedural side of the reference pool."""

@@ -17,7 +17,8 @@ For each: replication of each selected image under its caption and under a
 fresh Dori attack (the caption's embedding and a Gaussian start; starts, search
 noise and seeds used nowhere else); the similarity of held-out captions'
 generations to the unmitigated ones (same seed; 1 = unchanged); the test
-loss on renderings of the held-out captions; the
+loss on renderings of the held-out captions; how often the held-out captions
+are still drawn as captioned (colours read back from the pixels); the
 replication of the non-selected memorized images; wall times. Against Wen the
 attack is run on the plain model, since Wen leaves the weights alone: its
 triggers are given to the model as embeddings (bypassing Wen), and separately
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from analysis.attribution.common import memorization_objective
-from analysis.demo.data import render_shapes, split_shape_specs
+from analysis.demo.data import read_colors, render_shapes, split_shape_specs
 from analysis.dori import DoriSearch, Start
 from analysis.finetune import AdversarialFineTuning, attack, denoising_loss, generate, json_ready
 from analysis.images import image_grid
@@ -60,6 +61,7 @@ ATTACK_SEED = 2_000_000
 STRESS_SEED = 3_000_000  # the stronger attack's starts and search noise, used nowhere else
 HELD_OUT_LOSS_SEED = 4_000_000  # renderings, noise and steps of the held-out denoising loss, the same for every method
 HELD_OUT_RENDERINGS = 8  # per held-out caption in the held-out denoising loss
+FIDELITY_SEEDS = (0, 1, 2, 3)  # generations per held-out caption in the caption fidelity
 MEASURED_FILE = "measured.pt"
 STAGES = ("none", "nemo", "wanda", "wen", "finetune", "distilled", "distilled_slow", "distilled_mid", "attn2",
           "ema", "ema_long", "distilled_ema", "control", "control_ema", "stress")
@@ -72,6 +74,7 @@ SHOWN = 3  # generations per condition in the figure
 HELD_OUT_UNAFFECTED = 0.9
 KEPT_SIMILARITY = 0.85  # "close to unaffected" in the trade-off between unlearning and held-out drift
 OTHERS_UNAFFECTED = 0.1
+FIDELITY_UNAFFECTED = 0.05  # the most the caption fidelity of held-out captions may drop
 TARGET_DORI_REPLICATION = 0.2
 
 
@@ -121,6 +124,18 @@ def held_out_loss(handle: ModelHandle, batch_size: int = 40) -> float:
     return (sum(losses) / len(specs)).item()
 
 
+def held_out_fidelity(draw: Callable[[list[str], list[int]], torch.Tensor]) -> float:
+    """Share of generations of every held-out caption whose background and shape colour read as the caption's.
+
+    Like the CLIP score the paper's utility check rests on, it asks whether the model still draws what a caption
+    says, not the same picture: `draw(captions, seeds)` returns images `[captions * seeds, 3, H, W]`.
+    """
+    specs = split_shape_specs()[1]
+    read = read_colors(draw([spec.caption for spec in specs], list(FIDELITY_SEEDS)))
+    expected = [(spec.background, spec.color) for spec in specs for _ in FIDELITY_SEEDS]
+    return mean(got == want for got, want in zip(read, expected))
+
+
 def measure(handle: ModelHandle, conditions: Conditions, held_out_before: torch.Tensor, mask: Mask | None = None) -> dict:
     """Attack every selected image, and measure held-out and non-selected captions, on `handle` under `mask`."""
     def run() -> dict:
@@ -136,7 +151,9 @@ def measure(handle: ModelHandle, conditions: Conditions, held_out_before: torch.
                               handle.memorized[i].image).rate for i in conditions.others]
         return dict(targets=rows, attack_seconds=round(attack_s, 1), held_out_images=held_out,
                     held_out_similarity=similarity_matrix(held_out_before, held_out).diag().mean().item(),
-                    held_out_loss=held_out_loss(handle), others_replication=others)
+                    held_out_loss=held_out_loss(handle),
+                    held_out_fidelity=held_out_fidelity(lambda prompts, seeds: generate(handle, prompts, seeds)),
+                    others_replication=others)
     if mask is None:
         return run()
     with mask.applied(handle):
@@ -167,12 +184,15 @@ def measure_wen(handle: ModelHandle, conditions: Conditions, held_out_before: to
         print(f"  {item.caption[:40]}: prompt {rows[-1]['prompt_replication']:.2f}, Dori through Wen "
               f"{rows[-1]['dori_through_wen_replication']:.2f}", flush=True)
     attack_s = time.time() - started
-    held_out = torch.cat([mitigated(prompt, [0]) for prompt in conditions.held_out])
+    def draw(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        return torch.cat([mitigated(prompt, seeds) for prompt in prompts])
+
+    held_out = draw(conditions.held_out, [0])
     others = [replication(mitigated(handle.memorized[i].caption, conditions.other_seeds), handle.memorized[i].image).rate
               for i in conditions.others]
     return dict(targets=rows, attack_seconds=round(attack_s, 1), held_out_images=held_out,
                 held_out_similarity=similarity_matrix(held_out_before, held_out).diag().mean().item(),
-                others_replication=others)
+                held_out_fidelity=held_out_fidelity(draw), others_replication=others)
 
 
 def main(argv=None) -> None:
@@ -374,6 +394,7 @@ def summarize(results: dict, others_before: list[float], args, seconds: float) -
             held_out_similarity=result["held_out_similarity"],
             # Wen changes no weights but every prompt's embedding at generation: no test loss of its own.
             held_out_loss=result.get("held_out_loss"),
+            held_out_fidelity=result["held_out_fidelity"],
             others_replication=mean(result["others_replication"]),
             fit_seconds=result["fit_seconds"], attack_seconds=result["attack_seconds"])
     if "wen" in results:
@@ -385,7 +406,8 @@ def summarize(results: dict, others_before: list[float], args, seconds: float) -
             dori_replication_at_most=TARGET_DORI_REPLICATION, held_out_similarity_at_least=HELD_OUT_UNAFFECTED,
             others_drop_at_most=OTHERS_UNAFFECTED,
             dori_met=tuned["dori_replication"] <= TARGET_DORI_REPLICATION,
-            held_out_met=tuned["held_out_similarity"] >= HELD_OUT_UNAFFECTED,
+            held_out_met=same_pictures(tuned), fidelity_drop_at_most=FIDELITY_UNAFFECTED,
+            fidelity_met=as_captioned(tuned, summary),
             others_met=summary["others_replication_before"] - tuned["others_replication"] <= OTHERS_UNAFFECTED)
     return summary
 
@@ -407,6 +429,34 @@ def write_figure(path: Path, handle: ModelHandle, conditions: Conditions, held_o
     image_grid(rows, scale=3).save(path)
 
 
+def unlearned(s: dict) -> bool:
+    return s["dori_replication"] <= TARGET_DORI_REPLICATION
+
+
+def same_pictures(s: dict) -> bool:
+    return s["held_out_similarity"] >= HELD_OUT_UNAFFECTED
+
+
+def as_captioned(s: dict, summary: dict) -> bool:
+    return summary["none"]["held_out_fidelity"] - s["held_out_fidelity"] <= FIDELITY_UNAFFECTED
+
+
+def verdict(s: dict, summary: dict) -> str:
+    """A fine-tuning setting against the paper's target: the image unlearned, held-out captions unaffected."""
+    if not unlearned(s):
+        return "a fresh attack still finds the image."
+    if same_pictures(s) and as_captioned(s, summary):
+        return "meets every target."
+    if as_captioned(s, summary):
+        return "unlearns the image and keeps held-out captions drawn as captioned, but not as the same pictures."
+    return "unlearns the image, but held-out captions are drawn less faithfully."
+
+
+def outcome(s: dict, summary: dict) -> str:
+    return (f"Dori {s['dori_replication']:.2f}, held-out similarity {s['held_out_similarity']:.3f}, test loss "
+            f"{loss_cell(s['held_out_loss'], summary)}, as captioned {s['held_out_fidelity']:.2f}")
+
+
 def variant_lines(summary: dict) -> list[str]:
     """What the variants and the controls say about where the held-out drift comes from."""
     if not all(name in summary for name in ("control", "control_ema", *VARIANTS)):
@@ -418,16 +468,17 @@ def variant_lines(summary: dict) -> list[str]:
     def loss(s: dict) -> str:
         return loss_cell(s["held_out_loss"], summary)
 
-    def outcome(s: dict) -> str:
-        return f"Dori {s['dori_replication']:.2f}, held-out similarity {s['held_out_similarity']:.3f}, test loss {loss(s)}"
+    def result(s: dict) -> str:
+        return outcome(s, summary)
 
     settings = ("finetune", *VARIANTS)
-    unlearned = [name for name in settings if summary[name]["dori_replication"] <= TARGET_DORI_REPLICATION]
+    unlearning = [name for name in settings if unlearned(summary[name])]
     kept = [name for name in settings if summary[name]["held_out_similarity"] >= KEPT_SIMILARITY]
-    both = [name for name in unlearned if summary[name]["held_out_similarity"] >= HELD_OUT_UNAFFECTED]
+    every = [name for name in unlearning if same_pictures(summary[name]) and as_captioned(summary[name], summary)]
+    captioned = [name for name in unlearning if as_captioned(summary[name], summary)]
     trade_off = []
-    if unlearned:
-        best = max(unlearned, key=lambda name: summary[name]["held_out_similarity"])
+    if unlearning:
+        best = max(unlearning, key=lambda name: summary[name]["held_out_similarity"])
         trade_off.append(f"of the settings that bring Dori to ≤ {TARGET_DORI_REPLICATION}, the one that keeps "
                          f"held-out captions closest is {METHOD_NAMES[best]} (similarity "
                          f"{summary[best]['held_out_similarity']:.3f})")
@@ -442,19 +493,24 @@ def variant_lines(summary: dict) -> list[str]:
             f"model's own training ships its EMA, keeps them at {loss(control_ema)} and "
             f"{control_ema['held_out_similarity']:.3f}: most of the control's drift is the noise of single Adam steps "
             "at a constant lr on small batches, which the average removes.",
-            f"- With the trigger term and the moving average: {outcome(ema)}; with twice the rounds: "
-            f"{outcome(ema_long)}; with the distilled normal term too: {outcome(distilled_ema)}. The average keeps the "
+            f"- With the trigger term and the moving average: {result(ema)}; with twice the rounds: "
+            f"{result(ema_long)}; with the distilled normal term too: {result(distilled_ema)}. The average keeps the "
             "test loss near the pruning methods', but it also averages away much of the unlearning: a fresh attack "
             "finds the image.",
-            f"- Distilling the normal term from the unmodified UNet instead of L_DM (raw weights): {outcome(distilled)} "
-            f"(paper's term: {outcome(tuned)}). At lr 5e-5: {outcome(mid)}; at lr 3e-5: {outcome(slow)}.",
-            f"- Training cross-attention only: {outcome(attn2)}. Unlearning in the text's paths alone leaves the image "
+            f"- Distilling the normal term from the unmodified UNet instead of L_DM (raw weights): {result(distilled)} "
+            f"(paper's term: {result(tuned)}). At lr 5e-5: {result(mid)}; at lr 3e-5: {result(slow)}.",
+            f"- Training cross-attention only: {result(attn2)}. Unlearning in the text's paths alone leaves the image "
             "in the rest of the UNet, for new triggers to find (the paper: LoRA did not work).",
             f"- The trade-off over all {len(settings)} fine-tuning settings: " + "; ".join(trade_off or ["none "
             "unlearns the image or keeps the held-out captions"]) + ". " + (
-                f"{', '.join(METHOD_NAMES[name] for name in both)} meet(s) both targets." if both else
-                "No setting meets both targets: on this model, what makes a fresh attack fail also changes what "
-                "held-out captions draw; the unlearning is no more local than the memorization.")]
+                f"{', '.join(METHOD_NAMES[name] for name in every)} meet(s) every target." if every else
+                f"Judged as the paper judges utility, by whether a held-out caption still gets what it says: "
+                f"{', '.join(METHOD_NAMES[name] for name in captioned)} unlearn(s) the image and keep(s) held-out "
+                f"captions drawn as captioned (unmitigated {summary['none']['held_out_fidelity']:.2f}), though not as "
+                f"the same pictures (similarity < {HELD_OUT_UNAFFECTED})." if captioned else
+                "No setting unlearns the image and keeps held-out captions drawn as captioned: on this model, what "
+                "makes a fresh attack fail also changes what held-out captions draw; the unlearning is no more "
+                "local than the memorization.")]
 
 
 def stress_lines(stress: dict | None, summary: dict) -> list[str]:
@@ -503,22 +559,25 @@ def write_markdown(path: Path, document: dict, args) -> None:
         f"{len(document['held_out_prompts'])} held-out captions' generations (seed 0) with the unmitigated ones "
         "(1 = unchanged). Held-out loss: the model's test loss, mean L_DM over "
         f"{HELD_OUT_RENDERINGS} fixed renderings of each of the {len(split_shape_specs()[1])} held-out captions with "
-        "fixed noise and steps, and its change against no mitigation. "
+        "fixed noise and steps, and its change against no mitigation. Held-out as captioned: share of generations "
+        f"of the {len(split_shape_specs()[1])} held-out captions ({len(FIDELITY_SEEDS)} seeds each) whose background "
+        "and shape colour, read from the pixels, are the caption's: whether the model still draws what a caption "
+        "says, as the paper's CLIP-score utility check asks, rather than the same picture. "
         f"Non-selected: mean replication of the other {len(document['other_captions'])} memorized "
         f"photos over {args.other_seeds} seeds (unmitigated: {summary['others_replication_before']:.2f}).",
         "",
         *([f"**Not measured** (the run was stopped before these stages finished): {', '.join(missing)}.", ""]
           if missing else []),
         "| method | caption: replicated | Dori: replicated | held-out similarity | held-out loss "
-        "| non-selected replicated | fit s | attack s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| held-out as captioned | non-selected replicated | fit s | attack s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, label in METHOD_NAMES.items():
         if name in methods:
             s = summary[name]
             lines.append(f"| {label} | {s['prompt_replication']:.2f} | **{s['dori_replication']:.2f}** | "
                          f"{s['held_out_similarity']:.3f} | {loss_cell(s['held_out_loss'], summary)} | "
-                         f"{s['others_replication']:.2f} | {s['fit_seconds']} | {s['attack_seconds']} |")
+                         f"{s['held_out_fidelity']:.2f} | {s['others_replication']:.2f} | {s['fit_seconds']} | {s['attack_seconds']} |")
     if "wen" in methods:
         lines += [
             "",
@@ -570,13 +629,15 @@ def finetune_lines(summary: dict, methods: dict, stress: dict | None, yes) -> li
         f"({summary['finetune']['held_out_similarity']:.3f}"
         + (f"; the control, the same fine-tuning without its trigger term: "
            f"{summary['control']['held_out_similarity']:.3f}" if "control" in summary else "") + ").",
+        f"- Share of held-out generations drawn as captioned drops by ≤ {target['fidelity_drop_at_most']}: "
+        f"{yes(target['fidelity_met'])} ({summary['none']['held_out_fidelity']:.2f} → "
+        f"{summary['finetune']['held_out_fidelity']:.2f}"
+        + (f"; the controls, which unlearn nothing: {summary['control']['held_out_fidelity']:.2f}, "
+           f"{summary['control_ema']['held_out_fidelity']:.2f}" if "control_ema" in summary else "") + ").",
         f"- Non-selected replication drops by ≤ {target['others_drop_at_most']}: {yes(target['others_met'])} "
         f"({summary['others_replication_before']:.2f} → {summary['finetune']['others_replication']:.2f}).",
-        *[f"- {METHOD_NAMES[name]}: Dori {summary[name]['dori_replication']:.2f}, held-out similarity "
-          f"{summary[name]['held_out_similarity']:.3f}, held-out loss {loss_cell(summary[name]['held_out_loss'], summary)}: "
-          + ("meets both targets." if summary[name]["dori_replication"] <= TARGET_DORI_REPLICATION
-             and summary[name]["held_out_similarity"] >= HELD_OUT_UNAFFECTED else "does not meet both targets.")
-          for name in VARIANTS if name in summary],
+        *[f"- {METHOD_NAMES[name]}: {outcome(summary[name], summary)}: {verdict(summary[name], summary)}"
+          for name in ("finetune", *VARIANTS) if name in summary],
         "",
         "Final Dori loss per attack start (caption, Gaussian), which a search has to push down to reach a replica: "
         + "; ".join(f"{name} {', '.join(f'{loss:.4f}' for loss in methods[name]['targets'][0]['dori_loss'])}"
@@ -586,8 +647,11 @@ def finetune_lines(summary: dict, methods: dict, stress: dict | None, yes) -> li
            ". Fine-tuning toward the surrogate unlearns the caption and the collected triggers, but the image "
            "stays reachable from fresh starts: the weights still hold it at this budget (rounds × triggers × "
            "steps above), far below the paper's 5 epochs over many triggers.")
-        + " The held-out similarity is pixel correlation with the same seed: the fine-tuned model still "
-        "draws the captioned shape (figure, last two rows) but not the identical image.",
+        + " The held-out similarity is pixel correlation with the same seed; drawn as captioned asks only whether "
+        "the colours a caption names are drawn. "
+        + ("The fine-tuned model draws what held-out captions say as often as before, in other pictures."
+           if target["fidelity_met"] else "The fine-tuned model draws what held-out captions say less often, not "
+           "only other pictures of it (figure, last two rows)."),
         *variant_lines(summary),
         *stress_lines(stress, summary),
         "",
