@@ -486,13 +486,22 @@ def variant_lines(summary: dict) -> list[str]:
         best = min(kept, key=lambda name: summary[name]["dori_replication"])
         trade_off.append(f"of those that keep held-out similarity ≥ {KEPT_SIMILARITY}, the one that unlearns most is "
                          f"{METHOD_NAMES[best]} (Dori {summary[best]['dori_replication']:.2f})")
+    fidelities = f"{control['held_out_fidelity']:.2f}; unmitigated {summary['none']['held_out_fidelity']:.2f}"
+    if not as_captioned(control, summary):
+        control_fidelity = f"The control also draws held-out captions as captioned less often ({fidelities})."
+    elif as_captioned(tuned, summary):
+        control_fidelity = f"Held-out captions stay drawn as captioned under the control ({fidelities})."
+    else:
+        control_fidelity = (f"Held-out captions stay drawn as captioned under the control ({fidelities}): its drift "
+                            "moves pixels, not what is drawn. What costs that is the trigger term (adversarial "
+                            f"fine-tuning: {tuned['held_out_fidelity']:.2f}).")
     return ["", "## Where the held-out drift comes from", "",
             f"- Fine-tuning on the normal pairs alone (the control) already raises the test loss on held-out "
             f"captions to {loss(control)} and lowers held-out similarity to {control['held_out_similarity']:.3f}. "
             f"The same control shipping a moving average of its weights (decay {EMA_DECAY}), as the bundled "
             f"model's own training ships its EMA, keeps them at {loss(control_ema)} and "
             f"{control_ema['held_out_similarity']:.3f}: most of the control's drift is the noise of single Adam steps "
-            "at a constant lr on small batches, which the average removes.",
+            "at a constant lr on small batches, which the average removes. " + control_fidelity,
             f"- With the trigger term and the moving average: {result(ema)}; with twice the rounds: "
             f"{result(ema_long)}; with the distilled normal term too: {result(distilled_ema)}. The average keeps the "
             "test loss near the pruning methods', but it also averages away much of the unlearning: a fresh attack "
