@@ -81,7 +81,7 @@ from analysis.demo.data import RESOLUTION, render_shapes, split_shape_specs
 from analysis.dori import DoriSearch, DoriStep, Start, evaluate
 from analysis.hooks import hook_points, nemo_layers
 from analysis.masks import Mask
-from analysis.metrics import REPLICATION_THRESHOLD, replication
+from analysis.metrics import REPLICATION_THRESHOLD, replication, similarity_matrix
 from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle
 from analysis.sampling import DenoisingStep, encode_prompts, predict_noise, sample
 
@@ -92,6 +92,7 @@ TRAINABLE_PRESETS = {"attn2": (".attn2.",), "attn": (".attn1.", ".attn2."), "all
 # Seeds of the evaluation's attacks and generations start here, far from any seed used in training.
 EVALUATION_SEED_OFFSET = 1_000_000
 CAPTION_DROPOUT = 0.1  # as in the demo model's training
+SIDE_EFFECT_PROMPTS = 4  # held-out prompts whose generations `side_effects` compares
 
 
 @dataclass
@@ -293,6 +294,29 @@ def attack(handle: ModelHandle, item: MemorizedImage, dori: DoriSearch, starts: 
     attacked = evaluate(handle, found.embeddings, item.image, seeds, callback=sample_callback)
     return dict(row, dori_replication=attacked.rates.mean().item(), dori_similarity=attacked.similarities.mean().item(),
                 dori_loss=found.losses[-1].tolist(), triggers=found.embeddings, dori_images=attacked.images)
+
+
+def side_effects(base: ModelHandle, tuned: ModelHandle, targets: Sequence[int], seeds: Sequence[int],
+                 callback: Callable[[DenoisingStep], None] | None = None) -> dict:
+    """What fine-tuning changed outside its targets, with the same seeds on both models.
+
+    `others`: per non-selected memorized image, its replication rate before and after (it should stay
+    memorized: the mitigation is meant to be targeted). `held_out`: per held-out prompt (the first
+    `SIDE_EFFECT_PROMPTS`), the mean pixel correlation of its generations before and after (1 = unchanged), and
+    the images `[seeds, 3, H, W]` of both models.
+    """
+    others = []
+    for index, item in enumerate(base.memorized):
+        if index not in targets:
+            before, after = (replication(generate(model, [item.caption], seeds, callback=callback), item.image).rate
+                             for model in (base, tuned))
+            others.append(dict(caption=item.caption, before=before, after=after))
+    held_out = []
+    for prompt in base.held_out_prompts[:SIDE_EFFECT_PROMPTS]:
+        before, after = (generate(model, [prompt], seeds, callback=callback) for model in (base, tuned))
+        held_out.append(dict(prompt=prompt, similarity=similarity_matrix(before, after).diag().mean().item(),
+                             before=before, after=after))
+    return dict(others=others, held_out=held_out)
 
 
 def json_ready(row: dict) -> dict:

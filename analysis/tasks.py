@@ -52,13 +52,14 @@ from analysis.discrepancy import activation_discrepancy
 from analysis.dispersion import dispersion, reference_sets
 from analysis.dori import DoriSearch, Start, evaluate
 from analysis.export import INPUT_PREFIX, RunRecord
-from analysis.finetune import AdversarialFineTuning
+from analysis.finetune import (EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress, resolve_targets,
+                               side_effects)
 from analysis.hooks import KINDS, nemo_layers, resolve_layers
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
 from analysis.metrics import REPLICATION_THRESHOLD
-from analysis.model import ModelHandle
+from analysis.model import ModelHandle, load_model
 from analysis.projection import Projection
 from analysis.replicate import replicate
 from analysis.sampling import encode_prompts
@@ -497,6 +498,20 @@ def _run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
     for caption, images in result.surrogates.items():
         index = [m.caption for m in handle.memorized].index(caption)
         record.images.update({f"surrogate{index}_{k}": image for k, image in enumerate(images)})
+
+    def on_step(step) -> None:
+        if callback is not None:
+            callback(FineTuneProgress(len(result.history) - 1, len(result.history), "side effects", step.index,
+                                      step.total))
+
+    seeds = range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"])
+    effects = side_effects(handle, load_model(result.model_dir, device=handle.device, dtype=handle.dtype),
+                           resolve_targets(handle, config["targets"]), seeds, on_step)
+    record.metrics.update(others=effects["others"],
+                          held_out=[dict(prompt=row["prompt"], similarity=row["similarity"])
+                                    for row in effects["held_out"]])
+    for k, row in enumerate(effects["held_out"]):
+        record.images.update({f"held_out{k}_before": row["before"][0], f"held_out{k}_after": row["after"][0]})
     return record
 
 

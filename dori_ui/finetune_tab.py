@@ -7,14 +7,17 @@ so a stopped run continues from its last finished round.
 Element ids: `finetune-targets`, `finetune-rounds`, `finetune-steps`, `finetune-triggers`, `finetune-dori-steps`,
 `finetune-dori-batch`, `finetune-eval-seeds`, `finetune-lr`, `finetune-optimizer`, `finetune-trainable`,
 `finetune-utility`, `finetune-ema`, `finetune-run`, `finetune-stop`, `finetune-status`,
-`finetune-table`, `finetune-use`, `finetune-export`, `finetune-export-file`.
+`finetune-table`, `finetune-side-effects`, `finetune-held-out`, `finetune-use`, `finetune-export`,
+`finetune-export-file`.
 """
 
 from __future__ import annotations
 
 import gradio as gr
+import torch
 
 from analysis.export import RunRecord
+from analysis.images import to_display
 from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
 from analysis.localize import cache_key, weights_checksum
 from analysis.model import REPO_ROOT, ModelHandle
@@ -29,6 +32,7 @@ VIEW = "finetune"
 RUNS = REPO_ROOT / "runs" / "finetune"
 TABLE_COLUMNS = ["round", "caption", "caption replicates", "caption similarity", "Dori trigger replicates",
                  "Dori similarity"]
+SIDE_EFFECT_COLUMNS = ["outside the targets", "caption or prompt", "before → after"]
 DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
 LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)
 MAX_LR = 1e-2  # far above any rate that keeps the model; a typo guard
@@ -44,7 +48,10 @@ fine-tunes the UNet so that neither the caption nor those triggers reproduce
 the image, while the other images and ordinary captions keep their training.
 The table gives, before and after each round, how often the caption and a
 *fresh* Dori attack (starts and seeds never used in training) still replicate
-each image. A few minutes per round on a laptop CPU. Then switch this session
+each image. Below it, what the training changed elsewhere, with the same seeds
+before and after: the other memorized images should still replicate (the
+mitigation is meant to be targeted) and held-out prompts should draw what they
+did. A few minutes per round on a laptop CPU. Then switch this session
 to the fine-tuned model: every other view uses it, and Mitigate can compare it
 with the original. *Training settings* open with the paper's choices; training
 ordinary captions toward the original model (distillation) or shipping a moving
@@ -65,6 +72,24 @@ def before_rows(replication: RunRecord, captions: list[str]) -> list[list]:
         rows.append(["before", caption, f"{metrics['rate']:.0%}", round(metrics["mean_similarity"], 3),
                      "—", "—"])
     return rows
+
+
+def side_effect_rows(record: RunRecord) -> list[list]:
+    """Outside the targets: the non-selected images' replication and the held-out prompts' similarity."""
+    metrics = record.metrics
+    return ([["memorized, not selected", row["caption"], f"{row['before']:.0%} → {row['after']:.0%} replicate"]
+             for row in metrics["others"]]
+            + [["held-out prompt", row["prompt"], f"similarity {row['similarity']:.3f} (1 = unchanged)"]
+               for row in metrics["held_out"]])
+
+
+def held_out_gallery(record: RunRecord) -> list:
+    """Each held-out prompt's first generation before and after fine-tuning, side by side."""
+    pairs = []
+    for k, row in enumerate(record.metrics["held_out"]):
+        before, after = to_display(torch.stack([record.images[f"held_out{k}_before"], record.images[f"held_out{k}_after"]]))
+        pairs += [(before, f"before · {row['prompt']}"), (after, f"after · {row['prompt']}")]
+    return pairs
 
 
 def round_rows(record: RunRecord) -> list[list]:
@@ -112,6 +137,10 @@ def build_finetune_tab(context: AppContext) -> None:
     status = gr.Markdown(elem_id="finetune-status")
     table = gr.Dataframe(headers=TABLE_COLUMNS, label="Replication before and after each round", interactive=False,
                          elem_id="finetune-table")
+    side_table = gr.Dataframe(headers=SIDE_EFFECT_COLUMNS, label="What it changed outside the selected images "
+                              "(same seeds before and after)", interactive=False, elem_id="finetune-side-effects")
+    held_out = gr.Gallery(label="Held-out prompts before and after", columns=8, format="png", interactive=False,
+                          height="auto", elem_id="finetune-held-out")
     use_button = gr.Button("Use the fine-tuned model in this session", elem_id="finetune-use")
     build_export(context, VIEW)
 
@@ -146,21 +175,23 @@ def build_finetune_tab(context: AppContext) -> None:
         rows = before_rows(before, chosen)
         config = dict(targets=indices, parameters=parameters, resume=True)
         config["out_dir"] = str(run_folder(model, config))
-        yield "Fine-tuning…", rows, session
+        yield "Fine-tuning…", rows, [], [], session
         for event in stream_task(model, "finetune", config, {}, session):
             if isinstance(event, FineTuneProgress):
                 progress((event.step + 1, event.total), unit="steps",
                          desc=f"Round {event.round + 1} of {event.rounds}: {event.stage}")
             elif isinstance(event, Stopped):
-                yield "Stopped. Finished rounds are saved: run again with the same settings to resume.", rows, session
+                yield ("Stopped. Finished rounds are saved: run again with the same settings to resume.", rows, [], [],
+                       session)
             elif isinstance(event, RunRecord):
                 session.records[VIEW] = event
                 yield (f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is in "
-                       f"`{event.metrics['model_dir']}`. Switch to it below."), rows + round_rows(event), session
+                       f"`{event.metrics['model_dir']}`. Switch to it below."), rows + round_rows(event), \
+                    side_effect_rows(event), held_out_gallery(event), session
 
     run_button.click(run, inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds, lr, optimizer,
                                   trainable, utility, ema, context.session],
-                     outputs=[status, table, context.session], api_name="finetune",
+                     outputs=[status, table, side_table, held_out, context.session], api_name="finetune",
                      concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
     stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="finetune_stop")
 

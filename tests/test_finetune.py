@@ -227,3 +227,19 @@ def test_with_ema_decay_the_moving_average_is_saved_and_resumes(handle, tmp_path
     resumed_unet = dict(load_model(resumed.model_dir).unet.named_parameters())
     for name, weights in load_model(straight.model_dir).unet.named_parameters():
         torch.testing.assert_close(resumed_unet[name], weights)
+
+
+def test_side_effects_compare_the_non_selected_images_and_held_out_prompts(handle):
+    unchanged = finetune.side_effects(handle, handle, [0], seeds=[0, 1])
+    assert [row["caption"] for row in unchanged["others"]] == MEMORIZED_CAPTIONS[1:]  # the target is left out
+    assert all(row["before"] == row["after"] for row in unchanged["others"])
+    assert [row["prompt"] for row in unchanged["held_out"]] == handle.held_out_prompts[:finetune.SIDE_EFFECT_PROMPTS]
+    assert all(row["similarity"] == pytest.approx(1.0) and row["before"].shape[0] == 2 for row in unchanged["held_out"])
+
+    tuned = dataclasses.replace(handle, unet=copy.deepcopy(handle.unet))
+    with torch.no_grad():
+        for parameter in tuned.unet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    changed = finetune.side_effects(handle, tuned, [0], seeds=[0, 1])
+    assert all(row["similarity"] < 0.999 for row in changed["held_out"])
+    assert torch.equal(changed["held_out"][0]["before"], unchanged["held_out"][0]["before"])  # the base is left alone

@@ -8,6 +8,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from analysis.finetune import SIDE_EFFECT_PROMPTS
 from dori_ui import finetune_tab
 from dori_ui.app import build_app
 from served import served
@@ -31,11 +32,19 @@ def app_url(tiny_handle, tmp_path_factory):
 def test_finetune_then_switch_the_session_to_the_tuned_model(app_url, tiny_handle):
     client = Client(app_url, verbose=False)
     caption = tiny_handle.memorized[0].caption
-    status, table = client.predict([caption], *TINY_RUN, api_name="/finetune")
+    status, table, side_effects, held_out = client.predict([caption], *TINY_RUN, api_name="/finetune")
     assert status.startswith("Fine-tuned 1 image(s) in 1 round(s)")
     rows = table["data"]
     assert [row[:2] for row in rows] == [["before", caption], [1, caption]]
     assert rows[1][2].endswith("%") and rows[1][4].endswith("%") and -1 <= rows[1][5] <= 1
+    # Outside the target: the other memorized image and the held-out prompts, each shown before and after.
+    effects = side_effects["data"]
+    prompts = tiny_handle.held_out_prompts[:SIDE_EFFECT_PROMPTS]
+    assert [row[:2] for row in effects] == ([["memorized, not selected", tiny_handle.memorized[1].caption]]
+                                            + [["held-out prompt", prompt] for prompt in prompts])
+    assert effects[0][2].endswith("% replicate") and effects[1][2].startswith("similarity ")
+    assert [item["caption"] for item in held_out] == [f"{when} · {prompt}" for prompt in prompts
+                                                     for when in ("before", "after")]
 
     header, message = client.predict(api_name="/finetune_use")
     assert "This session now uses the fine-tuned model" in message
@@ -67,7 +76,7 @@ def test_bad_settings_give_a_clear_message(app_url, tiny_handle, arguments, mess
 
 def test_the_training_settings_reach_the_saved_model(app_url, tiny_handle):
     settings = (3e-4, "sgd", "cross-attention only", "toward the original model (distillation)", 0.9)
-    status, _ = Client(app_url, verbose=False).predict([tiny_handle.memorized[1].caption], *COUNTS, *settings,
+    status, *_ = Client(app_url, verbose=False).predict([tiny_handle.memorized[1].caption], *COUNTS, *settings,
                                                        api_name="/finetune")
     model_dir = Path(status.split("`")[1])
     params = json.loads((model_dir / "memorized.json").read_text())["adversarial_finetuning"]["params"]
