@@ -7,7 +7,8 @@ from analysis.experiments.robust_mitigation import (FIDELITY_UNAFFECTED, HELD_OU
 def summary(dori: dict[str, float], similarity: dict[str, float], fidelity: dict[str, float]) -> dict:
     names = ("none", "finetune", "control", "control_ema", *VARIANTS)
     return {name: dict(dori_replication=dori.get(name, 1.0), held_out_similarity=similarity.get(name, 0.8),
-                       held_out_loss=0.03, held_out_fidelity=fidelity.get(name, 0.8)) for name in names}
+                       held_out_loss=0.03, held_out_fidelity=fidelity.get(name, 0.8), dori_by_start=[0.0, 1.0])
+            for name in names}
 
 
 def report(*figures) -> str:
@@ -36,3 +37,13 @@ def test_no_verdict_without_every_variant_measured():
     partial = summary({}, {}, {})
     del partial[VARIANTS[-1]]
     assert variant_lines(partial) == []
+
+
+def test_caption_only_triggers_are_compared_start_by_start():
+    figures = summary({}, {}, {})
+    figures["finetune"]["dori_by_start"] = [0.0, 0.375]
+    text = "\n".join(variant_lines(figures))
+    assert "0.00, 1.00, against 0.00, 0.38 with Gaussian-start triggers" in text
+    assert "leaves the image for a search from elsewhere" in text
+    figures["caption_triggers"]["dori_by_start"] = [0.0, 0.25]
+    assert "leaves the image for a search from elsewhere" not in "\n".join(variant_lines(figures))
