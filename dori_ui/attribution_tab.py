@@ -29,9 +29,11 @@ embeddings (the text encoder's input) from the empty prompt's tokens to the
 prompt's: word scores are signed (blue lowers m) and add up to m(y); the
 convergence delta says how far the numerical integral is from that. *Occlusion* scores each word by how much m drops when the word is
 removed from the prompt: no gradient, so it is the ground truth the other two
-approximate (negative: the prompt scores higher without the word). Whether the
-words that name the memorized image carry most of the score depends on the
-model: on the bundled model they do only weakly (docs/results/attribution.md).
+approximate (negative: the prompt scores higher without the word). m is not
+replication: on the bundled model a memorized caption without any one of its
+words still replicates its photo (for 7 of 8 captions), while m moves by up to
+28 %, so the word scores rank words by how much they move the first noise
+prediction, not by how much the photo needs them (docs/results/attribution.md).
 """
 
 

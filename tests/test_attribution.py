@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion, memorization_objective, prompt_tokens
-from analysis.experiments.attribution import GROUND_TRUTH, RESULTS, identifying_auc
+from analysis.experiments.attribution import (GROUND_TRUTH, RESULTS, identifying_auc, removal_summary,
+                                              replication_without_words)
 from analysis.export import compare_metrics, rerun, save_export
 from analysis.metrics import wen_score
 from analysis.model import REPO_ROOT, load_model
@@ -113,3 +114,41 @@ def test_bundled_model_occlusion_is_what_the_results_file_reports():
     assert result.words == reported["words"]
     assert result.word_scores == pytest.approx(reported["word_scores"], rel=1e-3, abs=1e-4)
     assert reported["auc"] == identifying_auc(result.words, reported["word_scores"], set(reported["identifying"]))
+
+
+def test_bundled_model_replication_without_words_is_what_the_results_file_reports():
+    """The first caption's replication with each word removed and with one kind of word only, measured again."""
+    handle = load_model()
+    results = json.loads((REPO_ROOT / RESULTS / "attribution.json").read_text())
+    reported = results["removals"][0]
+    (occlusion,) = [row for row in results["rows"]
+                    if row["caption"] == handle.memorized[0].caption and row["method"] == GROUND_TRUTH]
+    measured = replication_without_words(handle, handle.memorized[0], occlusion["words"], set(occlusion["identifying"]))
+    assert [w["word"] for w in measured["without_word"]] == occlusion["words"]
+    for name in ("caption", "identifying_only", "generic_only"):
+        assert measured[name]["prompt"] == reported[name]["prompt"]
+        assert measured[name]["replication"] == reported[name]["replication"]
+        assert measured[name]["score"] == pytest.approx(reported[name]["score"], rel=1e-3)
+    assert [w["replication"] for w in measured["without_word"]] == [w["replication"] for w in reported["without_word"]]
+    assert results["removal"] == removal_summary(results["removals"])
+
+
+def test_removal_summary_counts_what_single_words_and_kinds_of_words_do():
+    def entry(replication, score, word=None):
+        return dict(replication=replication, score=score, **({} if word is None else dict(word=word)))
+
+    removals = [
+        dict(caption=entry(1.0, 4.0), identifying_only=entry(1.0, 3.0), generic_only=entry(0.0, 1.0),
+             without_word=[entry(1.0, 3.0, "tabby"), entry(1.0, 4.0, "the")]),
+        dict(caption=entry(1.0, 2.0), identifying_only=entry(0.0, 1.5), generic_only=entry(0.75, 1.0),
+             without_word=[entry(0.25, 1.0, "hubble"), entry(1.0, 2.0, "with")]),
+    ]
+    summary = removal_summary(removals)
+    assert summary["captions_replicating"] == 2
+    assert summary["captions_needing_one_word"] == 1  # only "hubble" is needed
+    assert (summary["identifying_only_replicating"], summary["generic_only_replicating"]) == (1, 1)
+    assert (summary["removals_replication_unchanged"], summary["removals"]) == (3, 4)
+    assert summary["largest_score_drop_replication_unchanged"] == pytest.approx(0.25)  # "tabby": 4 -> 3
+    # m of the 7 prompts that replicate: 4, 3, 2, 1, 3, 4, 2; of the 3 that do not: 1, 1.5, 1.
+    # 6 of the 7 beat all 3 (18 pairs); m = 1 ties two (2 × 0.5) and loses to 1.5: 19 of 21 pairs.
+    assert summary["score_auc_replicating"] == pytest.approx(19 / 21)
