@@ -88,7 +88,7 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
         def switch_model(name: str | None, state: Session):
             chosen = session_model(models, state, name or state.model)
             # A mask names layers of the model it was found on, and records belong to that model too.
-            state.model, state.mask, state.records = chosen.name, None, {}
+            state.model, state.mask, state.records, state.attributions = chosen.name, None, {}, {}
             return state, describe_model(chosen, state), gr.update(choices=models.names(), value=chosen.name)
 
         event = switch.click(switch_model, inputs=[choice, session], outputs=[session, header, choice],

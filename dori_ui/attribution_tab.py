@@ -1,12 +1,14 @@
 """The Attribution view: which words of a prompt drive Wen et al.'s memorization signal.
 
 Element ids: `attribution-prompt`, `attribution-method`, `attribution-seeds`, `attribution-ig-steps`,
-`attribution-run`, `attribution-words`, `attribution-summary`, `attribution-export`, `attribution-export-file`.
+`attribution-run`, `attribution-words`, `attribution-summary`, `attribution-plot`, `attribution-export`,
+`attribution-export-file`.
 """
 
 from __future__ import annotations
 
 import gradio as gr
+import plotly.graph_objects as go
 
 from analysis.export import RunRecord
 from dori_ui import MODEL_CONCURRENCY_ID
@@ -58,6 +60,26 @@ def attribution_summary(record: RunRecord) -> str:
     return "\n\n".join(lines)
 
 
+def comparison_figure(records: list[RunRecord]) -> go.Figure:
+    """One bar per word and method, each method scaled to its largest |score|: where do the methods agree?
+
+    `records`: attributions of one prompt, one per method.
+    """
+    figure = go.Figure()
+    for record in records:
+        scores = record.metrics["word_scores"]
+        largest = max((abs(score) for score in scores), default=0.0) or 1.0
+        # Numbered, so that a word that occurs twice ("a") keeps two bars.
+        words = [f"{i}. {row['word']}" for i, row in enumerate(record.table, start=1)]
+        label = next(name for name, key in METHODS.items() if key == record.config["method"])
+        figure.add_trace(go.Bar(x=words, y=[score / largest for score in scores], name=label,
+                                customdata=scores, hovertemplate="%{x}: %{customdata:.4g}"))
+    figure.update_layout(barmode="group", height=360, margin=dict(t=50, b=40),
+                         title="Word scores, each method scaled to its largest |score| (hover: the score)",
+                         yaxis_title="score / largest |score|", legend=dict(orientation="h", y=-0.25))
+    return figure
+
+
 def build_attribution_tab(context: AppContext) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`."""
     handle = context.models.get(context.models.first)
@@ -76,6 +98,7 @@ def build_attribution_tab(context: AppContext) -> None:
     words = gr.HighlightedText(label="Words coloured by their score", show_legend=False,
                                elem_id="attribution-words")
     summary = gr.Markdown(elem_id="attribution-summary")
+    plot = gr.Plot(label="The methods run on this prompt, side by side", elem_id="attribution-plot")
     build_export(context, VIEW)
 
     def run(prompt_text: str, method_label: str, seed_count: float | None, step_count: float | None,
@@ -91,8 +114,18 @@ def build_attribution_tab(context: AppContext) -> None:
         config = dict(prompt=prompt_text, method=METHODS[method_label], parameters=parameters)
         record = run_or_error(model, "attribute", config, {})
         state.records[VIEW] = record
-        return highlighted_words(record), attribution_summary(record), state
+        # Keep the other methods' bars only while they explain the same prompt's score over the same seeds.
+        state.attributions = {key: earlier for key, earlier in state.attributions.items()
+                              if earlier.config["prompt"] == prompt_text
+                              and earlier.config["parameters"]["seeds"] == seeds}
+        state.attributions[config["method"]] = record
+        compared = [state.attributions[key] for key in METHODS.values() if key in state.attributions]
+        summary_text = attribution_summary(record)
+        if state.mask is not None:
+            summary_text += ("\n\nThe session's mitigation is not applied here: the score explained is the model's "
+                             "own, without the mask.")
+        return highlighted_words(record), summary_text, comparison_figure(compared), state
 
     run_button.click(run, inputs=[prompt, method, n_seeds, ig_steps, context.session],
-                     outputs=[words, summary, context.session], api_name="attribute",
+                     outputs=[words, summary, plot, context.session], api_name="attribute",
                      concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)

@@ -34,6 +34,8 @@ class Session:
     model: str  # a name in ModelChoices
     mask: Mask | None = None  # the active mitigation: the session's generations run with it applied
     records: dict = field(default_factory=dict)  # view name -> the RunRecord of its last run
+    # Attribution method -> its last RunRecord, so the view can set the methods run on one prompt side by side.
+    attributions: dict = field(default_factory=dict)
     stop_requested: bool = False
     finetuned: tuple[str, str] | None = None  # (base, adversarially fine-tuned) model names, set by `use_finetuned`
     # Models this session made (fine-tuned ones), by name: no other session sees or loads them.

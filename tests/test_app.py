@@ -1,6 +1,7 @@
 """The app's endpoints driven by gradio_client on the tiny model: results, session isolation, bad inputs."""
 
 import dataclasses
+import json
 import threading
 import time
 import zipfile
@@ -249,11 +250,40 @@ def test_sweep_plots_replication_against_the_radius(client, tiny_handle):
                                            ("Occlusion (remove each word)", False)])
 def test_attribution_highlights_every_word(client, tiny_handle, method, delta):
     caption = tiny_handle.memorized[0].caption
-    words, summary = client.predict(caption, method, 1, 4, api_name="/attribute")
+    words, summary, plot = client.predict(caption, method, 1, 4, api_name="/attribute")
     highlighted = [item["token"] for item in words if item["class_or_confidence"] is not None]
     assert highlighted == caption.split()
     assert all(-1 <= item["class_or_confidence"] <= 1 for item in words if item["class_or_confidence"] is not None)
     assert ("convergence delta" in summary) == delta
+    (bars,) = json.loads(plot["plot"])["data"]
+    assert bars["name"] == method and len(bars["x"]) == len(caption.split())
+    assert max(abs(value) for value in bars["y"]) == pytest.approx(1.0)  # scaled to the largest |score|
+
+
+def test_attribution_sets_the_methods_run_on_one_prompt_side_by_side(client, tiny_handle):
+    caption = tiny_handle.memorized[0].caption
+
+    def methods_shown(prompt, method, seeds=1):
+        _, _, plot = client.predict(prompt, method, seeds, 4, api_name="/attribute")
+        return [trace["name"] for trace in json.loads(plot["plot"])["data"]]
+
+    assert methods_shown(caption, "Occlusion (remove each word)") == ["Occlusion (remove each word)"]
+    # In the order of the method list, whichever ran first.
+    assert methods_shown(caption, "Gradient norm (Wen et al.)") == ["Gradient norm (Wen et al.)",
+                                                                    "Occlusion (remove each word)"]
+    # Other seeds explain another score: the earlier bars go.
+    assert methods_shown(caption, "Occlusion (remove each word)", seeds=2) == ["Occlusion (remove each word)"]
+    assert methods_shown("a green ring on a black background", "Gradient norm (Wen et al.)", seeds=2) == [
+        "Gradient norm (Wen et al.)"]
+
+
+def test_attribution_says_the_session_mitigation_is_not_applied(client, tiny_handle):
+    caption = tiny_handle.memorized[0].caption
+    _, summary, _ = client.predict(caption, "Gradient norm (Wen et al.)", 1, 4, api_name="/attribute")
+    assert "not applied" not in summary
+    mitigate(client, prompt=caption)
+    _, summary, _ = client.predict(caption, "Gradient norm (Wen et al.)", 1, 4, api_name="/attribute")
+    assert "mitigation is not applied here" in summary
 
 
 def test_model_switch_only_within_the_allowed_roots(client, tiny_model_dir, tmp_path):
@@ -281,3 +311,4 @@ def test_sd14_prompt_list_is_offered_for_latent_models_only(tiny_handle):
     latent = dataclasses.replace(tiny_handle, codec=vae, memorized=[])
     assert lists_sd14_prompts(latent) and not lists_sd14_prompts(tiny_handle)
     assert sd14_table_visible(build_app(latent)) and not sd14_table_visible(build_app(tiny_handle))
+

@@ -155,11 +155,17 @@ def test_export_the_search_as_a_zip(page: Page, tmp_path):
     assert any(name.startswith("images/") and name.endswith(".png") for name in names)
 
 
-def test_attribution_highlights_words(page: Page, screenshot):
+def test_attribution_highlights_words_and_compares_methods(page: Page, screenshot):
     open_tab(page, "Attribution")
     page.locator("#attribution-run").click()
     expect(page.locator("#attribution-summary")).not_to_be_empty()
     expect(page.locator("#attribution-words")).to_contain_text("astronaut")
+    expect(page.locator("#attribution-plot .js-plotly-plot")).to_be_visible()
+    page.locator("#attribution-method").get_by_label("Occlusion (remove each word)").check()
+    page.locator("#attribution-run").click()
+    # Both methods' bars, side by side: the legend names each.
+    expect(page.locator("#attribution-plot")).to_contain_text("Occlusion (remove each word)")
+    expect(page.locator("#attribution-plot")).to_contain_text("Gradient norm (Wen et al.)")
     screenshot(page, "attribution")
 
 
