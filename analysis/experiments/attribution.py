@@ -37,6 +37,7 @@ RESULTS = Path("docs/results")
 GROUND_TRUTH = "occlusion"
 CHANCE_MARGIN = 0.1  # an occlusion AUC within this of 0.5 means the model does not single out identifying words
 REMOVAL_SEEDS = tuple(range(8))
+SCORE_SEEDS = (0, 1, 2, 3)  # m's seeds, the attribution methods' default
 REPLICATES = 0.5  # a prompt replicates the photo when at least this share of its generations do
 
 
@@ -72,7 +73,7 @@ def replication_without_words(handle: ModelHandle, item: MemorizedImage, words: 
     with torch.no_grad():
         images = sample(handle, texts, REMOVAL_SEEDS, steps=handle.default_steps,
                         guidance=handle.default_guidance).images.view(len(texts), len(REMOVAL_SEEDS), *item.image.shape)
-        scores = memorization_objective(handle, (0, 1, 2, 3))(encode_prompts(handle, texts)).tolist()
+        scores = memorization_objective(handle, SCORE_SEEDS)(encode_prompts(handle, texts)).tolist()
     rates = [replication(generated, item.image).rate for generated in images]
     row = {name: dict(prompt=text, replication=rate, score=score)
            for (name, text), rate, score in zip(prompts.items(), rates, scores)}
