@@ -29,8 +29,9 @@ the seeds. *Gradient norm* colours each word by ‖∂m/∂y‖ of its tokens (a
 positive). *Integrated Gradients* integrates the gradient over the token
 embeddings (the text encoder's input) from the empty prompt's tokens to the
 prompt's: word scores are signed (blue lowers m) and add up to m(y); the
-convergence delta says how far the numerical integral is from that. *Occlusion* scores each word by how much m drops when the word is
-removed from the prompt: no gradient, so it is the ground truth the other two
+convergence delta says how far the numerical integral is from that.
+*Occlusion* scores each word by how much m drops when the word is removed
+from the prompt: no gradient, so it is the ground truth the other two
 approximate (negative: the prompt scores higher without the word). m is not
 replication: on the bundled model a memorized caption without any one of its
 words still replicates its photo (for 7 of 8 captions), while m moves by up to
