@@ -51,8 +51,9 @@ most of the drift goes (a control without triggers: similarity 0.900 instead of
 0.833), but so does the unlearning (Dori 1.00). Judged as the paper judges
 utility, by whether held-out captions still get the colours they name, the
 settings that unlearn the image draw them as captioned less often (0.67–0.68
-of generations against 0.79 unmitigated); no setting tried there reached both
-targets. Triggers from the caption's embedding alone (`triggers_per_image=1`)
+of generations against 0.79 unmitigated), and three times the distilled normal
+rows (`normal_batch=48`) unlearned more (Dori 0.12) but kept them no better
+(0.64); no setting tried there reached both targets. Triggers from the caption's embedding alone (`triggers_per_image=1`)
 stop a search from the caption but not one from a Gaussian start (1.00).
 
 Cost: per round and image, one Dori search over `triggers_per_image` starts

@@ -47,3 +47,12 @@ def test_caption_only_triggers_are_compared_start_by_start():
     assert "leaves the image for a search from elsewhere" in text
     figures["caption_triggers"]["dori_by_start"] = [0.0, 0.25]
     assert "leaves the image for a search from elsewhere" not in "\n".join(variant_lines(figures))
+
+
+def test_more_normal_rows_are_judged_against_the_distilled_term():
+    worse = report({}, dict(distilled=0.80, distilled_wide=0.70), dict(distilled=0.68, distilled_wide=0.64))
+    assert "did not hold the held-out captions closer" in worse
+    mixed = report({}, dict(distilled=0.80, distilled_wide=0.85), dict(distilled=0.68, distilled_wide=0.64))
+    assert "held the held-out captions closer by same-seed similarity only" in mixed
+    better = report({}, dict(distilled=0.80, distilled_wide=0.85), dict(distilled=0.68, distilled_wide=0.70))
+    assert "More rows of the normal term held the held-out captions closer." in better
