@@ -270,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("rerun", help="run an exported ZIP again and compare its numbers",
                               description="run an exported ZIP again and compare its numbers")
     sub.add_argument("export_file", type=Path, metavar="EXPORT.zip")
+    sub.add_argument("--model", default=None,
+                     help="the folder or hub id to rerun on (needed unless the export was made on the bundled model: "
+                          "an export never chooses what is loaded)")
+    sub.add_argument("--out-dir", type=Path, default=None,
+                     help="the folder a run that writes files (finetune) may write in; the export's out_dir must lie "
+                          "inside it (a relative one is taken inside it)")
     sub.add_argument("--device", default="cpu")
     _output_options(sub, export=True)
     return parser
@@ -406,7 +412,7 @@ def cmd_task(args, progress: ProgressBars) -> int:
 
 
 def cmd_rerun(args, progress: ProgressBars) -> int:
-    recorded, reproduced = rerun(args.export_file, device=args.device)
+    recorded, reproduced = rerun(args.export_file, device=args.device, model=args.model, out_dir=args.out_dir)
     rows = compare_metrics(recorded.metrics, reproduced.metrics)
     if args.export:
         save_export(reproduced, args.export)

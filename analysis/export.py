@@ -45,6 +45,13 @@ IMAGES_FOLDER = "images/"
 INPUT_PREFIX = "input."  # tensors a rerun passes back to `run_task` as `inputs`
 VERSIONED_PACKAGES = ("dori-lab", "torch", "diffusers", "transformers")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# What `load_export` reads at most: an export from elsewhere is untrusted input.
+MAX_MEMBERS = 10_000
+MAX_JSON_BYTES = 16 * 2**20  # config.json, metrics.json, table.csv
+MAX_JSON_DEPTH = 32
+MAX_IMAGE_BYTES = 16 * 2**20
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_TENSORS_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -86,11 +93,6 @@ def _png_bytes(image: torch.Tensor, name: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(to_uint8(image[None])[0].numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _image_from_png(data: bytes) -> torch.Tensor:
-    array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -150,8 +152,54 @@ def save_export(record: RunRecord, path: str | Path) -> Path:
     return path
 
 
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A member's bytes, refusing one that unpacks to more than `limit` bytes before reading it."""
+    size = archive.getinfo(name).file_size
+    if size > limit:
+        raise ValueError(f"{name} unpacks to {size:,} bytes; an export's {name} may hold at most {limit:,}")
+    return archive.read(name)  # zipfile stops at the declared size and checks the CRC
+
+
+def _json_member(archive: zipfile.ZipFile, name: str) -> dict:
+    try:
+        value = json.loads(_read_member(archive, name, MAX_JSON_BYTES))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{name} is not readable JSON ({type(err).__name__})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must hold a JSON object, got {type(value).__name__}")
+    _check_depth(value, name)
+    return value
+
+
+def _check_depth(value, what: str, depth: int = 0) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        _check_depth(item, what, depth + 1)
+
+
+def _image_member(archive: zipfile.ZipFile, name: str) -> torch.Tensor:
+    data = _read_member(archive, name, MAX_IMAGE_BYTES)
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            width, height = image.size  # read from the header, before any pixel is decompressed
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{name} is {width}×{height} pixels; an export's images may have at most "
+                                 f"{MAX_IMAGE_PIXELS:,}")
+            array = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{name} is not a readable PNG ({err})") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
 def load_export(path: str | Path) -> RunRecord:
-    """Read a ZIP written by `save_export`. Raises ValueError for anything else, naming what is wrong."""
+    """Read a ZIP written by `save_export`. Raises ValueError for anything else, naming what is wrong.
+
+    Nothing in the file is trusted: every member's unpacked size is checked
+    before it is read, JSON nesting and image sizes are bounded, and a corrupt
+    member (bad CRC, broken tensors or PNG) is a ValueError, not a crash.
+    """
     from analysis.tasks import TASKS  # tasks imports this module
 
     path = Path(path)
@@ -159,26 +207,45 @@ def load_export(path: str | Path) -> RunRecord:
         raise FileNotFoundError(f"no export file at {path.resolve()}")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a ZIP file: expected an export written by Dori Lab")
-    with zipfile.ZipFile(path) as archive:
-        names = set(archive.namelist())
-        if CONFIG_FILE not in names:
-            raise ValueError(f"{path} has no {CONFIG_FILE}: it is not a Dori Lab export")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _read_archive(path, archive, TASKS)
+    except zipfile.BadZipFile as err:  # a bad CRC or a broken member header
+        raise ValueError(f"{path} is a damaged ZIP file ({err})") from err
+
+
+def _read_archive(path: Path, archive: zipfile.ZipFile, kinds) -> RunRecord:
+    names = archive.namelist()
+    if len(names) > MAX_MEMBERS:
+        raise ValueError(f"{path} holds {len(names)} files; an export holds at most {MAX_MEMBERS}")
+    names = set(names)
+    if CONFIG_FILE not in names:
+        raise ValueError(f"{path} has no {CONFIG_FILE}: it is not a Dori Lab export")
+    header = _json_member(archive, CONFIG_FILE)
+    metrics = _json_member(archive, METRICS_FILE) if METRICS_FILE in names else {}
+    missing = [key for key in ("format", "kind", "model", "config") if key not in header]
+    if missing:
+        raise ValueError(f"{path}: {CONFIG_FILE} lacks {', '.join(missing)}")
+    if header["format"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: export format {header['format']!r}, this version reads {FORMAT_VERSION}")
+    if header["kind"] not in kinds:
+        raise ValueError(f"{path}: unknown run kind {header['kind']!r}; known kinds: {sorted(kinds)}")
+    if not isinstance(header["config"], dict) or not isinstance(header["model"], str):
+        raise ValueError(f"{path}: {CONFIG_FILE}'s config must be a JSON object and its model a string")
+    table = []
+    if TABLE_FILE in names:
         try:
-            header = json.loads(archive.read(CONFIG_FILE))
-            metrics = json.loads(archive.read(METRICS_FILE)) if METRICS_FILE in names else {}
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: unreadable JSON ({err})") from err
-        missing = [key for key in ("format", "kind", "model", "config") if key not in header]
-        if missing:
-            raise ValueError(f"{path}: {CONFIG_FILE} lacks {', '.join(missing)}")
-        if header["format"] != FORMAT_VERSION:
-            raise ValueError(f"{path}: export format {header['format']!r}, this version reads {FORMAT_VERSION}")
-        if header["kind"] not in TASKS:
-            raise ValueError(f"{path}: unknown run kind {header['kind']!r}; known kinds: {sorted(TASKS)}")
-        table = _rows_from_csv(archive.read(TABLE_FILE).decode()) if TABLE_FILE in names else []
-        images = {name[len(IMAGES_FOLDER):-len(".png")]: _image_from_png(archive.read(name))
-                  for name in sorted(names) if name.startswith(IMAGES_FOLDER) and name.endswith(".png")}
-        tensors = load_safetensors(archive.read(TENSORS_FILE)) if TENSORS_FILE in names else {}
+            table = _rows_from_csv(_read_member(archive, TABLE_FILE, MAX_JSON_BYTES).decode())
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise ValueError(f"{TABLE_FILE} is not a readable table ({err})") from err
+    images = {name[len(IMAGES_FOLDER):-len(".png")]: _image_member(archive, name)
+              for name in sorted(names) if name.startswith(IMAGES_FOLDER) and name.endswith(".png")}
+    tensors = {}
+    if TENSORS_FILE in names:
+        try:
+            tensors = load_safetensors(_read_member(archive, TENSORS_FILE, MAX_TENSORS_BYTES))
+        except Exception as err:  # safetensors raises its own SafetensorError (and others) for a broken file
+            raise ValueError(f"{TENSORS_FILE} is not a readable safetensors file ({err})") from err
     return RunRecord(kind=header["kind"], model=header["model"], config=header["config"], metrics=metrics,
                      images=images, table=table, tensors=tensors)
 
@@ -204,16 +271,45 @@ def compare_metrics(recorded: dict, reproduced: dict, rtol: float = 1e-3, atol: 
     return rows
 
 
-def rerun(path: str | Path, device: str | torch.device = "cpu") -> tuple[RunRecord, RunRecord]:
-    """Load an export, load the model it names (on `device`, in the recorded dtype) and run it again.
+def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | None = None,
+          out_dir: str | Path | None = None) -> tuple[RunRecord, RunRecord]:
+    """Load an export, load its model (on `device`, in the recorded dtype) and run it again.
+
+    The export names a model but is not trusted to choose what is loaded: the
+    bundled model is loaded by its name, any other only when the caller names
+    it as `model` (a folder or hub id), so a ZIP never makes this open a folder
+    or contact the network. A configuration that writes files (`out_dir`) runs
+    only inside the caller's `out_dir`: a relative path is taken inside it, an
+    absolute one must lie inside it. The configuration meets the same limits as
+    every `run_task` call (`analysis.limits`).
 
     Returns (recorded, reproduced); `compare_metrics` tells whether the numbers agree.
     """
     from analysis.model import load_model
-    from analysis.tasks import BUNDLED_MODEL_NAME, run_task
+    from analysis.tasks import BUNDLED_MODEL_NAME, check_limits, run_task
 
     recorded = load_export(path)
-    source = None if recorded.model == BUNDLED_MODEL_NAME else recorded.model
-    handle = load_model(source, device=device, dtype=recorded.config.get("dtype", "float32"))
-    reproduced = run_task(handle, recorded.kind, recorded.config, inputs=recorded.inputs())
+    check_limits(recorded.config)  # before a model is loaded for it
+    if model is None and recorded.model != BUNDLED_MODEL_NAME:
+        raise ValueError(f"the export was made on the model {recorded.model!r}; name the model to rerun it on "
+                         "(`dori rerun ZIP --model FOLDER_OR_HUB_ID`): an export never chooses what is loaded")
+    config = dict(recorded.config)
+    if "out_dir" in config:
+        config["out_dir"] = str(_inside(config["out_dir"], out_dir))
+    handle = load_model(model, device=device, dtype=config.get("dtype", "float32"))
+    reproduced = run_task(handle, recorded.kind, config, inputs=recorded.inputs())
     return recorded, reproduced
+
+
+def _inside(recorded: object, folder: str | Path | None) -> Path:
+    """The recorded output folder, resolved inside the caller's `folder`; ValueError if it lies outside."""
+    if not isinstance(recorded, str) or not recorded:
+        raise ValueError(f"the export's out_dir must name a folder, got {recorded!r}")
+    if folder is None:
+        raise ValueError(f"the export writes to {recorded!r}; give a folder for its output (`--out-dir DIR`): "
+                         "a rerun writes only inside a folder you name")
+    root = Path(folder).expanduser().resolve()
+    target = (root / recorded).resolve()  # an absolute `recorded` stays itself
+    if not target.is_relative_to(root):
+        raise ValueError(f"the export writes to {recorded!r}, outside the folder you gave ({root})")
+    return target

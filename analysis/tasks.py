@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from analysis.export import INPUT_PREFIX, RunRecord
 from analysis.finetune import (EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress, resolve_targets,
                                side_effects)
 from analysis.hooks import KINDS, nemo_layers, resolve_layers
+from analysis.limits import (MAX_DENOISING_STEPS, MAX_INPUT_MAGNITUDE, MAX_LIST, MAX_PROMPT_CHARS, MAX_SEARCH_BATCH,
+                             MAX_SEED, MAX_SEEDS, MAX_STARTS)
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
@@ -132,9 +135,48 @@ def _number(name: str, value, low: float | None = None) -> float:
 
 
 def _seeds(name: str, value) -> list[int]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{name} must be a non-empty list of seeds, got {value!r}")
-    return [_integer(f"a seed in {name}", seed) for seed in value]
+    if not isinstance(value, list) or not value or len(value) > MAX_SEEDS:
+        raise ValueError(f"{name} must be a list of 1 to {MAX_SEEDS} seeds, got {_shown(value)}")
+    return [_integer(f"a seed in {name}", seed, 0, MAX_SEED) for seed in value]
+
+
+def _shown(value) -> str:
+    """`value` for an error message, cut short (a configuration may come from an untrusted export)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+# Settings checked by name wherever they appear in a configuration (top level or inside `parameters`, `search`,
+# `dori`, ...): a count of seeds, of denoising or search steps, of seeds per search step, of starts.
+COUNT_LIMITS = {"steps": MAX_DENOISING_STEPS, "n_steps": MAX_DENOISING_STEPS, "record_steps": MAX_DENOISING_STEPS,
+                "batch_size": MAX_SEARCH_BATCH, "directions": MAX_STARTS, "eval_seeds": MAX_SEEDS}
+MAX_CONFIG_DEPTH = 8
+MAX_TEXT_CHARS = 10_000  # any string of a configuration (prompts are held to MAX_PROMPT_CHARS)
+
+
+def check_limits(value, name: str = "configuration", depth: int = 0) -> None:
+    """ValueError if `value` (a configuration, read from JSON) is larger than one request may be
+    (`analysis.limits`): too deep, a list or text too long, a non-finite number, too many seeds, steps or starts."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"the configuration is nested more than {MAX_CONFIG_DEPTH} levels deep (at {name})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"{name} has {len(value)} characters; at most {MAX_TEXT_CHARS} are accepted")
+    if isinstance(value, list):
+        limit = MAX_SEEDS if name.endswith("seeds") else MAX_STARTS if name == "starts" else MAX_LIST
+        if len(value) > limit:
+            raise ValueError(f"{name} lists {len(value)} values; at most {limit} are accepted")
+        for item in value:
+            check_limits(item, name, depth + 1)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_limits(item, str(key), depth + 1)
+    limit = COUNT_LIMITS.get(name)
+    if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise ValueError(f"{name} must be at most {limit}, got {value}")
+    if name.endswith("seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be a seed from 0 to {MAX_SEED}, got {value}")
 
 
 def _method_parameters(what: str, algorithms: dict[str, type], config: dict) -> dict:
@@ -171,7 +213,9 @@ def _target(handle: ModelHandle, config: dict, inputs: dict[str, torch.Tensor],
     if prompt is None:
         raise ValueError("give a prompt or the index of a training image (setting 'image')")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}")
+        raise ValueError(f"the prompt must be a non-empty string, got {_shown(prompt)}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
     if need_image and image is None:
         raise ValueError("this analysis needs a target image: give 'image' (a training image's index) "
                          "or a 'target' input")
@@ -186,14 +230,15 @@ def _replicate_what(handle: ModelHandle, target: dict) -> int | str:
 
 
 def _embeddings_input(handle: ModelHandle, inputs: dict[str, torch.Tensor], name: str, minimum: int) -> torch.Tensor:
-    """Input `name`: at least `minimum` embeddings `[n, 77, d]` of this model, float32 on the handle's device."""
+    """Input `name`: `minimum` to MAX_STARTS embeddings `[n, 77, d]` of this model, float32 on the handle's device."""
     if name not in inputs:
         raise ValueError(f"this analysis needs the embeddings as the input {name!r} [n, 77, d]")
     embeddings = inputs[name]
     shape = (handle.tokenizer.model_max_length, handle.unet.config.cross_attention_dim)
-    if embeddings.ndim != 3 or tuple(embeddings.shape[1:]) != shape or len(embeddings) < minimum:
-        raise ValueError(f"the input {name!r} must hold at least {minimum} embeddings [n, {shape[0]}, {shape[1]}], "
-                         f"got shape {tuple(embeddings.shape)}")
+    if (embeddings.ndim != 3 or tuple(embeddings.shape[1:]) != shape
+            or not minimum <= len(embeddings) <= MAX_STARTS):
+        raise ValueError(f"the input {name!r} must hold {minimum} to {MAX_STARTS} embeddings "
+                         f"[n, {shape[0]}, {shape[1]}], got shape {tuple(embeddings.shape)}")
     return embeddings.to(handle.device, torch.float32)
 
 
@@ -660,11 +705,15 @@ def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callbac
     dtype = _check_dtype(handle, config)
     config.pop("dtype", None)
     inputs = dict(inputs or {})
+    check_limits(config)
     for name, tensor in inputs.items():
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"input {name!r} must be a tensor, got {type(tensor).__name__}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"input {name!r} holds NaN or infinite values")
+        if tensor.is_floating_point() and tensor.numel() and tensor.abs().max() > MAX_INPUT_MAGNITUDE:
+            raise ValueError(f"input {name!r} holds values up to {tensor.abs().max().item():.3g}; inputs are "
+                             f"accepted up to ±{MAX_INPUT_MAGNITUDE:g} (a text embedding's values stay far below)")
     record = TASKS[kind](handle, config, inputs, callback)
     record.config = _json_ready({**record.config, "dtype": dtype})
     record.tensors.update({INPUT_PREFIX + name: tensor for name, tensor in inputs.items()})

@@ -95,7 +95,7 @@ def test_occlusion_runs_as_a_task_and_reruns_from_its_export(tiny_model_folder, 
                                                                    "parameters": {"seeds": [0]}})
     assert record.config["parameters"] == {"seeds": [0]}
     assert [row["word"] for row in record.table] == record.config["prompt"].split()
-    recorded, reproduced = rerun(save_export(record, tmp_path / "occlusion.zip"))
+    recorded, reproduced = rerun(save_export(record, tmp_path / "occlusion.zip"), model=record.model)
     rows = compare_metrics(recorded.metrics, reproduced.metrics)
     assert rows and all(row["match"] for row in rows), [row for row in rows if not row["match"]]
 

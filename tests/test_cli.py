@@ -63,7 +63,7 @@ def test_localize_saves_a_mask_that_attack_and_rerun_use(dori, tmp_path):
     assert [start["kind"] for start in printed["config"]["starts"]] == ["random", "random", "prompt"]
     assert [start.get("seed") for start in printed["config"]["starts"]] == [7, 8, None]
     assert printed["metrics"]["mitigation_removed"] == sum(mask.counts().values())
-    code, out, err = dori("rerun", str(tmp_path / "a.zip"), "--json", model=False)
+    code, out, err = dori("rerun", str(tmp_path / "a.zip"), "--json")
     assert code == 0, err
     assert json.loads(out)["reproduced"] is True
 
@@ -104,7 +104,7 @@ def test_a_trigger_set_is_mapped_compared_and_rerun(dori, tmp_path):
         printed = json.loads(out)
         assert printed["config"]["image"] == 1 and len(load_export(export).inputs()["triggers"]) == (
             3 if command == "map" else 2)
-        code, out, err = dori("rerun", export, "--json", model=False)
+        code, out, err = dori("rerun", export, "--json")
         assert code == 0 and json.loads(out)["reproduced"] is True, err
     assert printed["config"]["nemo"]["threshold"] == -1 and printed["config"]["wanda"]["record_steps"] == 1
     code, _, err = dori("map", "--folder", str(tmp_path / "none"))
@@ -157,7 +157,7 @@ def test_finetune_exports_and_reruns(dori, tmp_path):
     printed = json.loads(out)
     assert printed["metrics"]["model_dir"] == str(tmp_path / "ft" / "model")
     assert (tmp_path / "ft" / "model" / "unet").is_dir()
-    code, out, err = dori("rerun", str(tmp_path / "ft.zip"), "--json", model=False)
+    code, out, err = dori("rerun", str(tmp_path / "ft.zip"), "--json", "--out-dir", str(tmp_path))
     assert code == 0 and json.loads(out)["reproduced"] is True, out
 
 

@@ -68,7 +68,14 @@ def test_bad_files_give_clear_errors(tmp_path):
 @pytest.mark.parametrize("config, message", [
     ({"image": 0, "seedz": [0]}, "unknown replicate setting"),
     ({"image": 7}, "image must be a whole number from 0 to 1"),
-    ({"image": 0, "seeds": []}, "non-empty list of seeds"),
+    ({"image": 0, "seeds": []}, "list of 1 to 64 seeds"),
+    ({"image": 0, "seeds": list(range(100_000))}, "at most 64"),
+    ({"image": 0, "seeds": [2**70]}, "from 0 to 2147483647"),
+    ({"image": 0, "steps": 5000}, "at most 1000"),
+    ({"image": 0, "guidance": float("nan")}, "finite number"),
+    ({"image": 0, "mitigation": {"method": "nemo", "parameters": {"steps": 10**6}}}, "steps must be at most"),
+    ({"image": 0, "mitigation": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": 1}}}}}}}}}, "nested more than"),
+    ({"prompt": "x" * 20_000}, "characters"),
     ({"image": 0, "seeds": [0, -1]}, "got -1"),
     ({"prompt": "   "}, "non-empty string"),
     ({}, "give a prompt"),
@@ -89,6 +96,9 @@ def test_unknown_kind_and_missing_target(tiny_handle):
         run_task(tiny_handle, "attack", {"prompt": "a cat"})
     with pytest.raises(ValueError, match="NaN"):
         run_task(tiny_handle, "attack", {"image": 0}, inputs={"target": torch.full((3, 16, 16), float("nan"))})
+    with pytest.raises(ValueError, match="accepted up to"):  # finite, but a search from it only returns NaN
+        run_task(tiny_handle, "attack", {"image": 0, "starts": [{"kind": "embedding", "input": "start"}]},
+                 inputs={"start": torch.full((77, tiny_handle.unet.config.cross_attention_dim), 1e30)})
 
 
 def test_replicate_record_is_complete_and_streams_steps(tiny_handle):
@@ -113,7 +123,7 @@ def test_rerun_reproduces_replicate_and_attack(folder_handle, tiny_model_folder,
     for kind, config in runs.items():
         record = run_task(folder_handle, kind, config)
         assert record.model == str(tiny_model_folder)
-        recorded, reproduced = rerun(save_export(record, tmp_path / f"{kind}.zip"))
+        recorded, reproduced = rerun(save_export(record, tmp_path / f"{kind}.zip"), model=record.model)
         rows = compare_metrics(recorded.metrics, reproduced.metrics)
         assert rows and all(row["match"] for row in rows), [row for row in rows if not row["match"]]
         assert reproduced.config == recorded.config
@@ -134,7 +144,7 @@ def test_given_mask_and_embedding_start_are_inputs_of_the_rerun(folder_handle, t
                       inputs=inputs)
     torch.testing.assert_close(attack.tensors["starts"][0], inputs["trigger"])
     for name, run in (("sweep", record), ("attack", attack)):
-        recorded, reproduced = rerun(save_export(run, tmp_path / f"{name}.zip"))
+        recorded, reproduced = rerun(save_export(run, tmp_path / f"{name}.zip"), model=run.model)
         assert all(row["match"] for row in compare_metrics(recorded.metrics, reproduced.metrics))
 
 
@@ -147,7 +157,7 @@ def test_a_zip_exported_by_the_app_reruns_to_the_same_numbers(folder_handle, tmp
         exported = client.predict(api_name="/export_replicate")
     finally:
         app.close()
-    recorded, reproduced = rerun(exported)
+    recorded, reproduced = rerun(exported, model=str(folder_handle.name))
     assert recorded.config["seeds"] == [5, 6] and recorded.config["guidance"] == 4.0
     rows = compare_metrics(recorded.metrics, reproduced.metrics)
     assert len(rows) >= 5 and all(row["match"] for row in rows)

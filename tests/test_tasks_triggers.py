@@ -29,7 +29,7 @@ def triggers(folder_handle):
 
 
 def reruns_to_the_same_numbers(record, path):
-    recorded, reproduced = rerun(save_export(record, path))
+    recorded, reproduced = rerun(save_export(record, path), model=record.model)
     rows = compare_metrics(recorded.metrics, reproduced.metrics)
     assert rows and all(row["match"] for row in rows), [row for row in rows if not row["match"]]
     assert reproduced.config == recorded.config

@@ -1,0 +1,20 @@
+"""The largest request one analysis accepts: `run_task` checks these, so the app, the command line, campaigns and
+`dori rerun` of an export all share them (the app's fields show the same ranges).
+
+They bound what a single request can cost, not what the engine's Python API can do: experiments call the
+analyses directly, without them.
+"""
+
+MAX_SEEDS = 64  # seeds of one generation, evaluation or localizer criterion
+MAX_SEED = 2**31 - 1  # largest seed value (what a gr.Number and most RNG front ends take)
+MAX_DENOISING_STEPS = 1000  # a scheduler's full training schedule
+MAX_SEARCH_STEPS = 1000  # Dori search iterations
+MAX_SEARCH_BATCH = 64  # seeds per Dori search step
+MAX_STARTS = 256  # Dori search starts, triggers of a set, sweep directions
+MAX_LIST = 1000  # any other list in a configuration (radii, reference prompts, targets, ...)
+MAX_PROMPT_CHARS = 1000  # a longer prompt is refused before it is tokenized
+# An embedding or image input beyond this magnitude is refused: CLIP token embeddings stay below a few hundred,
+# and a search from a start of 1e30 only returns NaN.
+MAX_INPUT_MAGNITUDE = 1e4
+MAX_RUN_SECONDS = 1800  # the app's default limit on one request's run time (`app.py --max-run-seconds`)
+MAX_UPLOAD_BYTES = 64 * 2**20  # the app's limit on one uploaded file
