@@ -12,8 +12,9 @@ import argparse
 
 import torch
 
+from analysis.limits import MAX_RUN_SECONDS, MAX_UPLOAD_BYTES
 from analysis.model import ModelLoadError, load_model
-from dori_ui.app import build_app
+from dori_ui.app import build_app, launch_options
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +29,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
                    help="a folder whose pipeline folders a session may switch to (repeatable); "
                         "no other path typed in the app is opened")
+    p.add_argument("--max-run-seconds", type=float, default=MAX_RUN_SECONDS,
+                   help=f"stop a run that takes longer than this, and say so (default {MAX_RUN_SECONDS})")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
+                   help=f"largest file a user may upload, in MiB (default {MAX_UPLOAD_BYTES // 2**20})")
     return p.parse_args(argv)
 
 
@@ -37,8 +42,12 @@ def main(argv=None) -> None:
         handle = load_model(args.model[0] if args.model else None, device=args.device, dtype=args.dtype)
     except (ModelLoadError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
-    app = build_app(handle, sources=args.model[1:], allowed_roots=args.allowed_root)
-    app.launch(server_name=args.host, server_port=args.port)
+    if not args.max_run_seconds > 0 or not args.max_upload_mb > 0:
+        raise SystemExit("error: --max-run-seconds and --max-upload-mb must be positive")
+    app = build_app(handle, sources=args.model[1:], allowed_roots=args.allowed_root,
+                    max_run_seconds=args.max_run_seconds)
+    app.launch(server_name=args.host, server_port=args.port,
+               **launch_options(max_upload_bytes=int(args.max_upload_mb * 2**20)))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ MAX_DENOISING_STEPS = 1000  # a scheduler's full training schedule
 MAX_SEARCH_STEPS = 1000  # Dori search iterations
 MAX_SEARCH_BATCH = 64  # seeds per Dori search step
 MAX_STARTS = 256  # Dori search starts, triggers of a set, sweep directions
+MAX_LOCALIZED_TRIGGERS = 8  # triggers "agreement" fits NeMo and Wanda on, one by one
 MAX_LIST = 1000  # any other list in a configuration (radii, reference prompts, targets, ...)
 MAX_PROMPT_CHARS = 1000  # a longer prompt is refused before it is tokenized
 # An embedding or image input beyond this magnitude is refused: CLIP token embeddings stay below a few hundred,

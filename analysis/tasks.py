@@ -56,15 +56,15 @@ from analysis.export import INPUT_PREFIX, RunRecord
 from analysis.finetune import (EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress, resolve_targets,
                                side_effects)
 from analysis.hooks import KINDS, nemo_layers, resolve_layers
-from analysis.limits import (MAX_DENOISING_STEPS, MAX_INPUT_MAGNITUDE, MAX_LIST, MAX_PROMPT_CHARS, MAX_SEARCH_BATCH,
-                             MAX_SEED, MAX_SEEDS, MAX_STARTS)
+from analysis.limits import (MAX_DENOISING_STEPS, MAX_INPUT_MAGNITUDE, MAX_LIST, MAX_LOCALIZED_TRIGGERS,
+                             MAX_PROMPT_CHARS, MAX_SEARCH_BATCH, MAX_SEED, MAX_SEEDS, MAX_STARTS)
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
 from analysis.metrics import REPLICATION_THRESHOLD
 from analysis.model import ModelHandle, load_model
 from analysis.projection import Projection
-from analysis.replicate import replicate
+from analysis.replicate import replicate, training_images
 from analysis.sampling import encode_prompts
 from analysis.sweep import perturbation_sweep
 from analysis.trigger_map import REFERENCE_NAMES, TRIGGERS, MapPoint, TriggerMap, map_triggers
@@ -495,11 +495,18 @@ def _run_attribute(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
 
 
 def _run_wen(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    """Wen et al.'s inference-time mitigation of a prompt: its embedding and the optimised one, generated alike."""
+    """Wen et al.'s inference-time mitigation of a prompt: its embedding and the optimised one, generated alike
+    and compared with the target image, or (for any other prompt) with every memorized image, the nearest counting.
+    """
     wen_defaults = {name: p.default for name, p in inspect.signature(WenMitigation).parameters.items()}
     config = _fill("wen", dict(image=None, prompt=None, parameters=None, seeds=DEFAULT_SEEDS, steps=None,
                                guidance=None), config)
-    target, prompt, image = _target(handle, config, inputs, need_image=True)
+    target, prompt, image = _target(handle, config, inputs, need_image=False)
+    if image is None:
+        if not handle.memorized:
+            raise ValueError("Wen's mitigation is checked against training images: this model has none "
+                             "(give a memorized set, or a 'target' input)")
+        image = training_images(handle)
     filled = dict(**target, parameters=_json_ready(_fill("wen parameter", wen_defaults, config["parameters"])),
                   seeds=_seeds("seeds", config["seeds"]), **_sampling(handle, config))
     record = RunRecord("wen", handle.name, filled)
@@ -647,6 +654,8 @@ def _run_agreement(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
     config = _fill("agreement", dict(image=None, prompt=None, seeds=None, nemo=None, wanda=None), config)
     target, _, _ = _target(handle, config, inputs, need_image=False)
     triggers = _embeddings_input(handle, inputs, "triggers", 2)
+    if len(triggers) > MAX_LOCALIZED_TRIGGERS:
+        raise ValueError(f"agreement localizes each trigger: give at most {MAX_LOCALIZED_TRIGGERS}, got {len(triggers)}")
     nemo = _localizer_config(dict(method="nemo", parameters=config["nemo"], seeds=config["seeds"]))
     wanda = _localizer_config(dict(method="wanda", parameters=config["wanda"], seeds=nemo["seeds"]))["parameters"]
     if "layers" not in (config["wanda"] or {}):

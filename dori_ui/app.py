@@ -10,19 +10,22 @@ from pathlib import Path
 
 import gradio as gr
 
+from analysis.limits import MAX_RUN_SECONDS, MAX_UPLOAD_BYTES
 from analysis.model import ModelHandle
-from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.attribution_tab import build_attribution_tab
+from dori_ui.export import remove_exports
 from dori_ui.finetune_tab import build_finetune_tab
 from dori_ui.mitigate_tab import build_mitigate_tab
 from dori_ui.paths_tab import build_paths_tab
 from dori_ui.perturb_tab import build_perturb_tab
 from dori_ui.replicate_tab import build_replicate_tab
 from dori_ui.session import AppContext, ModelChoices, Session, describe_model, session_model
+from dori_ui.streaming import on_model
 from dori_ui.trigger_map_tab import build_trigger_map_tab
 
 # Requests that may wait for the model; more are turned away with a "queue full" message.
 QUEUE_SIZE = 16
+CACHE_CLEANUP = (3600, 86400)  # (every, older than) in seconds: Gradio's copies of uploads and exports
 
 INTRODUCTION = """
 A text-to-image diffusion model can **memorize** some of its training images:
@@ -48,16 +51,22 @@ other users of the same app.
 """
 
 
-def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: Sequence[str | Path] = ()) -> gr.Blocks:
-    """The whole app with `handle` loaded first, its queue set up; call `.launch()` on it.
+def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: Sequence[str | Path] = (),
+              max_run_seconds: float = MAX_RUN_SECONDS) -> gr.Blocks:
+    """The whole app with `handle` loaded first, its queue set up; call `.launch()` on it (`launch_options`
+    gives the upload limit).
 
     `sources`: further models (folders or hub ids) a session may switch to;
-    `allowed_roots`: folders whose pipeline folders it may switch to as well.
+    `allowed_roots`: folders whose pipeline folders it may switch to as well;
+    `max_run_seconds`: a model event still running after this long is stopped, with a message.
     """
+    if not max_run_seconds > 0:
+        raise ValueError(f"max_run_seconds must be positive, got {max_run_seconds}")
     models = ModelChoices(handle, sources, allowed_roots)
-    # A local research tool: no usage reports to Gradio's servers.
-    with gr.Blocks(title="Dori Lab", analytics_enabled=False) as app:
-        session = gr.State(models.new_session())
+    # A local research tool: no usage reports to Gradio's servers. Gradio's copies of uploads and exports older
+    # than a day are deleted every hour.
+    with gr.Blocks(title="Dori Lab", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
+        session = gr.State(models.new_session(), delete_callback=remove_exports)
         gr.Markdown("# Dori Lab")
         with gr.Row():
             header = gr.Markdown(describe_model(handle, models.new_session()), elem_id="model-header")
@@ -67,7 +76,7 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
             switch = gr.Button("Switch model", elem_id="model-switch", scale=0)
         with gr.Accordion("What am I looking at?", open=False):
             gr.Markdown(INTRODUCTION)
-        context = AppContext(models, session, header)
+        context = AppContext(models, session, header, max_run_seconds=max_run_seconds)
         with gr.Tabs():
             with gr.Tab("Replicate", id="replicate"):
                 build_replicate_tab(context)
@@ -86,14 +95,24 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                 build_finetune_tab(context)
 
         def switch_model(name: str | None, state: Session):
-            chosen = session_model(models, state, name or state.model)
+            if not isinstance(name, str) or not name.strip():
+                raise gr.Error("Choose a model from the list (or type a pipeline folder inside an allowed root).")
+            chosen = session_model(models, state, name.strip())
+            if chosen.name == state.model:
+                # Nothing changes: the session keeps its mitigation and its results waiting to be exported.
+                raise gr.Error(f"The session already uses {chosen.name}: nothing to switch.")
             # A mask names layers of the model it was found on, and records belong to that model too.
             state.model, state.mask, state.records, state.attributions = chosen.name, None, {}, {}
             return state, describe_model(chosen, state), gr.update(choices=models.names(), value=chosen.name)
 
-        event = switch.click(switch_model, inputs=[choice, session], outputs=[session, header, choice],
-                             api_name="switch_model", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+        event = on_model(switch.click, switch_model, context, inputs=[choice, session],
+                         outputs=[session, header, choice], api_name="switch_model")
         for view, (refresh, outputs) in context.on_model_change.items():
             event = event.success(refresh, inputs=session, outputs=outputs, api_name=f"refresh_{view}")
     app.queue(max_size=QUEUE_SIZE)
     return app
+
+
+def launch_options(max_upload_bytes: int = MAX_UPLOAD_BYTES) -> dict:
+    """`app.launch` settings every server of the app uses: the upload limit (Gradio refuses a larger file)."""
+    return dict(max_file_size=max_upload_bytes)

@@ -11,16 +11,15 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from analysis.export import RunRecord
-from dori_ui import MODEL_CONCURRENCY_ID
+from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
+from analysis.limits import MAX_SEEDS
 from dori_ui.export import build_export
 from dori_ui.session import AppContext, Session, check_prompt, check_whole_number, session_handle
-from dori_ui.streaming import run_or_error
+from dori_ui.streaming import on_model, run_or_error
 
 VIEW = "attribution"
 METHODS = {"Gradient norm (Wen et al.)": "gradient_norm", "Integrated Gradients (captum)": "integrated_gradients",
            "Occlusion (remove each word)": "occlusion"}
-MAX_SEEDS = 8
-MAX_IG_STEPS = 128
 
 EXPLANATION = """
 **What am I looking at?** The score explained is Wen et al.'s memorization
@@ -90,9 +89,9 @@ def build_attribution_tab(context: AppContext) -> None:
         method = gr.Radio(list(METHODS), value=next(iter(METHODS)), label="Method", scale=2,
                           elem_id="attribution-method")
     with gr.Row():
-        n_seeds = gr.Number(4, label=f"Seeds m(y) is averaged over (1–{MAX_SEEDS})", precision=0,
+        n_seeds = gr.Number(4, label=f"Seeds m(y) is averaged over (1–{MAX_SEEDS})", precision=None,
                             elem_id="attribution-seeds")
-        ig_steps = gr.Number(32, label=f"Integrated Gradients steps (2–{MAX_IG_STEPS})", precision=0,
+        ig_steps = gr.Number(32, label=f"Integrated Gradients steps (2–{MAX_STEPS})", precision=None,
                              elem_id="attribution-ig-steps")
         run_button = gr.Button("Attribute", variant="primary", elem_id="attribution-run")
     gr.Markdown(EXPLANATION)
@@ -111,9 +110,9 @@ def build_attribution_tab(context: AppContext) -> None:
         seeds = list(range(check_whole_number("Seeds", seed_count, 1, MAX_SEEDS)))
         parameters = dict(seeds=seeds)
         if METHODS[method_label] == "integrated_gradients":
-            parameters["n_steps"] = check_whole_number("Integrated Gradients steps", step_count, 2, MAX_IG_STEPS)
+            parameters["n_steps"] = check_whole_number("Integrated Gradients steps", step_count, 2, MAX_STEPS)
         config = dict(prompt=prompt_text, method=METHODS[method_label], parameters=parameters)
-        record = run_or_error(model, "attribute", config, {})
+        record = run_or_error(model, "attribute", config, {}, state)
         state.records[VIEW] = record
         # Keep the other methods' bars only while they explain the same prompt's score over the same seeds.
         state.attributions = {key: earlier for key, earlier in state.attributions.items()
@@ -127,6 +126,5 @@ def build_attribution_tab(context: AppContext) -> None:
                              "own, without the mask.")
         return highlighted_words(record), summary_text, comparison_figure(compared), state
 
-    run_button.click(run, inputs=[prompt, method, n_seeds, ig_steps, context.session],
-                     outputs=[words, summary, plot, context.session], api_name="attribute",
-                     concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(run_button.click, run, context, inputs=[prompt, method, n_seeds, ig_steps, context.session],
+             outputs=[words, summary, plot, context.session], api_name="attribute")

@@ -21,11 +21,10 @@ from analysis.images import to_display
 from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
 from analysis.localize import cache_key, weights_checksum
 from analysis.model import REPO_ROOT, ModelHandle
-from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_whole_number, describe_model, session_handle,
-                             use_finetuned)
-from dori_ui.streaming import Stopped, request_stop, run_and_stop_buttons, run_or_error, stream_task
+from dori_ui.session import (AppContext, Session, check_number, check_whole_number, describe_model,
+                             session_handle, use_finetuned)
+from dori_ui.streaming import Stopped, on_model, request_stop, run_and_stop_buttons, run_or_error, stream_task
 
 VIEW = "finetune"
 # One folder per model and settings: a rerun with the same settings resumes the checkpoint there.
@@ -108,17 +107,17 @@ def build_finetune_tab(context: AppContext) -> None:
                                    elem_id="finetune-targets", scale=3)
         with gr.Column(scale=2):
             with gr.Row():
-                rounds = gr.Number(DEFAULTS.rounds, label=f"Rounds (1–{LIMITS['rounds']})", precision=0, elem_id="finetune-rounds")
-                steps = gr.Number(DEFAULTS.steps_per_round, label=f"Training steps per round (1–{LIMITS['steps']})", precision=0,
+                rounds = gr.Number(DEFAULTS.rounds, label=f"Rounds (1–{LIMITS['rounds']})", precision=None, elem_id="finetune-rounds")
+                steps = gr.Number(DEFAULTS.steps_per_round, label=f"Training steps per round (1–{LIMITS['steps']})", precision=None,
                                   elem_id="finetune-steps")
-                triggers = gr.Number(DEFAULTS.triggers_per_image, label=f"Triggers per image and round (1–{LIMITS['triggers']})", precision=0,
+                triggers = gr.Number(DEFAULTS.triggers_per_image, label=f"Triggers per image and round (1–{LIMITS['triggers']})", precision=None,
                                      elem_id="finetune-triggers")
             with gr.Row():
-                dori_steps = gr.Number(DEFAULTS.dori.steps, label=f"Dori steps (1–{LIMITS['dori_steps']})", precision=0,
+                dori_steps = gr.Number(DEFAULTS.dori.steps, label=f"Dori steps (1–{LIMITS['dori_steps']})", precision=None,
                                        elem_id="finetune-dori-steps")
-                dori_batch = gr.Number(DEFAULTS.dori.batch_size, label=f"Dori batch (1–{LIMITS['dori_batch']})", precision=0,
+                dori_batch = gr.Number(DEFAULTS.dori.batch_size, label=f"Dori batch (1–{LIMITS['dori_batch']})", precision=None,
                                        elem_id="finetune-dori-batch")
-                eval_seeds = gr.Number(DEFAULTS.eval_seeds, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=0,
+                eval_seeds = gr.Number(DEFAULTS.eval_seeds, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=None,
                                        elem_id="finetune-eval-seeds")
             with gr.Accordion("Training settings", open=False):
                 with gr.Row():
@@ -155,10 +154,8 @@ def build_finetune_tab(context: AppContext) -> None:
         unknown = [caption for caption in chosen if caption not in names]
         if unknown:
             raise gr.Error(f"Not memorized images of this model: {unknown}.")
-        if learning_rate is None or not 0 < learning_rate <= MAX_LR:
-            raise gr.Error(f"Learning rate must be a number in (0, {MAX_LR:g}], got {learning_rate}.")
-        if ema_decay is None or not 0 <= ema_decay < 1:
-            raise gr.Error(f"The moving average's decay must be 0 (off) or in (0, 1), e.g. 0.99; got {ema_decay}.")
+        learning_rate = check_number("Learning rate", learning_rate, 0, MAX_LR, low_open=True)
+        ema_decay = check_number("The moving average's decay (0 = off, else e.g. 0.99)", ema_decay, 0, 0.9999)
         parameters = dict(
             lr=learning_rate, optimizer=optimizer_name, trainable=TRAINABLE[trained_part],
             utility_loss=UTILITY_LOSSES[utility_name], ema_decay=ema_decay or None,
@@ -171,7 +168,7 @@ def build_finetune_tab(context: AppContext) -> None:
         indices = [names.index(caption) for caption in chosen]
         seeds = list(range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"]))
         progress(None, desc="Replication before fine-tuning")
-        before = [run_or_error(model, "replicate", dict(image=i, seeds=seeds), {}).metrics for i in indices]
+        before = [run_or_error(model, "replicate", dict(image=i, seeds=seeds), {}, session).metrics for i in indices]
         rows = before_rows(before, chosen)
         config = dict(targets=indices, parameters=parameters, resume=True)
         config["out_dir"] = str(run_folder(model, config))
@@ -189,10 +186,10 @@ def build_finetune_tab(context: AppContext) -> None:
                        f"`{event.metrics['model_dir']}`. Switch to it below."), rows + round_rows(event), \
                     side_effect_rows(event), held_out_gallery(event), session
 
-    run_button.click(run, inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds, lr, optimizer,
-                                  trainable, utility, ema, context.session],
-                     outputs=[status, table, side_table, held_out, context.session], api_name="finetune",
-                     concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(run_button.click, run, context,
+             inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds, lr, optimizer, trainable,
+                     utility, ema, context.session],
+             outputs=[status, table, side_table, held_out, context.session], api_name="finetune")
     stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="finetune_stop")
 
     def use(session: Session):
@@ -202,8 +199,8 @@ def build_finetune_tab(context: AppContext) -> None:
         tuned = use_finetuned(context.models, session, record)
         return session, describe_model(tuned, session), f"This session now uses the fine-tuned model {tuned.name}."
 
-    event = use_button.click(use, inputs=context.session, outputs=[context.session, context.header, status],
-                             api_name="finetune_use", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    event = on_model(use_button.click, use, context, inputs=context.session,
+                     outputs=[context.session, context.header, status], api_name="finetune_use")
     # The other views show the new model's images and defaults, as after the header's model switch.
     for refresh, outputs in list(context.on_model_change.values()):
         event = event.success(refresh, inputs=context.session, outputs=outputs, api_name=False)

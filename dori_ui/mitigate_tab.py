@@ -18,21 +18,20 @@ import plotly.graph_objects as go
 import torch
 
 from analysis.export import RunRecord
+from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
+from analysis.limits import MAX_SEEDS
 from analysis.tasks import TaskProgress, record_mask
-from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, describe_model, session_handle,
-                             session_model, verdict_gallery)
-from dori_ui.streaming import (Stopped, progress_of, report_to, request_stop, run_and_stop_buttons, run_or_error,
-                               stream_task)
+from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number, describe_model,
+                             session_handle, session_model, verdict_gallery)
+from dori_ui.streaming import (Stopped, on_model, progress_of, report_to, request_stop, run_and_stop_buttons,
+                               run_or_error, stream_task)
 
 VIEW = "mitigate"
 # NeMo settings beyond its defaults (the tests shrink them for the tiny model).
 NEMO_PARAMETERS: dict = {}
 METHODS = {"none": None, "NeMo (neurons)": "nemo", "Wanda (weights)": "wanda", "Wen et al. (prompt embedding)": "wen",
            "Adversarially fine-tuned (Fine-tune tab)": "finetuned"}
-MAX_SEEDS = 16
-MAX_STEPS = 100
 LOG_LINES = 12  # the progress log shows the latest lines only
 
 EXPLANATION = """
@@ -123,7 +122,7 @@ def build_mitigate_tab(context: AppContext) -> None:
             method = gr.Radio(list(METHODS), value="NeMo (neurons)", label="Mitigation", elem_id="mitigate-method")
         with gr.Column(scale=2):
             with gr.Row():
-                n_seeds = gr.Number(4, label=f"Localizer seeds (2–{MAX_SEEDS})", precision=0,
+                n_seeds = gr.Number(4, label=f"Localizer seeds (2–{MAX_SEEDS})", precision=None,
                                     elem_id="mitigate-seeds")
                 sparsity = gr.Number(1.0, label="Wanda sparsity (% of each row compared, 0–50)",
                                      elem_id="mitigate-sparsity")
@@ -132,8 +131,8 @@ def build_mitigate_tab(context: AppContext) -> None:
                                  elem_id="mitigate-refine")
             with gr.Row():
                 steps = gr.Number(handle.default_steps, label=f"Schedule steps (1–{MAX_STEPS})",
-                                  precision=0, elem_id="mitigate-steps")
-                eval_seeds = gr.Number(4, label=f"Seeds before/after (1–{MAX_SEEDS})", precision=0,
+                                  precision=None, elem_id="mitigate-steps")
+                eval_seeds = gr.Number(4, label=f"Seeds before/after (1–{MAX_SEEDS})", precision=None,
                                        elem_id="mitigate-eval-seeds")
             run_button, stop_button = run_and_stop_buttons("Mitigate", "mitigate-run", "mitigate-stop")
     gr.Markdown(EXPLANATION)
@@ -167,8 +166,7 @@ def build_mitigate_tab(context: AppContext) -> None:
         evaluation_seeds = list(range(check_whole_number("Seeds before/after", eval_count, 1, MAX_SEEDS)))
         parameters = dict(steps=schedule)
         if chosen == "wanda":
-            if sparsity_percent is None or not 0 < sparsity_percent <= 50:
-                raise gr.Error(f"Wanda sparsity must be a percentage in (0, 50], got {sparsity_percent}.")
+            sparsity_percent = check_number("Wanda sparsity (%)", sparsity_percent, 0, 50, low_open=True)
             parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
         elif chosen == "nemo":
             parameters.update(NEMO_PARAMETERS, refine=bool(refine_nemo))
@@ -209,7 +207,8 @@ def build_mitigate_tab(context: AppContext) -> None:
             raise gr.Error("No adversarially fine-tuned model in this session yet: fine-tune one in the Fine-tune "
                            "tab, then compare it here.")
         base_name, tuned_name = state.finetuned
-        records = [run_or_error(session_model(context.models, state, name), "replicate", config, {}, report_to(progress))
+        records = [run_or_error(session_model(context.models, state, name), "replicate", config, {}, state,
+                                report_to(progress))
                    for name in (base_name, tuned_name)]
         # Perturb attacks what Mitigate produced: here the tuned model.
         state.model, state.mask, state.records[VIEW] = tuned_name, None, records[1]
@@ -219,9 +218,9 @@ def build_mitigate_tab(context: AppContext) -> None:
         yield ("Done.", summary_text, None, stage_gallery(records[0], ""), stage_gallery(records[1], ""),
                describe_model(session_model(context.models, state, tuned_name), state), state)
 
-    run_button.click(run, inputs=[prompt, method, n_seeds, sparsity, refine, steps, eval_seeds, context.session],
-                     outputs=[log, summary, counts, before, after, context.header, context.session],
-                     api_name="mitigate", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(run_button.click, run, context,
+             inputs=[prompt, method, n_seeds, sparsity, refine, steps, eval_seeds, context.session],
+             outputs=[log, summary, counts, before, after, context.header, context.session], api_name="mitigate")
 
     # Not on the model's concurrency id: it must run while the localizer holds the model.
     stop_button.click(request_stop, inputs=context.session, outputs=log, api_name="mitigate_stop",

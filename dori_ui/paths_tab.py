@@ -27,17 +27,14 @@ from plotly.subplots import make_subplots
 
 from analysis.export import RunRecord
 from analysis.hooks import KINDS
-from dori_ui import MODEL_CONCURRENCY_ID
+from analysis.limits import MAX_LOCALIZED_TRIGGERS, MAX_SEEDS, MAX_STARTS
 from dori_ui.export import build_export
 from dori_ui.session import AppContext, Session, check_whole_number, session_handle
-from dori_ui.streaming import report_to, run_or_error
+from dori_ui.streaming import on_model, report_to, run_or_error
 from dori_ui.trigger_map_tab import MapState
 
 VIEW = "paths"
 MASKS_VIEW = "paths_masks"
-MAX_TRIGGERS = 64
-MAX_MASK_TRIGGERS = 8
-MAX_SEEDS = 8
 # Localizer settings beyond their defaults (the tests shrink them for the tiny model).
 NEMO_PARAMETERS: dict = {}
 WANDA_PARAMETERS: dict = {}
@@ -121,7 +118,7 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
     with gr.Row():
         layers = gr.Radio(list(KINDS), value="value", label="Layers (value projections or feed-forward)",
                           elem_id="paths-layers")
-        n_triggers = gr.Number(16, label=f"Triggers compared (2–{MAX_TRIGGERS})", precision=0,
+        n_triggers = gr.Number(16, label=f"Triggers compared (2–{MAX_STARTS})", precision=None,
                                elem_id="paths-triggers")
         discrepancy_button = gr.Button("Compare activation paths", variant="primary",
                                        elem_id="paths-discrepancy-run")
@@ -129,9 +126,9 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
     discrepancy_plot = gr.Plot(label="Activation discrepancy", elem_id="paths-discrepancy-plot")
     build_export(context, VIEW, "“Compare activation paths”")
     with gr.Row():
-        mask_triggers = gr.Number(3, label=f"Triggers to localize (2–{MAX_MASK_TRIGGERS}; NeMo takes ~30 s each "
-                                  "on a laptop CPU)", precision=0, elem_id="paths-mask-triggers")
-        mask_seeds = gr.Number(2, label=f"Localizer seeds (2–{MAX_SEEDS})", precision=0, elem_id="paths-mask-seeds")
+        mask_triggers = gr.Number(3, label=f"Triggers to localize (2–{MAX_LOCALIZED_TRIGGERS}; NeMo takes ~30 s each "
+                                  "on a laptop CPU)", precision=None, elem_id="paths-mask-triggers")
+        mask_seeds = gr.Number(2, label=f"Localizer seeds (2–{MAX_SEEDS})", precision=None, elem_id="paths-mask-seeds")
         masks_button = gr.Button("Localize each trigger", variant="primary", elem_id="paths-masks-run")
     masks_status = gr.Markdown(elem_id="paths-masks-status")
     heatmaps = gr.Plot(label="Mask agreement", elem_id="paths-heatmaps")
@@ -143,36 +140,34 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
                       progress=gr.Progress()):
         state = loaded(state)
         available = len(state.trigger_set.triggers)
-        chosen = check_whole_number("Triggers compared", count, 2, min(MAX_TRIGGERS, available))
+        chosen = check_whole_number("Triggers compared", count, 2, min(MAX_STARTS, available))
         model = session_handle(context.models, session)
         progress(None, desc="First denoising step of every trigger")
         record = run_or_error(model, "discrepancy", dict(image=state.image, layers=kind),
-                              {"triggers": state.trigger_set.embeddings[:chosen]}, report_to(progress))
+                              {"triggers": state.trigger_set.embeddings[:chosen]}, session, report_to(progress))
         session.records[VIEW] = record
         return discrepancy_summary_text(record), discrepancy_figure(record), session
 
-    discrepancy_button.click(compare_paths, inputs=[layers, n_triggers, map_state, context.session],
-                             outputs=[discrepancy_summary, discrepancy_plot, context.session],
-                             api_name="paths_discrepancy", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(discrepancy_button.click, compare_paths, context, inputs=[layers, n_triggers, map_state, context.session],
+             outputs=[discrepancy_summary, discrepancy_plot, context.session], api_name="paths_discrepancy")
 
     def compare_masks(count: float | None, seed_count: float | None, state: MapState | None, session: Session,
                       progress=gr.Progress()):
         state = loaded(state)
         available = len(state.trigger_set.triggers)
-        chosen = check_whole_number("Triggers to localize", count, 2, min(MAX_MASK_TRIGGERS, available))
+        chosen = check_whole_number("Triggers to localize", count, 2, min(MAX_LOCALIZED_TRIGGERS, available))
         seeds = list(range(check_whole_number("Localizer seeds", seed_count, 2, MAX_SEEDS)))
         model = session_handle(context.models, session)
         config = dict(image=state.image, seeds=seeds, nemo=NEMO_PARAMETERS, wanda=WANDA_PARAMETERS)
         record = run_or_error(model, "agreement", config, {"triggers": state.trigger_set.embeddings[:chosen]},
-                              report_to(progress))
+                              session, report_to(progress))
         session.records[MASKS_VIEW] = record
         status = (f"NeMo and Wanda fitted on {chosen} triggers of “{record.config['prompt']}” "
                   f"with {len(seeds)} seeds each.")
         return status, heatmaps_figure(record), counts_table(record), session
 
-    masks_button.click(compare_masks, inputs=[mask_triggers, mask_seeds, map_state, context.session],
-                       outputs=[masks_status, heatmaps, counts, context.session], api_name="paths_masks",
-                       concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(masks_button.click, compare_masks, context, inputs=[mask_triggers, mask_seeds, map_state, context.session],
+             outputs=[masks_status, heatmaps, counts, context.session], api_name="paths_masks")
 
     def refresh(session: Session):
         return "", None, "", None, None

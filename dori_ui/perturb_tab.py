@@ -28,26 +28,24 @@ from safetensors.torch import load_file
 from analysis.demo.data import all_shape_specs, render_shapes
 from analysis.dori import DoriStep, evaluate, token_distances
 from analysis.export import RunRecord
+from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
+from analysis.limits import MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
 from analysis.images import to_display
 from analysis.metrics import replication
 from analysis.model import ModelHandle
 from analysis.sampling import encode_prompts
-from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, mitigation_settings,
-                             session_handle, verdict_gallery)
-from dori_ui.streaming import Stopped, progress_of, request_stop, run_and_stop_buttons, run_or_error, stream_task
+from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number,
+                             mitigation_settings, session_handle, verdict_gallery)
+from dori_ui.streaming import (Stopped, on_model, progress_of, request_stop, run_and_stop_buttons, run_or_error,
+                               stream_task)
 
 VIEW = "perturb"
 SWEEP_VIEW = "sweep"
 CONTROL = "held-out control: "  # prefix of the targets that are renderings of held-out captions
 STARTS = {"the prompt's own embedding": "prompt", "random embedding": "random", "another prompt": "other",
           "uploaded embedding (.safetensors)": "upload"}
-MAX_SEARCH_STEPS = 1000
-MAX_SEEDS = 16
-MAX_STEPS = 100
 MAX_RADII = 12
-MAX_DIRECTIONS = 16
 # Streamed plots are sent at most this often; every step would flood a slow browser.
 STREAM_INTERVAL_S = 0.5
 
@@ -201,23 +199,23 @@ def build_perturb_tab(context: AppContext) -> None:
                 other_prompt = gr.Textbox(label="Other prompt (start 'another prompt')",
                                           value=handle.held_out_prompts[0] if handle.held_out_prompts else "",
                                           elem_id="perturb-other-prompt")
-                random_seed = gr.Number(0, label="Random start seed", precision=0, elem_id="perturb-random-seed")
+                random_seed = gr.Number(0, label="Random start seed", precision=None, elem_id="perturb-random-seed")
             upload = gr.File(label="Start embedding [77, d] (.safetensors)", file_types=[".safetensors"],
                              elem_id="perturb-upload")
         with gr.Column(scale=2):
             with gr.Row():
-                steps = gr.Number(50, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=0,
+                steps = gr.Number(50, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
                                   elem_id="perturb-steps")
                 lr = gr.Number(0.1, label="Learning rate (Adam)", elem_id="perturb-lr")
             with gr.Row():
-                batch = gr.Number(8, label="Batch (ε, t pairs per step, 1–64)", precision=0,
+                batch = gr.Number(8, label=f"Batch (ε, t pairs per step, 1–{MAX_SEARCH_BATCH})", precision=None,
                                   elem_id="perturb-batch")
-                eval_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=0,
+                eval_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=None,
                                        elem_id="perturb-eval-seeds")
             with gr.Row():
                 generation_steps = gr.Number(handle.default_steps, label=f"Generation steps (1–{MAX_STEPS})",
-                                             precision=0, elem_id="perturb-generation-steps")
-                preview_every = gr.Number(10, label="Preview every n search steps (0: never)", precision=0,
+                                             precision=None, elem_id="perturb-generation-steps")
+                preview_every = gr.Number(10, label="Preview every n search steps (0: never)", precision=None,
                                           elem_id="perturb-preview-every")
             run_button, stop_button = run_and_stop_buttons("Run Dori", "perturb-run", "perturb-stop")
     gr.Markdown(EXPLANATION)
@@ -244,9 +242,8 @@ def build_perturb_tab(context: AppContext) -> None:
         if start_label not in STARTS:
             raise gr.Error(f"Unknown start {start_label!r}; choose one of {list(STARTS)}.")
         total = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
-        if rate is None or not 0 < rate <= 10:
-            raise gr.Error(f"The learning rate must be in (0, 10], got {rate}.")
-        search = dict(steps=total, lr=float(rate), batch_size=check_whole_number("Batch", batch_size, 1, 64))
+        search = dict(steps=total, lr=check_number("The learning rate", rate, 0, 10, low_open=True),
+                      batch_size=check_whole_number("Batch", batch_size, 1, MAX_SEARCH_BATCH))
         seeds = list(range(check_whole_number("Seeds to generate", eval_count, 1, MAX_SEEDS)))
         every = check_whole_number("Preview every", every, 0, MAX_SEARCH_STEPS)
         sampling_steps = check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS)
@@ -259,7 +256,7 @@ def build_perturb_tab(context: AppContext) -> None:
             config = dict(image=choices.index(target_label), prompt=target_label)
         kind = STARTS[start_label]
         if kind == "random":
-            start_spec = dict(kind="random", seed=check_whole_number("Random start seed", seed, 0, 2**31 - 1))
+            start_spec = dict(kind="random", seed=check_whole_number("Random start seed", seed, 0, MAX_SEED))
         elif kind == "other":
             start_spec = dict(kind="prompt", text=check_prompt(model, other_text))
         elif kind == "upload":
@@ -309,10 +306,10 @@ def build_perturb_tab(context: AppContext) -> None:
                        [(to_display(event.images["target"][None])[0], "target")], trigger_gallery(event),
                        distances_figure(event, prompt_embedding), state)
 
-    run_button.click(attack, inputs=[target, start, other_prompt, random_seed, upload, steps, lr, batch, eval_seeds,
-                                     generation_steps, preview_every, context.session],
-                     outputs=[status, loss_plot, preview, target_view, after, distances, context.session],
-                     api_name="perturb", concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(run_button.click, attack, context,
+             inputs=[target, start, other_prompt, random_seed, upload, steps, lr, batch, eval_seeds, generation_steps,
+                     preview_every, context.session],
+             outputs=[status, loss_plot, preview, target_view, after, distances, context.session], api_name="perturb")
 
     # Not on the model's concurrency id: it must run while the search holds the model.
     stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="perturb_stop",
@@ -323,9 +320,9 @@ def build_perturb_tab(context: AppContext) -> None:
         with gr.Row():
             radii = gr.Textbox("0, 5, 10, 20, 40", label="Radii (L2 distances, comma-separated)",
                                elem_id="sweep-radii")
-            directions = gr.Number(4, label=f"Directions (1–{MAX_DIRECTIONS})", precision=0,
+            directions = gr.Number(4, label=f"Directions (1–{MAX_STARTS})", precision=None,
                                    elem_id="sweep-directions")
-            sweep_seeds = gr.Number(2, label=f"Seeds per direction (1–{MAX_SEEDS})", precision=0,
+            sweep_seeds = gr.Number(2, label=f"Seeds per direction (1–{MAX_SEEDS})", precision=None,
                                     elem_id="sweep-seeds")
             sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
         sweep_plot = gr.Plot(label="Replication vs radius", elem_id="sweep-plot")
@@ -340,7 +337,7 @@ def build_perturb_tab(context: AppContext) -> None:
             raise gr.Error(f"Pick a target image from the list, got {target_label!r}.")
         mitigation, inputs = mitigation_settings(state)
         config = dict(radii=parse_radii(radii_text),
-                      directions=check_whole_number("Directions", direction_count, 1, MAX_DIRECTIONS),
+                      directions=check_whole_number("Directions", direction_count, 1, MAX_STARTS),
                       seeds=list(range(check_whole_number("Seeds per direction", seed_count, 1, MAX_SEEDS))),
                       steps=check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS), mitigation=mitigation)
         if target_label.startswith(CONTROL):
@@ -354,14 +351,14 @@ def build_perturb_tab(context: AppContext) -> None:
                 done_total, description, unit = shown
                 progress(done_total, desc=description, unit=unit)
 
-        record = run_or_error(model, "sweep", config, inputs, report)
+        record = run_or_error(model, "sweep", config, inputs, state, report)
         state.records[SWEEP_VIEW] = record
         rates = ", ".join(f"{row['radius']:g}: {row['rate']:.0%}" for row in record.table)
         return sweep_figure(record), f"Replication rate per radius: {rates}.", state
 
-    sweep_button.click(sweep, inputs=[target, radii, directions, sweep_seeds, generation_steps, context.session],
-                       outputs=[sweep_plot, sweep_summary, context.session], api_name="sweep",
-                       concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(sweep_button.click, sweep, context,
+             inputs=[target, radii, directions, sweep_seeds, generation_steps, context.session],
+             outputs=[sweep_plot, sweep_summary, context.session], api_name="sweep")
 
     def refresh(state: Session):
         model = session_handle(context.models, state)

@@ -17,18 +17,18 @@ import torch
 
 from analysis.export import RunRecord
 from analysis.images import to_display
+from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
+from analysis.limits import MAX_SEED, MAX_SEEDS
 from analysis.model import REPO_ROOT, ModelHandle
 from analysis.replicate import training_images
-from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, mitigation_settings,
-                             session_handle)
-from dori_ui.streaming import report_to, run_or_error
+from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number,
+                             mitigation_settings, session_handle)
+from dori_ui.streaming import on_model, report_to, run_or_error
 
 VIEW = "replicate"
-MAX_SEEDS = 16
-MAX_STEPS = 100
 DEFAULT_SEEDS = 4
+MAX_GUIDANCE = 50
 # Wen et al. read the gap in the first steps, where it tells memorized prompts apart.
 PLOTTED_STEPS = 10
 SD14_PROMPTS = REPO_ROOT / "assets" / "sd14_memorization" / "memorized_laion_prompts.csv"
@@ -113,13 +113,13 @@ def build_replicate_tab(context: AppContext) -> None:
             prompt = gr.Textbox(label="Prompt", value=handle.memorized[0].caption if handle.memorized else "",
                                 placeholder="select a training image or type a prompt", elem_id="replicate-prompt")
             with gr.Row():
-                n_seeds = gr.Number(DEFAULT_SEEDS, label=f"Seeds (1–{MAX_SEEDS})", precision=0,
+                n_seeds = gr.Number(DEFAULT_SEEDS, label=f"Seeds (1–{MAX_SEEDS})", precision=None,
                                     elem_id="replicate-seeds")
-                first_seed = gr.Number(0, label="First seed", precision=0, elem_id="replicate-first-seed")
+                first_seed = gr.Number(0, label="First seed", precision=None, elem_id="replicate-first-seed")
             with gr.Row():
-                steps = gr.Number(handle.default_steps, label=f"Steps (1–{MAX_STEPS})", precision=0,
+                steps = gr.Number(handle.default_steps, label=f"Steps (1–{MAX_STEPS})", precision=None,
                                   elem_id="replicate-steps")
-                guidance = gr.Slider(1.0, 20.0, value=handle.default_guidance, step=0.5, label="Guidance",
+                guidance = gr.Number(handle.default_guidance, label=f"Guidance (0–{MAX_GUIDANCE})", step=0.5,
                                      elem_id="replicate-guidance")
             run_button = gr.Button("Replicate", variant="primary", elem_id="replicate-run")
     gr.Markdown(EXPLANATION)
@@ -135,22 +135,21 @@ def build_replicate_tab(context: AppContext) -> None:
         prompt_text = check_prompt(model, prompt_text)
         seed_count = check_whole_number("Seeds", seed_count, 1, MAX_SEEDS)
         step_count = check_whole_number("Steps", step_count, 1, MAX_STEPS)
-        seed_start = check_whole_number("First seed", seed_start, 0, 2**31 - 1 - seed_count)
+        seed_start = check_whole_number("First seed", seed_start, 0, MAX_SEED + 1 - seed_count)
         captions = [m.caption for m in model.memorized]
         mitigation, inputs = mitigation_settings(state)
         # A training image's own caption is compared with that image; any other prompt with all of them.
         config = dict(image=captions.index(prompt_text) if prompt_text in captions else None, prompt=prompt_text,
                       seeds=list(range(seed_start, seed_start + seed_count)), steps=step_count,
-                      guidance=float(guidance_scale), mitigation=mitigation)
-        record = run_or_error(model, "replicate", config, inputs, report_to(progress))
+                      guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE), mitigation=mitigation)
+        record = run_or_error(model, "replicate", config, inputs, state, report_to(progress))
         state.records[VIEW] = record
         images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
         gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
         return gallery, replication_summary(record), noise_gap_figure(record), state
 
-    run_button.click(run, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
-                     outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate",
-                     concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
+             outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
 
     def pick_training_image(state: Session, selection: gr.SelectData) -> str:
         return session_handle(context.models, state).memorized[selection.index].caption

@@ -10,6 +10,8 @@ hooks for the duration of one event, and model events run one at a time).
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from analysis.export import RunRecord
 from analysis.images import to_display
+from analysis.limits import MAX_PROMPT_CHARS, MAX_RUN_SECONDS
 from analysis.masks import Mask
 from analysis.model import ModelHandle, ModelLoadError, load_model
 from analysis.tasks import mask_tensors
@@ -40,6 +43,7 @@ class Session:
     finetuned: tuple[str, str] | None = None  # (base, adversarially fine-tuned) model names, set by `use_finetuned`
     # Models this session made (fine-tuned ones), by name: no other session sees or loads them.
     own_models: dict[str, ModelHandle] = field(default_factory=dict)
+    export_folders: dict[str, Path] = field(default_factory=dict)  # view -> temporary folder of its last export
 
 
 class ModelChoices:
@@ -61,15 +65,21 @@ class ModelChoices:
         """
         candidates = [folder for root in self.allowed_roots if root.is_dir()
                       for folder in [root, *sorted(root.iterdir())]]
-        found = [str(folder) for folder in candidates if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
+        # A symlink leading outside the roots is not offered: `allowed_source` would refuse it.
+        found = [str(folder) for folder in candidates if self._inside_roots(folder)
+                 and all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
         return list(dict.fromkeys([self.first, *self._sources, *found]))
+
+    def _inside_roots(self, folder: Path) -> bool:
+        resolved = folder.expanduser().resolve()
+        return any(resolved.is_relative_to(root) for root in self.allowed_roots)
 
     def allowed_source(self, name: str) -> str:
         """`name` if the app may load it, else ValueError saying why not."""
         if name in self._handles or name in self._sources:
             return name
         folder = Path(name).expanduser().resolve()
-        if not any(folder.is_relative_to(root) for root in self.allowed_roots):
+        if not self._inside_roots(folder):
             roots = (", ".join(str(root) for root in self.allowed_roots)
                      or "none (start the app with --allowed-root DIR)")
             raise ValueError(f"model {name!r} is not one the app was started with and lies outside the allowed "
@@ -137,10 +147,6 @@ def describe_model(handle: ModelHandle, session: Session) -> str:
             f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **mitigation:** {mitigation}")
 
 
-# A prompt longer than this many characters is refused before it is tokenized.
-MAX_PROMPT_CHARS = 1000
-
-
 def verdict_gallery(images: torch.Tensor, seeds: list[int], similarities: list[float] | None = None,
                     replicated: list | None = None) -> list:
     """(picture, caption) pairs for a gr.Gallery: the verdict first (galleries cut long captions), similarity, seed."""
@@ -151,9 +157,14 @@ def verdict_gallery(images: torch.Tensor, seeds: list[int], similarities: list[f
             for picture, seed, similarity, flag in zip(pictures, seeds, similarities, replicated)]
 
 
-def check_prompt(handle: ModelHandle, prompt: str | None) -> str:
-    """The prompt, stripped; a gr.Error when it is empty or longer than the text encoder reads."""
+def check_prompt(handle: ModelHandle, prompt: object) -> str:
+    """The prompt, stripped; a gr.Error when it is not text, is empty, holds control characters or is longer
+    than the text encoder reads."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise gr.Error(f"The prompt must be text, got {type(prompt).__name__}.")
     prompt = (prompt or "").strip()
+    if any(unicodedata.category(character) == "Cc" for character in prompt):
+        raise gr.Error("The prompt holds control characters (such as a newline or tab): type it on one line.")
     if not prompt:
         raise gr.Error("The prompt is empty: type a prompt or pick a training image.")
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -167,11 +178,31 @@ def check_prompt(handle: ModelHandle, prompt: str | None) -> str:
     return prompt
 
 
-def check_whole_number(name: str, value: float | None, low: int, high: int) -> int:
-    """`value` as an int; a gr.Error unless it is a whole number in [low, high]."""
-    if value is None or value != value or not low <= value <= high or int(value) != value:
-        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value}.")
+def check_whole_number(name: str, value: object, low: int, high: int) -> int:
+    """`value` as an int; a gr.Error unless it is a whole number in [low, high].
+
+    Whole-number fields are `gr.Number(precision=None)`, which hands over what
+    the browser or API client sent (a float, a string, a list, NaN) unrounded:
+    this check, not Gradio's rounding, decides and says what is wrong.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not low <= value <= high or int(value) != value:
+        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {_shown(value)}.")
     return int(value)
+
+
+def check_number(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
+    """`value` as a float; a gr.Error unless it is a number in [low, high] ((low, high] when `low_open`)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not (low < value if low_open else low <= value) or value > high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise gr.Error(f"{name} must be a number in {interval}, got {_shown(value)}.")
+    return float(value)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 @dataclass
@@ -183,3 +214,4 @@ class AppContext:
     header: gr.Markdown
     # view name -> (fn(session) -> updates, outputs), run after the session switches model.
     on_model_change: dict = field(default_factory=dict)
+    max_run_seconds: float = MAX_RUN_SECONDS  # a model event running longer is stopped (dori_ui.streaming)

@@ -1,16 +1,30 @@
-"""Run an analysis in a worker thread and stream what it reports, so a view can yield while it runs and stop it.
+"""How a view runs the model: one computation at a time, stoppable, and never outliving its event.
 
-`stream_task` runs `analysis.tasks.run_task` with a callback that queues every
-event (`DenoisingStep`, `DoriStep`, `TaskProgress`) and raises
-`SamplingCancelled` once the session's stop flag is set, so a Stop button ends
-the run within one step (Gradio's `cancels=` alone cannot interrupt torch).
+Every event that runs the model is registered through `model_event`. Its
+handler runs in a worker thread; when Gradio cancels the event (a closed tab,
+a client's cancel), the wrapper sets the session's stop flag and returns only
+once the computation has stopped, so Gradio frees the model's queue slot only
+then. The same happens when a run exceeds the app's time limit per request.
+
+Computations hold `MODEL_LOCK`: `run_or_error` (one `run_task` call),
+`stream_task` (one `run_task` call whose events a view yields as they come)
+and `holding_model` for the few direct ones. A mitigation is applied with
+hooks inside a computation, so no other computation ever sees it, even one
+that starts while a cancelled one is still finishing its step. Their callbacks
+raise `SamplingCancelled` once the stop flag is set, which ends a run within
+one step (Gradio's `cancels=` alone cannot interrupt torch).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import gradio as gr
@@ -21,7 +35,27 @@ from analysis.export import RunRecord
 from analysis.model import ModelHandle
 from analysis.sampling import DenoisingStep, SamplingCancelled
 from analysis.tasks import TaskProgress, run_task
-from dori_ui.session import Session
+from dori_ui import MODEL_CONCURRENCY_ID
+from dori_ui.session import AppContext, Session
+
+# Held by every computation on a model: the app runs one at a time (re-entrant: a computation's callback may run
+# a nested one, e.g. the Dori search's previews).
+MODEL_LOCK = threading.RLock()
+
+
+@contextmanager
+def holding_model(session: Session) -> Iterator[None]:
+    """Run the block as the app's one model computation, after any other has stopped; the session's stop flag
+    stops it where it checks `check_stop`."""
+    with MODEL_LOCK:
+        check_stop(session)
+        yield
+
+
+def check_stop(session: Session) -> None:
+    """Raise `SamplingCancelled` once the session's run was stopped (Stop button, cancelled event, time limit)."""
+    if session.stop_requested:
+        raise SamplingCancelled
 
 
 @dataclass
@@ -44,18 +78,17 @@ def stream_task(handle: ModelHandle, kind: str, config: dict, inputs: dict[str, 
     mask applied); what it returns, if not None, is yielded after the event.
     """
     events: queue.Queue = queue.Queue()
-    session.stop_requested = False
 
     def callback(event: object) -> None:
-        if session.stop_requested:
-            raise SamplingCancelled
+        check_stop(session)
         events.put(event)
         if extra is not None and (added := extra(event)) is not None:
             events.put(added)
 
     def work() -> None:
         try:
-            events.put(_Finished(record=run_task(handle, kind, config, callback=callback, inputs=inputs)))
+            with holding_model(session):
+                events.put(_Finished(record=run_task(handle, kind, config, callback=callback, inputs=inputs)))
         except BaseException as err:  # noqa: BLE001 - handed to the consuming thread, which raises it
             events.put(_Finished(error=err))
 
@@ -112,13 +145,95 @@ def report_to(progress) -> Callable[[object], None]:
     return callback
 
 
-def run_or_error(handle: ModelHandle, kind: str, config: dict, inputs: dict[str, torch.Tensor],
+def run_or_error(handle: ModelHandle, kind: str, config: dict, inputs: dict[str, torch.Tensor], session: Session,
                  callback: Callable[[object], None] | None = None) -> RunRecord:
-    """`run_task`, with a bad setting (ValueError) shown to the user as a gr.Error."""
+    """`run_task` as the app's model computation (stopped by the session's stop flag), with a bad setting
+    (ValueError) shown to the user as a gr.Error."""
+
+    def checked(event: object) -> None:
+        check_stop(session)
+        if callback is not None:
+            callback(event)
+
     try:
-        return run_task(handle, kind, config, callback=callback, inputs=inputs)
+        with holding_model(session):
+            return run_task(handle, kind, config, callback=checked, inputs=inputs)
     except ValueError as err:
         raise gr.Error(str(err)) from err
+
+
+def model_event(handler: Callable, context: AppContext) -> Callable:
+    """`handler` (a function or generator of a view that runs the model, taking the `Session` among its
+    arguments) as Gradio should call it: in a worker thread, stopped when the event is cancelled or runs past
+    `context.max_run_seconds`, and finished only when its computation has stopped.
+
+    Gradio reads the wrapper's signature through `functools.wraps`, so `gr.Progress` and other special
+    arguments reach the handler as before.
+    """
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        async def stream(*args, **kwargs):
+            session, deadline = _started(args, context)
+            steps = handler(*args, **kwargs)
+            try:
+                while (item := await _until_stopped(session, deadline, next, steps, _END)) is not _END:
+                    yield item
+            finally:
+                await asyncio.to_thread(steps.close)  # runs its `finally`s (stream_task joins its worker there)
+            _raise_if_timed_out(session, deadline, context)
+
+        return stream
+
+    @functools.wraps(handler)
+    async def call(*args, **kwargs):
+        session, deadline = _started(args, context)
+        try:
+            result = await _until_stopped(session, deadline, handler, *args, **kwargs)
+        except SamplingCancelled:
+            _raise_if_timed_out(session, deadline, context)
+            raise gr.Error("Stopped.") from None
+        _raise_if_timed_out(session, deadline, context)
+        return result
+
+    return call
+
+
+def on_model(listener: Callable, handler: Callable, context: AppContext, **kwargs):
+    """Register `handler` as a model event on `listener` (e.g. `button.click`): wrapped by `model_event` and
+    queued behind the other model events, one at a time."""
+    return listener(model_event(handler, context), concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1, **kwargs)
+
+
+_END = object()  # what `next` returns at a generator's end, in place of StopIteration (which a Future cannot raise)
+
+
+def _started(args: tuple, context: AppContext) -> tuple[Session, float]:
+    session = next((arg for arg in args if isinstance(arg, Session)), None)
+    if session is None:
+        raise TypeError("a model event's handler takes the session's state among its inputs")
+    session.stop_requested = False
+    return session, time.monotonic() + context.max_run_seconds
+
+
+async def _until_stopped(session: Session, deadline: float, function: Callable, *args, **kwargs):
+    """`function(*args)` in a worker thread. If the event is cancelled, or the deadline passes, the session's
+    stop flag is set and the call still awaited: the model is free again only when this returns or raises."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args, **kwargs))
+    try:
+        return await asyncio.wait_for(asyncio.shield(work), max(deadline - time.monotonic(), 0))
+    except TimeoutError:
+        session.stop_requested = True
+        return await work
+    except asyncio.CancelledError:
+        session.stop_requested = True
+        await asyncio.wait([work])
+        raise
+
+
+def _raise_if_timed_out(session: Session, deadline: float, context: AppContext) -> None:
+    if session.stop_requested and time.monotonic() >= deadline:
+        raise gr.Error(f"Stopped: this run took longer than the app's limit of {context.max_run_seconds:g} s per "
+                       "request (app.py --max-run-seconds). Choose fewer seeds or steps, or ask the app's host.")
 
 
 def run_and_stop_buttons(label: str, run_id: str, stop_id: str) -> tuple[gr.Button, gr.Button]:

@@ -27,16 +27,16 @@ import plotly.graph_objects as go
 
 from analysis.dori import DoriSearch, evaluate
 from analysis.experiments.trigger_assets import asset_folder
+from analysis.limits import MAX_SEARCH_STEPS, MAX_SEEDS, MAX_STARTS
 from analysis.model import REPO_ROOT, ModelHandle
 from analysis.projection import METHODS, warm_up
 from analysis.sampling import SamplingCancelled
 from analysis.tasks import record_map
 from analysis.trigger_map import TRIGGERS, TriggerMap, map_settings
 from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set
-from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import AppContext, Session, check_whole_number, session_handle, verdict_gallery
-from dori_ui.streaming import request_stop, run_and_stop_buttons, run_or_error
+from dori_ui.streaming import check_stop, holding_model, on_model, request_stop, run_and_stop_buttons, run_or_error
 
 VIEW = "trigger_map"
 SHIPPED = "shipped set (assets/triggers)"
@@ -44,9 +44,6 @@ BUILD = "build a new set here"
 COLOURS = ("replication", "set and start")
 # Sets built in the app; one folder per model, image and settings, so that a rerun resumes.
 BUILT_SETS = REPO_ROOT / "runs" / "trigger_sets"
-MAX_TRIGGERS = 64
-MAX_SEARCH_STEPS = 500
-MAX_SEEDS = 16
 TABLE_COLUMNS = ["trigger", "start", "replication", "final loss", "distance from start", "distance from prompt"]
 REFERENCE_STYLE = {"memorized prompts": ("#d62728", "star"), "held-out prompts": ("#7f7f7f", "circle-open"),
                    "random starts": ("#bcbd22", "x")}
@@ -133,7 +130,7 @@ def trigger_table(trigger_set: TriggerSet) -> list[list]:
 def generations(handle: ModelHandle, session: Session, state: MapState, index: int, seeds: list[int]):
     """A gallery of trigger `index` generated with `seeds` (the session's mask applied), and a one-line summary."""
     target = handle.memorized[state.image].image
-    with session.mask.applied(handle) if session.mask is not None else nullcontext():
+    with holding_model(session), session.mask.applied(handle) if session.mask is not None else nullcontext():
         result = evaluate(handle, state.trigger_set.embeddings[index:index + 1], target, seeds)
     checked = result.replication[0]
     gallery = verdict_gallery(result.images[0], seeds, checked.similarities.tolist(), checked.replicated.tolist())
@@ -160,11 +157,11 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                                   elem_id="trigger-map-colour")
         with gr.Column(scale=2):
             with gr.Row():
-                count = gr.Number(8, label=f"Triggers to build (1–{MAX_TRIGGERS})", precision=0,
+                count = gr.Number(8, label=f"Triggers to build (1–{MAX_STARTS})", precision=None,
                                   elem_id="trigger-map-count")
-                steps = gr.Number(50, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=0,
+                steps = gr.Number(50, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
                                   elem_id="trigger-map-steps")
-                eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=0,
+                eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=None,
                                        elem_id="trigger-map-eval-seeds")
             load_button, stop_button = run_and_stop_buttons("Load / build and map", "trigger-map-load", "trigger-map-stop")
     gr.Markdown(EXPLANATION)
@@ -174,8 +171,8 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                          elem_id="trigger-map-table")
     build_export(context, VIEW, "“Load / build and map”")
     with gr.Row():
-        index = gr.Number(None, label="Trigger", precision=0, elem_id="trigger-map-index")
-        show_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=0,
+        index = gr.Number(None, label="Trigger", precision=None, elem_id="trigger-map-index")
+        show_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=None,
                                elem_id="trigger-map-seeds")
         show_button = gr.Button("Generate trigger", elem_id="trigger-map-show")
         pin_a = gr.Button("Pin as A", elem_id="trigger-map-pin-a")
@@ -204,24 +201,23 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                 raise gr.Error(f"No shipped trigger set for “{caption}” (looked in {folder}): build one here.")
             trigger_set = TriggerSet.load(folder)
         elif source_label == BUILD:
-            total = check_whole_number("Triggers to build", trigger_count, 1, MAX_TRIGGERS)
+            total = check_whole_number("Triggers to build", trigger_count, 1, MAX_STARTS)
             search_steps = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
             seeds = check_whole_number("Seeds per trigger", seed_count, 1, MAX_SEEDS)
-            session.stop_requested = False
 
             def report(event: TriggerProgress) -> None:
-                if session.stop_requested:
-                    raise SamplingCancelled
+                check_stop(session)
                 done = event.finished * event.step.total + event.step.index + 1
                 progress((done, event.total * event.step.total), desc=f"Searching (triggers done: {event.finished})",
                          unit="steps")
 
             # Batch 2 per start, as the shipped sets (analysis.experiments.trigger_assets): sized for a laptop CPU.
             try:
-                trigger_set = build_trigger_set(
-                    model, built_folder(model, chosen, total, search_steps, seeds), model.memorized[chosen],
-                    count=total, search=DoriSearch(steps=search_steps, batch_size=2),
-                    starts_per_batch=min(total, 8), evaluation_seeds=range(seeds), callback=report)
+                with holding_model(session):
+                    trigger_set = build_trigger_set(
+                        model, built_folder(model, chosen, total, search_steps, seeds), model.memorized[chosen],
+                        count=total, search=DoriSearch(steps=search_steps, batch_size=2),
+                        starts_per_batch=min(total, 8), evaluation_seeds=range(seeds), callback=report)
             except SamplingCancelled:
                 return "Stopped. The triggers finished so far are saved: build again to resume.", *[gr.skip()] * 4
         else:
@@ -231,7 +227,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
             config, inputs = map_settings(model, trigger_set)
         except ValueError as err:
             raise gr.Error(str(err)) from err
-        record = run_or_error(model, "trigger_map", dict(config, method=method_name), inputs)
+        record = run_or_error(model, "trigger_map", dict(config, method=method_name), inputs, session)
         session.records[VIEW] = record
         trigger_map = record_map(record)
         rate = record.metrics["mean_replication_rate"]
@@ -240,9 +236,9 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
         state = MapState(trigger_set, trigger_map, chosen)
         return summary, map_figure(trigger_map, colour_name, None), trigger_table(trigger_set), state, session
 
-    load_button.click(load, inputs=[image, source, method, colour, count, steps, eval_seeds, context.session],
-                      outputs=[status, plot, table, map_state, context.session], api_name="trigger_map_load",
-                      concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(load_button.click, load, context,
+             inputs=[image, source, method, colour, count, steps, eval_seeds, context.session],
+             outputs=[status, plot, table, map_state, context.session], api_name="trigger_map_load")
 
     def prepare(method_name: str) -> None:
         # UMAP's first use in a process imports and compiles numba code (a minute of CPU on a busy laptop): start
@@ -280,10 +276,9 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
 
     show_inputs = [index, show_seeds, colour, map_state, context.session]
     show_outputs = [selected, selected_summary, plot, map_state]
-    table.select(pick_row, inputs=None, outputs=index).then(
-        show, inputs=show_inputs, outputs=show_outputs, concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
-    show_button.click(show, inputs=show_inputs, outputs=show_outputs, api_name="trigger_map_show",
-                      concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
+    on_model(table.select(pick_row, inputs=None, outputs=index).then, show, context, inputs=show_inputs,
+             outputs=show_outputs)
+    on_model(show_button.click, show, context, inputs=show_inputs, outputs=show_outputs, api_name="trigger_map_show")
 
     def pin(state: MapState | None):
         if loaded(state).shown is None:

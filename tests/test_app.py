@@ -92,9 +92,9 @@ def test_export_before_any_run_says_so(client):
     ("", 2, STEPS, "prompt is empty"),
     ("red " * 100, 2, STEPS, "the text encoder reads at most"),
     ("x" * 2000, 2, STEPS, "at most 1000 are accepted"),
-    ("a red circle", 17, STEPS, "Seeds must be a whole number from 1 to 16"),
-    ("a red circle", 2, 0, "Steps must be a whole number from 1 to 100"),
-    ("a red circle", 2, 10**9, "Steps must be a whole number from 1 to 100"),
+    ("a red circle", 65, STEPS, "Seeds must be a whole number from 1 to 64"),
+    ("a red circle", 2, 0, "Steps must be a whole number from 1 to 1000"),
+    ("a red circle", 2, 10**9, "Steps must be a whole number from 1 to 1000"),
 ], ids=["empty", "too many tokens", "too many characters", "too many seeds", "no steps", "absurd steps"])
 def test_bad_replicate_input_gives_a_clear_error_and_the_app_stays_usable(client, tiny_handle, prompt, seeds, steps,
                                                                          message):
@@ -169,7 +169,7 @@ def test_nemo_refinement_can_be_switched_off(client, tiny_handle, monkeypatch):
 
 
 def test_mitigate_rejects_a_bad_sparsity(client, tiny_handle):
-    with pytest.raises(AppError, match="Wanda sparsity must be a percentage"):
+    with pytest.raises(AppError, match="Wanda sparsity \\(%\\) must be a number in \\(0, 50\\]"):
         client.predict(tiny_handle.memorized[0].caption, MITIGATE, 2, 90.0, True, STEPS, 2, api_name="/mitigate")
 
 

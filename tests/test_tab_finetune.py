@@ -66,7 +66,7 @@ def test_finetune_then_switch_the_session_to_the_tuned_model(app_url, tiny_handl
     ((None, 0, 2, 2, 2, 2, 2, *SETTINGS), "Rounds must be a whole number from 1 to 10"),
     ((None, 1, 2, 2, 2, 2, 17, *SETTINGS), "Evaluation seeds must be a whole number from 1 to 16"),
     ((None, *COUNTS, 0, *SETTINGS[1:]), "Learning rate must be a number in"),
-    ((None, *COUNTS, *SETTINGS[:-1], 1), "decay must be 0 \\(off\\) or in \\(0, 1\\)"),
+    ((None, *COUNTS, *SETTINGS[:-1], 1), "decay \\(0 = off, else e.g. 0.99\\) must be a number in \\[0, 0.9999\\]"),
 ])
 def test_bad_settings_give_a_clear_message(app_url, tiny_handle, arguments, message):
     targets = [tiny_handle.memorized[0].caption] if arguments[0] is None else arguments[0]

@@ -63,7 +63,7 @@ def test_each_session_has_its_own_map(app_url, tiny_handle):
 
 @pytest.mark.parametrize("arguments, message", [
     (("no such caption", *BUILD_SMALL), "not in the list of choices"),
-    ((None, BUILD, "pca", "replication", 0, 2, 1), "Triggers to build must be a whole number from 1 to 64"),
+    ((None, BUILD, "pca", "replication", 0, 2, 1), "Triggers to build must be a whole number from 1 to 256"),
     ((None, BUILD, "umap", "replication", 3, 2, 1), "UMAP with n_neighbors=15 needs more than 15"),
     ((None, SHIPPED, "pca", "replication", 3, 2, 1), "shipped trigger set|made on 'bundled demo model'"),
 ])
