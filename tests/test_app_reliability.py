@@ -53,7 +53,7 @@ def mitigate(client: Client, prompt: str, sparsity: float = 1.0) -> str:
 
 def cancel_while_running(job, after_s: float) -> None:
     deadline = time.monotonic() + 60
-    while job.status().code != Status.PROCESSING:
+    while job.status().code not in (Status.PROCESSING, Status.ITERATING):
         assert time.monotonic() < deadline, "the run never started"
         time.sleep(0.02)
     time.sleep(after_s)
@@ -72,6 +72,10 @@ def test_a_cancelled_run_leaks_no_mitigation_into_another_session(app_url, tiny_
     assert replicate(b, caption) == unmitigated
     # A's own session still has its mask, and its next run is its own.
     assert replicate(a, caption) == mitigated
+    # The same for a streaming view: a Dori search under A's mask, cancelled mid-way.
+    search = a.submit(caption, "random embedding", "", 0, None, 1000, 0.1, 8, 2, STEPS, 0, api_name="/perturb")
+    cancel_while_running(search, 0.5)
+    assert replicate(b, caption) == unmitigated
 
 
 def test_four_sessions_cancelling_at_random_each_get_their_own_results(app_url, tiny_handle):
