@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from analysis.dori import DoriSearch
 from analysis.export import RunRecord, compare_metrics, rerun, save_export
 from analysis.hooks import KINDS
 from analysis.model import ModelHandle, ModelLoadError, load_model
@@ -191,10 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="random starts, seeds S..S+N-1 with S = --start-seed (default 1)")
     sub.add_argument("--start-seed", type=int, default=0, help="seed of the first random start (default 0)")
     sub.add_argument("--prompt-start", action="store_true", help="also start from the prompt's own embedding")
-    sub.add_argument("--search-steps", type=int, default=50)
-    sub.add_argument("--lr", type=float, default=0.1)
-    sub.add_argument("--batch-size", type=int, default=8, help="(noise, timestep) pairs per start and step")
-    sub.add_argument("--search-seed", type=int, default=0)
+    sub.add_argument("--search-steps", type=int, default=DoriSearch.steps)
+    sub.add_argument("--lr", type=float, default=DoriSearch.lr)
+    sub.add_argument("--batch-size", type=int, default=DoriSearch.batch_size,
+                     help="(noise, timestep) pairs per start and step")
+    sub.add_argument("--search-seed", type=int, default=DoriSearch.seed)
+    sub.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute the UNet's activations in the backward pass: less memory, slower")
     sub.add_argument("--evaluation-seeds", type=parse_seeds, default=[0, 1, 2, 3])
     _sampling_options(sub)
     _mitigation_options(sub)
@@ -227,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=int, default=100)
     sub.add_argument("--starts-per-batch", type=int, default=10)
     sub.add_argument("--seed", type=int, default=0, help="trigger i starts from random seed SEED + i")
-    sub.add_argument("--search-steps", type=int, default=50)
+    sub.add_argument("--search-steps", type=int, default=DoriSearch.steps)
     sub.add_argument("--evaluation-seeds", type=parse_seeds, help="also generate each trigger with these seeds")
 
     sub = command("map", "a trigger set on a 2-D map beside prompts and random starts; the dispersion of each set",
@@ -329,7 +333,8 @@ def task_config(args) -> tuple[str, dict, dict[str, torch.Tensor]]:
         starts = [{"kind": "random", "seed": args.start_seed + i} for i in range(args.random_starts)]
         starts += [{"kind": "prompt"}] if args.prompt_start else []
         config.update(starts=starts, search=dict(lr=args.lr, steps=args.search_steps, batch_size=args.batch_size,
-                                                 seed=args.search_seed),
+                                                 seed=args.search_seed,
+                                                 gradient_checkpointing=args.gradient_checkpointing),
                       evaluation_seeds=args.evaluation_seeds, **_sampling_config(args))
         mitigation, inputs = _mitigation(args)
         config.update(mitigation)
@@ -425,7 +430,6 @@ def cmd_rerun(args, progress: ProgressBars) -> int:
 
 
 def cmd_triggers(args, progress: ProgressBars) -> int:
-    from analysis.dori import DoriSearch
     from analysis.triggers import build_trigger_set
 
     handle = _load(args)

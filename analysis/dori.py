@@ -21,7 +21,8 @@ To search against a mitigated model, run both calls inside `with mask.applied(ha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,12 @@ class DoriSearch:
     `tokens`: "all" or the token positions (0..76) that move; the others stay
     exactly at the start. `batch_size`: (ε, t) pairs per start and step.
     `seed`: start i draws its (ε, t) from a generator seeded `seed + i`.
+    `gradient_checkpointing`: recompute the UNet's activations in the
+    backward pass instead of keeping them (less memory at SD size, slower);
+    the result is the same.
+
+    The optimised embedding and Adam's state are float32 whatever the model's
+    dtype; only the UNet's inputs are cast to it (fp16/bf16 on a GPU).
     """
 
     lr: float = 0.1
@@ -138,6 +145,7 @@ class DoriSearch:
     batch_size: int = 8
     tokens: str | list[int] = "all"
     seed: int = 0
+    gradient_checkpointing: bool = False
 
     def fit(self, handle: ModelHandle, target_image: torch.Tensor, starts: Sequence[Start], prompt: str | None = None,
             callback: Callable[[DoriStep], None] | None = None) -> DoriResult:
@@ -163,7 +171,8 @@ class DoriSearch:
         scheduler = handle.scheduler
         generators = noise_generators([self.seed + i for i in range(n_starts)])
         losses = []
-        with torch.enable_grad():  # callers such as a UI may run under no_grad
+        # enable_grad: callers such as a UI may run under no_grad.
+        with torch.enable_grad(), _gradient_checkpointing(handle.unet, self.gradient_checkpointing):
             for index in range(self.steps):
                 timesteps, noise = self._draw(handle, generators)
                 x_t = scheduler.add_noise(z0, noise, timesteps)
@@ -208,6 +217,19 @@ class DoriSearch:
                                            generator=generator))
             noise.append(torch.randn((self.batch_size, *handle.latent_shape), generator=generator))
         return torch.cat(timesteps).to(handle.device), torch.cat(noise).to(handle.device, handle.dtype)
+
+
+@contextmanager
+def _gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
+    """The block with the UNet's gradient checkpointing on if `enabled`, then as it was."""
+    before = unet.is_gradient_checkpointing
+    if enabled and not before:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if enabled and not before:
+            unet.disable_gradient_checkpointing()
 
 
 @dataclass

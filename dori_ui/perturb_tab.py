@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from analysis.demo.data import all_shape_specs, render_shapes
-from analysis.dori import DoriStep, evaluate, token_distances
+from analysis.dori import DoriSearch, DoriStep, evaluate, token_distances
 from analysis.export import RunRecord
 from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
 from analysis.limits import MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
@@ -204,12 +204,12 @@ def build_perturb_tab(context: AppContext) -> None:
                              elem_id="perturb-upload")
         with gr.Column(scale=2):
             with gr.Row():
-                steps = gr.Number(50, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
+                steps = gr.Number(DoriSearch.steps, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
                                   elem_id="perturb-steps")
-                lr = gr.Number(0.1, label="Learning rate (Adam)", elem_id="perturb-lr")
+                lr = gr.Number(DoriSearch.lr, label="Learning rate (Adam)", elem_id="perturb-lr")
             with gr.Row():
-                batch = gr.Number(8, label=f"Batch (ε, t pairs per step, 1–{MAX_SEARCH_BATCH})", precision=None,
-                                  elem_id="perturb-batch")
+                batch = gr.Number(DoriSearch.batch_size, label=f"Batch (ε, t pairs per step, 1–{MAX_SEARCH_BATCH})",
+                                  precision=None, elem_id="perturb-batch")
                 eval_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=None,
                                        elem_id="perturb-eval-seeds")
             with gr.Row():

@@ -104,6 +104,8 @@ def stream_task(handle: ModelHandle, kind: str, config: dict, inputs: dict[str, 
                 yield Stopped()
             elif isinstance(event.error, ValueError):
                 raise gr.Error(str(event.error)) from event.error
+            elif isinstance(event.error, (torch.cuda.OutOfMemoryError, MemoryError)):
+                raise out_of_memory(handle) from event.error
             elif event.error is not None:
                 raise event.error
             else:
@@ -160,6 +162,17 @@ def run_or_error(handle: ModelHandle, kind: str, config: dict, inputs: dict[str,
             return run_task(handle, kind, config, callback=checked, inputs=inputs)
     except ValueError as err:
         raise gr.Error(str(err)) from err
+    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+        raise out_of_memory(handle) from err
+
+
+def out_of_memory(handle: ModelHandle) -> gr.Error:
+    """The message for a run that did not fit in memory, after freeing what the failed run cached."""
+    if handle.device.type == "cuda":
+        torch.cuda.empty_cache()
+    where = "GPU" if handle.device.type == "cuda" else "machine"
+    return gr.Error(f"The {where} ran out of memory for this run. Nothing was kept; try fewer seeds, a smaller "
+                    "batch or fewer triggers (or a smaller dtype, app.py --dtype float16).")
 
 
 def model_event(handler: Callable, context: AppContext) -> Callable:

@@ -159,7 +159,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
             with gr.Row():
                 count = gr.Number(8, label=f"Triggers to build (1–{MAX_STARTS})", precision=None,
                                   elem_id="trigger-map-count")
-                steps = gr.Number(50, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
+                steps = gr.Number(DoriSearch.steps, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
                                   elem_id="trigger-map-steps")
                 eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=None,
                                        elem_id="trigger-map-eval-seeds")

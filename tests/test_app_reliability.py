@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
@@ -267,3 +268,23 @@ def test_removing_a_session_removes_its_exports(tmp_path):
     session = Session(model="m", export_folders={"replicate": folder})
     remove_exports(session)
     assert not folder.exists() and session.export_folders == {}
+
+
+@pytest.mark.parametrize("endpoint", ["/replicate", "/perturb"])
+def test_out_of_memory_in_a_view_is_a_message_and_the_app_stays_usable(app_url, tiny_handle, monkeypatch, endpoint):
+    import dori_ui.streaming
+
+    real_run_task = dori_ui.streaming.run_task
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    client = new_client(app_url)
+    caption = tiny_handle.memorized[0].caption
+    arguments = {"/replicate": [caption, 1, 0, STEPS, 4.0],
+                 "/perturb": [caption, "random embedding", "", 0, None, 1, 0.1, 1, 1, STEPS, 0]}[endpoint]
+    monkeypatch.setattr(dori_ui.streaming, "run_task", out_of_memory)
+    with pytest.raises(AppError, match="ran out of memory for this run"):
+        client.predict(*arguments, api_name=endpoint)
+    monkeypatch.setattr(dori_ui.streaming, "run_task", real_run_task)
+    assert len(replicate(client, caption, seeds=1)[0]) == 1

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,3 +91,37 @@ def test_evaluate_generates_and_scores_each_embedding(tiny_handle, target):
     assert generated.similarities.shape == generated.replicated.shape == (2, 2) and generated.rates.shape == (2,)
     alone = sample(tiny_handle, embeddings[1:], [0, 1], steps=2, guidance=tiny_handle.default_guidance).images
     torch.testing.assert_close(generated.images[1], alone, rtol=0, atol=1e-4)
+
+
+def test_embedding_and_adam_state_stay_float32_with_a_half_precision_unet(tiny_handle, monkeypatch):
+    """At SD size the UNet runs in fp16/bf16; the search's own state must not (Adam's small steps would round away).
+    On the CPU bfloat16 stands in for float16."""
+    import copy
+
+    import analysis.dori
+
+    half = dataclasses.replace(tiny_handle, unet=copy.deepcopy(tiny_handle.unet).to(torch.bfloat16),
+                               dtype=torch.bfloat16)
+    optimizers = []
+
+    class RecordedAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    monkeypatch.setattr(analysis.dori.torch.optim, "Adam", RecordedAdam)
+    result = DoriSearch(steps=2, batch_size=2).fit(half, tiny_handle.memorized[0].image, [Start.random(0)])
+    (optimizer,) = optimizers
+    (parameter,) = optimizer.param_groups[0]["params"]
+    state = optimizer.state[parameter]
+    assert parameter.dtype == state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert result.embeddings.dtype == torch.float32 and torch.isfinite(result.losses).all()
+    assert next(half.unet.parameters()).dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing_gives_the_same_search_and_is_switched_off_after(tiny_handle):
+    image, starts = tiny_handle.memorized[0].image, [Start.random(0)]
+    plain = DoriSearch(steps=2, batch_size=2).fit(tiny_handle, image, starts)
+    checkpointed = DoriSearch(steps=2, batch_size=2, gradient_checkpointing=True).fit(tiny_handle, image, starts)
+    torch.testing.assert_close(checkpointed.embeddings, plain.embeddings)
+    assert not tiny_handle.unet.is_gradient_checkpointing
