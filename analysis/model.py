@@ -136,6 +136,19 @@ def _read_sidecar(folder: Path) -> dict:
     return found
 
 
+def _refuse_pickled_weights(folder: Path) -> None:
+    """ModelLoadError if a component has only pickled `.bin` weights: unpickling a file can run code, so only
+    safetensors are loaded; the message says how to convert the folder once."""
+    for sub in ("unet", "text_encoder", "vae"):
+        weights = folder / sub
+        if weights.is_dir() and any(weights.glob("*.bin")) and not any(weights.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{weights.resolve()} holds only PyTorch .bin weights, which Dori Lab does not load (unpickling can "
+                "run code). Convert the folder once, where you trust it: python -c \"from diffusers import "
+                f"StableDiffusionPipeline as P; P.from_pretrained('{folder.resolve()}', use_safetensors=False)"
+                f".save_pretrained('{folder.resolve()}', safe_serialization=True)\"")
+
+
 def load_model(source: str | Path | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype | str = torch.float32, local_files_only: bool = False) -> ModelHandle:
     """Load a Stable Diffusion pipeline's components into a `ModelHandle`.
@@ -156,6 +169,7 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
             raise ModelLoadError(
                 f"{folder.resolve()} is not a Stable Diffusion pipeline folder: missing {', '.join(f'{sub}/' for sub in missing)} "
                 "(expected unet/, text_encoder/, tokenizer/, scheduler/ and vae/ or codec/)")
+        _refuse_pickled_weights(folder)
     where = str(folder.resolve()) if is_local else f"hub id {source!r}"
     kwargs = dict(local_files_only=local_files_only)
     try:

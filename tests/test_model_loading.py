@@ -57,3 +57,13 @@ def test_neither_path_nor_hub_id(source):
 def test_bad_dtype(tiny_model_dir):
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(tiny_model_dir, dtype="float13")
+
+
+def test_pickled_weights_are_refused_with_how_to_convert(tmp_path, tiny_model_dir):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"a pickle is never opened")
+    with pytest.raises(ModelLoadError, match="only PyTorch .bin weights.*safe_serialization=True"):
+        load_model(folder)
