@@ -30,3 +30,25 @@ def test_the_published_config_builds_sd14_sized_blocks():
     with torch.device("meta"):
         unet = sd14_unet_handle("meta", torch.float32).unet
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+def test_the_rehearsal_builds_saves_loads_and_runs_every_analysis(tmp_path):
+    """`analysis.bench.sd14_rehearsal` on a narrow pipeline of SD v1.4's structure: the same code path as the
+    full-size run that writes docs/results/sd14_cpu_rehearsal.md."""
+    import dataclasses
+
+    from analysis.bench.sd14_rehearsal import SD14_TEXT_ENCODER_CONFIG, SD14_VAE_CONFIG, analyses, build_folder
+    from analysis.model import load_model
+
+    text = dict(SD14_TEXT_ENCODER_CONFIG, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, projection_dim=16)
+    vae = dict(SD14_VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=64)
+    build_folder(tmp_path / "model", unet_config=NARROW, text_encoder_config=text, vae_config=vae)
+    assert sorted(path.name for path in (tmp_path / "model" / "unet").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
+    handle = dataclasses.replace(load_model(tmp_path / "model"), default_steps=2)
+    assert not handle.pixel_space and handle.latent_shape == (4, 8, 8)
+    runs = analyses(handle, size=64)
+    assert len(runs) == 5
+    for run in runs.values():
+        run()

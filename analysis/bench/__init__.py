@@ -43,9 +43,10 @@ def verdict(value: float, target: float, unit: str = "") -> str:
 
 
 def write_report(path: Path, title: str, command: str, setup: str, rows: list[tuple[str, str, str]],
-                 details: str, load_before: float, load_after: float) -> None:
+                 details: str, load_before: float, load_after: float,
+                 headers: tuple[str, str, str] = ("what", "median", "target")) -> None:
     """Print the table and write the report: what ran, the table, every run, the machine and versions."""
-    table = "\n".join(["| what | median | target |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+    table = "\n".join([f"| {' | '.join(headers)} |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
     report = f"""# {title}
 
 Written by `{command}` on {datetime.date.today().isoformat()}.

@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,14 +58,16 @@ def wait_until_ready(url: str, server: subprocess.Popen) -> None:
 
 
 @contextmanager
-def app_process(output=subprocess.DEVNULL) -> Iterator[str]:
-    """`python app.py` on the bundled model on a free port, until the block ends: its URL, once it answers.
+def app_process(output=subprocess.DEVNULL, extra_args: Sequence[str] = ()) -> Iterator[str]:
+    """`python app.py` (on the bundled model unless `extra_args` name another) on a free port, until the block
+    ends: its URL, once it answers.
 
     `output`: where the app's stdout and stderr go (a file, or DEVNULL).
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"], cwd=REPO_ROOT,
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu", *extra_args],
+                              cwd=REPO_ROOT,
                               stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         wait_until_ready(url, server)
