@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from analysis.export import RunRecord, compare_metrics, rerun, save_export
 from analysis.hooks import KINDS
-from analysis.model import ModelHandle, ModelLoadError, load_model
+from analysis.metrics import SSCD_THRESHOLD
+from analysis.model import ModelHandle, ModelLoadError, open_model
 from analysis.projection import METHODS
 from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, TaskProgress, mask_tensors, record_mask, run_task
 
@@ -121,6 +122,18 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None, help="diffusers SD 1.x/2.x folder or hub id (default: the bundled model)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     group.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
+    group.add_argument("--memorized", type=Path, metavar="DIR",
+                       help="a memorized set: an imagefolder (images + metadata.csv or metadata.jsonl with columns "
+                            "file_name and text or caption); replaces the model folder's memorized.json")
+    group.add_argument("--reference-prompts", type=Path, metavar="FILE",
+                       help="non-memorized prompts (CSV with a prompt/caption column, or JSON) for NeMo, Wanda, the "
+                            "trigger map and side effects (default: the model's, else SD v1.4's 500 unmemorized "
+                            "LAION prompts)")
+    group.add_argument("--sscd", type=Path, metavar="FILE",
+                       help="judge replication by SSCD (a TorchScript file, e.g. sscd_disc_mixup.torchscript.pt) "
+                            "instead of pixel correlation")
+    group.add_argument("--sscd-threshold", type=float, metavar="T",
+                       help=f"SSCD similarity above which a generation is a replica (default {SSCD_THRESHOLD})")
 
 
 def _output_options(parser: argparse.ArgumentParser, export: bool) -> None:
@@ -384,8 +397,16 @@ def _emit(args, payload: dict, summary: list[str]) -> None:
     print(text if args.json else "\n".join(summary))
 
 
+def model_settings(args) -> dict:
+    """The model options of a command, as `open_model` (and a campaign's configuration) takes them."""
+    return dict(model=args.model, device=args.device, dtype=args.dtype,
+                memorized=None if args.memorized is None else str(args.memorized),
+                reference_prompts=None if args.reference_prompts is None else str(args.reference_prompts),
+                sscd=None if args.sscd is None else str(args.sscd), sscd_threshold=args.sscd_threshold)
+
+
 def _load(args) -> ModelHandle:
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return open_model(**model_settings(args))
 
 
 def cmd_task(args, progress: ProgressBars) -> int:
@@ -446,10 +467,10 @@ def cmd_triggers(args, progress: ProgressBars) -> int:
 def cmd_campaign(args, progress: ProgressBars) -> int:
     from analysis.campaign import load_items, run_campaign
 
-    items = load_items(args.prompts, model=args.model)
+    items = load_items(args.prompts, model=args.model, memorized=args.memorized)
     if args.limit is not None:
         items = items[:args.limit]
-    config = dict(args.set, model=args.model, device=args.device, dtype=args.dtype)
+    config = dict(args.set, **model_settings(args))
     summary = run_campaign(items, args.method, config, args.out_dir, executor=args.executor, address=args.address,
                            workers=args.workers, progress=progress)
     progress.close()

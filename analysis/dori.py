@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from analysis.metrics import ReplicationResult, replication
+from analysis.metrics import ReplicationResult
 from analysis.model import ModelHandle
 from analysis.sampling import DenoisingStep, encode_prompts, noise_generators, predict_noise, sample
 
@@ -236,7 +236,8 @@ class Evaluation:
 def evaluate(handle: ModelHandle, embeddings: torch.Tensor, target_image: torch.Tensor, seeds: Sequence[int],
              steps: int | None = None, guidance: float | None = None, batch_size: int | None = None,
              callback: Callable[[DenoisingStep], None] | None = None) -> Evaluation:
-    """Generate every embedding `[n, 77, d]` with every seed and check each image against `target_image`.
+    """Generate every embedding `[n, 77, d]` with every seed and check each image against `target_image`
+    (with the handle's replication metric).
 
     `steps` and `guidance` default to the handle's; `batch_size` and `callback` go to `sample`.
     """
@@ -245,4 +246,4 @@ def evaluate(handle: ModelHandle, embeddings: torch.Tensor, target_image: torch.
     images = sample(handle, embeddings, seeds, steps=steps, guidance=guidance, batch_size=batch_size,
                     callback=callback).images
     images = images.view(embeddings.shape[0], -1, *images.shape[1:])  # sample's rows are item-major
-    return Evaluation(images, [replication(generated, target_image) for generated in images])
+    return Evaluation(images, [handle.replication_metric(generated, target_image) for generated in images])

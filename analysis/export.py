@@ -205,15 +205,21 @@ def compare_metrics(recorded: dict, reproduced: dict, rtol: float = 1e-3, atol: 
 
 
 def rerun(path: str | Path, device: str | torch.device = "cpu") -> tuple[RunRecord, RunRecord]:
-    """Load an export, load the model it names (on `device`, in the recorded dtype) and run it again.
+    """Load an export, load the model it names (on `device`, in the recorded dtype, with the recorded memorized
+    set, reference prompts and replication metric) and run it again.
 
     Returns (recorded, reproduced); `compare_metrics` tells whether the numbers agree.
     """
+    from analysis.metrics import replication_metric
     from analysis.model import load_model
     from analysis.tasks import BUNDLED_MODEL_NAME, run_task
 
     recorded = load_export(path)
     source = None if recorded.model == BUNDLED_MODEL_NAME else recorded.model
-    handle = load_model(source, device=device, dtype=recorded.config.get("dtype", "float32"))
+    metric = recorded.config.get("replication")
+    handle = load_model(source, device=device, dtype=recorded.config.get("dtype", "float32"),
+                        memorized=recorded.config.get("memorized_set"),
+                        reference_prompts=recorded.config.get("reference_prompts"),
+                        replication_metric=None if metric is None else replication_metric(**metric, device=device))
     reproduced = run_task(handle, recorded.kind, recorded.config, inputs=recorded.inputs())
     return recorded, reproduced

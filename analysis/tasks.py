@@ -33,6 +33,11 @@ it again. `mitigation` is None, `{"method": "nemo"|"wanda", "parameters": {...}}
 `callback` receives what the analysis streams: `DenoisingStep` while sampling,
 `DoriStep` while searching, `FineTuneProgress` while fine-tuning, `TaskProgress` otherwise. It may raise
 `analysis.sampling.SamplingCancelled` to stop.
+
+Every record's configuration also names the dtype and what the model was
+analysed against (`ModelHandle.data_settings`): its memorized set, its
+reference prompts and the replication metric with its threshold. A recorded
+configuration given back must match the handle in these.
 """
 
 from __future__ import annotations
@@ -58,7 +63,6 @@ from analysis.hooks import KINDS, nemo_layers, resolve_layers
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
-from analysis.metrics import REPLICATION_THRESHOLD
 from analysis.model import ModelHandle, load_model
 from analysis.projection import Projection
 from analysis.replicate import replicate
@@ -204,6 +208,17 @@ def _check_dtype(handle: ModelHandle, config: dict) -> str:
     return dtype
 
 
+def _check_data(handle: ModelHandle, config: dict) -> dict:
+    """The handle's memorized set, reference prompts and replication metric; ValueError when a recorded
+    configuration names others (a rerun must load the model with what it was run against)."""
+    settings = handle.data_settings()
+    for key, value in settings.items():
+        if key in config and _json_ready(config[key]) != _json_ready(value):
+            raise ValueError(f"the configuration was recorded with {key} {config[key]!r}, the model is loaded "
+                             f"with {value!r}")
+    return settings
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masks
 
@@ -293,10 +308,11 @@ def _replication_metrics(report, prefix: str = "") -> dict:
 
 def _run_replicate(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
     config = _fill("replicate", dict(image=None, prompt=None, seeds=DEFAULT_SEEDS, steps=None, guidance=None,
-                                     threshold=REPLICATION_THRESHOLD, mitigation=None), config)
+                                     threshold=None, mitigation=None), config)
     target, prompt, _ = _target(handle, config, inputs, need_image=False)
+    threshold = handle.replication_metric.threshold if config["threshold"] is None else config["threshold"]
     filled = dict(**target, seeds=_seeds("seeds", config["seeds"]), **_sampling(handle, config),
-                  threshold=_number("threshold", config["threshold"]),
+                  threshold=_number("threshold", threshold),
                   mitigation=_mitigation_config(config["mitigation"], inputs))
     record = RunRecord("replicate", handle.name, filled)
     what = _replicate_what(handle, target)
@@ -505,7 +521,8 @@ def _run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
                                       step.total))
 
     seeds = range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"])
-    effects = side_effects(handle, load_model(result.model_dir, device=handle.device, dtype=handle.dtype),
+    effects = side_effects(handle, load_model(result.model_dir, device=handle.device, dtype=handle.dtype,
+                                              replication_metric=handle.replication_metric),
                            resolve_targets(handle, config["targets"]), seeds, on_step)
     record.metrics.update(others=effects["others"],
                           held_out=[dict(prompt=row["prompt"], similarity=row["similarity"])
@@ -658,7 +675,9 @@ def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callbac
         raise ValueError(f"unknown analysis {kind!r}; choose one of {sorted(TASKS)}")
     config = dict(config or {})
     dtype = _check_dtype(handle, config)
-    config.pop("dtype", None)
+    data = _check_data(handle, config)
+    for key in ("dtype", *data):
+        config.pop(key, None)
     inputs = dict(inputs or {})
     for name, tensor in inputs.items():
         if not isinstance(tensor, torch.Tensor):
@@ -666,6 +685,6 @@ def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callbac
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"input {name!r} holds NaN or infinite values")
     record = TASKS[kind](handle, config, inputs, callback)
-    record.config = _json_ready({**record.config, "dtype": dtype})
+    record.config = _json_ready({**record.config, "dtype": dtype, **data})
     record.tensors.update({INPUT_PREFIX + name: tensor for name, tensor in inputs.items()})
     return record

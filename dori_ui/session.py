@@ -20,6 +20,7 @@ import torch
 from analysis.export import RunRecord
 from analysis.images import to_display
 from analysis.masks import Mask
+from analysis.memorized import readable_tokens, token_count
 from analysis.model import ModelHandle, ModelLoadError, load_model
 from analysis.tasks import mask_tensors
 
@@ -82,7 +83,9 @@ class ModelChoices:
         if source not in self._handles:
             first = self._handles[self.first]
             try:
-                self._handles[source] = load_model(source, device=first.device, dtype=first.dtype)
+                # Judged by the same metric as the first model, against its own memorized images.
+                self._handles[source] = load_model(source, device=first.device, dtype=first.dtype,
+                                                   replication_metric=first.replication_metric)
             except ModelLoadError as err:
                 raise ValueError(str(err)) from err
         return self._handles[source]
@@ -95,7 +98,8 @@ def use_finetuned(models: ModelChoices, session: Session, record: RunRecord) -> 
     """Switch the session to the model a "finetune" record wrote, remembering the base for Mitigate's comparison."""
     base = session_handle(models, session)
     try:
-        tuned = load_model(record.metrics["model_dir"], device=base.device, dtype=base.dtype)
+        tuned = load_model(record.metrics["model_dir"], device=base.device, dtype=base.dtype,
+                           replication_metric=base.replication_metric)
     except ModelLoadError as err:
         raise gr.Error(str(err)) from err
     session.own_models[tuned.name] = tuned
@@ -128,13 +132,14 @@ def mitigation_settings(session: Session) -> tuple[dict | None, dict[str, torch.
 
 
 def describe_model(handle: ModelHandle, session: Session) -> str:
-    """The header line: model, device, dtype and the active mitigation."""
+    """The header line: model, device, dtype, the active mitigation and the replication criterion."""
     mitigation = "none"
     if session.mask is not None:
         removed = sum(session.mask.counts().values())
         mitigation = f"{session.mask.method} ({removed} units removed, for “{session.mask.prompt}”)"
     return (f"**Model:** {handle.name} · **device:** {handle.device} · "
-            f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **mitigation:** {mitigation}")
+            f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **mitigation:** {mitigation} · "
+            f"**replica:** {handle.replication_metric.describe()}")
 
 
 # A prompt longer than this many characters is refused before it is tokenized.
@@ -158,9 +163,8 @@ def check_prompt(handle: ModelHandle, prompt: str | None) -> str:
         raise gr.Error("The prompt is empty: type a prompt or pick a training image.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise gr.Error(f"The prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted.")
-    # Two of the encoder's positions hold the start and end markers.
-    readable = handle.tokenizer.model_max_length - 2
-    tokens = len(handle.tokenizer(prompt).input_ids) - 2
+    readable = readable_tokens(handle.tokenizer)
+    tokens = token_count(handle.tokenizer, prompt)
     if tokens > readable:
         raise gr.Error(f"The prompt has {tokens} tokens; the text encoder reads at most {readable}, "
                        "so the rest would be cut off silently. Shorten it.")
