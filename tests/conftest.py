@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 # tiny_model sets HF_HUB_OFFLINE before diffusers/transformers are imported.
 from tiny_model import build_tiny_handle
-from tiny_sd import build_tiny_sd_folder, write_memorized_set, write_prompt_list
+from tiny_sd import build_tiny_sd_folder, write_memorized_set, write_prompt_list, write_sscd_standin
 
 from analysis.demo.architecture import save_pipeline_folder
 from analysis.model import MEMORIZED_FILE, ModelHandle
@@ -71,3 +71,9 @@ def memorized_set_dir(tmp_path_factory):
 def reference_prompts_file(tmp_path_factory):
     """A short non-memorized prompt list, so that NeMo's and Wanda's reference statistics are quick."""
     return write_prompt_list(tmp_path_factory.mktemp("reference") / "prompts.csv")
+
+
+@pytest.fixture(scope="session")
+def sscd_file(tmp_path_factory):
+    """A TorchScript stand-in for SSCD's network."""
+    return write_sscd_standin(tmp_path_factory.mktemp("sscd") / "sscd_standin.torchscript.pt")

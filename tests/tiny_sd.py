@@ -83,3 +83,16 @@ def write_prompt_list(path: Path, prompts: list[str] = REFERENCE_PROMPTS) -> Pat
         writer.writerow(["prompt"])
         writer.writerows([prompt] for prompt in prompts)
     return path
+
+
+class PooledPixels(torch.nn.Module):
+    """Stands in for SSCD's network: the descriptor is the image average-pooled to 4x4 (48 numbers)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
+
+
+def write_sscd_standin(path: Path) -> Path:
+    """A TorchScript file shaped like SSCD's (images in, descriptors out), written with `torch.jit.script`."""
+    torch.jit.script(PooledPixels()).save(str(path))
+    return path
