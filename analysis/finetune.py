@@ -85,7 +85,7 @@ from analysis.hooks import hook_points, nemo_layers
 from analysis.masks import Mask
 from analysis.metrics import ReplicationMetric, similarity_matrix
 from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle
-from analysis.sampling import DenoisingStep, encode_prompts, predict_noise, sample
+from analysis.sampling import DenoisingStep, encode_prompts, predict_noise, sample, training_target
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
@@ -184,10 +184,8 @@ def denoising_loss(handle: ModelHandle, unet: torch.nn.Module, images: torch.Ten
     if teacher is not None:
         with torch.no_grad():
             target, _ = predict_noise(teacher, noisy, timesteps, text)
-    elif scheduler.config.prediction_type == "v_prediction":  # SD 2.x at 768 px is trained toward v, not ε
-        target = scheduler.get_velocity(z0, noise, timesteps)
     else:
-        target = noise
+        target = training_target(scheduler, z0, noise, timesteps)
     prediction, _ = predict_noise(unet, noisy, timesteps, text)
     return (prediction.float() - target.float()).square().mean()
 

@@ -127,6 +127,23 @@ def as_epsilon(scheduler: SchedulerMixin, output: torch.Tensor, latents: torch.T
     raise ValueError(f"unknown prediction_type {kind!r} in the scheduler's config")
 
 
+def training_target(scheduler: SchedulerMixin, z0: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output for x_t = add_noise(z0, noise, t), by the scheduler's `prediction_type`:
+    the noise ε, the velocity v = √ᾱ_t·ε − √(1−ᾱ_t)·z0 (SD 2.x at 768 px), or z0 itself ("sample").
+
+    The denoising losses of Dori and of fine-tuning compare the UNet's output with this.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, timesteps)
+    if kind == "sample":
+        return z0
+    raise ValueError(f"unknown prediction_type {kind!r} in the scheduler's config")
+
+
 def noise_gap(noise_text: torch.Tensor, noise_uncond: torch.Tensor) -> torch.Tensor:
     """Wen et al.'s magnitude ‖ε(x_t, y) − ε(x_t, y0)‖₂ per image, float32 `[rows]`.
 
