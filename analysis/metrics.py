@@ -205,7 +205,7 @@ class ReplicationMetric:
 
     def label(self) -> str:
         """What a plot axis or table column of this similarity is called."""
-        return f"{self.name} similarity"
+        return similarity_label(self.name)
 
     def describe(self, threshold: float | None = None) -> str:
         """The replica criterion in words, e.g. "SSCD similarity > 0.7"."""
@@ -217,6 +217,11 @@ class ReplicationMetric:
 
 
 PIXEL_CORRELATION = ReplicationMetric("pixel correlation", REPLICATION_THRESHOLD)
+
+
+def similarity_label(metric: str) -> str:
+    """How results name the similarity of the metric called `metric` (a record's `replication.metric`)."""
+    return f"similarity ({metric})"
 
 
 def replication_metric(sscd: str | Path | None = None, threshold: float | None = None,

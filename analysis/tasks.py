@@ -407,6 +407,7 @@ def _run_attack(handle: ModelHandle, config: dict, inputs: dict, callback: Callb
         final_loss=final_losses, distance_from_start=distances,
         rate_before=before.rates.tolist(), rate=after.rates.tolist(), mean_rate=after.rates.mean().item(),
         mean_similarity=after.similarities.mean(dim=1).tolist(),
+        similarities=after.similarities.tolist(), replicated=after.replicated.int().tolist(),
         similarity=after.similarities.mean().item(), similarity_std=after.similarities.mean(dim=1).std(
             correction=0).item())
     record.table = [dict(start=i, kind=spec["kind"], final_loss=loss, distance_from_start=distance,

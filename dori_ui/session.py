@@ -20,6 +20,7 @@ import torch
 from analysis.export import RunRecord
 from analysis.images import to_display
 from analysis.masks import Mask
+from analysis.metrics import similarity_label
 from analysis.memorized import readable_tokens, token_count
 from analysis.model import ModelHandle, ModelLoadError, load_model
 from analysis.tasks import mask_tensors
@@ -146,13 +147,19 @@ def describe_model(handle: ModelHandle, session: Session) -> str:
 MAX_PROMPT_CHARS = 1000
 
 
+def record_similarity(record: RunRecord) -> str:
+    """How a record's similarity is called: by the replication metric it was judged with."""
+    return similarity_label(record.config["replication"]["metric"])
+
+
 def verdict_gallery(images: torch.Tensor, seeds: list[int], similarities: list[float] | None = None,
-                    replicated: list | None = None) -> list:
-    """(picture, caption) pairs for a gr.Gallery: the verdict first (galleries cut long captions), similarity, seed."""
+                    replicated: list | None = None, label: str = "similarity") -> list:
+    """(picture, caption) pairs for a gr.Gallery: the verdict first (galleries cut long captions), the similarity
+    (called `label`, e.g. `record_similarity(record)`), seed."""
     pictures = to_display(images)
     if similarities is None:
         return [(picture, f"seed {seed}") for picture, seed in zip(pictures, seeds)]
-    return [(picture, f"{'replicated' if flag else 'not replicated'} · similarity {similarity:.2f} · seed {seed}")
+    return [(picture, f"{'replicated' if flag else 'not replicated'} · {label} {similarity:.2f} · seed {seed}")
             for picture, seed, similarity, flag in zip(pictures, seeds, similarities, replicated)]
 
 
