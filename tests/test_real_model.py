@@ -142,7 +142,7 @@ def test_sscd_is_the_metric_every_result_and_export_names(dori, sscd_file, tiny_
     generated = torch.stack([record.images["seed0"], record.images["seed1"]])
     expected = SSCD(sscd_file)(generated, handle.memorized[0].image[None])[:, 0]
     torch.testing.assert_close(torch.tensor(printed["metrics"]["similarities"]), expected, atol=0.02, rtol=0)
-    assert all("SSCD similarity" in row["caption"] for row in printed["table"])
+    assert all("similarity (SSCD)" in row["caption"] for row in printed["table"])
     attack = run_json(dori, "attack", "--image", "0", "--search-steps", "1", "--batch-size", "1",
                       "--evaluation-seeds", "0", *STEPS, "--export", str(tmp_path / "a.zip"), sscd=sscd_file)
     assert attack["config"]["replication"]["metric"] == "SSCD"

@@ -86,10 +86,12 @@ def write_prompt_list(path: Path, prompts: list[str] = REFERENCE_PROMPTS) -> Pat
 
 
 class PooledPixels(torch.nn.Module):
-    """Stands in for SSCD's network: the descriptor is the image average-pooled to 4x4 (48 numbers)."""
+    """Stands in for SSCD's network: the descriptor is the image average-pooled to 4x4 (48 numbers), centred, so
+    that its cosine similarity is the pooled images' correlation."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
+        return pooled - pooled.mean(dim=1, keepdim=True)
 
 
 def write_sscd_standin(path: Path) -> Path:
