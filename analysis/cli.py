@@ -7,6 +7,7 @@
     dori triggers --image 0 --folder runs/triggers-0 --count 16
     dori map --folder runs/triggers-0 --method pca --export map.zip
     dori rerun wanda.zip
+    dori memorized fetch --folder data/sd14-memorized --verbatim-only
 
 Progress bars go to stderr, results to stdout (a short summary, or the whole
 record as JSON with `--json`; `--out FILE.json` writes that JSON to a file).
@@ -26,7 +27,9 @@ import torch
 from tqdm import tqdm
 
 from analysis.export import RunRecord, compare_metrics, rerun, save_export
+from analysis.fetch import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, fetch_memorized
 from analysis.hooks import KINDS
+from analysis.memorized import SD14_MEMORIZED_FILE
 from analysis.metrics import SSCD_THRESHOLD
 from analysis.model import ModelHandle, ModelLoadError, open_model
 from analysis.projection import METHODS
@@ -280,6 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--set", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
                      help="a setting of the analysis, e.g. seeds=[0,1] (repeatable; JSON values)")
 
+    sub = commands.add_parser("memorized", help="memorized sets: fetch SD v1.4's memorized LAION images",
+                              description="memorized sets (imagefolder: images + metadata.csv)")
+    actions = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fetch = actions.add_parser(
+        "fetch", help="download the images of a memorized-prompt list into an imagefolder set (resumable)",
+        description="Download the images of SD v1.4's memorized LAION prompts (or a CSV of the same shape: "
+                    "Caption, URL, type) into an imagefolder set for --memorized. Verbatim (VM) rows first; "
+                    "a second run resumes; failed links are listed in FOLDER/dead_links.csv.")
+    fetch.add_argument("--folder", type=Path, required=True, help="the set's folder (resumed if present)")
+    fetch.add_argument("--prompts", type=Path, default=SD14_MEMORIZED_FILE, metavar="CSV",
+                       help="the prompt list (default: the shipped memorized_laion_prompts.csv)")
+    fetch.add_argument("--verbatim-only", action="store_true", help="only the verbatim (VM) rows")
+    fetch.add_argument("--limit", type=int, help="at most the first N rows (verbatim ones first)")
+    fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per try (default %(default)s)")
+    fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                       help="tries after a timeout, connection or server error (default %(default)s)")
+    fetch.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20,
+                       help="largest image accepted, in MB (default %(default)s)")
+    _output_options(fetch, export=False)
+
     sub = commands.add_parser("rerun", help="run an exported ZIP again and compare its numbers",
                               description="run an exported ZIP again and compare its numbers")
     sub.add_argument("export_file", type=Path, metavar="EXPORT.zip")
@@ -478,7 +501,20 @@ def cmd_campaign(args, progress: ProgressBars) -> int:
     return 0
 
 
-COMMANDS = {"rerun": cmd_rerun, "triggers": cmd_triggers, "campaign": cmd_campaign}
+def cmd_memorized(args, progress: ProgressBars) -> int:
+    if args.limit is not None and args.limit < 1 or args.retries < 0 or args.timeout <= 0 or args.max_mb <= 0:
+        raise BadInput("--limit, --timeout and --max-mb must be positive and --retries at least 0")
+    report = fetch_memorized(args.prompts, args.folder, verbatim_only=args.verbatim_only, limit=args.limit,
+                             timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 2**20),
+                             callback=lambda event: progress(TaskProgress("fetch", event.done, event.total,
+                                                                          event.failure or "")))
+    progress.close()
+    payload = report.as_dict()
+    _emit(args, payload, _summary_lines(payload))
+    return 0
+
+
+COMMANDS = {"rerun": cmd_rerun, "triggers": cmd_triggers, "campaign": cmd_campaign, "memorized": cmd_memorized}
 
 
 def main(argv: list[str] | None = None) -> int:
