@@ -161,3 +161,25 @@ def test_a_bad_sscd_file_is_a_clear_error_at_start(dori, tmp_path, make, message
     make(path)
     code, out, err = dori("replicate", "--image", "0", *STEPS, sscd=path)
     assert code == 2 and message in err and out == ""
+
+
+def test_a_v_prediction_folder_runs_the_story(tiny_sd_vpred_folder, memorized_set_dir, reference_prompts_file,
+                                              capsys, tmp_path):
+    """The SD 2.x-style folder (v-prediction) through replicate, NeMo, a Dori attack and one round of fine-tuning."""
+    model = ["--model", str(tiny_sd_vpred_folder), "--memorized", str(memorized_set_dir), "--reference-prompts",
+             str(reference_prompts_file), "--quiet", "--json"]
+    commands = [
+        ["replicate", "--image", "0", "--seeds", "0-1", *STEPS],
+        ["localize", "--method", "nemo", "--image", "0", "--seeds", "0,1", "--evaluation-seeds", "0", *NEMO],
+        ["attack", "--image", "1", "--search-steps", "2", "--batch-size", "2", "--evaluation-seeds", "0", *STEPS],
+        ["finetune", "--targets", "1", "--out-dir", str(tmp_path / "ft"),
+         *[arg for setting in ["rounds=1", "triggers_per_image=1", "steps_per_round=1", 'dori={"steps": 1}',
+                               "surrogate_seeds=1", "eval_seeds=1", "normal_batch=2", "adversarial_batch=2"]
+           for arg in ("--param", setting)]],
+    ]
+    for command in commands:
+        code = main([*command, *model])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert json.loads(out)["kind"] == command[0]
+    assert load_model(tmp_path / "ft" / "model").scheduler.config.prediction_type == "v_prediction"
