@@ -11,7 +11,7 @@ hooks for the duration of one event, and model events run one at a time).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
@@ -21,7 +21,7 @@ from analysis.export import RunRecord
 from analysis.images import to_display
 from analysis.masks import Mask
 from analysis.metrics import similarity_label
-from analysis.memorized import readable_tokens, token_count
+from analysis.memorized import METADATA_FILES, load_memorized_set, readable_tokens, token_count
 from analysis.model import ModelHandle, ModelLoadError, load_model
 from analysis.tasks import mask_tensors
 
@@ -34,6 +34,7 @@ class Session:
     """One browser session's state. Mutated in place by events; the stop event sets `stop_requested`."""
 
     model: str  # a name in ModelChoices
+    memorized_set: str | None = None  # a memorized set folder chosen in the session (None: the model's own)
     mask: Mask | None = None  # the active mitigation: the session's generations run with it applied
     records: dict = field(default_factory=dict)  # view name -> the RunRecord of its last run
     # Attribution method -> its last RunRecord, so the view can set the methods run on one prompt side by side.
@@ -55,28 +56,50 @@ class ModelChoices:
         self.allowed_roots = [Path(root).expanduser().resolve() for root in allowed_roots]
         self._handles: dict[str, ModelHandle] = {first.name: first}
         self._sources: dict[str, str] = {str(source): str(source) for source in sources}
+        self._with_sets: dict[tuple, ModelHandle] = {}  # (model name, its UNet's id, set folder) -> handle
         self.first = first.name
+
+    def _folders(self) -> list[Path]:
+        """The allowed roots and their subfolders."""
+        return [folder for root in self.allowed_roots if root.is_dir() for folder in [root, *sorted(root.iterdir())]]
 
     def names(self) -> list[str]:
         """The first model, command-line models, and the allowed roots and their subfolders that are pipeline folders.
 
         """
-        candidates = [folder for root in self.allowed_roots if root.is_dir()
-                      for folder in [root, *sorted(root.iterdir())]]
-        found = [str(folder) for folder in candidates if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
+        found = [str(folder) for folder in self._folders()
+                 if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
         return list(dict.fromkeys([self.first, *self._sources, *found]))
+
+    def memorized_sets(self) -> list[str]:
+        """The allowed roots and their subfolders that are imagefolder memorized sets."""
+        return [str(folder) for folder in self._folders() if any((folder / name).is_file() for name in METADATA_FILES)]
+
+    def _inside_allowed_roots(self, path: str, what: str) -> str:
+        """`path` resolved, if it lies inside an allowed root, else ValueError saying why not."""
+        folder = Path(path).expanduser().resolve()
+        if not any(folder.is_relative_to(root) for root in self.allowed_roots):
+            roots = (", ".join(str(root) for root in self.allowed_roots)
+                     or "none (start the app with --allowed-root DIR)")
+            raise ValueError(f"{what} {path!r} is not one the app was started with and lies outside the allowed "
+                             f"roots ({roots})")
+        return str(folder)
 
     def allowed_source(self, name: str) -> str:
         """`name` if the app may load it, else ValueError saying why not."""
         if name in self._handles or name in self._sources:
             return name
-        folder = Path(name).expanduser().resolve()
-        if not any(folder.is_relative_to(root) for root in self.allowed_roots):
-            roots = (", ".join(str(root) for root in self.allowed_roots)
-                     or "none (start the app with --allowed-root DIR)")
-            raise ValueError(f"model {name!r} is not one the app was started with and lies outside the allowed "
-                             f"roots ({roots})")
-        return str(folder)
+        return self._inside_allowed_roots(name, "model")
+
+    def with_memorized(self, handle: ModelHandle, folder: str) -> ModelHandle:
+        """`handle` (its weights shared) with the memorized set in `folder`, which must lie inside an allowed root;
+        ValueError (a `MemorizedSetError` for a bad set) otherwise. Loaded once per model and set."""
+        source = self._inside_allowed_roots(folder, "memorized set")
+        key = (handle.name, id(handle.unet), source)
+        if key not in self._with_sets:
+            memorized = load_memorized_set(source, handle.tokenizer, handle.image_size)
+            self._with_sets[key] = replace(handle, memorized=memorized, memorized_set=source)
+        return self._with_sets[key]
 
     def get(self, name: str) -> ModelHandle:
         """The model called `name`, loaded on the first model's device and dtype on first use."""
@@ -105,7 +128,7 @@ def use_finetuned(models: ModelChoices, session: Session, record: RunRecord) -> 
         raise gr.Error(str(err)) from err
     session.own_models[tuned.name] = tuned
     session.finetuned = (base.name, tuned.name)
-    session.model, session.mask = tuned.name, None
+    session.model, session.mask, session.memorized_set = tuned.name, None, None  # the tuned folder keeps the set
     session.records["finetune"] = record
     return tuned
 
@@ -121,8 +144,15 @@ def session_model(models: ModelChoices, session: Session, name: str) -> ModelHan
 
 
 def session_handle(models: ModelChoices, session: Session) -> ModelHandle:
-    """The session's current model; a gr.Error if it cannot be loaded."""
-    return session_model(models, session, session.model)
+    """The session's current model, with the session's memorized set if it chose one; a gr.Error if it cannot be
+    loaded."""
+    handle = session_model(models, session, session.model)
+    if session.memorized_set is None:
+        return handle
+    try:
+        return models.with_memorized(handle, session.memorized_set)
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
 
 
 def mitigation_settings(session: Session) -> tuple[dict | None, dict[str, torch.Tensor]]:
@@ -133,14 +163,16 @@ def mitigation_settings(session: Session) -> tuple[dict | None, dict[str, torch.
 
 
 def describe_model(handle: ModelHandle, session: Session) -> str:
-    """The header line: model, device, dtype, the active mitigation and the replication criterion."""
+    """The header line: model, device, dtype, the memorized set, the active mitigation and the replication
+    criterion."""
     mitigation = "none"
     if session.mask is not None:
         removed = sum(session.mask.counts().values())
         mitigation = f"{session.mask.method} ({removed} units removed, for “{session.mask.prompt}”)"
+    memorized = f"{len(handle.memorized)} images" + (f" from {handle.memorized_set}" if handle.memorized_set else "")
     return (f"**Model:** {handle.name} · **device:** {handle.device} · "
-            f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **mitigation:** {mitigation} · "
-            f"**replica:** {handle.replication_metric.describe()}")
+            f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **memorized:** {memorized} · "
+            f"**mitigation:** {mitigation} · **replica:** {handle.replication_metric.describe()}")
 
 
 # A prompt longer than this many characters is refused before it is tokenized.

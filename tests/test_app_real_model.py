@@ -8,7 +8,8 @@ import zipfile
 
 import pytest
 from gradio_client import Client
-from tiny_sd import REFERENCE_PROMPTS, SET_CAPTIONS
+from gradio_client.exceptions import AppError
+from tiny_sd import REFERENCE_PROMPTS, SET_CAPTIONS, write_memorized_set
 
 from analysis.export import compare_metrics, load_export, rerun
 from analysis.model import open_model
@@ -30,14 +31,24 @@ def handle(tiny_sd_folder, memorized_set_dir, reference_prompts_file, sscd_file)
 
 
 @pytest.fixture(scope="module")
-def app(handle, tmp_path_factory):
+def allowed_root(tmp_path_factory):
+    """An allowed root holding another memorized set (one image) and a broken one."""
+    root = tmp_path_factory.mktemp("allowed")
+    write_memorized_set(root / "one_image", captions=SET_CAPTIONS[1:])
+    broken = write_memorized_set(root / "broken")
+    (broken / "image1.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(handle, allowed_root, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trigger_map_tab, "BUILT_SETS", tmp_path_factory.mktemp("trigger_sets"))
         patch.setattr(finetune_tab, "RUNS", tmp_path_factory.mktemp("finetune"))
         patch.setattr(mitigate_tab, "NEMO_PARAMETERS", NEMO)
         patch.setattr(paths_tab, "NEMO_PARAMETERS", NEMO)
         patch.setattr(paths_tab, "WANDA_PARAMETERS", dict(steps=STEPS, record_steps=1))
-        app = build_app(handle)
+        app = build_app(handle, allowed_roots=[allowed_root])
         with served(app) as url:
             yield app, Client(url, verbose=False)
 
@@ -132,3 +143,21 @@ def test_finetune_one_round_and_switch(client, handle):
     assert load_export(client.predict(api_name="/export_finetune")).config["replication"]["metric"] == "SSCD"
     header, message = client.predict(api_name="/finetune_use")
     assert "similarity (SSCD) > 0.7" in header and "fine-tuned model" in message
+
+
+def test_a_session_switches_memorized_sets_inside_the_allowed_roots(app, allowed_root, tmp_path):
+    session = Client(app[1].src, verbose=False)  # a session of its own
+    assert sorted(component(app[0], "memorized-choice")["choices"]) == sorted(
+        [("", ""), *[(str(allowed_root / name),) * 2 for name in ("broken", "one_image")]])
+    header = session.predict(str(allowed_root / "one_image"), api_name="/switch_memorized")
+    assert f"**memorized:** 1 images from {allowed_root / 'one_image'}" in header
+    gallery, summary, _ = session.predict(SET_CAPTIONS[1], 1, 0, STEPS, 7.5, api_name="/replicate")
+    assert "replicate the training image" in summary
+    assert load_export(session.predict(api_name="/export_replicate")).config["memorized_set"] == str(
+        allowed_root / "one_image")
+    with pytest.raises(AppError, match=r"metadata.csv row 2: image1.png could not be decoded"):
+        session.predict(str(allowed_root / "broken"), api_name="/switch_memorized")
+    with pytest.raises(AppError, match="outside the allowed roots"):
+        session.predict(str(tmp_path), api_name="/switch_memorized")
+    header = session.predict("", api_name="/switch_memorized")  # back to the model's own
+    assert f"**memorized:** {len(SET_CAPTIONS)} images" in header
