@@ -106,7 +106,9 @@ def download(url: str, timeout: float, max_bytes: int) -> bytes:
 
 
 def _retrying(url: str, timeout: float, max_bytes: int, retries: int, pause: float) -> bytes:
-    for attempt in range(retries + 1):
+    """`download`, tried again up to `retries` times after a timeout, a connection error or a 5xx answer."""
+    attempt = 0
+    while True:
         try:
             return download(url, timeout, max_bytes)
         except FetchFailed as failure:
@@ -116,7 +118,7 @@ def _retrying(url: str, timeout: float, max_bytes: int, retries: int, pause: flo
             if final or attempt == retries:
                 raise
             time.sleep(pause * 2**attempt)
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _image_format(body: bytes) -> str:

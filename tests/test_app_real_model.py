@@ -12,6 +12,7 @@ from gradio_client.exceptions import AppError
 from tiny_sd import REFERENCE_PROMPTS, SET_CAPTIONS, write_memorized_set
 
 from analysis.export import compare_metrics, load_export, rerun
+from app import main as app_main
 from analysis.model import open_model
 from dori_ui import finetune_tab, mitigate_tab, paths_tab, trigger_map_tab
 from dori_ui.app import build_app
@@ -161,3 +162,15 @@ def test_a_session_switches_memorized_sets_inside_the_allowed_roots(app, allowed
         session.predict(str(tmp_path), api_name="/switch_memorized")
     header = session.predict("", api_name="/switch_memorized")  # back to the model's own
     assert f"**memorized:** {len(SET_CAPTIONS)} images" in header
+
+
+@pytest.mark.parametrize("option, make, message", [
+    ("--sscd", lambda path: path.write_bytes(b"junk"), "is not a TorchScript file"),
+    ("--sscd", lambda path: None, "no SSCD TorchScript file at"),
+    ("--memorized", lambda path: path.mkdir(), "no metadata.csv or metadata.jsonl"),
+], ids=["SSCD not TorchScript", "SSCD missing", "set without metadata"])
+def test_python_app_py_stops_at_start_on_bad_input(tiny_sd_folder, tmp_path, option, make, message):
+    given = tmp_path / "given"
+    make(given)
+    with pytest.raises(SystemExit, match=message):
+        app_main(["--model", str(tiny_sd_folder), option, str(given)])
