@@ -183,3 +183,11 @@ def test_a_v_prediction_folder_runs_the_story(tiny_sd_vpred_folder, memorized_se
         assert code == 0, err
         assert json.loads(out)["kind"] == command[0]
     assert load_model(tmp_path / "ft" / "model").scheduler.config.prediction_type == "v_prediction"
+
+
+def test_a_trigger_set_judged_by_another_metric_is_not_mapped(dori, sscd_file, tmp_path):
+    folder = str(tmp_path / "t")
+    run_json(dori, "triggers", "--image", "0", "--folder", folder, "--count", "2", "--starts-per-batch", "2",
+             "--search-steps", "1", "--evaluation-seeds", "0")
+    code, out, err = dori("map", "--folder", folder, "--method", "pca", sscd=sscd_file)
+    assert code == 2 and "judged by similarity (pixel correlation) > 0.75" in err and "similarity (SSCD) > 0.7" in err
