@@ -82,6 +82,9 @@ RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size", "progress"}
 PROJECTION_PARAMETERS = {name: p.default for name, p in inspect.signature(Projection).parameters.items()
                          if name not in RUNTIME_ARGUMENTS | {"method"}}
 START_KINDS = ("random", "prompt", "embedding")
+# UNet rows per call when NeMo and Wanda run their reference prompts × seeds (500 × 10 with SD v1.4's fallback
+# list): one call for all of them would not fit a GPU's memory with SD's UNet.
+LOCALIZER_BATCH_ROWS = 64
 
 
 @dataclass
@@ -241,7 +244,8 @@ def record_mask(record: RunRecord) -> Mask:
 def _nemo(parameters: dict, callback: Callback | None, stage: str = "localize") -> NeMo:
     """NeMo with `parameters`; its progress messages reach `callback` as `TaskProgress(stage, ...)`."""
     messages = iter(range(1, 1 << 62))
-    return NeMo(**parameters, progress=lambda message: _progress(callback, stage, next(messages), None, message))
+    return NeMo(**parameters, batch_size=LOCALIZER_BATCH_ROWS,
+                progress=lambda message: _progress(callback, stage, next(messages), None, message))
 
 
 def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
@@ -250,7 +254,7 @@ def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback
     if config["method"] == "nemo":
         return _nemo(parameters, callback).fit(handle, prompt, config["seeds"])
     reference_prompts = parameters.pop("reference_prompts", None)
-    return Wanda(**parameters).fit(handle, prompt, reference_prompts, config["seeds"])
+    return Wanda(**parameters, batch_size=LOCALIZER_BATCH_ROWS).fit(handle, prompt, reference_prompts, config["seeds"])
 
 
 def _localizer_config(method_config: dict | None, default_method: str = "nemo") -> dict:
@@ -630,8 +634,8 @@ def _run_agreement(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
     _progress(callback, "agreement", 0, 2, f"NeMo on {len(triggers)} triggers")
     masks = {"nemo": localize_each(_nemo(nemo["parameters"], callback, "NeMo"), handle, triggers, seeds=nemo["seeds"])}
     _progress(callback, "agreement", 1, 2, f"Wanda on {len(triggers)} triggers")
-    masks["wanda"] = [as_neurons(mask) for mask in localize_each(Wanda(**wanda), handle, triggers,
-                                                                  seeds=nemo["seeds"])]
+    wanda_localizer = Wanda(**wanda, batch_size=LOCALIZER_BATCH_ROWS)
+    masks["wanda"] = [as_neurons(mask) for mask in localize_each(wanda_localizer, handle, triggers, seeds=nemo["seeds"])]
     _progress(callback, "agreement", 2, 2, "IoU")
     matrices = {"nemo_nemo": iou_matrix(masks["nemo"]), "wanda_wanda": iou_matrix(masks["wanda"]),
                 "nemo_wanda": iou_matrix(masks["nemo"], masks["wanda"])}
