@@ -4,6 +4,7 @@
     python app.py --model path/to/sd-pipeline --device cuda --dtype float16
     python app.py --model a --model b --allowed-root ~/models   # start on a; a session may switch to b or to a
                                                                  # pipeline folder inside ~/models
+    python app.py --model path/to/sd-v1-4 --memorized path/to/images --sscd sscd_disc_mixup.torchscript.pt
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import argparse
 import torch
 
 from analysis.limits import MAX_RUN_SECONDS, MAX_UPLOAD_BYTES
-from analysis.model import ModelLoadError, load_model
+from analysis.metrics import SSCD_THRESHOLD
+from analysis.model import ModelLoadError, open_model
 from dori_ui.app import build_app, launch_options
 
 
@@ -29,6 +31,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
                    help="a folder whose pipeline folders a session may switch to (repeatable); "
                         "no other path typed in the app is opened")
+    p.add_argument("--memorized", metavar="DIR",
+                   help="the first model's memorized set: an imagefolder (images + metadata.csv or metadata.jsonl "
+                        "with columns file_name and text or caption); replaces its memorized.json")
+    p.add_argument("--reference-prompts", metavar="FILE",
+                   help="non-memorized prompts (CSV or JSON) for NeMo, Wanda and the trigger map (default: the "
+                        "model's, else SD v1.4's 500 unmemorized LAION prompts)")
+    p.add_argument("--sscd", metavar="FILE", help="judge replication by SSCD (a TorchScript file) in every view")
+    p.add_argument("--sscd-threshold", type=float, metavar="T",
+                   help=f"SSCD similarity above which a generation is a replica (default {SSCD_THRESHOLD})")
     p.add_argument("--max-run-seconds", type=float, default=MAX_RUN_SECONDS,
                    help=f"stop a run that takes longer than this, and say so (default {MAX_RUN_SECONDS})")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
@@ -39,8 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        handle = load_model(args.model[0] if args.model else None, device=args.device, dtype=args.dtype)
-    except (ModelLoadError, ValueError) as err:
+        handle = open_model(args.model[0] if args.model else None, device=args.device, dtype=args.dtype,
+                            memorized=args.memorized, reference_prompts=args.reference_prompts, sscd=args.sscd,
+                            sscd_threshold=args.sscd_threshold)
+    except (ModelLoadError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
     if not args.max_run_seconds > 0 or not args.max_upload_mb > 0:
         raise SystemExit("error: --max-run-seconds and --max-upload-mb must be positive")

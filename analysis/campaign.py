@@ -22,7 +22,6 @@ so Ray workers need no shared disk.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import statistics
@@ -31,14 +30,13 @@ from pathlib import Path
 
 import torch
 
-from analysis.model import DEMO_MODEL_DIR, MEMORIZED_FILE, REPO_ROOT, ModelHandle, load_model
+from analysis.memorized import (PROMPT_COLUMNS, REFERENCE_PROMPTS_FILE, SD14_MEMORIZED_FILE, memorized_captions,
+                                read_table, row_prompt)
+from analysis.model import DEMO_MODEL_DIR, MEMORIZED_FILE, ModelHandle, open_model
 from analysis.tasks import TaskProgress, run_task
 
-SHIPPED_LISTS = {
-    "sd14-memorized": REPO_ROOT / "assets" / "sd14_memorization" / "memorized_laion_prompts.csv",
-    "sd14-unmemorized": REPO_ROOT / "assets" / "sd14_memorization" / "unmemorized_laion_prompts.csv",
-}
-MODEL_SETTINGS = ("model", "device", "dtype")
+SHIPPED_LISTS = {"sd14-memorized": SD14_MEMORIZED_FILE, "sd14-unmemorized": REFERENCE_PROMPTS_FILE}
+MODEL_SETTINGS = ("model", "device", "dtype", "memorized", "reference_prompts", "sscd", "sscd_threshold")
 # Where each method's per-item similarity and replicating share are found in its record's metrics.
 SCORES = {
     "replicate": ("mean_similarity", "rate"),
@@ -57,9 +55,9 @@ _loaded: dict[tuple, ModelHandle] = {}  # one model per (model, device, dtype) a
 
 
 def _item(index: int, row: dict) -> dict:
-    prompt = row.get("prompt", row.get("caption", row.get("Caption")))
+    prompt = row_prompt(row)
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"item {index} has no prompt (a 'prompt' or 'caption' column): {row}")
+        raise ValueError(f"item {index} has no prompt (a column {' or '.join(PROMPT_COLUMNS)}): {row}")
     item = dict(id=str(row.get("id", row.get("Index", index))), prompt=prompt)
     if row.get("image") not in (None, ""):
         item["image"] = int(row["image"])
@@ -69,35 +67,28 @@ def _item(index: int, row: dict) -> dict:
     return item
 
 
-def load_items(source: str | Path, model: str | None = None) -> list[dict]:
+def load_items(source: str | Path, model: str | None = None, memorized: str | Path | None = None) -> list[dict]:
     """Items `{"id", "prompt", ["image"], ["type"]}` from a prompt list.
 
-    `source`: "bundled" (the memorized captions of `model`, each with its
-    training image index), a shipped list name (`SHIPPED_LISTS`), or a CSV
-    (',' or ';' separated, a `prompt`/`caption` column, optional `id`, `type`,
-    `image`) or JSON file (a list of prompts or of such objects).
+    `source`: "bundled" (the memorized captions of the `memorized` set, else of
+    `model`'s sidecar, each with its training image index), a shipped list name
+    (`SHIPPED_LISTS`), or a CSV (',' or ';' separated, a `prompt`/`caption`
+    column, optional `id`, `type`, `image`) or JSON file (a list of prompts or
+    of such objects).
     """
     if source == "bundled":
+        if memorized is not None:
+            return [dict(id=f"{i:04d}", prompt=caption, image=i)
+                    for i, caption in enumerate(memorized_captions(memorized))]
         sidecar = (DEMO_MODEL_DIR if model is None else Path(model)) / MEMORIZED_FILE
         if not sidecar.is_file():
-            raise ValueError(f"no list of memorized captions at {sidecar}: give a prompt list file")
+            raise ValueError(f"no list of memorized captions at {sidecar}: give a prompt list file or --memorized")
         captions = json.loads(sidecar.read_text())["captions"]
         return [dict(id=f"{i:04d}", prompt=caption, image=i) for i, caption in enumerate(captions)]
     path = SHIPPED_LISTS.get(str(source), Path(source))
     if not path.is_file():
         raise FileNotFoundError(f"no prompt list at {path}; give a CSV/JSON file, 'bundled' or one of {sorted(SHIPPED_LISTS)}")
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text())
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: a JSON prompt list is a list of prompts or of objects")
-        rows = [row if isinstance(row, dict) else dict(prompt=row) for row in rows]
-    elif path.suffix == ".csv":
-        text = path.read_text()
-        delimiter = ";" if text.splitlines()[0].count(";") > text.splitlines()[0].count(",") else ","
-        rows = [{key.strip(): value for key, value in row.items() if key}
-                for row in csv.DictReader(text.splitlines(), delimiter=delimiter)]
-    else:
-        raise ValueError(f"{path}: a prompt list is a .csv or .json file")
+    rows = read_table(path)
     items = [_item(index, row) for index, row in enumerate(rows)]
     ids = [item["id"] for item in items]
     if len(set(ids)) != len(ids):
@@ -112,8 +103,8 @@ def load_items(source: str | Path, model: str | None = None) -> list[dict]:
 def _handle(config: dict) -> ModelHandle:
     key = tuple(config.get(name) for name in MODEL_SETTINGS)
     if key not in _loaded:
-        model, device, dtype = key
-        _loaded[key] = load_model(model, device=device or "cpu", dtype=dtype or "float32")
+        settings = {name: config[name] for name in MODEL_SETTINGS if config.get(name) is not None}
+        _loaded[key] = open_model(**settings)
     return _loaded[key]
 
 

@@ -7,6 +7,7 @@
     dori triggers --image 0 --folder runs/triggers-0 --count 16
     dori map --folder runs/triggers-0 --method pca --export map.zip
     dori rerun wanda.zip
+    dori memorized fetch --folder data/sd14-memorized --verbatim-only
 
 Progress bars go to stderr, results to stdout (a short summary, or the whole
 record as JSON with `--json`; `--out FILE.json` writes that JSON to a file).
@@ -27,8 +28,11 @@ from tqdm import tqdm
 
 from analysis.dori import DoriSearch
 from analysis.export import RunRecord, compare_metrics, rerun, save_export
+from analysis.fetch import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, fetch_memorized
 from analysis.hooks import KINDS
-from analysis.model import ModelHandle, ModelLoadError, load_model
+from analysis.memorized import SD14_MEMORIZED_FILE
+from analysis.metrics import SSCD_THRESHOLD
+from analysis.model import ModelHandle, ModelLoadError, open_model
 from analysis.projection import METHODS
 from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, TaskProgress, mask_tensors, record_mask, run_task
 
@@ -122,6 +126,23 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None, help="diffusers SD 1.x/2.x folder or hub id (default: the bundled model)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     group.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
+    _data_options(group)
+
+
+def _data_options(group) -> None:
+    """What a model is analysed with besides its weights (recorded in every export, given again to rerun one)."""
+    group.add_argument("--memorized", type=Path, metavar="DIR",
+                       help="a memorized set: an imagefolder (images + metadata.csv or metadata.jsonl with columns "
+                            "file_name and text or caption); replaces the model folder's memorized.json")
+    group.add_argument("--reference-prompts", type=Path, metavar="FILE",
+                       help="non-memorized prompts (CSV with a prompt/caption column, or JSON) for NeMo, Wanda, the "
+                            "trigger map and side effects (default: the model's, else SD v1.4's 500 unmemorized "
+                            "LAION prompts)")
+    group.add_argument("--sscd", type=Path, metavar="FILE",
+                       help="judge replication by SSCD (a TorchScript file, e.g. sscd_disc_mixup.torchscript.pt) "
+                            "instead of pixel correlation")
+    group.add_argument("--sscd-threshold", type=float, metavar="T",
+                       help=f"SSCD similarity above which a generation is a replica (default {SSCD_THRESHOLD})")
 
 
 def _output_options(parser: argparse.ArgumentParser, export: bool) -> None:
@@ -271,6 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--set", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
                      help="a setting of the analysis, e.g. seeds=[0,1] (repeatable; JSON values)")
 
+    sub = commands.add_parser("memorized", help="memorized sets: fetch SD v1.4's memorized LAION images",
+                              description="memorized sets (imagefolder: images + metadata.csv)")
+    actions = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fetch = actions.add_parser(
+        "fetch", help="download the images of a memorized-prompt list into an imagefolder set (resumable)",
+        description="Download the images of SD v1.4's memorized LAION prompts (or a CSV of the same shape: "
+                    "Caption, URL, type) into an imagefolder set for --memorized. Verbatim (VM) rows first; "
+                    "a second run resumes; failed links are listed in FOLDER/dead_links.csv.")
+    fetch.add_argument("--folder", type=Path, required=True, help="the set's folder (resumed if present)")
+    fetch.add_argument("--prompts", type=Path, default=SD14_MEMORIZED_FILE, metavar="CSV",
+                       help="the prompt list (default: the shipped memorized_laion_prompts.csv)")
+    fetch.add_argument("--verbatim-only", action="store_true", help="only the verbatim (VM) rows")
+    fetch.add_argument("--limit", type=int, help="at most the first N rows (verbatim ones first)")
+    fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per try (default %(default)s)")
+    fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                       help="tries after a timeout, connection or server error (default %(default)s)")
+    fetch.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20,
+                       help="largest image accepted, in MB (default %(default)s)")
+    _output_options(fetch, export=False)
+
     sub = commands.add_parser("rerun", help="run an exported ZIP again and compare its numbers",
                               description="run an exported ZIP again and compare its numbers")
     sub.add_argument("export_file", type=Path, metavar="EXPORT.zip")
@@ -281,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the folder a run that writes files (finetune) may write in; the export's out_dir must lie "
                           "inside it (a relative one is taken inside it)")
     sub.add_argument("--device", default="cpu")
+    _data_options(sub.add_argument_group("data the export was run with (named again: a ZIP never chooses a path)"))
     _output_options(sub, export=True)
     return parser
 
@@ -395,8 +437,16 @@ def _emit(args, payload: dict, summary: list[str]) -> None:
     print(text if args.json else "\n".join(summary))
 
 
+def model_settings(args) -> dict:
+    """The model options of a command, as `open_model` (and a campaign's configuration) takes them."""
+    return dict(model=args.model, device=args.device, dtype=args.dtype,
+                memorized=None if args.memorized is None else str(args.memorized),
+                reference_prompts=None if args.reference_prompts is None else str(args.reference_prompts),
+                sscd=None if args.sscd is None else str(args.sscd), sscd_threshold=args.sscd_threshold)
+
+
 def _load(args) -> ModelHandle:
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return open_model(**model_settings(args))
 
 
 def cmd_task(args, progress: ProgressBars) -> int:
@@ -417,7 +467,9 @@ def cmd_task(args, progress: ProgressBars) -> int:
 
 
 def cmd_rerun(args, progress: ProgressBars) -> int:
-    recorded, reproduced = rerun(args.export_file, device=args.device, model=args.model, out_dir=args.out_dir)
+    recorded, reproduced = rerun(args.export_file, device=args.device, model=args.model, out_dir=args.out_dir,
+                                 memorized=args.memorized, reference_prompts=args.reference_prompts, sscd=args.sscd,
+                                 sscd_threshold=args.sscd_threshold)
     rows = compare_metrics(recorded.metrics, reproduced.metrics)
     if args.export:
         save_export(reproduced, args.export)
@@ -456,10 +508,10 @@ def cmd_triggers(args, progress: ProgressBars) -> int:
 def cmd_campaign(args, progress: ProgressBars) -> int:
     from analysis.campaign import load_items, run_campaign
 
-    items = load_items(args.prompts, model=args.model)
+    items = load_items(args.prompts, model=args.model, memorized=args.memorized)
     if args.limit is not None:
         items = items[:args.limit]
-    config = dict(args.set, model=args.model, device=args.device, dtype=args.dtype)
+    config = dict(args.set, **model_settings(args))
     summary = run_campaign(items, args.method, config, args.out_dir, executor=args.executor, address=args.address,
                            workers=args.workers, progress=progress)
     progress.close()
@@ -467,7 +519,20 @@ def cmd_campaign(args, progress: ProgressBars) -> int:
     return 0
 
 
-COMMANDS = {"rerun": cmd_rerun, "triggers": cmd_triggers, "campaign": cmd_campaign}
+def cmd_memorized(args, progress: ProgressBars) -> int:
+    if args.limit is not None and args.limit < 1 or args.retries < 0 or args.timeout <= 0 or args.max_mb <= 0:
+        raise BadInput("--limit, --timeout and --max-mb must be positive and --retries at least 0")
+    report = fetch_memorized(args.prompts, args.folder, verbatim_only=args.verbatim_only, limit=args.limit,
+                             timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 2**20),
+                             callback=lambda event: progress(TaskProgress("fetch", event.done, event.total,
+                                                                          event.failure or "")))
+    progress.close()
+    payload = report.as_dict()
+    _emit(args, payload, _summary_lines(payload))
+    return 0
+
+
+COMMANDS = {"rerun": cmd_rerun, "triggers": cmd_triggers, "campaign": cmd_campaign, "memorized": cmd_memorized}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ docs/methods.md §5. The search optimises `y_adv`, the text encoder's output
 
     ‖ε − unet(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, y_adv)‖²   (mean over entries and the batch)
 
+(the target is v instead of ε for a v-prediction model: `analysis.sampling.training_target`)
+
 with a fresh batch of (ε, t) at every step, t uniform over the scheduler's
 training timesteps (0..T−1 in diffusers' numbering, the paper's 1..T), Adam,
 lr 0.1, 50 steps, batch 8. Several starts are optimised together in one UNet
@@ -28,9 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from analysis.metrics import ReplicationResult, replication
+from analysis.metrics import ReplicationResult
 from analysis.model import ModelHandle
-from analysis.sampling import DenoisingStep, encode_prompts, noise_generators, predict_noise, sample
+from analysis.sampling import (DenoisingStep, encode_prompts, noise_generators, predict_noise, sample,
+                               training_target)
 
 
 @dataclass(eq=False)
@@ -176,9 +179,8 @@ class DoriSearch:
             for index in range(self.steps):
                 timesteps, noise = self._draw(handle, generators)
                 x_t = scheduler.add_noise(z0, noise, timesteps)
-                # v-prediction models (SD 2.x at 768 px) are trained toward v, not ε.
-                v_prediction = scheduler.config.prediction_type == "v_prediction"
-                target = scheduler.get_velocity(z0, noise, timesteps) if v_prediction else noise
+                # ε, or v for v-prediction models (SD 2.x at 768 px).
+                target = training_target(scheduler, z0, noise, timesteps)
                 y_adv = start.index_copy(1, positions, moving)
                 text = y_adv.to(handle.dtype).repeat_interleave(self.batch_size, dim=0)  # start-major rows
                 prediction, _ = predict_noise(handle.unet, x_t, timesteps, text)
@@ -258,7 +260,8 @@ class Evaluation:
 def evaluate(handle: ModelHandle, embeddings: torch.Tensor, target_image: torch.Tensor, seeds: Sequence[int],
              steps: int | None = None, guidance: float | None = None, batch_size: int | None = None,
              callback: Callable[[DenoisingStep], None] | None = None) -> Evaluation:
-    """Generate every embedding `[n, 77, d]` with every seed and check each image against `target_image`.
+    """Generate every embedding `[n, 77, d]` with every seed and check each image against `target_image`
+    (with the handle's replication metric).
 
     `steps` and `guidance` default to the handle's; `batch_size` and `callback` go to `sample`.
     """
@@ -267,4 +270,4 @@ def evaluate(handle: ModelHandle, embeddings: torch.Tensor, target_image: torch.
     images = sample(handle, embeddings, seeds, steps=steps, guidance=guidance, batch_size=batch_size,
                     callback=callback).images
     images = images.view(embeddings.shape[0], -1, *images.shape[1:])  # sample's rows are item-major
-    return Evaluation(images, [replication(generated, target_image) for generated in images])
+    return Evaluation(images, [handle.replication_metric(generated, target_image) for generated in images])

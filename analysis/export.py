@@ -272,20 +272,25 @@ def compare_metrics(recorded: dict, reproduced: dict, rtol: float = 1e-3, atol: 
 
 
 def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | None = None,
-          out_dir: str | Path | None = None) -> tuple[RunRecord, RunRecord]:
+          out_dir: str | Path | None = None, memorized: str | Path | None = None,
+          reference_prompts: str | Path | None = None, sscd: str | Path | None = None,
+          sscd_threshold: float | None = None) -> tuple[RunRecord, RunRecord]:
     """Load an export, load its model (on `device`, in the recorded dtype) and run it again.
 
-    The export names a model but is not trusted to choose what is loaded: the
-    bundled model is loaded by its name, any other only when the caller names
-    it as `model` (a folder or hub id), so a ZIP never makes this open a folder
-    or contact the network. A configuration that writes files (`out_dir`) runs
-    only inside the caller's `out_dir`: a relative path is taken inside it, an
-    absolute one must lie inside it. The configuration meets the same limits as
-    every `run_task` call (`analysis.limits`).
+    The export names a model, a memorized set, reference prompts and an SSCD
+    file, but is not trusted to choose what is loaded: the bundled model is
+    loaded by its name, anything else only when the caller names it (`model`,
+    `memorized`, `reference_prompts`, `sscd`, as for any `dori` command), so a
+    ZIP never makes this open a file or folder or contact the network; a rerun
+    loaded with other data than the export's is refused by `run_task`. A
+    configuration that writes files (`out_dir`) runs only inside the caller's
+    `out_dir`: a relative path is taken inside it, an absolute one must lie
+    inside it. The configuration meets the same limits as every `run_task`
+    call (`analysis.limits`).
 
     Returns (recorded, reproduced); `compare_metrics` tells whether the numbers agree.
     """
-    from analysis.model import load_model
+    from analysis.model import open_model
     from analysis.tasks import BUNDLED_MODEL_NAME, check_limits, run_task
 
     recorded = load_export(path)
@@ -296,7 +301,11 @@ def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | Non
     config = dict(recorded.config)
     if "out_dir" in config:
         config["out_dir"] = str(_inside(config["out_dir"], out_dir))
-    handle = load_model(model, device=device, dtype=config.get("dtype", "float32"))
+    recorded_metric = config.get("replication") or {}
+    if sscd is not None and sscd_threshold is None and recorded_metric.get("metric") == "SSCD":
+        sscd_threshold = recorded_metric.get("threshold")  # a number, not a path: taken from the export
+    handle = open_model(model, device=device, dtype=config.get("dtype", "float32"), memorized=memorized,
+                        reference_prompts=reference_prompts, sscd=sscd, sscd_threshold=sscd_threshold)
     reproduced = run_task(handle, recorded.kind, config, inputs=recorded.inputs())
     return recorded, reproduced
 

@@ -83,9 +83,9 @@ from analysis.demo.data import RESOLUTION, render_shapes, split_shape_specs
 from analysis.dori import DoriSearch, DoriStep, Start, evaluate
 from analysis.hooks import hook_points, nemo_layers
 from analysis.masks import Mask
-from analysis.metrics import REPLICATION_THRESHOLD, replication, similarity_matrix
+from analysis.metrics import ReplicationMetric, similarity_matrix
 from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle
-from analysis.sampling import DenoisingStep, encode_prompts, predict_noise, sample
+from analysis.sampling import DenoisingStep, encode_prompts, predict_noise, sample, training_target
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
@@ -184,10 +184,8 @@ def denoising_loss(handle: ModelHandle, unet: torch.nn.Module, images: torch.Ten
     if teacher is not None:
         with torch.no_grad():
             target, _ = predict_noise(teacher, noisy, timesteps, text)
-    elif scheduler.config.prediction_type == "v_prediction":  # SD 2.x at 768 px is trained toward v, not ε
-        target = scheduler.get_velocity(z0, noise, timesteps)
     else:
-        target = noise
+        target = training_target(scheduler, z0, noise, timesteps)
     prediction, _ = predict_noise(unet, noisy, timesteps, text)
     return (prediction.float() - target.float()).square().mean()
 
@@ -230,9 +228,9 @@ def generate(handle: ModelHandle, prompts: list[str] | torch.Tensor, seeds: Sequ
         return generate(handle, prompts, seeds, callback=callback)
 
 
-def replicates(images: torch.Tensor, image: torch.Tensor) -> bool:
-    """Whether any of `images` replicates `image`: a surrogate must not."""
-    return replication(images, image).similarities.max().item() > REPLICATION_THRESHOLD
+def replicates(metric: ReplicationMetric, images: torch.Tensor, image: torch.Tensor) -> bool:
+    """Whether any of `images` replicates `image` by `metric`: a surrogate must not."""
+    return bool(metric(images, image).replicated.any())
 
 
 def mitigated_surrogate(handle: ModelHandle, item: MemorizedImage, surrogate: str | Mask | torch.Tensor,
@@ -244,8 +242,9 @@ def mitigated_surrogate(handle: ModelHandle, item: MemorizedImage, surrogate: st
     layer blocked that replicate on no seed, those least similar to the image;
     with every cross-attention value layer blocked when no single layer stops
     replication. Raises ValueError
-    when the chosen surrogate still replicates the image.
+    when the chosen surrogate still replicates the image (by the handle's replication metric).
     """
+    metric = handle.replication_metric
     if isinstance(surrogate, torch.Tensor):
         images = surrogate[None] if surrogate.ndim == 3 else surrogate
         if images.shape[1:] != item.image.shape:
@@ -258,7 +257,7 @@ def mitigated_surrogate(handle: ModelHandle, item: MemorizedImage, surrogate: st
         candidates = {f"whole layer {next(iter(mask.removed))} blocked": generate(handle, [item.caption], seeds, mask,
                                                                                   callback)
                       for mask in whole_layer_masks(handle, item.caption)}
-        if all(replicates(images, item.image) for images in candidates.values()):
+        if all(replicates(metric, images, item.image) for images in candidates.values()):
             # No single layer stops it (memorization spread over several): block the text's every value path.
             every = Mask({name: torch.ones(layer.out_features, dtype=torch.bool)
                           for name, layer in hook_points(handle.unet, "value").items()},
@@ -267,15 +266,16 @@ def mitigated_surrogate(handle: ModelHandle, item: MemorizedImage, surrogate: st
                                                                                callback)
     else:
         raise ValueError(f"surrogate must be 'mitigated', a Mask or an image tensor, got {surrogate!r}")
-    similarity = {source: replication(images, item.image).similarities for source, images in candidates.items()}
-    acceptable = [name for name, images in candidates.items() if not replicates(images, item.image)] or list(candidates)
+    similarity = {source: metric(images, item.image).similarities for source, images in candidates.items()}
+    acceptable = ([name for name, images in candidates.items() if not replicates(metric, images, item.image)]
+                  or list(candidates))
     source = min(acceptable, key=lambda name: similarity[name].mean().item())
     worst = similarity[source].max().item()
-    if worst > REPLICATION_THRESHOLD:
+    if worst > metric.threshold:
         raise ValueError(f"the surrogate for {item.caption!r} ({source}) still replicates the training image "
-                         f"(similarity {worst:.2f} > {REPLICATION_THRESHOLD}); fine-tuning toward it would keep the "
-                         "image memorized. Pass a Mask that stops replication or an image as `surrogate`.")
-    return candidates[source], f"{source}, max similarity to the training image {worst:.2f}"
+                         f"({metric.label()} {worst:.2f} > {metric.threshold:g}); fine-tuning toward it would keep "
+                         "the image memorized. Pass a Mask that stops replication or an image as `surrogate`.")
+    return candidates[source], f"{source}, max {metric.label()} to the training image {worst:.2f}"
 
 
 def attack(handle: ModelHandle, item: MemorizedImage, dori: DoriSearch, starts: Sequence[Start], seeds: Sequence[int],
@@ -310,8 +310,8 @@ def side_effects(base: ModelHandle, tuned: ModelHandle, targets: Sequence[int], 
     others = []
     for index, item in enumerate(base.memorized):
         if index not in targets:
-            before, after = (replication(generate(model, [item.caption], seeds, callback=callback), item.image).rate
-                             for model in (base, tuned))
+            before, after = (base.replication_metric(generate(model, [item.caption], seeds, callback=callback),
+                                                     item.image).rate for model in (base, tuned))
             others.append(dict(caption=item.caption, before=before, after=after))
     held_out = []
     for prompt in base.held_out_prompts[:SIDE_EFFECT_PROMPTS]:

@@ -4,6 +4,8 @@
 * `ssim`, `ms_ssim`: structural similarity, single- and multi-scale, for noise maps (NeMo).
 * `SSCD`: the literature's copy-detection similarity, from a TorchScript file the user supplies.
 * `replication`, `memorization_rate`: is a training image reproduced, and how often.
+* `ReplicationMetric`: the similarity and threshold a model's replication is judged with (`replication_metric`
+  builds it: pixel correlation > 0.75, or SSCD > 0.7 from a TorchScript file).
 * `wen_magnitude`, `wen_score`: Wen et al.'s reference-free memorization score.
 * `roc_auc`: how well a score separates memorized from normal prompts.
 
@@ -13,19 +15,20 @@ Images are `[n, 3, H, W]` in [-1, 1].
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 
 from analysis.model import ModelHandle
-from analysis.sampling import DenoisingStep, SamplingCancelled, noise_gap, predict_noise, sample
+from analysis.sampling import DenoisingStep, SamplingCancelled, as_epsilon, noise_gap, predict_noise, sample
 
 # Calibrated on the demo model (memorized vs held-out generations): docs/results/memorization.md.
 REPLICATION_THRESHOLD = 0.75
+# The literature's SSCD threshold for a replica (Somepalli et al. 2023; Wen et al. 2024; Kowalczuk et al. 2025).
+SSCD_THRESHOLD = 0.7
 
 SSIM_WINDOW = 7  # small enough for 32x32 images
 SSIM_SIGMA = 1.5
@@ -135,9 +138,13 @@ class SSCD:
             raise FileNotFoundError(
                 f"no SSCD TorchScript file at {path.resolve()}; download e.g. sscd_disc_mixup.torchscript.pt "
                 "from https://github.com/facebookresearch/sscd-copy-detection")
+        self.path = path.resolve()
         self.device = torch.device(device)
         self.size = size
-        self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        try:
+            self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"{self.path} is not a TorchScript file SSCD can be loaded from: {err}") from err
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -178,6 +185,65 @@ def replication(generated: torch.Tensor, reference: torch.Tensor, threshold: flo
     return ReplicationResult(similarities, replicated, replicated.float().mean().item(), best.indices.cpu())
 
 
+@dataclass(frozen=True)
+class ReplicationMetric:
+    """How replication is judged: a similarity, its name, and the threshold above which a generation is a replica.
+
+    A model handle carries one (`ModelHandle.replication_metric`), so that every analysis of that model, and
+    every result and export, uses and names the same metric. Build it with `replication_metric`.
+    """
+
+    name: str  # "pixel correlation" or "SSCD"
+    threshold: float
+    similarity: Similarity = similarity_matrix
+    file: str | None = None  # the SSCD TorchScript file
+
+    def __call__(self, generated: torch.Tensor, reference: torch.Tensor,
+                 threshold: float | None = None) -> ReplicationResult:
+        """`replication` with this metric (and its threshold unless `threshold` is given)."""
+        return replication(generated, reference, self.threshold if threshold is None else threshold, self.similarity)
+
+    def label(self) -> str:
+        """What a plot axis or table column of this similarity is called."""
+        return similarity_label(self.name)
+
+    def describe(self, threshold: float | None = None) -> str:
+        """The replica criterion in words, e.g. "SSCD similarity > 0.7"."""
+        return f"{self.label()} > {self.threshold if threshold is None else threshold:g}"
+
+    def settings(self) -> dict:
+        """JSON settings `replication_metric` builds this metric from again (what records and exports keep)."""
+        return dict(metric=self.name, threshold=self.threshold, sscd=self.file)
+
+
+PIXEL_CORRELATION = ReplicationMetric("pixel correlation", REPLICATION_THRESHOLD)
+
+
+def similarity_label(metric: str) -> str:
+    """How results name the similarity of the metric called `metric` (a record's `replication.metric`)."""
+    return f"similarity ({metric})"
+
+
+def replication_metric(sscd: str | Path | None = None, threshold: float | None = None,
+                       device: str | torch.device = "cpu", metric: str | None = None) -> ReplicationMetric:
+    """Pixel correlation (threshold 0.75), or SSCD from the TorchScript file `sscd` (threshold 0.7) on `device`.
+
+    `threshold` overrides the metric's. `metric` is the name `settings()` recorded (checked against `sscd`), so
+    that `replication_metric(**metric.settings())` builds the metric again. ValueError for a file that cannot be
+    loaded or a threshold outside [-1, 1]; FileNotFoundError for a missing file.
+    """
+    if threshold is not None and (isinstance(threshold, bool) or not -1 <= threshold <= 1):
+        raise ValueError(f"a replication threshold is a similarity in [-1, 1], got {threshold!r}")
+    if sscd is None:
+        if metric not in (None, PIXEL_CORRELATION.name):
+            raise ValueError(f"the {metric} metric needs its file (sscd)")
+        return PIXEL_CORRELATION if threshold is None else replace(PIXEL_CORRELATION, threshold=float(threshold))
+    if metric not in (None, "SSCD"):
+        raise ValueError(f"an SSCD file was given for the {metric} metric")
+    model = SSCD(sscd, device)
+    return ReplicationMetric("SSCD", SSCD_THRESHOLD if threshold is None else float(threshold), model, str(model.path))
+
+
 def memorization_rate(results: Sequence[ReplicationResult], min_share: float = 0.5) -> float:
     """Memorization rate of a prompt set: the fraction of prompts whose share of replicating seeds is >= `min_share`.
 
@@ -191,13 +257,15 @@ def memorization_rate(results: Sequence[ReplicationResult], min_share: float = 0
     return sum(result.rate >= min_share for result in results) / len(results)
 
 
-def wen_magnitude(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor,
+def wen_magnitude(handle: ModelHandle, x_t: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor,
                   y0: torch.Tensor) -> torch.Tensor:
     """‖ε(x_t, t, y) − ε(x_t, t, y0)‖₂ per image, `[b]` (Wen et al. 2024). Differentiable in `y`.
 
-    `x_t` `[b, C, h, w]`, `y` `[b, 77, d]`, `y0` `[1 or b, 77, d]` (the empty prompt's embedding).
+    `x_t` `[b, C, h, w]`, `y` `[b, 77, d]`, `y0` `[1 or b, 77, d]` (the empty prompt's embedding). ε as
+    `analysis.sampling.as_epsilon` reads the handle's UNet output (a v-prediction model's v is converted).
     """
-    return noise_gap(*predict_noise(unet, x_t, t, y, y0))
+    noise_text, noise_uncond = predict_noise(handle.unet, x_t, t, y, y0)
+    return noise_gap(as_epsilon(handle.scheduler, noise_text, x_t, t), as_epsilon(handle.scheduler, noise_uncond, x_t, t))
 
 
 def wen_score(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int] = (0, 1, 2, 3),

@@ -5,6 +5,12 @@
 pipeline folder (safetensors only). Components are loaded one by one, so no
 safety checker or feature extractor is needed.
 
+What the model is analysed against travels with it: its memorized images
+(`--memorized DIR`, an imagefolder set, or the folder's `memorized.json`;
+`analysis.memorized`), its non-memorized reference prompts (`--reference-prompts
+FILE`, the sidecar's held-out prompts, or else SD v1.4's 500 unmemorized LAION
+prompts) and the metric replication is judged with (`analysis.metrics.ReplicationMetric`).
+
 The demo model works in pixel space: its image codec is `PassThroughCodec`,
 which has the interface of diffusers' `AutoencoderKL` (`encode`, `decode`,
 `config.scaling_factor`) but does nothing. That keeps a single code path for
@@ -16,12 +22,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from transformers import CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from analysis.metrics import ReplicationMetric
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo_model"
@@ -62,6 +72,13 @@ class MemorizedImage:
 
     caption: str
     image: torch.Tensor  # [3, H, W] in [-1, 1]
+    metadata: dict = field(default_factory=dict)  # an imagefolder row's other columns (file_name, url, group, ...)
+
+
+def _pixel_correlation():
+    from analysis.metrics import PIXEL_CORRELATION  # analysis.metrics imports this module
+
+    return PIXEL_CORRELATION
 
 
 @dataclass
@@ -77,12 +94,28 @@ class ModelHandle:
     device: torch.device
     dtype: torch.dtype
     memorized: list[MemorizedImage] = field(default_factory=list)
+    # Non-memorized prompts: the reference set of NeMo, Wanda, the trigger map and side-effect checks.
     held_out_prompts: list[str] = field(default_factory=list)
-    # Sampling settings the model is meant to be used with (SD v1.4's reference by default).
+    # Sampling settings the model is meant to be used with (StableDiffusionPipeline's by default).
     default_steps: int = 50
-    default_guidance: float = 7.0
+    default_guidance: float = 7.5
     # The noise offset the model was trained with (offset noise; 0 for SD): fine-tuning keeps training with it.
     training_offset_noise: float = 0.0
+    # How replication is judged (analysis.metrics.ReplicationMetric): pixel correlation unless SSCD is given.
+    replication_metric: ReplicationMetric = field(default_factory=_pixel_correlation)
+    # Where the memorized set and reference prompts came from when given apart from the model folder (else None).
+    memorized_set: str | None = None
+    reference_prompts_file: str | None = None
+
+    def data_settings(self) -> dict:
+        """What the model is analysed against, as `load_model` takes it again: every record keeps it."""
+        return dict(memorized_set=self.memorized_set, reference_prompts=self.reference_prompts_file,
+                    replication=self.replication_metric.settings())
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images the model makes: the latent size times the VAE's downsampling factor."""
+        return self.unet.config.sample_size * 2 ** (len(self.codec.config.block_out_channels) - 1)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -119,16 +152,12 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _read_sidecar(folder: Path) -> dict:
-    """What `memorized.json` beside a model says: memorized images, held-out prompts, sampling and training settings."""
+    """What `memorized.json` beside a model says besides its images: held-out prompts, sampling and training settings."""
     path = folder / MEMORIZED_FILE
     if not path.is_file():
         return {}
-    from safetensors.torch import load_file
-
     meta = json.loads(path.read_text())
-    images = load_file(str(folder / meta["images_file"]))["images"]
-    found = dict(memorized=[MemorizedImage(c, images[i]) for i, c in enumerate(meta["captions"])],
-                 held_out_prompts=list(meta.get("held_out_prompts", [])))
+    found = dict(held_out_prompts=list(meta.get("held_out_prompts", [])))
     if "sampling" in meta:
         found.update(default_steps=int(meta["sampling"]["steps"]), default_guidance=float(meta["sampling"]["guidance"]))
     if "training" in meta:
@@ -150,12 +179,22 @@ def _refuse_pickled_weights(folder: Path) -> None:
 
 
 def load_model(source: str | Path | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str = torch.float32, local_files_only: bool = False) -> ModelHandle:
+               dtype: torch.dtype | str = torch.float32, local_files_only: bool = False,
+               memorized: str | Path | None = None, reference_prompts: str | Path | None = None,
+               replication_metric: ReplicationMetric | None = None) -> ModelHandle:
     """Load a Stable Diffusion pipeline's components into a `ModelHandle`.
 
     `source` is a local folder or a hub id; None means the bundled demo model.
-    Raises `ModelLoadError` naming what was tried when it cannot be loaded.
+    `memorized`: a memorized set folder (`analysis.memorized.load_memorized_set`) instead of the model
+    folder's `memorized.json`; `reference_prompts`: a prompt list file instead of the sidecar's held-out
+    prompts (without either, SD v1.4's unmemorized LAION prompts); `replication_metric`: an
+    `analysis.metrics.ReplicationMetric` (None: pixel correlation).
+    Raises `ModelLoadError` naming what was tried when it cannot be loaded, and
+    `analysis.memorized.MemorizedSetError` (a ValueError) for a bad memorized set.
     """
+    # analysis.memorized imports this module for MemorizedImage.
+    from analysis.memorized import REFERENCE_PROMPTS_FILE, load_memorized_set, read_prompt_list
+
     device = torch.device(device)
     dtype = _resolve_dtype(dtype)
     source = DEMO_MODEL_DIR if source is None else source
@@ -190,9 +229,36 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
 
     for module in (text_encoder, unet, codec):
         module.to(device).eval().requires_grad_(False)
-    return ModelHandle(
+    handle = ModelHandle(
         name="bundled demo model" if folder == DEMO_MODEL_DIR else str(source),
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, codec=codec,
         scheduler=scheduler, device=device, dtype=dtype,
         **(_read_sidecar(folder) if is_local else {}),
     )
+    if memorized is not None:
+        handle.memorized_set = str(Path(memorized).expanduser().resolve())
+        handle.memorized = load_memorized_set(memorized, tokenizer, handle.image_size)
+    elif is_local and (folder / MEMORIZED_FILE).is_file():
+        handle.memorized = load_memorized_set(folder, tokenizer, handle.image_size)
+    if reference_prompts is not None:
+        handle.reference_prompts_file = str(Path(reference_prompts).expanduser().resolve())
+        handle.held_out_prompts = read_prompt_list(reference_prompts)
+    elif not handle.held_out_prompts:
+        handle.held_out_prompts = read_prompt_list(REFERENCE_PROMPTS_FILE)
+    if replication_metric is not None:
+        handle.replication_metric = replication_metric
+    return handle
+
+
+def open_model(model: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | str = "float32",
+               memorized: str | Path | None = None, reference_prompts: str | Path | None = None,
+               sscd: str | Path | None = None, sscd_threshold: float | None = None) -> ModelHandle:
+    """`load_model` with the command-line options (`dori --help`, `python app.py --help`): SSCD as the replication
+    metric when `sscd` is given. ValueError for a threshold without SSCD or a bad SSCD file."""
+    from analysis.metrics import replication_metric  # analysis.metrics imports this module
+
+    if sscd is None and sscd_threshold is not None:
+        raise ValueError("--sscd-threshold needs --sscd (the SSCD TorchScript file)")
+    metric = replication_metric(sscd, sscd_threshold, device) if sscd is not None else None
+    return load_model(model, device=device, dtype=dtype, memorized=memorized, reference_prompts=reference_prompts,
+                      replication_metric=metric)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.metrics import REPLICATION_THRESHOLD, ReplicationResult, replication
+from analysis.metrics import ReplicationMetric, ReplicationResult
 from analysis.model import ModelHandle
 from analysis.sampling import DenoisingStep, noise_gap, sample
 
@@ -25,6 +25,7 @@ class ReplicationReport:
     seeds: list[int]
     steps: int
     guidance: float
+    metric: ReplicationMetric
     threshold: float
     images: torch.Tensor  # [k, 3, H, W] in [-1, 1], one per seed
     # The training images compared with: the chosen one, or every memorized one for a free prompt.
@@ -43,7 +44,7 @@ class ReplicationReport:
             # With several candidates, say which training image was the nearest.
             to_whom = f" to “{self.reference_captions[nearest]}”" if len(self.reference_captions) > 1 else ""
             verdict = "replicated" if replicated else "not replicated"
-            lines.append(f"{verdict} · similarity {similarity:.2f} · seed {seed}{to_whom}")
+            lines.append(f"{verdict} · {self.metric.label()} {similarity:.2f} · seed {seed}{to_whom}")
         return lines
 
     def summary(self) -> str:
@@ -54,7 +55,7 @@ class ReplicationReport:
             replicated = int(self.replication.replicated.sum())
             target = "the training image" if len(self.reference_captions) == 1 else "a memorized training image"
             lines = [f"{replicated} of {len(self.seeds)} seeds replicate {target} "
-                     f"(rate {self.replication.rate:.0%}; replicated = similarity > {self.threshold})."]
+                     f"(rate {self.replication.rate:.0%}; replicated = {self.metric.describe(self.threshold)})."]
         if self.noise_gap_per_step is not None:
             lines.append(f"Wen et al.'s score (noise gap at the first step, mean over seeds): "
                          f"{self.noise_gap_per_step[:, 0].mean():.3f}.")
@@ -67,18 +68,21 @@ def training_images(handle: ModelHandle) -> torch.Tensor:
 
 
 def replicate(handle: ModelHandle, prompt_or_index: str | int, seeds: Sequence[int], steps: int | None = None,
-              guidance: float | None = None, threshold: float = REPLICATION_THRESHOLD,
+              guidance: float | None = None, threshold: float | None = None,
               callback: Callable[[DenoisingStep], None] | None = None) -> ReplicationReport:
     """Generate `prompt_or_index` with every seed and check each image for replication.
 
     An int picks a memorized training image: its caption is the prompt and
     its image the one reference. A string is a free prompt, compared with
-    every memorized training image (its nearest counts). `steps` and
-    `guidance` default to the handle's. `callback` is passed on to `sample`.
+    every memorized training image (its nearest counts). `steps`,
+    `guidance` and the replication `threshold` default to the handle's (its
+    `replication_metric` judges). `callback` is passed on to `sample`.
     Raises ValueError for an empty prompt or an index out of range.
     """
     steps = handle.default_steps if steps is None else steps
     guidance = handle.default_guidance if guidance is None else guidance
+    metric = handle.replication_metric
+    threshold = metric.threshold if threshold is None else threshold
     if isinstance(prompt_or_index, int):
         if not 0 <= prompt_or_index < len(handle.memorized):
             raise ValueError(f"training image {prompt_or_index} does not exist: "
@@ -102,8 +106,8 @@ def replicate(handle: ModelHandle, prompt_or_index: str | int, seeds: Sequence[i
 
     result = sample(handle, [prompt], seeds, steps=steps, guidance=guidance, callback=on_step)
     return ReplicationReport(
-        prompt=prompt, seeds=result.seeds, steps=steps, guidance=guidance, threshold=threshold, images=result.images,
-        reference_captions=reference_captions,
-        replication=replication(result.images, references, threshold) if references is not None else None,
+        prompt=prompt, seeds=result.seeds, steps=steps, guidance=guidance, metric=metric, threshold=threshold,
+        images=result.images, reference_captions=reference_captions,
+        replication=metric(result.images, references, threshold) if references is not None else None,
         noise_gap_per_step=torch.stack(gaps, dim=1) if gaps else None,
     )

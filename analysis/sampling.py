@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, SchedulerMixin, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from analysis.model import ModelHandle
@@ -39,9 +39,10 @@ class DenoisingStep:
     total: int  # number of steps of the run
     timestep: torch.Tensor
     latents: torch.Tensor  # x_t, the UNet's input at this step, [rows, C, h, w]
+    # The noise the model predicts, as ε whatever it is trained to predict (`as_epsilon`):
     noise_text: torch.Tensor  # ε(x_t, y)
     noise_uncond: torch.Tensor | None  # ε(x_t, y0); None when guidance == 1 (not evaluated)
-    noise_pred: torch.Tensor  # the guided prediction the scheduler used
+    noise_pred: torch.Tensor  # the guided model output the scheduler used (ε, or v for a v-prediction model)
     next_latents: torch.Tensor  # x_{t-1}
 
 
@@ -51,7 +52,7 @@ class SampleResult:
     seeds: list[int]
     steps: int
     guidance: float
-    # Wen et al.'s magnitude ‖ε(x_T, y) − ε(x_T, y0)‖₂ of each image at the first
+    # Wen et al.'s magnitude ‖ε(x_T, y) − ε(x_T, y0)‖₂ (ε as `as_epsilon` reads it) of each image at the first
     # step, [rows] float32 CPU; None when guidance == 1 (ε(x_T, y0) is not evaluated).
     wen_first_step: torch.Tensor | None
 
@@ -104,6 +105,43 @@ def predict_noise(unet: UNet2DConditionModel, latents: torch.Tensor, timestep: t
         noise_text.append(eps_text)
         noise_uncond.append(eps_uncond)
     return torch.cat(noise_text), (torch.cat(noise_uncond) if uncond is not None else None)
+
+
+def as_epsilon(scheduler: SchedulerMixin, output: torch.Tensor, latents: torch.Tensor,
+               timestep: torch.Tensor | int) -> torch.Tensor:
+    """The noise ε a UNet output stands for, by the scheduler's `prediction_type`.
+
+    "epsilon": the output itself; "v_prediction" (SD 2.x at 768 px): ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t;
+    "sample": ε = (x_t − √ᾱ_t·x̂_0) / √(1−ᾱ_t). `timestep` is one timestep or one per row of `latents`.
+    Analyses that compare a prediction with noise (NeMo's δ, Wen et al.'s gap) read ε through this.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    alphas = scheduler.alphas_cumprod.to(latents.device)[torch.as_tensor(timestep, device=latents.device).long()]
+    alphas = alphas.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype) if alphas.ndim else alphas.to(latents.dtype)
+    if kind == "v_prediction":
+        return alphas.sqrt() * output + (1 - alphas).sqrt() * latents
+    if kind == "sample":
+        return (latents - alphas.sqrt() * output) / (1 - alphas).sqrt()
+    raise ValueError(f"unknown prediction_type {kind!r} in the scheduler's config")
+
+
+def training_target(scheduler: SchedulerMixin, z0: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output for x_t = add_noise(z0, noise, t), by the scheduler's `prediction_type`:
+    the noise ε, the velocity v = √ᾱ_t·ε − √(1−ᾱ_t)·z0 (SD 2.x at 768 px), or z0 itself ("sample").
+
+    The denoising losses of Dori and of fine-tuning compare the UNet's output with this.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, timesteps)
+    if kind == "sample":
+        return z0
+    raise ValueError(f"unknown prediction_type {kind!r} in the scheduler's config")
 
 
 def noise_gap(noise_text: torch.Tensor, noise_uncond: torch.Tensor) -> torch.Tensor:
@@ -173,11 +211,14 @@ def sample(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: S
         else:
             noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
             if index == 0:
-                wen_first_step = noise_gap(noise_text, noise_uncond).cpu()
+                wen_first_step = noise_gap(as_epsilon(scheduler, noise_text, latents, t),
+                                           as_epsilon(scheduler, noise_uncond, latents, t)).cpu()
         # The per-image generators also draw DDIM's step noise when eta > 0, as in the pipeline.
         next_latents = scheduler.step(noise_pred, t, latents, eta=eta, generator=generators, return_dict=False)[0]
         if callback is not None:
-            callback(DenoisingStep(index, steps, t, latents, noise_text, noise_uncond, noise_pred, next_latents))
+            callback(DenoisingStep(index, steps, t, latents, as_epsilon(scheduler, noise_text, latents, t),
+                                   None if noise_uncond is None else as_epsilon(scheduler, noise_uncond, latents, t),
+                                   noise_pred, next_latents))
         latents = next_latents
 
     chunk = batch_size or latents.shape[0]

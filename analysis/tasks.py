@@ -33,6 +33,11 @@ it again. `mitigation` is None, `{"method": "nemo"|"wanda", "parameters": {...}}
 `callback` receives what the analysis streams: `DenoisingStep` while sampling,
 `DoriStep` while searching, `FineTuneProgress` while fine-tuning, `TaskProgress` otherwise. It may raise
 `analysis.sampling.SamplingCancelled` to stop.
+
+Every record's configuration also names the dtype and what the model was
+analysed against (`ModelHandle.data_settings`): its memorized set, its
+reference prompts and the replication metric with its threshold. A recorded
+configuration given back must match the handle in these.
 """
 
 from __future__ import annotations
@@ -61,7 +66,6 @@ from analysis.limits import (MAX_DENOISING_STEPS, MAX_INPUT_MAGNITUDE, MAX_LIST,
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
-from analysis.metrics import REPLICATION_THRESHOLD
 from analysis.model import ModelHandle, load_model
 from analysis.projection import Projection
 from analysis.replicate import replicate, training_images
@@ -81,6 +85,9 @@ RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size", "progress"}
 PROJECTION_PARAMETERS = {name: p.default for name, p in inspect.signature(Projection).parameters.items()
                          if name not in RUNTIME_ARGUMENTS | {"method"}}
 START_KINDS = ("random", "prompt", "embedding")
+# UNet rows per call when NeMo and Wanda run their reference prompts × seeds (500 × 10 with SD v1.4's fallback
+# list): one call for all of them would not fit a GPU's memory with SD's UNet.
+LOCALIZER_BATCH_ROWS = 64
 
 
 @dataclass
@@ -249,6 +256,17 @@ def _check_dtype(handle: ModelHandle, config: dict) -> str:
     return dtype
 
 
+def _check_data(handle: ModelHandle, config: dict) -> dict:
+    """The handle's memorized set, reference prompts and replication metric; ValueError when a recorded
+    configuration names others (a rerun must load the model with what it was run against)."""
+    settings = handle.data_settings()
+    for key, value in settings.items():
+        if key in config and _json_ready(config[key]) != _json_ready(value):
+            raise ValueError(f"the configuration was recorded with {key} {config[key]!r}, the model is loaded "
+                             f"with {value!r}")
+    return settings
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masks
 
@@ -271,7 +289,8 @@ def record_mask(record: RunRecord) -> Mask:
 def _nemo(parameters: dict, callback: Callback | None, stage: str = "localize") -> NeMo:
     """NeMo with `parameters`; its progress messages reach `callback` as `TaskProgress(stage, ...)`."""
     messages = iter(range(1, 1 << 62))
-    return NeMo(**parameters, progress=lambda message: _progress(callback, stage, next(messages), None, message))
+    return NeMo(**parameters, batch_size=LOCALIZER_BATCH_ROWS,
+                progress=lambda message: _progress(callback, stage, next(messages), None, message))
 
 
 def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
@@ -280,7 +299,7 @@ def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback
     if config["method"] == "nemo":
         return _nemo(parameters, callback).fit(handle, prompt, config["seeds"])
     reference_prompts = parameters.pop("reference_prompts", None)
-    return Wanda(**parameters).fit(handle, prompt, reference_prompts, config["seeds"])
+    return Wanda(**parameters, batch_size=LOCALIZER_BATCH_ROWS).fit(handle, prompt, reference_prompts, config["seeds"])
 
 
 def _localizer_config(method_config: dict | None, default_method: str = "nemo") -> dict:
@@ -338,10 +357,11 @@ def _replication_metrics(report, prefix: str = "") -> dict:
 
 def _run_replicate(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
     config = _fill("replicate", dict(image=None, prompt=None, seeds=DEFAULT_SEEDS, steps=None, guidance=None,
-                                     threshold=REPLICATION_THRESHOLD, mitigation=None), config)
+                                     threshold=None, mitigation=None), config)
     target, prompt, _ = _target(handle, config, inputs, need_image=False)
+    threshold = handle.replication_metric.threshold if config["threshold"] is None else config["threshold"]
     filled = dict(**target, seeds=_seeds("seeds", config["seeds"]), **_sampling(handle, config),
-                  threshold=_number("threshold", config["threshold"]),
+                  threshold=_number("threshold", threshold),
                   mitigation=_mitigation_config(config["mitigation"], inputs))
     record = RunRecord("replicate", handle.name, filled)
     what = _replicate_what(handle, target)
@@ -436,6 +456,7 @@ def _run_attack(handle: ModelHandle, config: dict, inputs: dict, callback: Callb
         final_loss=final_losses, distance_from_start=distances,
         rate_before=before.rates.tolist(), rate=after.rates.tolist(), mean_rate=after.rates.mean().item(),
         mean_similarity=after.similarities.mean(dim=1).tolist(),
+        similarities=after.similarities.tolist(), replicated=after.replicated.int().tolist(),
         similarity=after.similarities.mean().item(), similarity_std=after.similarities.mean(dim=1).std(
             correction=0).item())
     record.table = [dict(start=i, kind=spec["kind"], final_loss=loss, distance_from_start=distance,
@@ -557,7 +578,8 @@ def _run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
                                       step.total))
 
     seeds = range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"])
-    effects = side_effects(handle, load_model(result.model_dir, device=handle.device, dtype=handle.dtype),
+    effects = side_effects(handle, load_model(result.model_dir, device=handle.device, dtype=handle.dtype,
+                                              replication_metric=handle.replication_metric),
                            resolve_targets(handle, config["targets"]), seeds, on_step)
     record.metrics.update(others=effects["others"],
                           held_out=[dict(prompt=row["prompt"], similarity=row["similarity"])
@@ -666,8 +688,8 @@ def _run_agreement(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
     _progress(callback, "agreement", 0, 2, f"NeMo on {len(triggers)} triggers")
     masks = {"nemo": localize_each(_nemo(nemo["parameters"], callback, "NeMo"), handle, triggers, seeds=nemo["seeds"])}
     _progress(callback, "agreement", 1, 2, f"Wanda on {len(triggers)} triggers")
-    masks["wanda"] = [as_neurons(mask) for mask in localize_each(Wanda(**wanda), handle, triggers,
-                                                                  seeds=nemo["seeds"])]
+    wanda_localizer = Wanda(**wanda, batch_size=LOCALIZER_BATCH_ROWS)
+    masks["wanda"] = [as_neurons(mask) for mask in localize_each(wanda_localizer, handle, triggers, seeds=nemo["seeds"])]
     _progress(callback, "agreement", 2, 2, "IoU")
     matrices = {"nemo_nemo": iou_matrix(masks["nemo"]), "wanda_wanda": iou_matrix(masks["wanda"]),
                 "nemo_wanda": iou_matrix(masks["nemo"], masks["wanda"])}
@@ -712,7 +734,9 @@ def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callbac
         raise ValueError(f"unknown analysis {kind!r}; choose one of {sorted(TASKS)}")
     config = dict(config or {})
     dtype = _check_dtype(handle, config)
-    config.pop("dtype", None)
+    data = _check_data(handle, config)
+    for key in ("dtype", *data):
+        config.pop(key, None)
     inputs = dict(inputs or {})
     check_limits(config)
     for name, tensor in inputs.items():
@@ -724,6 +748,6 @@ def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callbac
             raise ValueError(f"input {name!r} holds values up to {tensor.abs().max().item():.3g}; inputs are "
                              f"accepted up to ±{MAX_INPUT_MAGNITUDE:g} (a text embedding's values stay far below)")
     record = TASKS[kind](handle, config, inputs, callback)
-    record.config = _json_ready({**record.config, "dtype": dtype})
+    record.config = _json_ready({**record.config, "dtype": dtype, **data})
     record.tensors.update({INPUT_PREFIX + name: tensor for name, tensor in inputs.items()})
     return record

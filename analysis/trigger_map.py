@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.metrics import similarity_label
 from analysis.model import ModelHandle
 from analysis.projection import Projection
 from analysis.triggers import TriggerSet
@@ -75,8 +76,9 @@ def map_triggers(handle: ModelHandle, triggers: torch.Tensor, references: dict[s
 def map_settings(handle: ModelHandle, trigger_set: TriggerSet) -> tuple[dict, dict[str, torch.Tensor]]:
     """The configuration (all but the projection) and inputs of the "trigger_map" task that maps `trigger_set`.
 
-    Raises ValueError for an empty set, a set made on another model, or one
-    whose image is not among the handle's memorized images.
+    Raises ValueError for an empty set, a set made on another model, one
+    whose image is not among the handle's memorized images, or one whose
+    replication rates were judged by another metric than the handle's.
     """
     if not trigger_set.triggers:
         raise ValueError("the trigger set is empty: build some triggers first")
@@ -86,6 +88,12 @@ def map_settings(handle: ModelHandle, trigger_set: TriggerSet) -> tuple[dict, di
     if trigger_set.config["caption"] not in captions:
         raise ValueError(f"the trigger set's image “{trigger_set.config['caption']}” is not a memorized image of "
                          f"{handle.name!r}")
+    evaluation = trigger_set.config["evaluation"]
+    if evaluation is not None and evaluation["replication"] != handle.replication_metric.settings():
+        raise ValueError(f"the trigger set's replication rates were judged by "
+                         f"{similarity_label(evaluation['replication']['metric'])} > "
+                         f"{evaluation['replication']['threshold']:g}; this model by "
+                         f"{handle.replication_metric.describe()}: build a set with this metric")
     config = dict(image=captions.index(trigger_set.config["caption"]), start_seed=trigger_set.config["seed"],
                   start_kinds=[trigger["start"]["kind"] for trigger in trigger_set.triggers],
                   replication_rates=[trigger["replication_rate"] for trigger in trigger_set.triggers])

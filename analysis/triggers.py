@@ -88,7 +88,7 @@ def build_trigger_set(handle: ModelHandle, folder: str | Path, target: Memorized
 
     `scale` goes to `Start.random`. `evaluation_seeds`: also generate each
     trigger with these seeds (the handle's default steps and guidance) and
-    store its replication rate. `callback` runs after every search step and
+    store its replication rate (by the handle's replication metric, which the config names). `callback` runs after every search step and
     may raise (e.g. `SamplingCancelled`) to stop; finished batches stay saved.
     Raises ValueError when the folder holds a set made with other settings.
     """
@@ -97,7 +97,7 @@ def build_trigger_set(handle: ModelHandle, folder: str | Path, target: Memorized
                   starts_per_batch=starts_per_batch, seed=seed, scale=scale,
                   evaluation=None if evaluation_seeds is None else dict(
                       seeds=[int(s) for s in evaluation_seeds], steps=handle.default_steps,
-                      guidance=handle.default_guidance))
+                      guidance=handle.default_guidance, replication=handle.replication_metric.settings()))
     config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
     target_image = target.image.float().cpu()
     if (Path(folder) / METADATA_FILE).is_file():

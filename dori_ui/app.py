@@ -1,6 +1,7 @@
 """The app: a header naming the model (with a switch among the allowed ones), then one tab per view.
 
-Stable element ids (for browser tests): `model-choice`, `model-switch`, `model-header`.
+Stable element ids (for browser tests): `model-choice`, `model-switch`, `model-header`, `memorized-choice`,
+`memorized-switch`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dori_ui.mitigate_tab import build_mitigate_tab
 from dori_ui.paths_tab import build_paths_tab
 from dori_ui.perturb_tab import build_perturb_tab
 from dori_ui.replicate_tab import build_replicate_tab
-from dori_ui.session import AppContext, ModelChoices, Session, describe_model, session_model
+from dori_ui.session import AppContext, ModelChoices, Session, describe_model, session_handle, session_model
 from dori_ui.streaming import on_model
 from dori_ui.trigger_map_tab import build_trigger_map_tab
 
@@ -74,6 +75,13 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                                  "allowed roots)", allow_custom_value=True, elem_id="model-choice", scale=0,
                                  min_width=320)
             switch = gr.Button("Switch model", elem_id="model-switch", scale=0)
+        with gr.Row():
+            memorized_choice = gr.Dropdown(
+                ["", *models.memorized_sets()], value="", allow_custom_value=True, elem_id="memorized-choice",
+                label="Memorized set: an imagefolder (images + metadata.csv or metadata.jsonl with file_name and text) "
+                      "in an allowed root; empty for the model's own. Images are centre-cropped and resized to the "
+                      "model's resolution.")
+            memorized_switch = gr.Button("Use memorized set", elem_id="memorized-switch", scale=0)
         with gr.Accordion("What am I looking at?", open=False):
             gr.Markdown(INTRODUCTION)
         context = AppContext(models, session, header, max_run_seconds=max_run_seconds)
@@ -101,14 +109,36 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
             if chosen.name == state.model:
                 # Nothing changes: the session keeps its mitigation and its results waiting to be exported.
                 raise gr.Error(f"The session already uses {chosen.name}: nothing to switch.")
-            # A mask names layers of the model it was found on, and records belong to that model too.
+            # A mask names layers of the model it was found on, and records belong to that model too; a memorized
+            # set chosen for the previous model gives way to the new model's own.
             state.model, state.mask, state.records, state.attributions = chosen.name, None, {}, {}
+            state.memorized_set = None
             return state, describe_model(chosen, state), gr.update(choices=models.names(), value=chosen.name)
+
+        def switch_memorized(folder: str | None, state: Session):
+            if folder is not None and not isinstance(folder, str):
+                raise gr.Error("Choose a memorized set from the list (or type a folder inside an allowed root).")
+            chosen_set = (folder or "").strip() or None
+            if chosen_set == state.memorized_set:
+                raise gr.Error("The session already uses this memorized set: nothing to switch.")
+            previous, state.memorized_set = state.memorized_set, chosen_set
+            try:
+                chosen = session_handle(models, state)
+            except gr.Error:
+                state.memorized_set = previous
+                raise
+            # Records and attributions name images of the previous set by index.
+            state.records, state.attributions = {}, {}
+            return state, describe_model(chosen, state)
 
         event = on_model(switch.click, switch_model, context, inputs=[choice, session],
                          outputs=[session, header, choice], api_name="switch_model")
         for view, (refresh, outputs) in context.on_model_change.items():
             event = event.success(refresh, inputs=session, outputs=outputs, api_name=f"refresh_{view}")
+        event = on_model(memorized_switch.click, switch_memorized, context, inputs=[memorized_choice, session],
+                         outputs=[session, header], api_name="switch_memorized")
+        for view, (refresh, outputs) in context.on_model_change.items():
+            event = event.success(refresh, inputs=session, outputs=outputs, api_name=False)
     app.queue(max_size=QUEUE_SIZE)
     return app
 

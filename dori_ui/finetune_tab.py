@@ -29,8 +29,6 @@ from dori_ui.streaming import Stopped, on_model, request_stop, run_and_stop_butt
 VIEW = "finetune"
 # One folder per model and settings: a rerun with the same settings resumes the checkpoint there.
 RUNS = REPO_ROOT / "runs" / "finetune"
-TABLE_COLUMNS = ["round", "caption", "caption replicates", "caption similarity", "Dori trigger replicates",
-                 "Dori similarity"]
 SIDE_EFFECT_COLUMNS = ["outside the targets", "caption or prompt", "before → after"]
 DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
 LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)
@@ -91,6 +89,12 @@ def held_out_gallery(record: RunRecord) -> list:
     return pairs
 
 
+def table_columns(similarity: str) -> list[str]:
+    """The table's headers, naming the similarity the run is judged with (`ReplicationMetric.label`)."""
+    return ["round", "caption", "caption replicates", f"caption {similarity}", "Dori trigger replicates",
+            f"Dori {similarity}"]
+
+
 def round_rows(record: RunRecord) -> list[list]:
     return [[row["round"] + 1, row["caption"], f"{row['prompt_replication']:.0%}", round(row["prompt_similarity"], 3),
              f"{row['dori_replication']:.0%}", round(row["dori_similarity"], 3)] for row in record.table]
@@ -134,7 +138,8 @@ def build_finetune_tab(context: AppContext) -> None:
                                     elem_id="finetune-ema")
             run_button, stop_button = run_and_stop_buttons("Fine-tune", "finetune-run", "finetune-stop")
     status = gr.Markdown(elem_id="finetune-status")
-    table = gr.Dataframe(headers=TABLE_COLUMNS, label="Replication before and after each round", interactive=False,
+    table = gr.Dataframe(headers=table_columns(handle.replication_metric.label()),
+                         label="Replication before and after each round", interactive=False,
                          elem_id="finetune-table")
     side_table = gr.Dataframe(headers=SIDE_EFFECT_COLUMNS, label="What it changed outside the selected images "
                               "(same seeds before and after)", interactive=False, elem_id="finetune-side-effects")
@@ -169,7 +174,7 @@ def build_finetune_tab(context: AppContext) -> None:
         seeds = list(range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"]))
         progress(None, desc="Replication before fine-tuning")
         before = [run_or_error(model, "replicate", dict(image=i, seeds=seeds), {}, session).metrics for i in indices]
-        rows = before_rows(before, chosen)
+        rows = dict(headers=table_columns(model.replication_metric.label()), data=before_rows(before, chosen))
         config = dict(targets=indices, parameters=parameters, resume=True)
         config["out_dir"] = str(run_folder(model, config))
         yield "Fine-tuning…", rows, [], [], session
@@ -183,7 +188,7 @@ def build_finetune_tab(context: AppContext) -> None:
             elif isinstance(event, RunRecord):
                 session.records[VIEW] = event
                 yield (f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is in "
-                       f"`{event.metrics['model_dir']}`. Switch to it below."), rows + round_rows(event), \
+                       f"`{event.metrics['model_dir']}`. Switch to it below."), dict(rows, data=rows["data"] + round_rows(event)), \
                     side_effect_rows(event), held_out_gallery(event), session
 
     on_model(run_button.click, run, context,

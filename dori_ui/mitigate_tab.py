@@ -23,7 +23,7 @@ from analysis.limits import MAX_SEEDS
 from analysis.tasks import TaskProgress, record_mask
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number, describe_model,
-                             session_handle, session_model, verdict_gallery)
+                             record_similarity, session_handle, session_model, verdict_gallery)
 from dori_ui.streaming import (Stopped, on_model, progress_of, report_to, request_stop, run_and_stop_buttons,
                                run_or_error, stream_task)
 
@@ -82,14 +82,14 @@ def stage_gallery(record: RunRecord, prefix: str) -> list:
     seeds = record.config["evaluation_seeds" if record.kind == "localize" else "seeds"]
     images = torch.stack([record.images[f"{prefix}seed{seed}"] for seed in seeds])
     return verdict_gallery(images, seeds, record.metrics.get(f"{prefix}similarities"),
-                           record.metrics.get(f"{prefix}replicated"))
+                           record.metrics.get(f"{prefix}replicated"), record_similarity(record))
 
 
 def replication_line(label: str, record: RunRecord, prefix: str) -> str:
     metrics, seeds = record.metrics, len(stage_gallery(record, prefix))
     if f"{prefix}replicated" not in metrics:
         return f"{label}: replication not checked (no training image)."
-    return (f"{label}: {sum(metrics[f'{prefix}replicated'])} of {seeds} seeds replicate (mean similarity "
+    return (f"{label}: {sum(metrics[f'{prefix}replicated'])} of {seeds} seeds replicate (mean {record_similarity(record)} "
             f"{sum(metrics[f'{prefix}similarities']) / seeds:.2f}).")
 
 

@@ -31,12 +31,11 @@ from analysis.export import RunRecord
 from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
 from analysis.limits import MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
 from analysis.images import to_display
-from analysis.metrics import replication
 from analysis.model import ModelHandle
 from analysis.sampling import encode_prompts
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number,
-                             mitigation_settings, session_handle, verdict_gallery)
+                             mitigation_settings, record_similarity, session_handle, verdict_gallery)
 from dori_ui.streaming import (Stopped, on_model, progress_of, request_stop, run_and_stop_buttons, run_or_error,
                                stream_task)
 
@@ -145,8 +144,8 @@ def trigger_gallery(record: RunRecord) -> list:
     """The trigger's generations, each with its similarity to the target and the verdict."""
     seeds = record.config["evaluation_seeds"]
     images = torch.stack([record.images[f"start0_seed{seed}"] for seed in seeds])
-    checked = replication(images, record.images["target"])
-    return verdict_gallery(images, seeds, checked.similarities.tolist(), checked.replicated.tolist())
+    return verdict_gallery(images, seeds, record.metrics["similarities"][0], record.metrics["replicated"][0],
+                           record_similarity(record))
 
 
 def attack_summary(record: RunRecord) -> str:
@@ -156,7 +155,7 @@ def attack_summary(record: RunRecord) -> str:
     target = "the training image" if config["image"] is not None else "the held-out control image"
     replicated, at_start = round(metrics["rate"][0] * seeds), round(metrics["rate_before"][0] * seeds)
     return (f"Dori search of {config['search']['steps']} steps against {against}: the trigger replicates {target} "
-            f"in {replicated} of {seeds} seeds (start: {at_start} of {seeds}); mean similarity "
+            f"in {replicated} of {seeds} seeds (start: {at_start} of {seeds}); mean {record_similarity(record)} "
             f"{metrics['mean_similarity'][0]:.2f}, final loss {metrics['final_loss'][0]:.4f}, distance from the start "
             f"{metrics['distance_from_start'][0]:.1f}.")
 
@@ -166,10 +165,11 @@ def sweep_figure(record: RunRecord) -> go.Figure:
     figure = go.Figure([go.Scatter(x=radii, y=[row["rate"] for row in record.table], name="replication rate",
                                    mode="lines+markers"),
                         go.Scatter(x=radii, y=[row["mean_similarity"] for row in record.table],
-                                   name="mean similarity", mode="lines+markers", line=dict(dash="dot"))])
+                                   name=f"mean {record_similarity(record)}", mode="lines+markers",
+                                   line=dict(dash="dot"))])
     figure.update_layout(title=f"Replication vs perturbation radius (‖y‖ = {record.metrics['embedding_norm']:.1f})",
                          xaxis_title="radius (L2 distance from the prompt's embedding)",
-                         yaxis_title="rate / similarity",
+                         yaxis_title=f"rate / {record_similarity(record)}",
                          yaxis_range=[0, 1.05], height=340, margin=dict(t=50, b=40))
     return figure
 
@@ -294,7 +294,8 @@ def build_perturb_tab(context: AppContext) -> None:
                 yield (f"Step {event.index + 1} of {event.total}: loss {losses[-1]:.4f}, distance from the start "
                        f"{event.distance[0].item():.1f}", loss_figure(losses, total), *[gr.skip()] * 4, state)
             elif isinstance(event, Preview):
-                captions = [f"step {event.step} · similarity {s:.2f}" for s in event.similarities]
+                captions = [f"step {event.step} · {model.replication_metric.label()} {s:.2f}"
+                            for s in event.similarities]
                 yield gr.skip(), gr.skip(), list(zip(to_display(event.images), captions)), *[gr.skip()] * 3, state
             elif isinstance(event, Stopped):
                 yield (f"Stopped after step {len(losses)} of {total}.", loss_figure(losses, total),

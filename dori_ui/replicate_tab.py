@@ -23,7 +23,7 @@ from analysis.model import REPO_ROOT, ModelHandle
 from analysis.replicate import training_images
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number,
-                             mitigation_settings, session_handle)
+                             mitigation_settings, record_similarity, session_handle)
 from dori_ui.streaming import on_model, report_to, run_or_error
 
 VIEW = "replicate"
@@ -36,7 +36,10 @@ SD14_COLUMNS = ["prompt", "type", "max SSCD"]
 
 EXPLANATION = """
 **What am I looking at?** Each generated image is compared with the training
-images by pixel correlation; above the threshold it counts as a **replica**.
+images by the app's replication metric (the header names it: pixel
+correlation, or SSCD when the app was started with `--sscd`); above its
+threshold it counts as a **replica**. Training images of any size are
+centre-cropped and resized to the model's resolution.
 The plot shows Wen et al.'s signal: how far the text moves the model's noise
 prediction at each of the first denoising steps, ‖ε(x_t, prompt) − ε(x_t, empty
 prompt)‖₂. Wen et al. found this gap much larger for memorized prompts than for
@@ -82,7 +85,7 @@ def replication_summary(record: RunRecord) -> str:
     else:
         target = "the training image" if config["image"] is not None else "a memorized training image"
         lines = [f"{sum(metrics['replicated'])} of {len(config['seeds'])} seeds replicate {target} "
-                 f"(rate {metrics['rate']:.0%}; replicated = similarity > {config['threshold']})."]
+                 f"(rate {metrics['rate']:.0%}; replicated = {record_similarity(record)} > {config['threshold']})."]
     if "wen_first_step" in metrics:
         lines.append(f"Wen et al.'s score (noise gap at the first step, mean over seeds): "
                      f"{metrics['wen_first_step']:.3f}.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
@@ -23,6 +23,8 @@ from analysis.export import RunRecord
 from analysis.images import to_display
 from analysis.limits import MAX_PROMPT_CHARS, MAX_RUN_SECONDS
 from analysis.masks import Mask
+from analysis.metrics import similarity_label
+from analysis.memorized import METADATA_FILES, load_memorized_set, readable_tokens, token_count
 from analysis.model import ModelHandle, ModelLoadError, load_model
 from analysis.tasks import mask_tensors
 
@@ -35,6 +37,7 @@ class Session:
     """One browser session's state. Mutated in place by events; the stop event sets `stop_requested`."""
 
     model: str  # a name in ModelChoices
+    memorized_set: str | None = None  # a memorized set folder chosen in the session (None: the model's own)
     mask: Mask | None = None  # the active mitigation: the session's generations run with it applied
     records: dict = field(default_factory=dict)  # view name -> the RunRecord of its last run
     # Attribution method -> its last RunRecord, so the view can set the methods run on one prompt side by side.
@@ -57,18 +60,36 @@ class ModelChoices:
         self.allowed_roots = [Path(root).expanduser().resolve() for root in allowed_roots]
         self._handles: dict[str, ModelHandle] = {first.name: first}
         self._sources: dict[str, str] = {str(source): str(source) for source in sources}
+        self._with_sets: dict[tuple, ModelHandle] = {}  # (model name, its UNet's id, set folder) -> handle
         self.first = first.name
+
+    def _folders(self) -> list[Path]:
+        """The allowed roots and their subfolders, but a symlink leading outside them (which `allowed_source` and
+        `with_memorized` would refuse)."""
+        return [folder for root in self.allowed_roots if root.is_dir() for folder in [root, *sorted(root.iterdir())]
+                if self._inside_roots(folder)]
 
     def names(self) -> list[str]:
         """The first model, command-line models, and the allowed roots and their subfolders that are pipeline folders.
 
         """
-        candidates = [folder for root in self.allowed_roots if root.is_dir()
-                      for folder in [root, *sorted(root.iterdir())]]
-        # A symlink leading outside the roots is not offered: `allowed_source` would refuse it.
-        found = [str(folder) for folder in candidates if self._inside_roots(folder)
-                 and all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
+        found = [str(folder) for folder in self._folders()
+                 if all((folder / sub).is_dir() for sub in PIPELINE_SUBFOLDERS)]
         return list(dict.fromkeys([self.first, *self._sources, *found]))
+
+    def memorized_sets(self) -> list[str]:
+        """The allowed roots and their subfolders that are imagefolder memorized sets."""
+        return [str(folder) for folder in self._folders() if any((folder / name).is_file() for name in METADATA_FILES)]
+
+    def _inside_allowed_roots(self, path: str, what: str) -> str:
+        """`path` resolved, if it lies inside an allowed root, else ValueError saying why not."""
+        folder = Path(path).expanduser().resolve()
+        if not self._inside_roots(folder):
+            roots = (", ".join(str(root) for root in self.allowed_roots)
+                     or "none (start the app with --allowed-root DIR)")
+            raise ValueError(f"{what} {path!r} is not one the app was started with and lies outside the allowed "
+                             f"roots ({roots})")
+        return str(folder)
 
     def _inside_roots(self, folder: Path) -> bool:
         resolved = folder.expanduser().resolve()
@@ -78,13 +99,17 @@ class ModelChoices:
         """`name` if the app may load it, else ValueError saying why not."""
         if name in self._handles or name in self._sources:
             return name
-        folder = Path(name).expanduser().resolve()
-        if not self._inside_roots(folder):
-            roots = (", ".join(str(root) for root in self.allowed_roots)
-                     or "none (start the app with --allowed-root DIR)")
-            raise ValueError(f"model {name!r} is not one the app was started with and lies outside the allowed "
-                             f"roots ({roots})")
-        return str(folder)
+        return self._inside_allowed_roots(name, "model")
+
+    def with_memorized(self, handle: ModelHandle, folder: str) -> ModelHandle:
+        """`handle` (its weights shared) with the memorized set in `folder`, which must lie inside an allowed root;
+        ValueError (a `MemorizedSetError` for a bad set) otherwise. Loaded once per model and set."""
+        source = self._inside_allowed_roots(folder, "memorized set")
+        key = (handle.name, id(handle.unet), source)
+        if key not in self._with_sets:
+            memorized = load_memorized_set(source, handle.tokenizer, handle.image_size)
+            self._with_sets[key] = replace(handle, memorized=memorized, memorized_set=source)
+        return self._with_sets[key]
 
     def get(self, name: str) -> ModelHandle:
         """The model called `name`, loaded on the first model's device and dtype on first use."""
@@ -92,7 +117,9 @@ class ModelChoices:
         if source not in self._handles:
             first = self._handles[self.first]
             try:
-                self._handles[source] = load_model(source, device=first.device, dtype=first.dtype)
+                # Judged by the same metric as the first model, against its own memorized images.
+                self._handles[source] = load_model(source, device=first.device, dtype=first.dtype,
+                                                   replication_metric=first.replication_metric)
             except ModelLoadError as err:
                 raise ValueError(str(err)) from err
         return self._handles[source]
@@ -105,12 +132,13 @@ def use_finetuned(models: ModelChoices, session: Session, record: RunRecord) -> 
     """Switch the session to the model a "finetune" record wrote, remembering the base for Mitigate's comparison."""
     base = session_handle(models, session)
     try:
-        tuned = load_model(record.metrics["model_dir"], device=base.device, dtype=base.dtype)
+        tuned = load_model(record.metrics["model_dir"], device=base.device, dtype=base.dtype,
+                           replication_metric=base.replication_metric)
     except ModelLoadError as err:
         raise gr.Error(str(err)) from err
     session.own_models[tuned.name] = tuned
     session.finetuned = (base.name, tuned.name)
-    session.model, session.mask = tuned.name, None
+    session.model, session.mask, session.memorized_set = tuned.name, None, None  # the tuned folder keeps the set
     session.records["finetune"] = record
     return tuned
 
@@ -126,8 +154,15 @@ def session_model(models: ModelChoices, session: Session, name: str) -> ModelHan
 
 
 def session_handle(models: ModelChoices, session: Session) -> ModelHandle:
-    """The session's current model; a gr.Error if it cannot be loaded."""
-    return session_model(models, session, session.model)
+    """The session's current model, with the session's memorized set if it chose one; a gr.Error if it cannot be
+    loaded."""
+    handle = session_model(models, session, session.model)
+    if session.memorized_set is None:
+        return handle
+    try:
+        return models.with_memorized(handle, session.memorized_set)
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
 
 
 def mitigation_settings(session: Session) -> tuple[dict | None, dict[str, torch.Tensor]]:
@@ -138,22 +173,31 @@ def mitigation_settings(session: Session) -> tuple[dict | None, dict[str, torch.
 
 
 def describe_model(handle: ModelHandle, session: Session) -> str:
-    """The header line: model, device, dtype and the active mitigation."""
+    """The header line: model, device, dtype, the memorized set, the active mitigation and the replication
+    criterion."""
     mitigation = "none"
     if session.mask is not None:
         removed = sum(session.mask.counts().values())
         mitigation = f"{session.mask.method} ({removed} units removed, for “{session.mask.prompt}”)"
+    memorized = f"{len(handle.memorized)} images" + (f" from {handle.memorized_set}" if handle.memorized_set else "")
     return (f"**Model:** {handle.name} · **device:** {handle.device} · "
-            f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **mitigation:** {mitigation}")
+            f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **memorized:** {memorized} · "
+            f"**mitigation:** {mitigation} · **replica:** {handle.replication_metric.describe()}")
+
+
+def record_similarity(record: RunRecord) -> str:
+    """How a record's similarity is called: by the replication metric it was judged with."""
+    return similarity_label(record.config["replication"]["metric"])
 
 
 def verdict_gallery(images: torch.Tensor, seeds: list[int], similarities: list[float] | None = None,
-                    replicated: list | None = None) -> list:
-    """(picture, caption) pairs for a gr.Gallery: the verdict first (galleries cut long captions), similarity, seed."""
+                    replicated: list | None = None, label: str = "similarity") -> list:
+    """(picture, caption) pairs for a gr.Gallery: the verdict first (galleries cut long captions), the similarity
+    (called `label`, e.g. `record_similarity(record)`), seed."""
     pictures = to_display(images)
     if similarities is None:
         return [(picture, f"seed {seed}") for picture, seed in zip(pictures, seeds)]
-    return [(picture, f"{'replicated' if flag else 'not replicated'} · similarity {similarity:.2f} · seed {seed}")
+    return [(picture, f"{'replicated' if flag else 'not replicated'} · {label} {similarity:.2f} · seed {seed}")
             for picture, seed, similarity, flag in zip(pictures, seeds, similarities, replicated)]
 
 
@@ -169,9 +213,8 @@ def check_prompt(handle: ModelHandle, prompt: object) -> str:
         raise gr.Error("The prompt is empty: type a prompt or pick a training image.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise gr.Error(f"The prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted.")
-    # Two of the encoder's positions hold the start and end markers.
-    readable = handle.tokenizer.model_max_length - 2
-    tokens = len(handle.tokenizer(prompt).input_ids) - 2
+    readable = readable_tokens(handle.tokenizer)
+    tokens = token_count(handle.tokenizer, prompt)
     if tokens > readable:
         raise gr.Error(f"The prompt has {tokens} tokens; the text encoder reads at most {readable}, "
                        "so the rest would be cut off silently. Shorten it.")

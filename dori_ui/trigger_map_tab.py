@@ -133,7 +133,8 @@ def generations(handle: ModelHandle, session: Session, state: MapState, index: i
     with holding_model(session), session.mask.applied(handle) if session.mask is not None else nullcontext():
         result = evaluate(handle, state.trigger_set.embeddings[index:index + 1], target, seeds)
     checked = result.replication[0]
-    gallery = verdict_gallery(result.images[0], seeds, checked.similarities.tolist(), checked.replicated.tolist())
+    gallery = verdict_gallery(result.images[0], seeds, checked.similarities.tolist(), checked.replicated.tolist(),
+                              handle.replication_metric.label())
     mitigation = f" with the session's mitigation ({session.mask.method})" if session.mask is not None else ""
     summary = (f"Trigger {index} replicates the training image in {int(checked.replicated.sum())} of {len(seeds)} "
                f"seeds{mitigation}; final search loss {state.trigger_set.triggers[index]['final_loss']:.4f}.")

@@ -107,7 +107,9 @@ def test_replicate_record_is_complete_and_streams_steps(tiny_handle):
                       callback=lambda step: seen.append(step.index))
     assert record.config == {"image": 1, "prompt": tiny_handle.memorized[1].caption, "seeds": [3, 4],
                              "steps": TINY_STEPS, "guidance": tiny_handle.default_guidance,
-                             "threshold": pytest.approx(0.75), "mitigation": None, "dtype": "float32"}
+                             "threshold": pytest.approx(0.75), "mitigation": None, "dtype": "float32",
+                             "memorized_set": None, "reference_prompts": None,
+                             "replication": {"metric": "pixel correlation", "threshold": 0.75, "sscd": None}}
     assert seen == list(range(TINY_STEPS))
     assert list(record.images) == ["seed3", "seed4"] and len(record.table) == 2
     assert record.metrics["rate"] == sum(record.metrics["replicated"]) / 2

@@ -99,14 +99,14 @@ def test_wen_score(tiny_handle):
     x_t = initial_noise(tiny_handle, noise_generators([0, 1]))
     y = encode_prompts(tiny_handle, prompts[:1]).expand(2, -1, -1)
     y0 = encode_prompts(tiny_handle, [""])
-    magnitude = wen_magnitude(tiny_handle.unet, x_t, scheduler.timesteps[0], y, y0)
+    magnitude = wen_magnitude(tiny_handle, x_t, scheduler.timesteps[0], y, y0)
     torch.testing.assert_close(magnitude.mean(), scores[0, 0], rtol=0, atol=1e-5)
 
 
 def test_wen_magnitude_is_differentiable_in_y(tiny_handle):
     y = encode_prompts(tiny_handle, ["a photo of the red lighthouse"]).clone().requires_grad_(True)
     x_t = initial_noise(tiny_handle, noise_generators([0]))
-    wen_magnitude(tiny_handle.unet, x_t, 981, y, encode_prompts(tiny_handle, [""])).sum().backward()
+    wen_magnitude(tiny_handle, x_t, 981, y, encode_prompts(tiny_handle, [""])).sum().backward()
     assert y.grad is not None and y.grad.abs().sum() > 0
 
 

@@ -70,7 +70,7 @@ def memorization_objective(handle: ModelHandle, seeds: Sequence[int]) -> Callabl
     def objective(y: torch.Tensor) -> torch.Tensor:
         rows = y.repeat_interleave(len(seeds), dim=0)
         x = x_t.repeat(y.shape[0], 1, 1, 1)
-        return wen_magnitude(handle.unet, x, t, rows, y0).view(y.shape[0], len(seeds)).mean(dim=1)
+        return wen_magnitude(handle, x, t, rows, y0).view(y.shape[0], len(seeds)).mean(dim=1)
 
     return objective
 
