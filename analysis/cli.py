@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from analysis.dori import DoriSearch
-from analysis.export import RunRecord, compare_metrics, rerun, save_export
+from analysis.export import RunRecord, compare_metrics, save_export
+from analysis.rerun import rerun
 from analysis.fetch import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, fetch_memorized
 from analysis.hooks import KINDS
 from analysis.memorized import SD14_MEMORIZED_FILE

@@ -26,7 +26,7 @@ refers to: `target` (an image `[3, H, W]` in [-1, 1] instead of a training
 image), start embeddings `[77, d]`, `mask.LAYER` (a given mitigation),
 `triggers` (embeddings `[N, 77, d]` of one image's triggers, for the last three
 kinds, where `image`/`prompt` name what they replicate). They
-are stored in the record as `input.NAME`, so `analysis.export.rerun` can run
+are stored in the record as `input.NAME`, so `analysis.rerun.rerun` can run
 it again. `mitigation` is None, `{"method": "nemo"|"wanda", "parameters": {...}}`
 (computed for the prompt) or `{"method": "mask"}` (the `mask.*` inputs).
 

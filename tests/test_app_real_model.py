@@ -11,7 +11,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from tiny_sd import REFERENCE_PROMPTS, SET_CAPTIONS, write_memorized_set
 
-from analysis.export import compare_metrics, load_export, rerun
+from analysis.export import compare_metrics, load_export
+from analysis.rerun import rerun
 from app import main as app_main
 from analysis.model import open_model
 from dori_ui import finetune_tab, mitigate_tab, paths_tab, trigger_map_tab

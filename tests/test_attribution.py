@@ -6,7 +6,8 @@ import torch
 from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion, memorization_objective, prompt_tokens
 from analysis.experiments.attribution import (GROUND_TRUTH, RESULTS, identifying_auc, removal_summary,
                                               replication_without_words)
-from analysis.export import compare_metrics, rerun, save_export
+from analysis.export import compare_metrics, save_export
+from analysis.rerun import rerun
 from analysis.metrics import wen_score
 from analysis.model import REPO_ROOT, load_model
 from analysis.sampling import encode_prompts

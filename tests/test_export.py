@@ -11,7 +11,8 @@ from gradio_client import Client
 
 from analysis.bench.startup import free_port
 
-from analysis.export import RunRecord, compare_metrics, load_export, rerun, save_export
+from analysis.export import RunRecord, compare_metrics, load_export, save_export
+from analysis.rerun import rerun
 from analysis.model import load_model
 from analysis.tasks import TaskProgress, record_mask, run_task
 from dori_ui.app import build_app
@@ -58,7 +59,7 @@ def test_bad_files_give_clear_errors(tmp_path):
     with zipfile.ZipFile(unknown, "w") as archive:
         archive.writestr("config.json", json.dumps(dict(format=1, kind="teleport", model="m", config={})))
     with pytest.raises(ValueError, match="unknown run kind 'teleport'"):
-        load_export(unknown)
+        rerun(unknown)
     with pytest.raises(FileNotFoundError):
         load_export(tmp_path / "missing.zip")
     with pytest.raises(ValueError, match="NaN"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.export import compare_metrics, rerun, save_export
+from analysis.export import compare_metrics, save_export
+from analysis.rerun import rerun
 from analysis.model import load_model
 from analysis.tasks import record_map, run_task
 from analysis.trigger_map import RANDOM_STARTS, TRIGGERS
