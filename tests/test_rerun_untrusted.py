@@ -133,7 +133,7 @@ def corrupt_crc(source: Path, path: Path) -> Path:
     ("bad CRC", "damaged ZIP"),
     ("corrupt tensors", "not a readable safetensors"),
     ("config not an object", "must hold a JSON object"),
-    ("config's config not an object", "must be a JSON object"),
+    ("config's config not an object", "its config a JSON object"),
     ("deeply nested metrics", "metrics.json"),
     ("decompression bomb", "pixels"),
     ("not a PNG", "not a readable PNG"),
