@@ -296,6 +296,10 @@ def _nemo(parameters: dict, callback: Callback | None, stage: str = "localize") 
 def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
     """Run the configured localizer (`{"method", "parameters", "seeds"}`) on `prompt`."""
     parameters = dict(config["parameters"])
+    references = len(parameters.get("reference_prompts") or handle.held_out_prompts)
+    # The reference statistics are the long part of a first run; the localizer caches them on disk by the weights.
+    _progress(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
+                                             "(computed once per model, then read from runs/localize_cache)")
     if config["method"] == "nemo":
         return _nemo(parameters, callback).fit(handle, prompt, config["seeds"])
     reference_prompts = parameters.pop("reference_prompts", None)

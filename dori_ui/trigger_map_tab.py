@@ -28,6 +28,7 @@ import plotly.graph_objects as go
 from analysis.dori import DoriSearch, evaluate
 from analysis.experiments.trigger_assets import asset_folder
 from analysis.limits import MAX_SEARCH_STEPS, MAX_SEEDS, MAX_STARTS
+from analysis.localize import cache_key
 from analysis.model import REPO_ROOT, ModelHandle
 from analysis.projection import METHODS, warm_up
 from analysis.sampling import SamplingCancelled
@@ -81,8 +82,11 @@ def start_umap_warm_up() -> threading.Thread:
 
 
 def built_folder(handle: ModelHandle, image: int, count: int, steps: int, eval_seeds: int):
+    """Named by the image's caption and what the model is judged against too: another memorized set or replication
+    metric builds its own set."""
     model = re.sub(r"[^A-Za-z0-9_.-]+", "-", handle.name).strip("-")
-    return BUILT_SETS / model / f"image-{image}-n{count}-steps{steps}-eval{eval_seeds}"
+    identity = cache_key(handle.memorized[image].caption, handle.data_settings())
+    return BUILT_SETS / model / f"image-{image}-{identity}-n{count}-steps{steps}-eval{eval_seeds}"
 
 
 def map_figure(trigger_map: TriggerMap, colour: str, selected: int | None) -> go.Figure:

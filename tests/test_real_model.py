@@ -14,6 +14,7 @@ from analysis.cli import main
 from analysis.export import load_export
 from analysis.metrics import SSCD, SSCD_THRESHOLD
 from analysis.model import load_model
+from analysis.tasks import TaskProgress, run_task
 
 # Few sampling steps wherever a command takes them; the folder's own default is SD's 50.
 STEPS = ("--steps", "2")
@@ -197,3 +198,13 @@ def test_a_trigger_set_judged_by_another_metric_is_not_mapped(dori, sscd_file, t
              "--search-steps", "1", "--evaluation-seeds", "0")
     code, out, err = dori("map", "--folder", folder, "--method", "pca", sscd=sscd_file)
     assert code == 2 and "judged by similarity (pixel correlation) > 0.75" in err and "similarity (SSCD) > 0.7" in err
+
+
+def test_localizing_says_how_many_reference_prompts_it_reads(tiny_sd_folder, memorized_set_dir,
+                                                             reference_prompts_file):
+    handle = load_model(tiny_sd_folder, memorized=memorized_set_dir, reference_prompts=reference_prompts_file)
+    messages = []
+    run_task(handle, "localize", dict(image=0, method="wanda", parameters=dict(record_steps=1, steps=2), seeds=[0],
+                                      evaluation_seeds=[0]),
+             callback=lambda event: messages.append(event.message) if isinstance(event, TaskProgress) else None)
+    assert messages[0].startswith(f"wanda: statistics of {len(REFERENCE_PROMPTS)} reference prompts")
