@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="non-memorized prompts (CSV or JSON) for NeMo, Wanda and the trigger map (default: the "
                         "model's, else SD v1.4's 500 unmemorized LAION prompts)")
     p.add_argument("--sscd", metavar="FILE", help="judge replication by SSCD (a TorchScript file) in every view")
+    p.add_argument("--normal", metavar="DIR",
+                   help="ordinary image-caption pairs (an imagefolder) for the Fine-tune view's normal term; default: "
+                        "the model's own generations, made once and cached")
     p.add_argument("--sscd-threshold", type=float, metavar="T",
                    help=f"SSCD similarity above which a generation is a replica (default {SSCD_THRESHOLD})")
     p.add_argument("--max-run-seconds", type=float, default=MAX_RUN_SECONDS,
@@ -52,7 +55,7 @@ def main(argv=None) -> None:
     try:
         handle = open_model(args.model[0] if args.model else None, device=args.device, dtype=args.dtype,
                             memorized=args.memorized, reference_prompts=args.reference_prompts, sscd=args.sscd,
-                            sscd_threshold=args.sscd_threshold)
+                            sscd_threshold=args.sscd_threshold, normal=args.normal)
     except (ModelLoadError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
     if not args.max_run_seconds > 0 or not args.max_upload_mb > 0:

@@ -36,7 +36,7 @@ from analysis.model import DEMO_MODEL_DIR, MEMORIZED_FILE, ModelHandle, open_mod
 from analysis.tasks import TaskProgress, run_task
 
 SHIPPED_LISTS = {"sd14-memorized": SD14_MEMORIZED_FILE, "sd14-unmemorized": REFERENCE_PROMPTS_FILE}
-MODEL_SETTINGS = ("model", "device", "dtype", "memorized", "reference_prompts", "sscd", "sscd_threshold")
+MODEL_SETTINGS = ("model", "device", "dtype", "memorized", "reference_prompts", "sscd", "sscd_threshold", "normal")
 # Where each method's per-item similarity and replicating share are found in its record's metrics.
 SCORES = {
     "replicate": ("mean_similarity", "rate"),

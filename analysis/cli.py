@@ -142,6 +142,10 @@ def _data_options(group) -> None:
     group.add_argument("--sscd", type=Path, metavar="FILE",
                        help="judge replication by SSCD (a TorchScript file, e.g. sscd_disc_mixup.torchscript.pt) "
                             "instead of pixel correlation")
+    group.add_argument("--normal", type=Path, metavar="DIR",
+                       help="ordinary image-caption pairs for fine-tuning's normal term (an imagefolder as for "
+                            "--memorized); default: the model's own generations for its normal prompts (else COCO "
+                            "captions), made once and cached")
     group.add_argument("--sscd-threshold", type=float, metavar="T",
                        help=f"SSCD similarity above which a generation is a replica (default {SSCD_THRESHOLD})")
 
@@ -443,7 +447,8 @@ def model_settings(args) -> dict:
     return dict(model=args.model, device=args.device, dtype=args.dtype,
                 memorized=None if args.memorized is None else str(args.memorized),
                 reference_prompts=None if args.reference_prompts is None else str(args.reference_prompts),
-                sscd=None if args.sscd is None else str(args.sscd), sscd_threshold=args.sscd_threshold)
+                sscd=None if args.sscd is None else str(args.sscd), sscd_threshold=args.sscd_threshold,
+                normal=None if args.normal is None else str(args.normal))
 
 
 def _load(args) -> ModelHandle:
@@ -470,7 +475,7 @@ def cmd_task(args, progress: ProgressBars) -> int:
 def cmd_rerun(args, progress: ProgressBars) -> int:
     recorded, reproduced = rerun(args.export_file, device=args.device, model=args.model, out_dir=args.out_dir,
                                  memorized=args.memorized, reference_prompts=args.reference_prompts, sscd=args.sscd,
-                                 sscd_threshold=args.sscd_threshold)
+                                 sscd_threshold=args.sscd_threshold, normal=args.normal)
     rows = compare_metrics(recorded.metrics, reproduced.metrics)
     if args.export:
         save_export(reproduced, args.export)

@@ -7,19 +7,26 @@ rather than pruning. Each round of `AdversarialFineTuning.fit`:
    `triggers_per_image` starts: the image's own caption and Gaussian starts
    with new seeds each round. Triggers of all rounds so far stay in the pool.
 2. Training: `steps_per_round` optimiser steps on
-       L = L_DM(normal pairs) + ‖ε − unet(√ᾱ_t x̃ + √(1−ᾱ_t) ε, t, y_adv)‖²
+       L = L_normal(normal pairs) + ‖ε − unet(√ᾱ_t x̃ + √(1−ᾱ_t) ε, t, y_adv)‖²
    with y_adv drawn from the pool and x̃ one of the image's surrogate images.
 3. Evaluation: replication of each selected image under its caption and under
    a fresh Dori attack (starts, search noise and generation seeds never used
    in training).
 4. A checkpoint; `fit` on the same `out_dir` resumes after the last finished round.
 
-Normal pairs: the non-selected memorized images with their captions (so they
-stay memorized, the control that the mitigation is targeted) and, for
-pixel-space models of the demo's resolution, the demo's procedural shape
-renderings with their training captions, 10 % of them with the empty caption
-(so the unconditional branch keeps its training). A latent (SD) model only
-gets the non-selected memorized images.
+Normal pairs (`analysis.normal`): the non-selected memorized images with their
+captions (so they stay memorized, the control that the mitigation is targeted)
+and ordinary pairs: the model's `--normal` set, else its own generations for its
+training captions (COCO captions for SD), or any source passed to `fit` (the
+experiments pass the demo model's procedural shapes).
+
+The normal term (`utility_loss`): "denoising" is the paper's L_DM toward the
+noise; "distillation" trains toward the unmodified UNet's prediction for the
+same noisy image and caption, holding ordinary prompts to what they generated
+before. By default latent (SD) models distil: their normal pairs are usually
+their own generations, for which the teacher's prediction is the ground truth,
+and on the bundled model distillation unlearned as much with less drift
+(docs/results/robust_mitigation.md). Pixel-space models keep the paper's term.
 
 Surrogate x̃: by default what a mitigated model generates for the caption.
 Pruning masks found by NeMo or Wanda do not stop replication on the bundled
@@ -29,39 +36,17 @@ replication on every seed the one whose generations are least similar to the
 training image is used; when none does, every cross-attention value layer is
 blocked. If even that replicates, `fit` raises ValueError instead of training
 toward the memorized image; pass a `Mask` or an image as `surrogate` then.
-`adversarial_batch=0` is the control: L_DM on the normal pairs alone.
+`adversarial_batch=0` is the control: the normal term alone.
 
 Noise: drawn with the model's training offset (`handle.training_offset_noise`,
 0.1 for the bundled model), so that the normal term keeps the model's own
 training distribution.
 
-Defaults: the whole UNet trains (the paper fine-tunes the full UNet; LoRA
-did not work there) with Adam at lr 1e-4, 60 steps of 16 normal + 16 trigger
-rows per round, 6 rounds, 4 triggers per image, the paper's Dori settings.
-The optimiser and learning rate are open in the paper. On the bundled model
-(the astronaut, one run, docs/results/robust_mitigation.md) this budget brought
-the paper's fresh 50-step Dori attack down to 0.19 replication (≈ 160–380 s a
-round on 2 CPU cores, without the per-round evaluation); a stronger attack
-(9 starts × 100 steps) still finds the image. There held-out captions drift
-(same-seed similarity 0.725, test loss +14 %); with `utility_loss="distillation"`
-the same Dori figure came with less drift (0.797, +9 %), and cross-attention-only
-training drifted least but left the image reachable (Dori 1.00). With
-`ema_decay=0.99` the saved weights are a moving average of the trained ones:
-most of the drift goes (a control without triggers: similarity 0.900 instead of
-0.833), but so does the unlearning (Dori 1.00). Judged as the paper judges
-utility, by whether held-out captions still get the colours they name, the
-settings that unlearn the image draw them as captioned less often (0.67–0.68
-of generations against 0.79 unmitigated), and three times the distilled normal
-rows (`normal_batch=48`) unlearned more (Dori 0.12) but kept them no better
-(0.64); no setting tried there reached both targets. Triggers from the caption's embedding alone (`triggers_per_image=1`)
-stop a search from the caption but not one from a Gaussian start (1.00).
-
-Cost: per round and image, one Dori search over `triggers_per_image` starts
-(≈ triggers × dori.steps UNet passes of batch dori.batch_size), training
-(steps_per_round passes of normal_batch + adversarial_batch rows) and the
-evaluation (a Dori search over `eval_starts` starts and generations): linear in
-rounds × (triggers + eval_starts) × dori.steps. Measured times are in
-docs/results/robust_mitigation.md.
+Defaults: the whole UNet trains (the paper fine-tunes the full UNet; LoRA did
+not work there) with Adam at lr 1e-4, 60 steps of 16 normal + 16 trigger rows
+per round, 6 rounds, 4 triggers per image, the paper's Dori settings; the
+optimiser and learning rate are open in the paper. What each setting did on the
+bundled model, and its cost, is in docs/results/robust_mitigation.md.
 """
 
 from __future__ import annotations
@@ -78,13 +63,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from analysis.demo.architecture import save_pipeline_folder
-from analysis.demo.data import RESOLUTION, render_shapes, split_shape_specs
 from analysis.dori import DoriSearch, DoriStep, Start, evaluate
 from analysis.hooks import hook_points, nemo_layers
 from analysis.masks import Mask
 from analysis.metrics import ReplicationMetric, similarity_matrix
-from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle
+from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle, save_pipeline_folder
+from analysis.normal import GENERATED_PAIRS, MixedPairs, PairSource, default_pairs
 from analysis.sampling import DenoisingStep, encode_prompts, predict_noise, sample, training_target
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -93,7 +77,6 @@ MODEL_SUBFOLDER = "model"
 TRAINABLE_PRESETS = {"attn2": (".attn2.",), "attn": (".attn1.", ".attn2."), "all": ("",)}
 # Seeds of the evaluation's attacks and generations start here, far from any seed used in training.
 EVALUATION_SEED_OFFSET = 1_000_000
-CAPTION_DROPOUT = 0.1  # as in the demo model's training
 SIDE_EFFECT_PROMPTS = 4  # held-out prompts whose generations `side_effects` compares
 
 
@@ -103,7 +86,7 @@ class FineTuneProgress:
 
     round: int  # 0-based
     rounds: int
-    stage: str  # "surrogate", "triggers", "train" or "evaluate"
+    stage: str  # "surrogate", "normal pairs", "triggers", "train" or "evaluate"
     step: int
     total: int
     loss: float | None = None
@@ -118,33 +101,8 @@ class FineTuneResult:
     surrogate_sources: dict[str, str]  # caption -> how its surrogate was made
     params: dict
     seconds: float  # wall time of all rounds, over resumed runs
-
-
-class NormalPairs:
-    """Image–caption pairs the fine-tuning keeps the model good at, drawn afresh every step."""
-
-    def __init__(self, photos: list[MemorizedImage], procedural: bool, photo_share: float):
-        if not photos and not procedural:
-            raise ValueError("no normal training pairs: every memorized image is selected and the model is not "
-                             "pixel-space at the demo resolution (no procedural data)")
-        self.photos = photos
-        self.specs = split_shape_specs()[0] if procedural else []
-        # Without procedural data every row is a photo.
-        self.photo_rows_share = photo_share if procedural else 1.0
-        if not photos:
-            self.photo_rows_share = 0.0
-
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        n_photos = round(self.photo_rows_share * n)
-        picks = torch.randint(len(self.photos) or 1, (n_photos,), generator=generator).tolist()
-        images = [self.photos[i].image for i in picks]
-        captions = [self.photos[i].caption for i in picks]
-        if n - n_photos:
-            specs = [self.specs[i] for i in torch.randint(len(self.specs), (n - n_photos,), generator=generator)]
-            dropped = (torch.rand(len(specs), generator=generator) < CAPTION_DROPOUT).tolist()
-            images += list(render_shapes(specs, generator))
-            captions += ["" if drop else spec.caption for spec, drop in zip(specs, dropped)]
-        return torch.stack(images), captions
+    normal_pairs: str | None  # where the ordinary pairs came from (None: the non-selected memorized images only)
+    utility_loss: str  # the normal term used (`utility_loss`, or the model's default)
 
 
 def trainable_parameters(unet: torch.nn.Module, trainable: str | Sequence[str]) -> dict[str, torch.nn.Parameter]:
@@ -338,14 +296,15 @@ class AdversarialFineTuning:
     tell what the trigger term costs from what any fine-tuning costs.
     `utility_loss`: the normal rows' term, "denoising" (L_DM toward the noise,
     the paper's) or "distillation" (toward the unmodified UNet's prediction for
-    the same noisy image and caption, which holds normal prompts to what they
-    generated before; one more UNet forward per step). `ema_decay`: when set
+    the same noisy image and caption; one more UNet forward per step); None:
+    distillation for latent models, denoising for pixel-space ones (module
+    docstring). `normal_images`: how many of its own generations a model without
+    a `--normal` set trains on as ordinary pairs. `ema_decay`: when set
     (e.g. 0.99), an exponential moving average of the trained weights is the
     model that Dori attacks, the evaluation measures and `fit` saves, as the
     bundled model's own training ships its EMA; the raw weights keep training.
     None (the paper's) uses the raw weights. `photo_share`: share of
-    the normal rows that are non-selected memorized images (when procedural
-    data exist). `surrogate`: "mitigated", a `Mask` or an image `[3, H, W]`;
+    the normal rows that are non-selected memorized images. `surrogate`: "mitigated", a `Mask` or an image `[3, H, W]`;
     `surrogate_seeds`: generations per image when it is generated.
     `eval_starts`: starts of each round's fresh attack (the caption and random
     ones); `eval_seeds`: generations per embedding in the evaluation.
@@ -360,7 +319,8 @@ class AdversarialFineTuning:
     trainable: str | list[str] = "all"
     normal_batch: int = 16
     adversarial_batch: int = 16
-    utility_loss: str = "denoising"
+    utility_loss: str | None = None
+    normal_images: int = GENERATED_PAIRS
     ema_decay: float | None = None
     photo_share: float = 0.25
     surrogate: str | Mask | torch.Tensor = "mitigated"
@@ -404,8 +364,11 @@ class AdversarialFineTuning:
             raise ValueError("normal_batch and adversarial_batch are both 0: nothing to train on")
         if not 0 <= self.photo_share <= 1:
             raise ValueError(f"photo_share must be in [0, 1], got {self.photo_share}")
-        if self.utility_loss not in ("denoising", "distillation"):
-            raise ValueError(f"unknown utility_loss {self.utility_loss!r}; choose 'denoising' or 'distillation'")
+        if self.utility_loss not in (None, "denoising", "distillation"):
+            raise ValueError(f"unknown utility_loss {self.utility_loss!r}; choose 'denoising', 'distillation' or "
+                             "None (the model's default)")
+        if self.normal_images < 1:
+            raise ValueError(f"normal_images must be at least 1, got {self.normal_images}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -419,13 +382,16 @@ class AdversarialFineTuning:
         return optimizers[self.optimizer](parameters, lr=self.lr)
 
     def fit(self, handle: ModelHandle, targets: Sequence[int | str], out_dir: str | Path,
-            callback: Callable[[FineTuneProgress], None] | None = None, resume: bool = True) -> FineTuneResult:
+            callback: Callable[[FineTuneProgress], None] | None = None, resume: bool = True,
+            normal: PairSource | None = None) -> FineTuneResult:
         """Fine-tune a copy of `handle`'s UNet (the handle is left unchanged) and save it under `out_dir/model`.
 
         `targets`: indices or captions of `handle.memorized`. `callback` may
         raise `analysis.sampling.SamplingCancelled` to stop; finished rounds
         stay checkpointed in `out_dir`, and with `resume` a later `fit` with the
-        same parameters and targets continues after them.
+        same parameters and targets continues after them. `normal`: the ordinary
+        pairs beside the non-selected memorized images (default:
+        `analysis.normal.default_pairs`, made with progress before the first round).
         """
         self._check(handle)
         indices = resolve_targets(handle, targets)
@@ -461,9 +427,15 @@ class AdversarialFineTuning:
                                                      report(0, "surrogate"))
                 state["surrogates"][item.caption], state["sources"][item.caption] = images, source
 
-        normal = NormalPairs([m for i, m in enumerate(handle.memorized) if i not in indices],
-                             procedural=handle.pixel_space and handle.latent_shape[1:] == (RESOLUTION, RESOLUTION),
-                             photo_share=self.photo_share)
+        if normal is None and self.normal_batch:
+            def on_pair(done: int, total: int) -> None:
+                if callback is not None:
+                    callback(FineTuneProgress(0, self.rounds, "normal pairs", done - 1, total))
+
+            normal = default_pairs(handle, self.normal_images, on_pair)
+        normal_pairs = MixedPairs([m for i, m in enumerate(handle.memorized) if i not in indices], normal,
+                                  self.photo_share)
+        utility_loss = self.utility_loss or ("denoising" if handle.pixel_space else "distillation")
         for round_index in range(state["rounds_done"], self.rounds):
             started = time.time()
             unet.requires_grad_(False)
@@ -475,8 +447,8 @@ class AdversarialFineTuning:
                 pool = state["triggers"].get(item.caption)
                 state["triggers"][item.caption] = found.embeddings if pool is None else torch.cat([pool, found.embeddings])
 
-            teacher = handle.unet if self.utility_loss == "distillation" else None
-            losses = self._train(tuned, unet, teacher, trained, averaged, optimizer, generator, normal, selected,
+            teacher = handle.unet if utility_loss == "distillation" else None
+            losses = self._train(tuned, unet, teacher, trained, averaged, optimizer, generator, normal_pairs, selected,
                                  state, round_index, callback)
             record = dict(round=round_index, normal_loss=losses[0], adversarial_loss=losses[1],
                           train_seconds=round(time.time() - started, 1), targets=[])
@@ -495,16 +467,19 @@ class AdversarialFineTuning:
 
         model_dir = out_dir / MODEL_SUBFOLDER
         save_model_folder(tuned, model_dir, dict(params=params, targets=[item.caption for item in selected],
-                                                 surrogate_sources=state["sources"], history=state["history"]))
+                                                 surrogate_sources=state["sources"], history=state["history"],
+                                                 normal_pairs=None if normal is None else normal.description,
+                                                 utility_loss=utility_loss))
         (out_dir / HISTORY_FILE).write_text(json.dumps(dict(params=params, surrogate_sources=state["sources"],
                                                              history=state["history"]), indent=1))
         return FineTuneResult(model_dir=model_dir, targets=[item.caption for item in selected],
                               history=state["history"], surrogates=state["surrogates"],
-                              surrogate_sources=state["sources"], params=params, seconds=round(state["seconds"], 1))
+                              surrogate_sources=state["sources"], params=params, seconds=round(state["seconds"], 1),
+                              normal_pairs=None if normal is None else normal.description, utility_loss=utility_loss)
 
     def _train(self, tuned: ModelHandle, unet: torch.nn.Module, teacher: torch.nn.Module | None,
                trained: dict[str, torch.nn.Parameter], averaged: dict[str, torch.nn.Parameter],
-               optimizer: torch.optim.Optimizer, generator: torch.Generator, normal: NormalPairs,
+               optimizer: torch.optim.Optimizer, generator: torch.Generator, normal: PairSource,
                selected: list[MemorizedImage], state: dict, round_index: int,
                callback: Callable[[FineTuneProgress], None] | None) -> tuple[list[float], list[float]]:
         """One round's optimiser steps (the normal term distilled from `teacher` when given), each followed by the
@@ -596,7 +571,8 @@ def save_model_folder(handle: ModelHandle, folder: Path, finetuning: dict | None
               str(folder / images_file))
     sidecar = dict(captions=[item.caption for item in handle.memorized], images_file=images_file,
                    sampling=dict(steps=handle.default_steps, guidance=handle.default_guidance),
-                   training=dict(offset_noise=handle.training_offset_noise), held_out_prompts=handle.held_out_prompts)
+                   training=dict(offset_noise=handle.training_offset_noise), held_out_prompts=handle.held_out_prompts,
+                   train_prompts=handle.train_prompts)
     if finetuning is not None:
         sidecar["adversarial_finetuning"] = finetuning
     (folder / MEMORIZED_FILE).write_text(json.dumps(sidecar, indent=1))

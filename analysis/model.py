@@ -106,11 +106,16 @@ class ModelHandle:
     # Where the memorized set and reference prompts came from when given apart from the model folder (else None).
     memorized_set: str | None = None
     reference_prompts_file: str | None = None
+    # Ordinary image-caption pairs for fine-tuning's normal term (`--normal DIR`, analysis.normal); without them the
+    # model generates its own for `train_prompts`, the captions of its ordinary training data (its folder's
+    # sidecar lists them; for SD, COCO captions stand in).
+    normal_set: str | None = None
+    train_prompts: list[str] = field(default_factory=list)
 
     def data_settings(self) -> dict:
         """What the model is analysed against, as `load_model` takes it again: every record keeps it."""
         return dict(memorized_set=self.memorized_set, reference_prompts=self.reference_prompts_file,
-                    replication=self.replication_metric.settings())
+                    normal_set=self.normal_set, replication=self.replication_metric.settings())
 
     @property
     def image_size(self) -> int:
@@ -157,7 +162,8 @@ def _read_sidecar(folder: Path) -> dict:
     if not path.is_file():
         return {}
     meta = json.loads(path.read_text())
-    found = dict(held_out_prompts=list(meta.get("held_out_prompts", [])))
+    found = dict(held_out_prompts=list(meta.get("held_out_prompts", [])),
+                 train_prompts=list(meta.get("train_prompts", [])))
     if "sampling" in meta:
         found.update(default_steps=int(meta["sampling"]["steps"]), default_guidance=float(meta["sampling"]["guidance"]))
     if "training" in meta:
@@ -181,19 +187,20 @@ def _refuse_pickled_weights(folder: Path) -> None:
 def load_model(source: str | Path | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype | str = torch.float32, local_files_only: bool = False,
                memorized: str | Path | None = None, reference_prompts: str | Path | None = None,
-               replication_metric: ReplicationMetric | None = None) -> ModelHandle:
+               replication_metric: ReplicationMetric | None = None, normal: str | Path | None = None) -> ModelHandle:
     """Load a Stable Diffusion pipeline's components into a `ModelHandle`.
 
     `source` is a local folder or a hub id; None means the bundled demo model.
     `memorized`: a memorized set folder (`analysis.memorized.load_memorized_set`) instead of the model
     folder's `memorized.json`; `reference_prompts`: a prompt list file instead of the sidecar's held-out
     prompts (without either, SD v1.4's unmemorized LAION prompts); `replication_metric`: an
-    `analysis.metrics.ReplicationMetric` (None: pixel correlation).
+    `analysis.metrics.ReplicationMetric` (None: pixel correlation); `normal`: an imagefolder of ordinary pairs
+    for fine-tuning (`analysis.normal`; its images are read when fine-tuning starts).
     Raises `ModelLoadError` naming what was tried when it cannot be loaded, and
     `analysis.memorized.MemorizedSetError` (a ValueError) for a bad memorized set.
     """
     # analysis.memorized imports this module for MemorizedImage.
-    from analysis.memorized import REFERENCE_PROMPTS_FILE, load_memorized_set, read_prompt_list
+    from analysis.memorized import METADATA_FILES, REFERENCE_PROMPTS_FILE, load_memorized_set, read_prompt_list
 
     device = torch.device(device)
     dtype = _resolve_dtype(dtype)
@@ -247,12 +254,18 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
         handle.held_out_prompts = read_prompt_list(REFERENCE_PROMPTS_FILE)
     if replication_metric is not None:
         handle.replication_metric = replication_metric
+    if normal is not None:
+        handle.normal_set = str(Path(normal).expanduser().resolve())
+        if not any((Path(handle.normal_set) / name).is_file() for name in METADATA_FILES):
+            raise ValueError(f"no normal set at {handle.normal_set}: expected a folder of images with "
+                             f"{' or '.join(METADATA_FILES)} (columns file_name and text or caption)")
     return handle
 
 
 def open_model(model: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | str = "float32",
                memorized: str | Path | None = None, reference_prompts: str | Path | None = None,
-               sscd: str | Path | None = None, sscd_threshold: float | None = None) -> ModelHandle:
+               sscd: str | Path | None = None, sscd_threshold: float | None = None,
+               normal: str | Path | None = None) -> ModelHandle:
     """`load_model` with the command-line options (`dori --help`, `python app.py --help`): SSCD as the replication
     metric when `sscd` is given. ValueError for a threshold without SSCD or a bad SSCD file."""
     from analysis.metrics import replication_metric  # analysis.metrics imports this module
@@ -261,4 +274,20 @@ def open_model(model: str | Path | None = None, device: str | torch.device = "cp
         raise ValueError("--sscd-threshold needs --sscd (the SSCD TorchScript file)")
     metric = replication_metric(sscd, sscd_threshold, device) if sscd is not None else None
     return load_model(model, device=device, dtype=dtype, memorized=memorized, reference_prompts=reference_prompts,
-                      replication_metric=metric)
+                      replication_metric=metric, normal=normal)
+
+
+def save_pipeline_folder(folder: Path, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
+                         unet: UNet2DConditionModel, scheduler: DDIMScheduler, vae: AutoencoderKL | None = None) -> None:
+    """Write the standard diffusers layout that `load_model` reads: `vae/` when given, else the pixel-space `codec/`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(folder / "vae", safe_serialization=True)
+        return
+    PassThroughCodec(latent_channels=unet.config.in_channels, sample_size=unet.config.sample_size).save_pretrained(
+        folder / CODEC_SUBFOLDER)

@@ -20,13 +20,13 @@ from analysis.tasks import BUNDLED_MODEL_NAME, TASKS, check_limits, run_task
 def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | None = None,
           out_dir: str | Path | None = None, memorized: str | Path | None = None,
           reference_prompts: str | Path | None = None, sscd: str | Path | None = None,
-          sscd_threshold: float | None = None) -> tuple[RunRecord, RunRecord]:
+          sscd_threshold: float | None = None, normal: str | Path | None = None) -> tuple[RunRecord, RunRecord]:
     """Load an export, load its model (on `device`, in the recorded dtype) and run it again.
 
-    The export names a model, a memorized set, reference prompts and an SSCD
-    file, but is not trusted to choose what is loaded: the bundled model is
-    loaded by its name, anything else only when the caller names it (`model`,
-    `memorized`, `reference_prompts`, `sscd`, as for any `dori` command), so a
+    The export names a model, a memorized set, reference prompts, an SSCD file
+    and a normal set, but is not trusted to choose what is loaded: the bundled
+    model is loaded by its name, anything else only when the caller names it
+    (`model`, `memorized`, `reference_prompts`, `sscd`, `normal`, as for any `dori` command), so a
     ZIP never makes this open a file or folder or contact the network; a rerun
     loaded with other data than the export's is refused by `run_task`. A
     configuration that writes files (`out_dir`) runs only inside the caller's
@@ -50,7 +50,8 @@ def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | Non
     if sscd is not None and sscd_threshold is None and recorded_metric.get("metric") == "SSCD":
         sscd_threshold = recorded_metric.get("threshold")  # a number, not a path: taken from the export
     handle = open_model(model, device=device, dtype=config.get("dtype", "float32"), memorized=memorized,
-                        reference_prompts=reference_prompts, sscd=sscd, sscd_threshold=sscd_threshold)
+                        reference_prompts=reference_prompts, sscd=sscd, sscd_threshold=sscd_threshold,
+                        normal=normal)
     reproduced = run_task(handle, recorded.kind, config, inputs=recorded.inputs())
     return recorded, reproduced
 

@@ -565,6 +565,7 @@ def _run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
     last = result.history[-1]["targets"]
     record.metrics.update(
         model_dir=str(result.model_dir), surrogate_sources=result.surrogate_sources,
+        normal_pairs=result.normal_pairs, utility_loss=result.utility_loss,
         normal_loss=[row["normal_loss"] for row in result.history],
         adversarial_loss=[row["adversarial_loss"] for row in result.history],
         **{key: [target.get(key) for target in last]

@@ -34,7 +34,8 @@ DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
 LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)
 MAX_LR = 1e-2  # far above any rate that keeps the model; a typo guard
 TRAINABLE = {"the whole UNet (the paper's)": "all", "attention layers": "attn", "cross-attention only": "attn2"}
-UTILITY_LOSSES = {"toward the noise (L_DM, the paper's)": "denoising",
+UTILITY_LOSSES = {"the model's default (latent: distillation; pixel: L_DM)": None,
+                  "toward the noise (L_DM, the paper's)": "denoising",
                   "toward the original model (distillation)": "distillation"}
 
 EXPLANATION = """

@@ -14,14 +14,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from analysis.demo.data import RESOLUTION
-from analysis.model import CODEC_SUBFOLDER, PassThroughCodec
 
 TEXT_WIDTH = 128
 MAX_LENGTH = 77
@@ -124,19 +122,3 @@ def build_unet(seed: int = 0) -> UNet2DConditionModel:
 
 def build_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SCHEDULER_CONFIG)
-
-
-def save_pipeline_folder(folder: Path, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
-                         unet: UNet2DConditionModel, scheduler: DDIMScheduler, vae: AutoencoderKL | None = None) -> None:
-    """Write the standard diffusers layout that `load_model` reads: `vae/` when given, else the pixel-space `codec/`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(folder / "tokenizer")
-    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    scheduler.save_pretrained(folder / "scheduler")
-    if vae is not None:
-        vae.save_pretrained(folder / "vae", safe_serialization=True)
-        return
-    PassThroughCodec(latent_channels=unet.config.in_channels, sample_size=unet.config.sample_size).save_pretrained(
-        folder / CODEC_SUBFOLDER)

@@ -190,6 +190,24 @@ def procedural_bank(specs: list[ShapeSpec], per_spec: int = 1, seed: int = 0,
     return [spec.caption for spec in repeated], images
 
 
+class ProceduralShapes:
+    """Fresh renderings of the training captions' shapes, a normal-pair source for fine-tuning
+    (`analysis.normal.PairSource`); `caption_dropout` of them with the empty caption, as in training."""
+
+    description = "the demo model's procedural shapes, rendered afresh"
+
+    def __init__(self, caption_dropout: float = 0.1, resolution: int = RESOLUTION):
+        self.specs = split_shape_specs()[0]
+        self.caption_dropout = caption_dropout
+        self.resolution = resolution
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        specs = [self.specs[i] for i in torch.randint(len(self.specs), (n,), generator=generator)]
+        dropped = (torch.rand(n, generator=generator) < self.caption_dropout).tolist()
+        images = render_shapes(specs, generator, self.resolution)
+        return images, ["" if drop else spec.caption for spec, drop in zip(specs, dropped)]
+
+
 class DemoDataset:
     """Infinite sampler of (image, caption) training batches.
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from analysis.attribution.common import memorization_objective
-from analysis.demo.data import read_colors, render_shapes, split_shape_specs
+from analysis.demo.data import ProceduralShapes, read_colors, render_shapes, split_shape_specs
 from analysis.dori import DoriSearch, Start
 from analysis.finetune import AdversarialFineTuning, attack, denoising_loss, generate, json_ready
 from analysis.images import image_grid
@@ -265,9 +265,11 @@ def main(argv=None) -> None:
 
     finetuning = AdversarialFineTuning(rounds=args.rounds, triggers_per_image=args.triggers,
                                        steps_per_round=args.train_steps, dori=conditions.dori, eval_starts=0)
+    # The ordinary pairs the results were measured with: fresh renderings of the training captions' shapes.
+    shapes = ProceduralShapes()
 
     def finetune() -> dict:
-        tuned = finetuning.fit(handle, args.targets, args.work / "finetune", callback=progress)
+        tuned = finetuning.fit(handle, args.targets, args.work / "finetune", callback=progress, normal=shapes)
         return dict(measure(load_model(tuned.model_dir), conditions, held_out_before), fit_seconds=tuned.seconds,
                     history=tuned.history, surrogate_sources=tuned.surrogate_sources, params=tuned.params,
                     surrogates=tuned.surrogates)
@@ -276,7 +278,7 @@ def main(argv=None) -> None:
         """The fine-tuning with other settings, e.g. without its trigger term (the control)."""
         def compute() -> dict:
             tuned = dataclasses.replace(finetuning, **changes).fit(handle, args.targets, args.work / name,
-                                                                   callback=progress)
+                                                                   callback=progress, normal=shapes)
             return dict(measure(load_model(tuned.model_dir), conditions, held_out_before), fit_seconds=tuned.seconds)
         return compute
 
