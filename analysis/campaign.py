@@ -22,6 +22,7 @@ so Ray workers need no shared disk.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -100,7 +101,8 @@ def load_items(source: str | Path, model: str | None = None, memorized: str | Pa
 # One item
 
 
-def _handle(config: dict) -> ModelHandle:
+def model_for(config: dict) -> ModelHandle:
+    """The model a configuration names (`MODEL_SETTINGS`), loaded once per process and settings."""
     key = tuple(config.get(name) for name in MODEL_SETTINGS)
     if key not in _loaded:
         settings = {name: config[name] for name in MODEL_SETTINGS if config.get(name) is not None}
@@ -114,7 +116,7 @@ def run_one(item: dict, method: str, config: dict) -> dict:
     `config`: the task's settings plus `model`, `device`, `dtype`. The item's
     prompt (and training image index, if it has one) are the task's target.
     """
-    handle = _handle(config)
+    handle = model_for(config)
     settings = {key: value for key, value in config.items() if key not in MODEL_SETTINGS}
     target = dict(prompt=item["prompt"], **({"image": item["image"]} if "image" in item else {}))
     record = run_task(handle, method, {**settings, **target})
@@ -137,7 +139,11 @@ def _item_file(out_dir: Path, item: dict) -> Path:
     return out_dir / ITEMS_FOLDER / f"{safe}.json"
 
 
-def _ray_results(pending: list[dict], method: str, config: dict, address: str | None, workers: int | None):
+def _call(run_item: Callable[[dict], dict], item: dict) -> dict:
+    return run_item(item)
+
+
+def _ray_results(pending: list[dict], run_item: Callable[[dict], dict], address: str | None, workers: int | None):
     """Yield (item, result) as Ray tasks finish."""
     import ray
 
@@ -147,34 +153,33 @@ def _ray_results(pending: list[dict], method: str, config: dict, address: str | 
     # Ray starts CPU workers with one torch thread; another thread count sums in another order, and the table would
     # differ from the local executor's in the last digits. So the workers get the driver's count.
     threads = {"env_vars": {"OMP_NUM_THREADS": str(torch.get_num_threads())}}
-    remote = ray.remote(num_gpus=1 if torch.cuda.is_available() else 0, runtime_env=threads)(run_one)
-    futures = {remote.remote(item, method, config): item for item in pending}
+    remote = ray.remote(num_gpus=1 if torch.cuda.is_available() else 0, runtime_env=threads)(_call)
+    futures = {remote.remote(run_item, item): item for item in pending}
     while futures:
         done, _ = ray.wait(list(futures), num_returns=1)
         yield futures.pop(done[0]), ray.get(done[0])
 
 
-def run_campaign(items: Sequence[dict], method: str, config: dict, out_dir: str | Path, executor: str = "local",
-                 address: str | None = None, workers: int | None = None, min_share: float = MIN_SHARE,
-                 progress: Callable[[TaskProgress], None] | None = None) -> dict:
-    """Run `method` on every item not done yet in `out_dir`, then aggregate all of them.
+def run_items(items: Sequence[dict], run_item: Callable[[dict], dict], header: dict, out_dir: str | Path,
+              executor: str = "local", address: str | None = None, workers: int | None = None,
+              progress: Callable[[TaskProgress], None] | None = None) -> tuple[list[dict], int]:
+    """`run_item(item)` for every item without a result file in `OUT/items/`, locally or one Ray task (one GPU
+    when CUDA is available) each; returns every item's result, in the items' order, and how many were computed.
 
-    `workers`: CPUs of a local Ray (None: all). Returns the summary that is
-    also written to `OUT/summary.json` (and the table to `OUT/table.md`).
-    Raises ValueError when `out_dir` holds a campaign with other settings.
+    `header` (JSON) describes the settings: a folder that holds results of other settings is refused with
+    ValueError. A result file is whole or absent, so a run killed at any point resumes where it stopped.
+    `run_item` must be picklable for Ray (a module-level function, or a `functools.partial` of one).
     """
-    if method not in SCORES:
-        raise ValueError(f"unknown campaign method {method!r}; choose one of {sorted(SCORES)}")
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor {executor!r}; choose 'local' or 'ray'")
     if not items:
-        raise ValueError("the prompt list is empty")
+        raise ValueError("the list of items is empty")
     out_dir = Path(out_dir)
     (out_dir / ITEMS_FOLDER).mkdir(parents=True, exist_ok=True)
-    header = json.loads(json.dumps(dict(method=method, config=config)))
+    header = json.loads(json.dumps(header))
     campaign_file = out_dir / CAMPAIGN_FILE
     if campaign_file.is_file() and json.loads(campaign_file.read_text()) != header:
-        raise ValueError(f"{out_dir} holds a campaign with other settings: {campaign_file.read_text()}; "
+        raise ValueError(f"{out_dir} holds results of other settings: {campaign_file.read_text()}; "
                          "use another folder or the same settings")
     _write_json(campaign_file, header)
 
@@ -182,20 +187,36 @@ def run_campaign(items: Sequence[dict], method: str, config: dict, out_dir: str 
     done = len(items) - len(pending)
     if progress is not None:
         progress(TaskProgress("campaign", done, len(items), f"{done} done before"))
-    results = (((item, run_one(item, method, config)) for item in pending) if executor == "local"
-               else _ray_results(pending, method, config, address, workers))
+    results = (((item, run_item(item)) for item in pending) if executor == "local"
+               else _ray_results(pending, run_item, address, workers))
     for item, result in results:
         _write_json(_item_file(out_dir, item), result)
         done += 1
         if progress is not None:
             progress(TaskProgress("campaign", done, len(items), item["id"]))
+    return [json.loads(_item_file(out_dir, item).read_text()) for item in items], len(pending)
 
-    finished = [json.loads(_item_file(out_dir, item).read_text()) for item in items]
+
+def run_campaign(items: Sequence[dict], method: str, config: dict, out_dir: str | Path, executor: str = "local",
+                 address: str | None = None, workers: int | None = None, min_share: float = MIN_SHARE,
+                 progress: Callable[[TaskProgress], None] | None = None) -> dict:
+    """Run `method` on every item not done yet in `out_dir` (`run_items`), then aggregate all of them.
+
+    `workers`: CPUs of a local Ray (None: all). Returns the summary that is
+    also written to `OUT/summary.json` (and the table to `OUT/table.md`).
+    Raises ValueError when `out_dir` holds a campaign with other settings.
+    """
+    if method not in SCORES:
+        raise ValueError(f"unknown campaign method {method!r}; choose one of {sorted(SCORES)}")
+    if not items:
+        raise ValueError("the prompt list is empty")
+    finished, computed = run_items(items, functools.partial(run_one, method=method, config=config),
+                                   dict(method=method, config=config), out_dir, executor, address, workers, progress)
     table = aggregate(finished, method, min_share)
-    summary = dict(method=method, config=config, items=len(items), computed=len(pending), table=table,
+    summary = dict(method=method, config=config, items=len(items), computed=computed, table=table,
                    table_markdown=table_markdown(table, method, min_share))
-    _write_json(out_dir / "summary.json", summary)
-    (out_dir / "table.md").write_text(summary["table_markdown"] + "\n")
+    _write_json(Path(out_dir) / "summary.json", summary)
+    (Path(out_dir) / "table.md").write_text(summary["table_markdown"] + "\n")
     return summary
 
 
@@ -213,7 +234,7 @@ def load_campaign(out_dir: str | Path, min_share: float = MIN_SHARE) -> dict:
 
 
 def aggregate(results: Sequence[dict], method: str, min_share: float = MIN_SHARE) -> list[dict]:
-    """Rows `{"group", "items", "similarity_mean", "similarity_std", "mr"}`: all items, then each type."""
+    """Rows `{"group", "items", "scored", "similarity_mean", "similarity_std", "mr"}`: all items, then each type."""
     similarity_key, rate_key = SCORES[method]
     groups: dict[str, list[dict]] = {"all": list(results)}
     for result in results:
@@ -221,15 +242,21 @@ def aggregate(results: Sequence[dict], method: str, min_share: float = MIN_SHARE
             groups.setdefault(result["item"]["type"], []).append(result)
     rows = []
     for group, members in groups.items():
-        scored = [m["metrics"] for m in members if similarity_key in m["metrics"]]
-        similarities = [metrics[similarity_key] for metrics in scored]
-        rows.append(dict(
-            group=group, items=len(members), scored=len(scored),
-            similarity_mean=statistics.fmean(similarities) if similarities else None,
-            # Population std over items, as the tables in the papers report the spread of the items themselves.
-            similarity_std=statistics.pstdev(similarities) if similarities else None,
-            mr=sum(metrics[rate_key] >= min_share for metrics in scored) / len(scored) if scored else None))
+        scored = [(m["metrics"][similarity_key], m["metrics"][rate_key]) for m in members
+                  if similarity_key in m["metrics"]]
+        rows.append(dict(group=group, items=len(members), **summarize(scored, min_share)))
     return rows
+
+
+def summarize(scores: Sequence[tuple[float, float]], min_share: float = MIN_SHARE) -> dict:
+    """Over items' (mean similarity, replicating share of seeds): `scored`, `similarity_mean`, `similarity_std` and
+    the memorization rate `mr`, the share of items replicating on at least `min_share` of their seeds."""
+    similarities = [similarity for similarity, _ in scores]
+    return dict(scored=len(scores),
+                similarity_mean=statistics.fmean(similarities) if scores else None,
+                # Population std over items, as the tables in the papers report the spread of the items themselves.
+                similarity_std=statistics.pstdev(similarities) if scores else None,
+                mr=sum(share >= min_share for _, share in scores) / len(scores) if scores else None)
 
 
 def table_markdown(rows: Sequence[dict], method: str, min_share: float = MIN_SHARE) -> str:

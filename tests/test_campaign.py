@@ -58,11 +58,11 @@ def test_killed_campaign_resumes_with_only_the_missing_items(items, config, loca
     real_run_one = campaign.run_one
     calls = []
 
-    def dies_after_two(item, method, settings):
+    def dies_after_two(item, method, config):
         if len(calls) == 2:
             raise KeyboardInterrupt  # the kill
         calls.append(item["id"])
-        return real_run_one(item, method, settings)
+        return real_run_one(item, method=method, config=config)
 
     monkeypatch.setattr(campaign, "run_one", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
@@ -73,8 +73,8 @@ def test_killed_campaign_resumes_with_only_the_missing_items(items, config, loca
     assert halfway["method"] == "replicate" and len(halfway["results"]) == 2 and halfway["table"][0]["items"] == 2
 
     resumed = []
-    monkeypatch.setattr(campaign, "run_one", lambda item, method, settings: resumed.append(item["id"]) or
-                        real_run_one(item, method, settings))
+    monkeypatch.setattr(campaign, "run_one", lambda item, method, config: resumed.append(item["id"]) or
+                        real_run_one(item, method=method, config=config))
     summary = run_campaign(items, "replicate", config, tmp_path)
     assert sorted(resumed) == sorted(item["id"] for item in items if item["id"] not in calls)
     assert summary["computed"] == 2 and summary["table"] == local_summary["table"]
