@@ -299,7 +299,11 @@ class AdversarialFineTuning:
     the same noisy image and caption; one more UNet forward per step); None:
     distillation for latent models, denoising for pixel-space ones (module
     docstring). `normal_images`: how many of its own generations a model without
-    a `--normal` set trains on as ordinary pairs. `ema_decay`: when set
+    a `--normal` set trains on as ordinary pairs. `mixed_precision`: the
+    training passes run in bfloat16 (autocast) while the weights and Adam's
+    state stay float32; `gradient_checkpointing`: the UNet recomputes its
+    activations in the backward pass (less memory, slower); the two let SD
+    v1.4's UNet train on one GPU. `ema_decay`: when set
     (e.g. 0.99), an exponential moving average of the trained weights is the
     model that Dori attacks, the evaluation measures and `fit` saves, as the
     bundled model's own training ships its EMA; the raw weights keep training.
@@ -322,6 +326,8 @@ class AdversarialFineTuning:
     utility_loss: str | None = None
     normal_images: int = GENERATED_PAIRS
     ema_decay: float | None = None
+    mixed_precision: bool = False
+    gradient_checkpointing: bool = False
     photo_share: float = 0.25
     surrogate: str | Mask | torch.Tensor = "mitigated"
     surrogate_seeds: int = 4
@@ -377,9 +383,12 @@ class AdversarialFineTuning:
             raise ValueError(f"fine-tuning needs a float32 model (small updates vanish in lower precision), "
                              f"got {handle.dtype}")
 
-    def _optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-        return optimizers[self.optimizer](parameters, lr=self.lr)
+    def _optimizer(self, parameters: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(parameters, lr=self.lr)
+        # PyTorch's fused Adam kernels: one launch per step instead of one per tensor, on CUDA.
+        adam = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+        return adam(parameters, lr=self.lr, fused=device.type == "cuda")
 
     def fit(self, handle: ModelHandle, targets: Sequence[int | str], out_dir: str | Path,
             callback: Callable[[FineTuneProgress], None] | None = None, resume: bool = True,
@@ -406,7 +415,7 @@ class AdversarialFineTuning:
         tuned = dataclasses.replace(handle, unet=average)
         trained = trainable_parameters(unet, self.trainable)
         averaged = trainable_parameters(average, self.trainable)
-        optimizer = self._optimizer(list(trained.values()))
+        optimizer = self._optimizer(list(trained.values()), handle.device)
         generator = torch.Generator().manual_seed(self.seed)
         state = dict(rounds_done=0, history=[], seconds=0.0, triggers={}, surrogates={}, sources={})
         checkpoint = out_dir / CHECKPOINT_FILE
@@ -488,9 +497,13 @@ class AdversarialFineTuning:
         for parameter in trained.values():
             parameter.requires_grad_(True)
         unet.train()
+        if self.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         normal_losses, adversarial_losses = [], []
+        # The weights and the optimiser's state stay float32 (the master weights); only the passes run in bfloat16.
+        passes = torch.autocast(tuned.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), passes:
                 for step in range(self.steps_per_round):
                     loss = adversarial = torch.zeros(())
                     if self.adversarial_batch:
@@ -515,6 +528,8 @@ class AdversarialFineTuning:
                         callback(FineTuneProgress(round_index, self.rounds, "train", step, self.steps_per_round,
                                                   loss.item()))
         finally:
+            if self.gradient_checkpointing:
+                unet.disable_gradient_checkpointing()
             unet.eval().requires_grad_(False)
         return normal_losses, adversarial_losses
 

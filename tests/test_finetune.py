@@ -243,3 +243,18 @@ def test_side_effects_compare_the_non_selected_images_and_held_out_prompts(handl
     changed = finetune.side_effects(handle, tuned, [0], seeds=[0, 1])
     assert all(row["similarity"] < 0.999 for row in changed["held_out"])
     assert torch.equal(changed["held_out"][0]["before"], unchanged["held_out"][0]["before"])  # the base is left alone
+
+
+def test_mixed_precision_and_checkpointing_train_float32_weights(handle, tmp_path):
+    """bfloat16 autocast on the CPU stands in for the GPU's mixed precision: weights and Adam's state stay float32,
+    the losses are finite and the UNet's checkpointing is off again afterwards."""
+    result = tiny_finetuning(mixed_precision=True, gradient_checkpointing=True).fit(handle, [0], tmp_path)
+    record = result.history[0]
+    assert all(torch.isfinite(torch.tensor(record["normal_loss"] + record["adversarial_loss"])))
+    tuned = load_model(result.model_dir)
+    assert all(p.dtype == torch.float32 for p in tuned.unet.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(tuned.unet.parameters(), handle.unet.parameters()))
+    checkpoint = torch.load(tmp_path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    assert all(value.dtype == torch.float32 for state in checkpoint["optimizer"]["state"].values()
+               for key, value in state.items() if key != "step")
+    assert not handle.unet.is_gradient_checkpointing
