@@ -10,8 +10,11 @@ import re
 import shlex
 from pathlib import Path
 
+from tiny_sd import write_memorized_set
+
 import app
 from analysis.cli import build_parser, main
+from analysis.experiments import paper_table
 from analysis.model import REPO_ROOT
 
 NEMO = ["steps=3", "step_index=1", "scales=1", "theta_start=1", "refine=false", "calibration_seeds=[0,1]"]
@@ -32,6 +35,15 @@ SMALL = {
 }
 
 
+PAPER_TABLE_SMALL = ["--images", "0", "--seeds", "1", "--search-steps", "1",
+                     "--nemo", json.dumps(dict(steps=3, step_index=1, scales=1, theta_start=1, refine=False,
+                                               calibration_seeds=[0, 1])),
+                     "--wanda", json.dumps(dict(steps=2, record_steps=1)),
+                     "--finetune", json.dumps(dict(rounds=1, triggers_per_image=1, steps_per_round=1,
+                                                   dori=dict(steps=1, batch_size=1), surrogate_seeds=1, eval_seeds=1,
+                                                   normal_batch=2, adversarial_batch=2, normal_images=2))]
+
+
 def readme_commands() -> list[str]:
     """The lines of the section's bash block."""
     text = (REPO_ROOT / "README.md").read_text()
@@ -41,7 +53,9 @@ def readme_commands() -> list[str]:
 
 
 def on_cpu(argv: list[str]) -> list[str]:
-    return [{"cuda": "cpu", "float16": "float32"}.get(arg, arg) for arg in argv]
+    """On the CPU, in this process: a local executor stands in for Ray (tests/test_experiment_paper_table.py runs a
+    local Ray cluster)."""
+    return [{"cuda": "cpu", "float16": "float32", "ray": "local"}.get(arg, arg) for arg in argv]
 
 
 def test_the_readme_commands_run_on_the_tiny_model(tiny_sd_folder, memorized_set_dir, sscd_file, tmp_path,
@@ -62,6 +76,12 @@ def test_the_readme_commands_run_on_the_tiny_model(tiny_sd_folder, memorized_set
             options = app.parse_args(argv[2:])
             assert (options.memorized, options.sscd) == (variables["SET"], variables["SSCD"])
             continue
+        if argv[:3] == ["python", "-m", "analysis.experiments.paper_table"]:
+            write_memorized_set(tmp_path / "data" / "controls", captions=["a quiet harbour"], seed=7)
+            paper_table.main([*argv[3:], *PAPER_TABLE_SMALL])
+            assert "| adversarial fine-tuning + Dori | 1 |" in capsys.readouterr().out
+            ran.append("paper_table")
+            continue
         assert argv[0] == "dori", line
         if argv[1:3] == ["memorized", "fetch"]:
             assert build_parser().parse_args(argv[1:]).verbatim_only
@@ -76,5 +96,5 @@ def test_the_readme_commands_run_on_the_tiny_model(tiny_sd_folder, memorized_set
         if argv[1] == "rerun":
             assert printed["reproduced"] is True
     assert ran == ["replicate", "localize", "attack", "rerun", "sweep", "attribute", "triggers", "map", "discrepancy",
-                   "agreement", "finetune"]
+                   "agreement", "finetune", "paper_table"]
     assert (Path(tmp_path) / "runs" / "finetuned" / "model" / "unet").is_dir()
