@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo_model"
 CODEC_SUBFOLDER = "codec"
+CONTROLS_SUBFOLDER = "controls"  # optional: an imagefolder of images the model never trained on
 MEMORIZED_FILE = "memorized.json"
 
 
@@ -111,6 +112,9 @@ class ModelHandle:
     # sidecar lists them; for SD, COCO captions stand in).
     normal_set: str | None = None
     train_prompts: list[str] = field(default_factory=list)
+    # Images the model never trained on, with captions (the folder's `controls/`): a Dori search toward one should
+    # fail, the control of the paper's table and of the Perturb view.
+    controls: list[MemorizedImage] = field(default_factory=list)
 
     def data_settings(self) -> dict:
         """What the model is analysed against, as `load_model` takes it again: every record keeps it."""
@@ -247,6 +251,8 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
         handle.memorized = load_memorized_set(memorized, tokenizer, handle.image_size)
     elif is_local and (folder / MEMORIZED_FILE).is_file():
         handle.memorized = load_memorized_set(folder, tokenizer, handle.image_size)
+    if is_local and (folder / CONTROLS_SUBFOLDER).is_dir():
+        handle.controls = load_memorized_set(folder / CONTROLS_SUBFOLDER, tokenizer, handle.image_size)
     if reference_prompts is not None:
         handle.reference_prompts_file = str(Path(reference_prompts).expanduser().resolve())
         handle.held_out_prompts = read_prompt_list(reference_prompts)

@@ -29,10 +29,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.dori import DoriSearch, DoriStep, Start, evaluate
-from analysis.model import MemorizedImage, ModelHandle
+from analysis.model import REPO_ROOT, MemorizedImage, ModelHandle
 
 EMBEDDINGS_FILE = "triggers.safetensors"
 METADATA_FILE = "triggers.json"
+SHIPPED_TRIGGERS = REPO_ROOT / "assets" / "triggers"  # a set per memorized image of the bundled model
+
+
+def shipped_set_folder(image_index: int, root: str | Path = SHIPPED_TRIGGERS) -> Path:
+    """The folder of the shipped trigger set of the bundled model's memorized image `image_index`."""
+    return Path(root) / f"image-{image_index}"
 
 
 @dataclass

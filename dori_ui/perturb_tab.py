@@ -25,7 +25,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from analysis.demo.data import all_shape_specs, render_shapes
 from analysis.dori import DoriSearch, DoriStep, evaluate, token_distances
 from analysis.export import RunRecord
 from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
@@ -41,7 +40,7 @@ from dori_ui.streaming import (Stopped, on_model, progress_of, request_stop, run
 
 VIEW = "perturb"
 SWEEP_VIEW = "sweep"
-CONTROL = "held-out control: "  # prefix of the targets that are renderings of held-out captions
+CONTROL = "held-out control: "  # prefix of the targets that are the model's control images
 STARTS = {"the prompt's own embedding": "prompt", "random embedding": "random", "another prompt": "other",
           "uploaded embedding (.safetensors)": "upload"}
 MAX_RADII = 12
@@ -76,22 +75,22 @@ class Preview:
     similarities: list[float]
 
 
-def control_targets(handle: ModelHandle) -> list[str]:
-    """Held-out captions the demo data can render at the model's resolution (pixel-space models only)."""
-    if not handle.pixel_space or handle.latent_shape[0] != 3:
-        return []
-    renderable = {spec.caption for spec in all_shape_specs()}
-    return [prompt for prompt in handle.held_out_prompts if prompt in renderable]
-
-
 def target_choices(handle: ModelHandle) -> list[str]:
-    return [m.caption for m in handle.memorized] + [CONTROL + prompt for prompt in control_targets(handle)]
+    """The memorized images' captions, then the model's control images (`ModelHandle.controls`)."""
+    return [m.caption for m in handle.memorized] + [CONTROL + control.caption for control in handle.controls]
 
 
-def control_image(handle: ModelHandle, prompt: str) -> torch.Tensor:
-    """One seeded rendering `[3, H, W]` of a held-out caption at the model's resolution."""
-    spec = next(spec for spec in all_shape_specs() if spec.caption == prompt)
-    return render_shapes([spec], torch.Generator().manual_seed(0), resolution=handle.latent_shape[-1])[0]
+def target_settings(handle: ModelHandle, label: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The `image`/`prompt` settings and inputs of a target chosen from `target_choices`: a control image is the
+    `target` input, compared with the generations of its caption."""
+    choices = target_choices(handle)
+    if label not in choices:
+        raise gr.Error(f"Pick a target image from the list, got {label!r}.")
+    index = choices.index(label)
+    if index < len(handle.memorized):
+        return dict(image=index, prompt=label), {}
+    control = handle.controls[index - len(handle.memorized)]
+    return dict(image=None, prompt=control.caption), {"target": control.image}
 
 
 def read_embedding(path: str | None, handle: ModelHandle) -> torch.Tensor:
@@ -236,9 +235,7 @@ def build_perturb_tab(context: AppContext) -> None:
                step_count: float | None, rate: float | None, batch_size: float | None, eval_count: float | None,
                sampling_steps: float | None, every: float | None, state: Session, progress=gr.Progress()):
         model = session_handle(context.models, state)
-        choices = target_choices(model)
-        if target_label not in choices:
-            raise gr.Error(f"Pick a target image from the list, got {target_label!r}.")
+        target_config, target_inputs = target_settings(model, target_label)
         if start_label not in STARTS:
             raise gr.Error(f"Unknown start {start_label!r}; choose one of {list(STARTS)}.")
         total = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
@@ -248,12 +245,7 @@ def build_perturb_tab(context: AppContext) -> None:
         every = check_whole_number("Preview every", every, 0, MAX_SEARCH_STEPS)
         sampling_steps = check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS)
         mitigation, inputs = mitigation_settings(state)
-        if target_label.startswith(CONTROL):
-            prompt = target_label.removeprefix(CONTROL)
-            inputs["target"] = control_image(model, prompt)
-            config = dict(image=None, prompt=prompt)
-        else:
-            config = dict(image=choices.index(target_label), prompt=target_label)
+        config, inputs = dict(target_config), {**inputs, **target_inputs}
         kind = STARTS[start_label]
         if kind == "random":
             start_spec = dict(kind="random", seed=check_whole_number("Random start seed", seed, 0, MAX_SEED))
@@ -333,19 +325,13 @@ def build_perturb_tab(context: AppContext) -> None:
     def sweep(target_label: str | None, radii_text: str, direction_count: float | None, seed_count: float | None,
               sampling_steps: float | None, state: Session, progress=gr.Progress()):
         model = session_handle(context.models, state)
-        choices = target_choices(model)
-        if target_label not in choices:
-            raise gr.Error(f"Pick a target image from the list, got {target_label!r}.")
+        target_config, target_inputs = target_settings(model, target_label)
         mitigation, inputs = mitigation_settings(state)
-        config = dict(radii=parse_radii(radii_text),
+        config = dict(**target_config, radii=parse_radii(radii_text),
                       directions=check_whole_number("Directions", direction_count, 1, MAX_STARTS),
                       seeds=list(range(check_whole_number("Seeds per direction", seed_count, 1, MAX_SEEDS))),
                       steps=check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS), mitigation=mitigation)
-        if target_label.startswith(CONTROL):
-            config.update(image=None, prompt=target_label.removeprefix(CONTROL))
-            inputs["target"] = control_image(model, config["prompt"])
-        else:
-            config.update(image=choices.index(target_label), prompt=target_label)
+        inputs.update(target_inputs)
 
         def report(event: object) -> None:
             if (shown := progress_of(event)) is not None:

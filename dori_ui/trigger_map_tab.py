@@ -26,7 +26,6 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from analysis.dori import DoriSearch, evaluate
-from analysis.experiments.trigger_assets import asset_folder
 from analysis.limits import MAX_SEARCH_STEPS, MAX_SEEDS, MAX_STARTS
 from analysis.localize import cache_key
 from analysis.model import REPO_ROOT, ModelHandle
@@ -34,7 +33,7 @@ from analysis.projection import METHODS, warm_up
 from analysis.sampling import SamplingCancelled
 from analysis.tasks import record_map
 from analysis.trigger_map import TRIGGERS, TriggerMap, map_settings
-from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set
+from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set, shipped_set_folder
 from dori_ui.export import build_export
 from dori_ui.session import AppContext, Session, check_whole_number, session_handle, verdict_gallery
 from dori_ui.streaming import check_stop, holding_model, on_model, request_stop, run_and_stop_buttons, run_or_error
@@ -201,7 +200,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
             raise gr.Error(f"Choose a map among {list(METHODS)} and a colouring among {list(COLOURS)}.")
         chosen = names.index(caption)
         if source_label == SHIPPED:
-            folder = asset_folder(chosen)
+            folder = shipped_set_folder(chosen)
             if not (folder / METADATA_FILE).is_file():
                 raise gr.Error(f"No shipped trigger set for “{caption}” (looked in {folder}): build one here.")
             trigger_set = TriggerSet.load(folder)

@@ -67,3 +67,9 @@ def test_pickled_weights_are_refused_with_how_to_convert(tmp_path, tiny_model_di
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"a pickle is never opened")
     with pytest.raises(ModelLoadError, match="only PyTorch .bin weights.*safe_serialization=True"):
         load_model(folder)
+
+
+def test_the_bundled_model_has_its_held_out_captions_as_controls():
+    handle = load_model(None)
+    assert [control.caption for control in handle.controls] == handle.held_out_prompts
+    assert all(control.image.shape == handle.memorized[0].image.shape for control in handle.controls)

@@ -17,6 +17,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from analysis.demo.architecture import MAX_LENGTH, build_scheduler, build_tokenizer  # noqa: E402
+from analysis.demo.data import all_shape_specs, render_shapes  # noqa: E402
 from analysis.model import MemorizedImage, ModelHandle, PassThroughCodec  # noqa: E402
 
 TINY_SIZE = 16
@@ -61,4 +62,7 @@ def build_tiny_handle(seed: int = 0) -> ModelHandle:
         device=torch.device("cpu"), dtype=torch.float32,
         memorized=[MemorizedImage(caption, image * 2 - 1) for caption, image in zip(MEMORIZED_CAPTIONS, images)],
         held_out_prompts=list(HELD_OUT_PROMPTS),
+        # The held-out captions rendered by the demo data, as the bundled model's controls/ folder holds them.
+        controls=[MemorizedImage(spec.caption, render_shapes([spec], torch.Generator().manual_seed(0), TINY_SIZE)[0])
+                  for spec in all_shape_specs() if spec.caption in HELD_OUT_PROMPTS],
     )

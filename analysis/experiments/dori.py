@@ -44,7 +44,6 @@ from analysis.discrepancy import activation_discrepancy
 from analysis.dispersion import dispersion, reference_sets
 from analysis.dori import DoriSearch, Start, evaluate
 from analysis.experiments.mitigation import mask_file
-from analysis.experiments.trigger_assets import asset_folder
 from analysis.hooks import nemo_layers
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
@@ -53,7 +52,7 @@ from analysis.metrics import REPLICATION_THRESHOLD, similarity_matrix
 from analysis.model import REPO_ROOT, ModelHandle, load_model
 from analysis.projection import Projection
 from analysis.sampling import encode_prompts
-from analysis.triggers import TriggerSet, build_trigger_set
+from analysis.triggers import TriggerSet, build_trigger_set, shipped_set_folder
 
 RESULTS = Path("docs/results")
 TRIGGERS = REPO_ROOT / "runs" / "dori_triggers"
@@ -351,7 +350,7 @@ def main(argv=None) -> None:
     # 3. Dispersion of random-start triggers of image 0.
     target = handle.memorized[0]
     if args.triggers is None:
-        trigger_set = TriggerSet.load(asset_folder(0))
+        trigger_set = TriggerSet.load(shipped_set_folder(0))
     else:
         search = DoriSearch(steps=args.steps, batch_size=args.trigger_batch)
         trigger_set = build_trigger_set(handle, args.triggers_dir, target, count=args.triggers, search=search,

@@ -48,7 +48,7 @@ def image_rows(item: dict, config: dict) -> dict:
     handle = model_for(config)
     seeds, search = config["seeds"], config["search"]
     if item["kind"] == "control":
-        control = load_memorized_set(config["controls"], handle.tokenizer, handle.image_size)[item["index"]]
+        control = controls_of(handle, config)[item["index"]]
         attacked = run_task(handle, "attack", dict(prompt=control.caption, starts=FROM_CAPTION, search=search,
                                                     evaluation_seeds=seeds), inputs={"target": control.image})
         return dict(item=item, rows={"control + Dori": attack_row(attacked)})
@@ -104,10 +104,16 @@ def items_of(config: dict, images: list[int] | None) -> list[dict]:
         if not 0 <= index < len(handle.memorized):
             raise ValueError(f"image {index} does not exist: the model has {len(handle.memorized)} memorized images")
     items = [dict(id=f"image-{index:04d}", kind="memorized", index=index) for index in chosen]
-    if config["controls"] is not None:
-        controls = load_memorized_set(config["controls"], handle.tokenizer, handle.image_size)
-        items += [dict(id=f"control-{index:04d}", kind="control", index=index) for index in range(len(controls))]
+    items += [dict(id=f"control-{index:04d}", kind="control", index=index)
+              for index in range(len(controls_of(handle, config)))]
     return items
+
+
+def controls_of(handle, config: dict) -> list:
+    """The control images: `--controls`, else the model folder's own (`ModelHandle.controls`; none for SD)."""
+    if config["controls"] is None:
+        return handle.controls
+    return load_memorized_set(config["controls"], handle.tokenizer, handle.image_size)
 
 
 def run(config: dict, out_dir: str | Path, images: list[int] | None = None, executor: str = "local",
@@ -130,7 +136,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sscd", help="judge replication by SSCD (TorchScript file)")
     parser.add_argument("--sscd-threshold", type=float)
     parser.add_argument("--normal", help="ordinary pairs for fine-tuning (imagefolder)")
-    parser.add_argument("--controls", help="never-memorized images with captions (imagefolder): the control row")
+    parser.add_argument("--controls", help="never-memorized images with captions (imagefolder): the control row "
+                                           "(default: the model folder's controls/, which the bundled model has)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--images", type=int, nargs="*", help="memorized images to measure (default: all)")

@@ -23,20 +23,14 @@ import time
 from pathlib import Path
 
 from analysis.dori import DoriSearch
-from analysis.model import REPO_ROOT, load_model
-from analysis.triggers import TriggerSet, build_trigger_set
+from analysis.model import load_model
+from analysis.triggers import SHIPPED_TRIGGERS, TriggerSet, build_trigger_set, shipped_set_folder
 
-ASSETS = REPO_ROOT / "assets" / "triggers"
 # Starts searched together: one batch is saved at a time, so an interrupted run loses at most this many.
 STARTS_PER_BATCH = 16
 
 
-def asset_folder(image_index: int, root: str | Path = ASSETS) -> Path:
-    """The shipped trigger set of the memorized image at `image_index` of the bundled model."""
-    return Path(root) / f"image-{image_index}"
-
-
-def shipped_trigger_sets(root: str | Path = ASSETS) -> dict[str, TriggerSet]:
+def shipped_trigger_sets(root: str | Path = SHIPPED_TRIGGERS) -> dict[str, TriggerSet]:
     """Every complete shipped trigger set, by the caption of its image."""
     sets = [TriggerSet.load(folder) for folder in sorted(Path(root).glob("image-*")) if folder.is_dir()]
     return {trigger_set.config["caption"]: trigger_set for trigger_set in sets if trigger_set.complete}
@@ -49,7 +43,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--eval-seeds", type=int, default=2, help="generation seeds per trigger")
     parser.add_argument("--image", type=int, nargs="*", help="indices into the memorized images (default: all)")
-    parser.add_argument("--out", type=Path, default=ASSETS)
+    parser.add_argument("--out", type=Path, default=SHIPPED_TRIGGERS)
     args = parser.parse_args(argv)
 
     handle = load_model()
@@ -58,7 +52,7 @@ def main(argv=None) -> None:
     for index in indices:
         image = handle.memorized[index]
         started = time.time()
-        trigger_set = build_trigger_set(handle, asset_folder(index, args.out), image, count=args.count, search=search,
+        trigger_set = build_trigger_set(handle, shipped_set_folder(index, args.out), image, count=args.count, search=search,
                                         starts_per_batch=min(args.count, STARTS_PER_BATCH),
                                         evaluation_seeds=range(args.eval_seeds))
         rates = [trigger["replication_rate"] for trigger in trigger_set.triggers]

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from analysis.experiments.trigger_assets import asset_folder
-from analysis.triggers import METADATA_FILE
+from analysis.triggers import METADATA_FILE, shipped_set_folder
 from dori_ui.trigger_map_tab import BUILD
 
 if TYPE_CHECKING:
@@ -110,7 +109,7 @@ def test_dori_brings_the_image_back(page: Page, screenshot):
 def test_trigger_map_select_a_point(page: Page, screenshot):
     open_tab(page, "Trigger map")
     expect(page.locator("#trigger-map-image input")).to_have_value(ASTRONAUT)
-    if not (asset_folder(0) / METADATA_FILE).is_file():
+    if not (shipped_set_folder(0) / METADATA_FILE).is_file():
         # No shipped set in this checkout: build a small one here (resumed from runs/ on later runs).
         page.locator("#trigger-map-source").get_by_label(BUILD).check()
         set_number(page, "trigger-map-count", 4)
