@@ -69,12 +69,15 @@ def training_images(handle: ModelHandle) -> torch.Tensor:
 
 def replicate(handle: ModelHandle, prompt_or_index: str | int, seeds: Sequence[int], steps: int | None = None,
               guidance: float | None = None, threshold: float | None = None,
-              callback: Callable[[DenoisingStep], None] | None = None) -> ReplicationReport:
+              callback: Callable[[DenoisingStep], None] | None = None,
+              embedding: torch.Tensor | None = None) -> ReplicationReport:
     """Generate `prompt_or_index` with every seed and check each image for replication.
 
     An int picks a memorized training image: its caption is the prompt and
     its image the one reference. A string is a free prompt, compared with
-    every memorized training image (its nearest counts). `steps`,
+    every memorized training image (its nearest counts). `embedding` `[77, d]`
+    (e.g. a Dori trigger) is generated instead of the prompt's own encoding;
+    the prompt or index then says what it is compared with. `steps`,
     `guidance` and the replication `threshold` default to the handle's (its
     `replication_metric` judges). `callback` is passed on to `sample`.
     Raises ValueError for an empty prompt or an index out of range.
@@ -104,7 +107,8 @@ def replicate(handle: ModelHandle, prompt_or_index: str | int, seeds: Sequence[i
         if callback is not None:
             callback(step)
 
-    result = sample(handle, [prompt], seeds, steps=steps, guidance=guidance, callback=on_step)
+    conditioning = [prompt] if embedding is None else embedding[None].to(handle.device, handle.dtype)
+    result = sample(handle, conditioning, seeds, steps=steps, guidance=guidance, callback=on_step)
     return ReplicationReport(
         prompt=prompt, seeds=result.seeds, steps=steps, guidance=guidance, metric=metric, threshold=threshold,
         images=result.images, reference_captions=reference_captions,

@@ -23,7 +23,8 @@ returns an `analysis.export.RunRecord`. Kinds:
 The target is `image` (index of a memorized training image; its caption is
 the default prompt) and/or `prompt`. `inputs` are tensors the configuration
 refers to: `target` (an image `[3, H, W]` in [-1, 1] instead of a training
-image), start embeddings `[77, d]`, `mask.LAYER` (a given mitigation),
+image), start embeddings `[77, d]`, `embedding` (what "replicate" generates instead of the prompt's encoding, e.g.
+a trigger), `mask.LAYER` (a given mitigation),
 `triggers` (embeddings `[N, 77, d]` of one image's triggers, for the last three
 kinds, where `image`/`prompt` name what they replicate). They
 are stored in the record as `input.NAME`, so `analysis.rerun.rerun` can run
@@ -369,9 +370,11 @@ def _run_replicate(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
                   mitigation=_mitigation_config(config["mitigation"], inputs))
     record = RunRecord("replicate", handle.name, filled)
     what = _replicate_what(handle, target)
+    embedding = _embeddings_input(handle, {"embedding": inputs["embedding"][None]}, "embedding", 1)[0] \
+        if "embedding" in inputs else None
     with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
         report = replicate(handle, what, filled["seeds"], filled["steps"], filled["guidance"], filled["threshold"],
-                           callback=callback)
+                           callback=callback, embedding=embedding)
     record.metrics.update(_replication_metrics(report))
     record.images.update({f"seed{seed}": image for seed, image in zip(report.seeds, report.images)})
     record.table = [dict(seed=seed, caption=caption) for seed, caption in zip(report.seeds, report.captions())]

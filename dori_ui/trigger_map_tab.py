@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import re
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 
 import gradio as gr
 import plotly.graph_objects as go
+import torch
 
-from analysis.dori import DoriSearch, evaluate
+from analysis.dori import DoriSearch
 from analysis.limits import MAX_SEARCH_STEPS, MAX_SEEDS, MAX_STARTS
 from analysis.localize import cache_key
 from analysis.model import REPO_ROOT, ModelHandle
@@ -35,10 +35,12 @@ from analysis.tasks import record_map
 from analysis.trigger_map import TRIGGERS, TriggerMap, map_settings
 from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set, shipped_set_folder
 from dori_ui.export import build_export
-from dori_ui.session import AppContext, Session, check_whole_number, session_handle, verdict_gallery
+from dori_ui.session import (AppContext, Session, check_whole_number, mitigation_settings, record_similarity,
+                             session_handle, verdict_gallery)
 from dori_ui.streaming import check_stop, holding_model, on_model, request_stop, run_and_stop_buttons, run_or_error
 
 VIEW = "trigger_map"
+SELECTED_VIEW = "trigger_map_selected"  # the selected trigger's generations, exported on their own
 SHIPPED = "shipped set (assets/triggers)"
 BUILD = "build a new set here"
 COLOURS = ("replication", "set and start")
@@ -131,17 +133,19 @@ def trigger_table(trigger_set: TriggerSet) -> list[list]:
 
 
 def generations(handle: ModelHandle, session: Session, state: MapState, index: int, seeds: list[int]):
-    """A gallery of trigger `index` generated with `seeds` (the session's mask applied), and a one-line summary."""
-    target = handle.memorized[state.image].image
-    with holding_model(session), session.mask.applied(handle) if session.mask is not None else nullcontext():
-        result = evaluate(handle, state.trigger_set.embeddings[index:index + 1], target, seeds)
-    checked = result.replication[0]
-    gallery = verdict_gallery(result.images[0], seeds, checked.similarities.tolist(), checked.replicated.tolist(),
-                              handle.replication_metric.label())
-    mitigation = f" with the session's mitigation ({session.mask.method})" if session.mask is not None else ""
-    summary = (f"Trigger {index} replicates the training image in {int(checked.replicated.sum())} of {len(seeds)} "
-               f"seeds{mitigation}; final search loss {state.trigger_set.triggers[index]['final_loss']:.4f}.")
-    return gallery, summary
+    """Trigger `index` generated with `seeds` under the session's mitigation, as a "replicate" run of the trigger's
+    embedding: its record (for Export), a gallery and a one-line summary."""
+    mitigation, inputs = mitigation_settings(session)
+    config = dict(image=state.image, seeds=seeds, mitigation=mitigation)
+    record = run_or_error(handle, "replicate", config, {**inputs, "embedding": state.trigger_set.embeddings[index]},
+                          session)
+    gallery = verdict_gallery(torch.stack([record.images[f"seed{seed}"] for seed in seeds]), seeds,
+                              record.metrics["similarities"], record.metrics["replicated"], record_similarity(record))
+    with_mitigation = f" with the session's mitigation ({session.mask.method})" if session.mask is not None else ""
+    summary = (f"Trigger {index} replicates the training image in {sum(record.metrics['replicated'])} of "
+               f"{len(seeds)} seeds{with_mitigation}; final search loss "
+               f"{state.trigger_set.triggers[index]['final_loss']:.4f}.")
+    return record, gallery, summary
 
 
 def build_trigger_map_tab(context: AppContext) -> gr.State:
@@ -184,6 +188,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
     selected_summary = gr.Markdown(elem_id="trigger-map-selected-summary")
     selected = gr.Gallery(label="Selected trigger generates", columns=4, format="png", interactive=False,
                           elem_id="trigger-map-selected")
+    build_export(context, SELECTED_VIEW, "“Generate trigger”")
     with gr.Row():
         pinned_a = gr.Gallery(label="Pinned A", columns=4, format="png", interactive=False,
                               elem_id="trigger-map-pinned-a")
@@ -274,7 +279,8 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
         state = loaded(state)
         chosen = check_whole_number("Trigger", trigger, 0, len(state.trigger_set.triggers) - 1)
         seeds = list(range(check_whole_number("Seeds to generate", seed_count, 1, MAX_SEEDS)))
-        gallery, summary = generations(session_handle(context.models, session), session, state, chosen, seeds)
+        record, gallery, summary = generations(session_handle(context.models, session), session, state, chosen, seeds)
+        session.records[SELECTED_VIEW] = record
         state.selected, state.shown = chosen, (gallery, summary)
         return gallery, summary, map_figure(state.trigger_map, colour_name, chosen), state
 

@@ -87,3 +87,21 @@ def test_the_map_exports_as_a_trigger_map_record(app_url, tiny_handle):
     triggers = next(trace for trace in json.loads(plot["plot"])["data"] if trace["name"] == "triggers")
     rows = [row for row in record.table if row["group"] == "triggers"]
     assert [row["x"] for row in rows] == pytest.approx(triggers["x"])
+
+
+def test_a_selected_triggers_generations_export_and_rerun(app_url, tiny_handle):
+    """What "Generate trigger" shows is a "replicate" run of the trigger's embedding: exported and run again, it
+    gives the same similarities as the gallery."""
+    from analysis.export import compare_metrics
+    from analysis.tasks import run_task
+
+    client = Client(app_url, verbose=False)
+    client.predict(tiny_handle.memorized[0].caption, *BUILD_SMALL, api_name="/trigger_map_load")
+    gallery, _, _ = client.predict(2, 2, "replication", api_name="/trigger_map_show")
+    record = load_export(client.predict(api_name="/export_trigger_map_selected"))
+    assert record.kind == "replicate" and record.config["seeds"] == [0, 1] and "embedding" in record.inputs()
+    shown = [float(item["caption"].split("similarity (pixel correlation) ")[1].split(" ")[0]) for item in gallery]
+    assert shown == pytest.approx(record.metrics["similarities"], abs=0.006)
+    reproduced = run_task(dataclasses.replace(tiny_handle, default_steps=STEPS), record.kind, record.config,
+                          inputs=record.inputs())
+    assert all(row["match"] for row in compare_metrics(record.metrics, reproduced.metrics))
