@@ -100,6 +100,15 @@ class DoriStep:
 
 
 @dataclass
+class DoriPreview:
+    """Generations of a running search's current embedding (the first start's), at step `step` (1-based)."""
+
+    step: int
+    images: torch.Tensor  # [seeds, 3, H, W]
+    similarities: list[float]
+
+
+@dataclass
 class TokenDistances:
     """Per-token comparison of embeddings with a reference, each `[S, 77]`."""
 

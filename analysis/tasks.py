@@ -57,13 +57,14 @@ from analysis.agreement import as_neurons, iou_matrix, localize_each
 from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion
 from analysis.discrepancy import activation_discrepancy
 from analysis.dispersion import dispersion, reference_sets
-from analysis.dori import DoriSearch, Start, evaluate
+from analysis.dori import DoriPreview, DoriSearch, DoriStep, Start, evaluate
 from analysis.export import INPUT_PREFIX, RunRecord
 from analysis.finetune import (EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress, resolve_targets,
                                side_effects)
 from analysis.hooks import KINDS, nemo_layers, resolve_layers
 from analysis.limits import (MAX_DENOISING_STEPS, MAX_INPUT_MAGNITUDE, MAX_LIST, MAX_LOCALIZED_TRIGGERS,
-                             MAX_PROMPT_CHARS, MAX_SEARCH_BATCH, MAX_SEED, MAX_SEEDS, MAX_STARTS)
+                             MAX_PROMPT_CHARS, MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS,
+                             MAX_STARTS)
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
@@ -443,16 +444,19 @@ def _run_attack(handle: ModelHandle, config: dict, inputs: dict, callback: Callb
     search_defaults = {name: p.default for name, p in inspect.signature(DoriSearch).parameters.items()}
     config = _fill("attack", dict(image=None, prompt=None, starts=[dict(kind="random", seed=0)],
                                   search=None, evaluation_seeds=DEFAULT_SEEDS, steps=None, guidance=None,
-                                  mitigation=None), config)
+                                  mitigation=None, preview_every=0, preview_seeds=2), config)
     target, prompt, image = _target(handle, config, inputs, need_image=True)
     search = _fill("search", search_defaults, config["search"])
     filled_starts, starts = _starts(config["starts"], prompt, inputs)
     filled = dict(**target, starts=filled_starts, search=_json_ready(search),
                   evaluation_seeds=_seeds("evaluation_seeds", config["evaluation_seeds"]), **_sampling(handle, config),
-                  mitigation=_mitigation_config(config["mitigation"], inputs))
+                  mitigation=_mitigation_config(config["mitigation"], inputs),
+                  preview_every=_integer("preview_every", config["preview_every"], 0, MAX_SEARCH_STEPS),
+                  preview_seeds=_integer("preview_seeds", config["preview_seeds"], 1, MAX_SEEDS))
     record = RunRecord("attack", handle.name, filled)
     with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
-        result = DoriSearch(**search).fit(handle, image, starts, prompt=prompt, callback=callback)
+        search_callback = _with_previews(handle, image, filled, record, callback)
+        result = DoriSearch(**search).fit(handle, image, starts, prompt=prompt, callback=search_callback)
         before = evaluate(handle, result.starts, image, filled["evaluation_seeds"], filled["steps"],
                           filled["guidance"], callback=callback)
         after = evaluate(handle, result.embeddings, image, filled["evaluation_seeds"], filled["steps"],
@@ -475,8 +479,38 @@ def _run_attack(handle: ModelHandle, config: dict, inputs: dict, callback: Callb
     for i, generations in enumerate(after.images):
         record.images.update({f"start{i}_seed{seed}": generated
                               for seed, generated in zip(filled["evaluation_seeds"], generations)})
-    record.tensors.update(embeddings=result.embeddings, starts=result.starts, losses=result.losses)
+    record.tensors.update(embeddings=result.embeddings, starts=result.starts, losses=result.losses,
+                          token_distance_from_start=result.from_start.l2)
+    if result.from_prompt is not None:
+        record.tensors["token_distance_from_prompt"] = result.from_prompt.l2
     return record
+
+
+def _with_previews(handle: ModelHandle, image: torch.Tensor, filled: dict, record: RunRecord,
+                   callback: Callback | None) -> Callback | None:
+    """The search's callback, which also generates the first start's current embedding every `preview_every` steps
+    and at the last (with `preview_seeds` seeds, inside the run's mitigation): each preview goes to `callback` as a
+    `DoriPreview` and into the record (images `preview{STEP}_seed{S}`, metrics `preview_similarities`)."""
+    every = filled["preview_every"]
+    if not every:
+        return callback
+    seeds = list(range(filled["preview_seeds"]))
+    record.metrics["preview_similarities"] = {}
+
+    def on_step(step: DoriStep) -> None:
+        if callback is not None:
+            callback(step)
+        if (step.index + 1) % every and step.index + 1 != step.total:
+            return
+        shown = evaluate(handle, step.embeddings[:1], image, seeds, filled["steps"], filled["guidance"])
+        preview = DoriPreview(step.index + 1, shown.images[0], shown.similarities[0].tolist())
+        record.metrics["preview_similarities"][str(preview.step)] = preview.similarities
+        record.images.update({f"preview{preview.step}_seed{seed}": picture
+                              for seed, picture in zip(seeds, preview.images)})
+        if callback is not None:
+            callback(preview)
+
+    return on_step
 
 
 def _run_sweep(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:

@@ -16,7 +16,6 @@ Element ids: `perturb-target`, `perturb-start`, `perturb-other-prompt`, `perturb
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -25,13 +24,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from analysis.dori import DoriSearch, DoriStep, evaluate, token_distances
+from analysis.dori import DoriPreview, DoriSearch, DoriStep
 from analysis.export import RunRecord
 from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
 from analysis.limits import MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
 from analysis.images import to_display
 from analysis.model import ModelHandle
-from analysis.sampling import encode_prompts
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number,
                              mitigation_settings, record_similarity, session_handle, verdict_gallery)
@@ -64,15 +62,6 @@ distance (radius) in random directions and generated again: how far can it
 move and still replicate? Dori's triggers lie much further away than random
 perturbations survive, in directions a random sweep would not find.
 """
-
-
-@dataclass
-class Preview:
-    """Generations of the running search's current embedding."""
-
-    step: int
-    images: torch.Tensor  # [seeds, 3, H, W]
-    similarities: list[float]
 
 
 def target_choices(handle: ModelHandle) -> list[str]:
@@ -124,12 +113,11 @@ def loss_figure(losses: list[float], total: int) -> go.Figure:
     return figure
 
 
-def distances_figure(record: RunRecord, prompt_embedding: torch.Tensor) -> go.Figure:
-    """Per-token L2 distance of the trigger from its start and from the prompt's embedding."""
-    embeddings, starts = record.tensors["embeddings"], record.tensors["starts"]
-    from_start = token_distances(embeddings, starts).l2[0]
-    from_prompt = token_distances(embeddings, prompt_embedding).l2[0]
-    positions = list(range(embeddings.shape[1]))
+def distances_figure(record: RunRecord) -> go.Figure:
+    """Per-token L2 distance of the trigger from its start and from the prompt's embedding (the record's)."""
+    from_start = record.tensors["token_distance_from_start"][0]
+    from_prompt = record.tensors["token_distance_from_prompt"][0]
+    positions = list(range(len(from_start)))
     figure = go.Figure([go.Bar(x=positions, y=from_start.tolist(), name="from the start"),
                         go.Scatter(x=positions, y=from_prompt.tolist(), name="from the prompt's embedding",
                                    mode="lines")])
@@ -257,24 +245,14 @@ def build_perturb_tab(context: AppContext) -> None:
         else:
             start_spec = dict(kind="prompt")
         config.update(starts=[start_spec], search=search, evaluation_seeds=seeds, steps=sampling_steps,
-                      mitigation=mitigation)
-        target_image = inputs.get("target", model.memorized[config["image"]].image if config["image"] is not None
-                                  else None)
-
-        def preview_of(event: object) -> Preview | None:
-            # Runs in the search's thread, inside the run: the mask (if any) is applied.
-            if not isinstance(event, DoriStep) or not every or ((event.index + 1) % every and
-                                                                event.index + 1 != event.total):
-                return None
-            shown = evaluate(model, event.embeddings[:1], target_image, seeds[:2], steps=sampling_steps)
-            return Preview(event.index + 1, shown.images[0], shown.similarities[0].tolist())
+                      mitigation=mitigation, preview_every=every, preview_seeds=min(2, len(seeds)))
 
         # A stopped or failed run leaves nothing to export, not the run before it.
         state.records.pop(VIEW, None)
         losses: list[float] = []
         sent = 0.0
         yield "Starting the search…", None, [], [], [], None, state
-        for event in stream_task(model, "attack", config, inputs, state, extra=preview_of):
+        for event in stream_task(model, "attack", config, inputs, state):
             if (shown := progress_of(event)) is not None:
                 done_total, description, unit = shown
                 progress(done_total, desc=description, unit=unit)
@@ -285,7 +263,7 @@ def build_perturb_tab(context: AppContext) -> None:
                 sent = time.monotonic()
                 yield (f"Step {event.index + 1} of {event.total}: loss {losses[-1]:.4f}, distance from the start "
                        f"{event.distance[0].item():.1f}", loss_figure(losses, total), *[gr.skip()] * 4, state)
-            elif isinstance(event, Preview):
+            elif isinstance(event, DoriPreview):
                 captions = [f"step {event.step} · {model.replication_metric.label()} {s:.2f}"
                             for s in event.similarities]
                 yield gr.skip(), gr.skip(), list(zip(to_display(event.images), captions)), *[gr.skip()] * 3, state
@@ -294,10 +272,9 @@ def build_perturb_tab(context: AppContext) -> None:
                        *[gr.skip()] * 4, state)
             elif isinstance(event, RunRecord):
                 state.records[VIEW] = event
-                prompt_embedding = encode_prompts(model, [event.config["prompt"]])[0].float().cpu()
                 yield (attack_summary(event), loss_figure(losses, total), gr.skip(),
                        [(to_display(event.images["target"][None])[0], "target")], trigger_gallery(event),
-                       distances_figure(event, prompt_embedding), state)
+                       distances_figure(event), state)
 
     on_model(run_button.click, attack, context,
              inputs=[target, start, other_prompt, random_seed, upload, steps, lr, batch, eval_seeds, generation_steps,

@@ -69,21 +69,15 @@ class _Finished:
     error: BaseException | None = None
 
 
-def stream_task(handle: ModelHandle, kind: str, config: dict, inputs: dict[str, torch.Tensor], session: Session,
-                extra: Callable[[object], object | None] | None = None) -> Iterator[object]:
+def stream_task(handle: ModelHandle, kind: str, config: dict, inputs: dict[str, torch.Tensor],
+                session: Session) -> Iterator[object]:
     """Yield the run's events as they come, then its `RunRecord` (or `Stopped`); its errors are raised here,
-    a bad setting (ValueError) as a gr.Error.
-
-    `extra(event)` runs in the worker thread, inside the run (e.g. with its
-    mask applied); what it returns, if not None, is yielded after the event.
-    """
+    a bad setting (ValueError) as a gr.Error."""
     events: queue.Queue = queue.Queue()
 
     def callback(event: object) -> None:
         check_stop(session)
         events.put(event)
-        if extra is not None and (added := extra(event)) is not None:
-            events.put(added)
 
     def work() -> None:
         try:

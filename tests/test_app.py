@@ -312,3 +312,17 @@ def test_sd14_prompt_list_is_offered_for_latent_models_only(tiny_handle):
     assert lists_sd14_prompts(latent) and not lists_sd14_prompts(tiny_handle)
     assert sd14_table_visible(build_app(latent)) and not sd14_table_visible(build_app(tiny_handle))
 
+
+
+def test_the_perturb_export_holds_the_previews_and_distances_and_reruns(client, tiny_handle):
+    """What Perturb shows beside the trigger (previews during the search, the per-token distances) is part of the
+    attack task's record, so its export reproduces them."""
+    perturb(client, tiny_handle.memorized[0].caption, steps=4, every=2)
+    recorded = load_export(client.predict(api_name="/export_perturb"))
+    assert set(recorded.metrics["preview_similarities"]) == {"2", "4"}
+    assert {"preview2_seed0", "preview4_seed1"} <= set(recorded.images)
+    assert recorded.tensors["token_distance_from_start"].shape == (1, 77)
+    assert recorded.tensors["token_distance_from_prompt"].shape == (1, 77)
+    reproduced = run_task(dataclasses.replace(tiny_handle, default_steps=STEPS), recorded.kind, recorded.config,
+                          inputs=recorded.inputs())
+    assert all(row["match"] for row in compare_metrics(recorded.metrics, reproduced.metrics))
