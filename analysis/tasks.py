@@ -185,7 +185,7 @@ def check_limits(value, name: str = "configuration", depth: int = 0) -> None:
     if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
         raise ValueError(f"{name} must be at most {limit}, got {value}")
     if name.endswith("seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED:
-        raise ValueError(f"{name} must be a seed from 0 to {MAX_SEED}, got {value}")
+        raise ValueError(f"{name} must be a whole number from 0 to {MAX_SEED}, got {value}")
 
 
 def _method_parameters(what: str, algorithms: dict[str, type], config: dict) -> dict:

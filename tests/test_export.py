@@ -109,7 +109,7 @@ def test_replicate_record_is_complete_and_streams_steps(tiny_handle):
     assert record.config == {"image": 1, "prompt": tiny_handle.memorized[1].caption, "seeds": [3, 4],
                              "steps": TINY_STEPS, "guidance": tiny_handle.default_guidance,
                              "threshold": pytest.approx(0.75), "mitigation": None, "dtype": "float32",
-                             "memorized_set": None, "reference_prompts": None,
+                             "memorized_set": None, "reference_prompts": None, "normal_set": None,
                              "replication": {"metric": "pixel correlation", "threshold": 0.75, "sscd": None}}
     assert seen == list(range(TINY_STEPS))
     assert list(record.images) == ["seed3", "seed4"] and len(record.table) == 2

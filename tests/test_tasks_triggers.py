@@ -95,7 +95,7 @@ def test_agreement_compares_nemo_and_wanda_per_layer_and_reruns(folder_handle, t
 
 @pytest.mark.parametrize("kind, config, inputs, message", [
     ("discrepancy", {"image": 0}, {}, "needs the embeddings as the input 'triggers'"),
-    ("discrepancy", {"image": 0}, {"triggers": torch.zeros(1, 77, 32)}, "at least 2 embeddings"),
+    ("discrepancy", {"image": 0}, {"triggers": torch.zeros(1, 77, 32)}, "2 to 256 embeddings"),
     ("discrepancy", {"image": 0}, {"triggers": torch.zeros(2, 77, 8)}, r"\[n, 77, 32\], got shape \(2, 77, 8\)"),
     ("discrepancy", {"image": 0, "layers": "conv"}, None, "layers must be one of"),
     ("discrepancy", {"image": 0, "prompts": ["one"]}, None, "at least 2 prompts"),
