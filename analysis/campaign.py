@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from analysis.model import DEMO_MODEL_DIR, MEMORIZED_FILE, REPO_ROOT, ModelHandle, load_model
-from analysis.tasks import TaskProgress, run_task
+from analysis.progress import TaskProgress
+from analysis.tasks import run_task
 
 SHIPPED_LISTS = {
     "sd14-memorized": REPO_ROOT / "assets" / "sd14_memorization" / "memorized_laion_prompts.csv",

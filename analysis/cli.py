@@ -28,8 +28,9 @@ from tqdm import tqdm
 from analysis.export import RunRecord, compare_metrics, rerun, save_export
 from analysis.hooks import KINDS
 from analysis.model import ModelHandle, ModelLoadError, load_model
+from analysis.progress import TaskProgress
 from analysis.projection import METHODS
-from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, TaskProgress, mask_tensors, record_mask, run_task
+from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, mask_tensors, record_mask, run_task
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seeds", type=parse_seeds, help="seeds of the localizer (default: the method's)")
     sub.add_argument("--evaluation-seeds", type=parse_seeds, default=[0, 1, 2, 3], help="before/after seeds")
     sub.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
-                     help="a parameter of the localizer, e.g. sparsity=0.05 (repeatable; JSON values)")
+                     help="a parameter of the localizer, e.g. sparsity=0.05 or "
+                          "reference_prompts='[\"a red car\", \"a dog\"]' (repeatable; JSON values)")
     sub.add_argument("--save-mask", type=Path, help="also write the mask as a safetensors file")
 
     sub = command("attack", "Dori: search text embeddings that make the model draw a training image again")

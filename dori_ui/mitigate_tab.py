@@ -18,7 +18,8 @@ import plotly.graph_objects as go
 import torch
 
 from analysis.export import RunRecord
-from analysis.tasks import TaskProgress, record_mask
+from analysis.progress import TaskProgress
+from analysis.tasks import record_mask
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_prompt, check_whole_number, describe_model, session_handle,

@@ -92,7 +92,7 @@ def mask_of(handle: ModelHandle, method: str, index: int) -> Mask:
     path = mask_file(handle, method, index)
     if path.is_file():
         return Mask.load(path)
-    return localizer(method).fit(handle, handle.memorized[index].caption, seeds=LOCALIZER_SEEDS)
+    return localizer(method).fit(handle, handle.memorized[index].caption, seeds=LOCALIZER_SEEDS).mask_
 
 
 def replication_under_masks(handle: ModelHandle, indices: list[int], seeds: list[int], steps: int) -> list[dict]:
