@@ -26,13 +26,13 @@ import csv
 import json
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from analysis.model import DEMO_MODEL_DIR, MEMORIZED_FILE, REPO_ROOT, ModelHandle, load_model
-from analysis.progress import TaskProgress
+from analysis.progress import Callback, report
 from analysis.tasks import run_task
 
 SHIPPED_LISTS = {
@@ -166,9 +166,10 @@ def _ray_results(pending: list[dict], method: str, config: dict, address: str | 
 
 def run_campaign(items: Sequence[dict], method: str, config: dict, out_dir: str | Path, executor: str = "local",
                  address: str | None = None, workers: int | None = None, min_share: float = MIN_SHARE,
-                 progress: Callable[[TaskProgress], None] | None = None) -> dict:
+                 callback: Callback | None = None) -> dict:
     """Run `method` on every item not done yet in `out_dir`, then aggregate all of them.
 
+    `callback` receives a `TaskProgress` after each item (`analysis.progress`).
     `workers`: CPUs of a local Ray (None: all). Returns the summary that is
     also written to `OUT/summary.json` (and the table to `OUT/table.md`).
     Raises ValueError when `out_dir` holds a campaign with other settings.
@@ -190,15 +191,13 @@ def run_campaign(items: Sequence[dict], method: str, config: dict, out_dir: str 
 
     pending = [item for item in items if not _item_file(out_dir, item).is_file()]
     done = len(items) - len(pending)
-    if progress is not None:
-        progress(TaskProgress("campaign", done, len(items), f"{done} done before"))
+    report(callback, "campaign", done, len(items), f"{done} done before")
     results = (((item, run_one(item, method, config)) for item in pending) if executor == "local"
                else _ray_results(pending, method, config, address, workers))
     for item, result in results:
         _write_json(_item_file(out_dir, item), result)
         done += 1
-        if progress is not None:
-            progress(TaskProgress("campaign", done, len(items), item["id"]))
+        report(callback, "campaign", done, len(items), item["id"])
 
     finished = [json.loads(_item_file(out_dir, item).read_text()) for item in items]
     table = aggregate(finished, method, min_share)

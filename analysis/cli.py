@@ -453,7 +453,7 @@ def cmd_campaign(args, progress: ProgressBars) -> int:
         items = items[:args.limit]
     config = dict(args.set, model=args.model, device=args.device, dtype=args.dtype)
     summary = run_campaign(items, args.method, config, args.out_dir, executor=args.executor, address=args.address,
-                           workers=args.workers, progress=progress)
+                           workers=args.workers, callback=progress)
     progress.close()
     _emit(args, summary, summary["table_markdown"].splitlines())
     return 0
