@@ -1,4 +1,4 @@
-"""Mask agreement: do localizers find the same units for different triggers of one image? (docs/methods.md §6)
+"""Mask agreement: do localizers find the same units for different triggers of one image? (docs/methods.md §7)
 
 `localize_each` fits a localizer (NeMo, Wanda: any `analysis.localize.Localizer`)
 once per embedding;

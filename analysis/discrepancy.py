@@ -1,4 +1,6 @@
-"""Activation discrepancy: do embeddings that replicate one image take the same path through the UNet? (methods §6)
+"""Activation discrepancy: do embeddings that replicate one image take the same path through the UNet?
+
+docs/methods.md §7.
 
 For a set of embeddings, every one is run through the UNet at the same noise
 and timestep: the first denoising step of `sample` from one seed (x_T, the

@@ -1,4 +1,4 @@
-"""Image similarity, replication and memorization scores (docs/methods.md sections 1-2).
+"""Image similarity, replication and memorization scores (docs/methods.md §2–3).
 
 * `similarity_matrix`: the built-in similarity (pixel correlation), needs no download.
 * `ssim`, `ms_ssim`: structural similarity, single- and multi-scale, for noise maps (NeMo).

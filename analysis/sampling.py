@@ -110,7 +110,10 @@ def predict_noise(unet: UNet2DConditionModel, latents: torch.Tensor, timestep: t
 
 
 def guided_noise(noise_text: torch.Tensor, noise_uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance: ε(x_t, y0) + guidance·(ε(x_t, y) − ε(x_t, y0)); ε(x_t, y) when `noise_uncond` is None."""
+    """Classifier-free guidance: ε(x_t, y0) + guidance·(ε(x_t, y) − ε(x_t, y0)).
+
+    ε(x_t, y) itself when `noise_uncond` is None.
+    """
     return noise_text if noise_uncond is None else noise_uncond + guidance * (noise_text - noise_uncond)
 
 

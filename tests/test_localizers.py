@@ -89,7 +89,8 @@ def test_run_task_sets_wandas_reference_prompts(handle, norms_spy):
 
 def test_the_command_line_sets_wandas_reference_prompts(tiny_model_folder, norms_spy, capsys):
     code = main(["localize", "--method", "wanda", "--image", "0", "--seeds", "0", "--evaluation-seeds", "0",
-                 "--param", "steps=2", "--param", "record_steps=1", "--param", f"reference_prompts={json.dumps(REFERENCES)}",
+                 "--param", "steps=2", "--param", "record_steps=1",
+                 "--param", f"reference_prompts={json.dumps(REFERENCES)}",
                  "--json", "--model", str(tiny_model_folder)])
     out, err = capsys.readouterr()
     assert code == 0, err

@@ -56,7 +56,8 @@ INVESTIGATION_READINGS = {
     "x_T at step 0": dict(step_index=0, advance_latents=True),
     "x_t after 2 steps (pixel)": dict(step_index=2, advance_latents=True),
 }
-INVESTIGATION_THRESHOLD_GUIDANCE = (1.0, 7.0)  # τ from the text branch alone (pixel) and with guidance 7 (the authors')
+# τ from the text branch alone (the pixel settings) and with guidance 7 (the authors').
+INVESTIGATION_THRESHOLD_GUIDANCE = (1.0, 7.0)
 INVESTIGATION_NEURON_COUNTS = (256, 512)
 INVESTIGATION_WHOLE_LAYER = "down.2.attn.0.to_v"  # the one value layer whose blocking stopped replication before
 INVESTIGATION_WANDA = {
@@ -270,7 +271,8 @@ def delta_signal(handle: ModelHandle, memorized: list[str], held_out: list[str],
         floor = torch.cat([delta_similarity(held[caption_pairs[:, 0], s], held[caption_pairs[:, 1], s], window)
                            for s in range(len(seeds))]).mean().item()
         timestep = int(ddim_schedule(handle, steps).timesteps[where["step_index"]])
-        rows.append(dict(reading=label, **where, timestep=timestep, **thresholds, memorized_between_seeds=between[:len(memorized)],
+        rows.append(dict(reading=label, **where, timestep=timestep, **thresholds,
+                         memorized_between_seeds=between[:len(memorized)],
                          held_out_between_seeds=between[len(memorized):], same_seed_floor=floor))
         print(f"δ {label}: τ {thresholds}, floor {floor:.3f}", flush=True)
     return rows

@@ -51,7 +51,7 @@ SETTINGS = {
     # 11x11 Gaussian window, τ calibrated with guidance 7.
     "authors": dict(step_index=1, advance_latents=False, window=11, threshold_guidance=7.0),
     # The bundled 32x32 pixel-space model: δ read after two DDIM steps, a 7x7 window, τ from the same δ as the
-    # criterion (docs/methods.md §4.3 gives the measurements behind each choice).
+    # criterion (docs/methods.md §4.3 says why).
     "pixel": dict(step_index=2, advance_latents=True, window=7, threshold_guidance=1.0),
 }
 SETTING_NAMES = ("auto", *SETTINGS)
