@@ -204,6 +204,7 @@ def sample(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: S
     `torch.no_grad`) and may raise `SamplingCancelled` to stop; it propagates
     to the caller. `batch_size` caps the images per UNet call (default: all at once).
     """
+    seeds = [int(seed) for seed in seeds]
     wen_first_step = None
     for step in denoising_steps(handle, conditioning, seeds, steps, guidance, negative, eta, batch_size):
         if step.index == 0 and step.noise_uncond is not None:
@@ -214,5 +215,4 @@ def sample(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: S
     chunk = batch_size or latents.shape[0]
     images = torch.cat([handle.decode_latents(latents[start:start + chunk]).float().cpu()
                         for start in range(0, latents.shape[0], chunk)])
-    return SampleResult(images=images, seeds=[int(seed) for seed in seeds], steps=steps, guidance=guidance,
-                        wen_first_step=wen_first_step)
+    return SampleResult(images=images, seeds=seeds, steps=steps, guidance=guidance, wen_first_step=wen_first_step)

@@ -26,7 +26,7 @@ separate memorized from other captions). Any setting given explicitly wins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,7 @@ SD14_STATISTICS = REPO_ROOT / "assets" / "sd14_memorization" / "nemo_statistics_
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (μ, σ), each [out]
 Blocked = dict[str, list[int]]  # layer -> blocked neurons, in the order refinement visits them
+BlockedSimilarity = Callable[[Blocked], float]  # the criterion with these neurons blocked
 
 
 @dataclass(frozen=True)
@@ -386,7 +387,7 @@ def selected_neurons(activations: torch.Tensor, z_scores: torch.Tensor, theta: f
 
 
 def initial_selection(activations: dict[str, torch.Tensor], z_scores: dict[str, torch.Tensor],
-                      similarity_when_blocked, threshold: float, theta_start: float = 5.0, theta_step: float = 0.25,
+                      similarity_when_blocked: BlockedSimilarity, threshold: float, theta_start: float = 5.0, theta_step: float = 0.25,
                       theta_min: float = 1.0, callback: Callback | None = None,
                       ) -> tuple[Blocked, float, list[SelectionRound]]:
     """NeMo's initial selection: block outliers (z > θ) and the k most active neurons per layer, widening each round.
@@ -410,7 +411,7 @@ def initial_selection(activations: dict[str, torch.Tensor], z_scores: dict[str, 
     return blocked, similarity, trace
 
 
-def refine(blocked: Blocked, similarity: float, similarity_when_blocked, criterion: float,
+def refine(blocked: Blocked, similarity: float, similarity_when_blocked: BlockedSimilarity, criterion: float,
            callback: Callback | None = None) -> tuple[Blocked, float]:
     """NeMo's refinement: unblock whole layers (last first), then single neurons (last layer first, each layer's in
     its list order). A change is kept when the similarity is strictly below `criterion`."""
