@@ -180,6 +180,11 @@ def test_ms_ssim_is_one_for_identical_maps_and_drops_with_noise():
         ms_ssim(x[..., :16, :16], x[..., :16, :16])  # 3 scales of 16 px end at 4x4 < the 7x7 window
 
 
+def test_the_authors_window_on_a_small_model_is_a_clear_error(tiny_handle, tmp_path):
+    with pytest.raises(ValueError, match="smaller than the 11x11 window"):
+        NeMo(settings="authors", threshold=0.5, steps=4, scales=2, cache_dir=tmp_path).fit(tiny_handle, PROMPT)
+
+
 def test_fit_without_refinement_returns_the_initial_selection(tiny_handle, tmp_path):
     model = NeMo(threshold=-1.0, settings="authors", window=7, steps=4, theta_start=1.5, scales=2, refine=False,
                  cache_dir=tmp_path).fit(tiny_handle, PROMPT, seeds=[0, 1])

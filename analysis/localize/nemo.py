@@ -1,4 +1,4 @@
-"""NeMo: localize a memorized prompt in output neurons of cross-attention value layers (Hintersdorf et al., NeurIPS 2024).
+"""NeMo: a memorized prompt's output neurons in cross-attention value layers (Hintersdorf et al., NeurIPS 2024).
 
 docs/methods.md §4 gives the method, its formulas and each place where this
 implementation departs from the authors' code
@@ -277,6 +277,11 @@ class NeMo:
         reading = DeltaReading(self.settings_["steps"], self.settings_["step_index"],
                                self.settings_["advance_latents"])
         window = self.settings_["window"]
+        coarsest = min(handle.latent_shape[1:]) // 2 ** (self.scales - 1)
+        if coarsest < window:
+            raise ValueError(f"{self.scales} MS-SSIM scales of this model's {handle.latent_shape[1]}-pixel latents "
+                             f"end at {coarsest} pixels, smaller than the {window}x{window} window: pass a smaller window or "
+                             "fewer scales")
         layers = nemo_layers(handle.unet) if self.layers is None else resolve_layers(handle.unet, self.layers)
         statistics, self.threshold_ = self._reference(handle, layers, reading)
 
@@ -387,8 +392,8 @@ def selected_neurons(activations: torch.Tensor, z_scores: torch.Tensor, theta: f
 
 
 def initial_selection(activations: dict[str, torch.Tensor], z_scores: dict[str, torch.Tensor],
-                      similarity_when_blocked: BlockedSimilarity, threshold: float, theta_start: float = 5.0, theta_step: float = 0.25,
-                      theta_min: float = 1.0, callback: Callback | None = None,
+                      similarity_when_blocked: BlockedSimilarity, threshold: float, theta_start: float = 5.0,
+                      theta_step: float = 0.25, theta_min: float = 1.0, callback: Callback | None = None,
                       ) -> tuple[Blocked, float, list[SelectionRound]]:
     """NeMo's initial selection: block outliers (z > θ) and the k most active neurons per layer, widening each round.
 
