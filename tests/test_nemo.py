@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from analysis.localize.nemo import (SD14_THRESHOLD, DeltaReading, NeMo, delta_si
                                     max_ssim_with_other_seeds, noise_differences, refine, resolve_settings,
                                     sd14_statistics, selected_neurons, selection_rounds)
 from analysis.metrics import ms_ssim
+from tiny_model import HELD_OUT_PROMPTS
 
 PROMPT = "a photo of the red lighthouse"
 WINDOW = 7
@@ -136,6 +139,23 @@ def test_sd14_statistics_are_the_authors_seven_value_layers():
     with pytest.raises(ValueError, match="pass reference_prompts"):
         sd14_statistics({"down.0.attn.0.to_v": torch.nn.Linear(32, 16)})
     assert SD14_THRESHOLD == 0.428
+
+
+def test_sd14_with_the_authors_settings_and_no_reference_prompts_uses_the_authors_reference(tiny_handle, monkeypatch):
+    sd14 = dataclasses.replace(tiny_handle, name="CompVis/stable-diffusion-v1-4", held_out_prompts=[])
+    with pytest.raises(ValueError, match="pass reference_prompts"):  # the tiny UNet's layers are not SD v1.4's
+        NeMo(settings="authors", window=WINDOW, steps=4, scales=2, cache_dir=None).fit(sd14, PROMPT, seeds=[0, 1])
+    # With statistics that fit this UNet in their place: the authors' τ, no calibration.
+    zeros = {name: (torch.zeros(layer.out_features), torch.ones(layer.out_features))
+             for name, layer in nemo_layers(tiny_handle.unet).items()}
+    monkeypatch.setattr(nemo, "sd14_statistics", lambda layers: zeros)
+    model = NeMo(settings="authors", window=WINDOW, steps=4, scales=2, refine=False, cache_dir=None).fit(
+        sd14, PROMPT, seeds=[0, 1])
+    assert model.threshold_ == SD14_THRESHOLD and model.settings_["reference"] == "the authors' SD v1.4 statistics"
+    # Reference prompts given: computed from them and τ recalibrated.
+    model = NeMo(reference_prompts=HELD_OUT_PROMPTS, settings="authors", window=WINDOW, steps=4, scales=2,
+                 refine=False, cache_dir=None).fit(sd14, PROMPT, seeds=[0, 1])
+    assert model.threshold_ != SD14_THRESHOLD and model.settings_["reference"] == "2 reference prompts"
 
 
 def count_unet_rows(unet):
