@@ -1,7 +1,7 @@
-"""Mask agreement: do localizers find the same units for different triggers of one image? (docs/methods.md §6)
+"""Mask agreement: do localizers find the same units for different triggers of one image? (docs/methods.md §7)
 
-`localize_each` fits a localizer (NeMo, Wanda: anything with
-`fit(handle, prompt_or_embedding, ...) -> Mask`) once per embedding;
+`localize_each` fits a localizer (NeMo, Wanda: any `analysis.localize.Localizer`)
+once per embedding;
 `iou_matrix` compares masks pairwise per layer with `analysis.masks.iou`.
 A layer where both masks remove nothing has no IoU: it is NaN in `values`
 and True in `undefined`, never 1. Between methods (NeMo removes neurons,
@@ -17,15 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.localize import Localizer
 from analysis.masks import Mask, iou
 from analysis.model import ModelHandle
 
 LEVELS = ("units", "neurons")
 
 
-def localize_each(localizer, handle: ModelHandle, embeddings: torch.Tensor, **fit_arguments) -> list[Mask]:
-    """One mask per embedding of `[n, 77, d]`: `localizer.fit(handle, embedding, **fit_arguments)`."""
-    return [localizer.fit(handle, embedding, **fit_arguments) for embedding in embeddings]
+def localize_each(localizer: Localizer, handle: ModelHandle, embeddings: torch.Tensor, **fit_arguments) -> list[Mask]:
+    """One mask per embedding of `[n, 77, d]`: `localizer.fit(handle, embedding, **fit_arguments).mask_`."""
+    return [localizer.fit(handle, embedding, **fit_arguments).mask_ for embedding in embeddings]
 
 
 def as_neurons(mask: Mask) -> Mask:

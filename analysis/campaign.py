@@ -34,7 +34,8 @@ import torch
 from analysis.memorized import (PROMPT_COLUMNS, REFERENCE_PROMPTS_FILE, SD14_MEMORIZED_FILE, memorized_captions,
                                 read_table, row_prompt)
 from analysis.model import DEMO_MODEL_DIR, MEMORIZED_FILE, ModelHandle, open_model
-from analysis.tasks import TaskProgress, run_task
+from analysis.progress import Callback, report
+from analysis.tasks import run_task
 
 SHIPPED_LISTS = {"sd14-memorized": SD14_MEMORIZED_FILE, "sd14-unmemorized": REFERENCE_PROMPTS_FILE}
 MODEL_SETTINGS = ("model", "device", "dtype", "memorized", "reference_prompts", "sscd", "sscd_threshold", "normal")
@@ -162,13 +163,14 @@ def _ray_results(pending: list[dict], run_item: Callable[[dict], dict], address:
 
 def run_items(items: Sequence[dict], run_item: Callable[[dict], dict], header: dict, out_dir: str | Path,
               executor: str = "local", address: str | None = None, workers: int | None = None,
-              progress: Callable[[TaskProgress], None] | None = None) -> tuple[list[dict], int]:
+              callback: Callback | None = None) -> tuple[list[dict], int]:
     """`run_item(item)` for every item without a result file in `OUT/items/`, locally or one Ray task (one GPU
     when CUDA is available) each; returns every item's result, in the items' order, and how many were computed.
 
     `header` (JSON) describes the settings: a folder that holds results of other settings is refused with
     ValueError. A result file is whole or absent, so a run killed at any point resumes where it stopped.
     `run_item` must be picklable for Ray (a module-level function, or a `functools.partial` of one).
+    `callback` receives a `TaskProgress` after each item (`analysis.progress`).
     """
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor {executor!r}; choose 'local' or 'ray'")
@@ -185,24 +187,22 @@ def run_items(items: Sequence[dict], run_item: Callable[[dict], dict], header: d
 
     pending = [item for item in items if not _item_file(out_dir, item).is_file()]
     done = len(items) - len(pending)
-    if progress is not None:
-        progress(TaskProgress("campaign", done, len(items), f"{done} done before"))
+    report(callback, "campaign", done, len(items), f"{done} done before")
     results = (((item, run_item(item)) for item in pending) if executor == "local"
                else _ray_results(pending, run_item, address, workers))
     for item, result in results:
         _write_json(_item_file(out_dir, item), result)
         done += 1
-        if progress is not None:
-            progress(TaskProgress("campaign", done, len(items), item["id"]))
+        report(callback, "campaign", done, len(items), item["id"])
     return [json.loads(_item_file(out_dir, item).read_text()) for item in items], len(pending)
 
 
 def run_campaign(items: Sequence[dict], method: str, config: dict, out_dir: str | Path, executor: str = "local",
                  address: str | None = None, workers: int | None = None, min_share: float = MIN_SHARE,
-                 progress: Callable[[TaskProgress], None] | None = None) -> dict:
+                 callback: Callback | None = None) -> dict:
     """Run `method` on every item not done yet in `out_dir` (`run_items`), then aggregate all of them.
 
-    `workers`: CPUs of a local Ray (None: all). Returns the summary that is
+    `callback` receives a `TaskProgress` after each item. `workers`: CPUs of a local Ray (None: all). Returns the summary that is
     also written to `OUT/summary.json` (and the table to `OUT/table.md`).
     Raises ValueError when `out_dir` holds a campaign with other settings.
     """
@@ -211,7 +211,7 @@ def run_campaign(items: Sequence[dict], method: str, config: dict, out_dir: str 
     if not items:
         raise ValueError("the prompt list is empty")
     finished, computed = run_items(items, functools.partial(run_one, method=method, config=config),
-                                   dict(method=method, config=config), out_dir, executor, address, workers, progress)
+                                   dict(method=method, config=config), out_dir, executor, address, workers, callback)
     table = aggregate(finished, method, min_share)
     summary = dict(method=method, config=config, items=len(items), computed=computed, table=table,
                    table_markdown=table_markdown(table, method, min_share))

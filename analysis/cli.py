@@ -34,8 +34,9 @@ from analysis.hooks import KINDS
 from analysis.memorized import SD14_MEMORIZED_FILE
 from analysis.metrics import SSCD_THRESHOLD
 from analysis.model import ModelHandle, ModelLoadError, open_model
+from analysis.progress import TaskProgress
 from analysis.projection import METHODS
-from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, TaskProgress, mask_tensors, record_mask, run_task
+from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, mask_tensors, record_mask, run_task
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seeds", type=parse_seeds, help="seeds of the localizer (default: the method's)")
     sub.add_argument("--evaluation-seeds", type=parse_seeds, default=[0, 1, 2, 3], help="before/after seeds")
     sub.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
-                     help="a parameter of the localizer, e.g. sparsity=0.05 (repeatable; JSON values)")
+                     help="a parameter of the localizer, e.g. sparsity=0.05 or "
+                          "reference_prompts='[\"a red car\", \"a dog\"]' (repeatable; JSON values)")
     sub.add_argument("--save-mask", type=Path, help="also write the mask as a safetensors file")
 
     sub = command("attack", "Dori: search text embeddings that make the model draw a training image again")
@@ -519,7 +521,7 @@ def cmd_campaign(args, progress: ProgressBars) -> int:
         items = items[:args.limit]
     config = dict(args.set, **model_settings(args))
     summary = run_campaign(items, args.method, config, args.out_dir, executor=args.executor, address=args.address,
-                           workers=args.workers, progress=progress)
+                           workers=args.workers, callback=progress)
     progress.close()
     _emit(args, summary, summary["table_markdown"].splitlines())
     return 0

@@ -1,4 +1,6 @@
-"""Activation discrepancy: do embeddings that replicate one image take the same path through the UNet? (methods §6)
+"""Activation discrepancy: do embeddings that replicate one image take the same path through the UNet?
+
+docs/methods.md §7.
 
 For a set of embeddings, every one is run through the UNet at the same noise
 and timestep: the first denoising step of `sample` from one seed (x_T, the
@@ -26,7 +28,7 @@ from torch import nn
 
 from analysis.hooks import hooked, resolve_layers
 from analysis.model import ModelHandle
-from analysis.sampling import DenoisingStep, SamplingCancelled, sample
+from analysis.sampling import denoising_steps
 
 
 class FlatOutput:
@@ -53,15 +55,9 @@ def first_step_outputs(handle: ModelHandle, embeddings: torch.Tensor, layers: st
     """
     recorders = {name: FlatOutput() for name in resolve_layers(handle.unet, layers)}
 
-    def stop_after_first_step(step: DenoisingStep) -> None:
-        raise SamplingCancelled
-
     with hooked(handle.unet, forward_hooks=recorders):
-        try:
-            sample(handle, embeddings, [seed], steps=steps or handle.default_steps, guidance=1.0,
-                   callback=stop_after_first_step, batch_size=batch_size)
-        except SamplingCancelled:
-            pass  # the planned stop after the first step
+        next(denoising_steps(handle, embeddings, [seed], steps=steps or handle.default_steps, guidance=1.0,
+                             batch_size=batch_size))
     return {name: recorder.rows() for name, recorder in recorders.items()}
 
 

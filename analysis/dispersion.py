@@ -1,4 +1,4 @@
-"""How far apart embeddings lie: pairwise L2 distances of a set, beside reference sets (docs/methods.md §6).
+"""How far apart embeddings lie: pairwise L2 distances of a set, beside reference sets (docs/methods.md §7).
 
 The paper's claim: Dori triggers found from random starts for one image lie
 at least as far apart as the embeddings of different prompts, so there is no

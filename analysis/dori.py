@@ -1,6 +1,6 @@
 """Dori: search a text embedding that makes the UNet reproduce a training image (Kowalczuk et al. 2025).
 
-docs/methods.md §5. The search optimises `y_adv`, the text encoder's output
+docs/methods.md §6. The search optimises `y_adv`, the text encoder's output
 `[77, d]`, to minimise the denoising loss toward the image,
 
     ‖ε − unet(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, y_adv)‖²   (mean over entries and the batch)

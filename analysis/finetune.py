@@ -1,4 +1,4 @@
-"""Adversarial fine-tuning: train memorized images away against the triggers Dori finds (docs/methods.md §7).
+"""Adversarial fine-tuning: train memorized images away against the triggers Dori finds (docs/methods.md §8).
 
 Kowalczuk et al. (2025) answer the non-locality of memorization with training
 rather than pruning. Each round of `AdversarialFineTuning.fit`:

@@ -1,4 +1,4 @@
-"""Image similarity, replication and memorization scores (docs/methods.md sections 1-2).
+"""Image similarity, replication and memorization scores (docs/methods.md §2–3).
 
 * `similarity_matrix`: the built-in similarity (pixel correlation), needs no download.
 * `ssim`, `ms_ssim`: structural similarity, single- and multi-scale, for noise maps (NeMo).
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.model import ModelHandle
-from analysis.sampling import DenoisingStep, SamplingCancelled, as_epsilon, noise_gap, predict_noise, sample
+from analysis.sampling import as_epsilon, denoising_steps, noise_gap, predict_noise
 
 # Calibrated on the demo model (memorized vs held-out generations): docs/results/memorization.md.
 REPLICATION_THRESHOLD = 0.75
@@ -48,8 +48,9 @@ def _check_images(images: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be images [n, C, H, W], got shape {tuple(images.shape)}")
 
 
-def _ssim_maps(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SSIM's luminance and contrast-structure maps of image pairs in [-1, 1] (valid region, per channel)."""
+def _ssim_maps(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float,
+               data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSIM's luminance and contrast-structure maps of image pairs (valid region, per channel)."""
     _check_images(a, "a")
     _check_images(b, "b")
     a, b = torch.broadcast_tensors(a.float(), b.float())
@@ -68,35 +69,38 @@ def _ssim_maps(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> t
     var_a = local_mean(a * a) - mu_a**2
     var_b = local_mean(b * b) - mu_b**2
     cov = local_mean(a * b) - mu_a * mu_b
-    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1), (2 * cov + c2) / (var_a + var_b + c2)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
-    """SSIM (Wang et al. 2004) of image pairs in [-1, 1], `[n, C, H, W]` each (a batch of 1 broadcasts) -> `[n]`.
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
+         data_range: float = 2.0) -> torch.Tensor:
+    """SSIM (Wang et al. 2004) of image pairs, `[n, C, H, W]` each (a batch of 1 broadcasts) -> `[n]`.
 
     Gaussian-weighted local statistics without padding, per channel, then
-    averaged over pixels and channels. Constants K1 = 0.01, K2 = 0.03 with data range 2.
+    averaged over pixels and channels. Constants K1 = 0.01, K2 = 0.03 times
+    `data_range`, the span of the values: 2 for images in [-1, 1], 1 for maps
+    in [0, 1] (NeMo's noise differences).
     """
-    luminance, contrast_structure = _ssim_maps(a, b, window, sigma)
+    luminance, contrast_structure = _ssim_maps(a, b, window, sigma, data_range)
     return (luminance * contrast_structure).mean(dim=(1, 2, 3))
 
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, scales: int = 3, window: int = SSIM_WINDOW,
-            sigma: float = SSIM_SIGMA) -> torch.Tensor:
-    """Multi-scale SSIM (Wang et al. 2003) of image pairs in [-1, 1] -> `[n]`, equal weight per scale.
+            sigma: float = SSIM_SIGMA, data_range: float = 2.0) -> torch.Tensor:
+    """Multi-scale SSIM (Wang et al. 2003) of image pairs -> `[n]`, equal weight per scale.
 
     Contrast-structure at every scale, luminance at the coarsest, each scale
     averaged over pixels and channels, clamped at 0 and halved by 2x2 average
-    pooling, combined as a geometric mean. NeMo's code uses 3 scales with
-    equal weights (torchmetrics, `normalize="relu"`); 3 scales of a 7x7 window
-    fit 32x32 images (the coarsest is 8x8).
+    pooling, combined as a geometric mean. `data_range` as in `ssim`. NeMo's
+    code uses 3 scales with equal weights (torchmetrics, `normalize="relu"`);
+    3 scales of a 7x7 window fit 32x32 images (the coarsest is 8x8).
     """
     if scales < 1:
         raise ValueError(f"scales must be at least 1, got {scales}")
     per_scale = []
     for scale in range(scales):
-        luminance, contrast_structure = _ssim_maps(a, b, window, sigma)
+        luminance, contrast_structure = _ssim_maps(a, b, window, sigma, data_range)
         coarsest = scale == scales - 1
         value = (luminance * contrast_structure if coarsest else contrast_structure).mean(dim=(1, 2, 3))
         per_scale.append(value.clamp_min(0))
@@ -273,25 +277,19 @@ def wen_score(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds
               batch_size: int | None = None) -> torch.Tensor:
     """Wen et al.'s magnitude at each of the first `n_score_steps` steps, mean over seeds: `[n_items, n_score_steps]`.
 
-    Runs the first steps of `sample` (same noise, same guided trajectory) and
-    stops; the magnitude is `wen_magnitude`'s, read off the noise predictions
+    Runs the first steps of the sampling loop (`denoising_steps`: same noise, same guided
+    trajectory as `sample`) and stops; the magnitude is `wen_magnitude`'s, read off the noise predictions
     the loop already made. The paper's score is the mean over the returned steps.
     """
     if guidance == 1.0:
         raise ValueError("the Wen score needs the unconditional prediction: use guidance != 1")
     if not 1 <= n_score_steps <= steps:
         raise ValueError(f"n_score_steps must be in [1, {steps}], got {n_score_steps}")
-    per_step: list[torch.Tensor] = []
-
-    def record(step: DenoisingStep) -> None:
+    per_step = []
+    for step in denoising_steps(handle, conditioning, seeds, steps, guidance, batch_size=batch_size):
         per_step.append(noise_gap(step.noise_text, step.noise_uncond).cpu())
         if len(per_step) == n_score_steps:
-            raise SamplingCancelled
-
-    try:
-        sample(handle, conditioning, seeds, steps=steps, guidance=guidance, callback=record, batch_size=batch_size)
-    except SamplingCancelled:
-        pass  # the planned stop after n_score_steps
+            break
     norms = torch.stack(per_step, dim=1)  # [items * seeds, n_score_steps]
     return norms.view(-1, len(seeds), n_score_steps).mean(dim=1)
 

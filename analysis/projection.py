@@ -1,4 +1,4 @@
-"""2-D maps of text embeddings: UMAP, PCA or t-SNE behind one interface (docs/methods.md §6).
+"""2-D maps of text embeddings: UMAP, PCA or t-SNE behind one interface (docs/methods.md §7).
 
     projection = Projection("umap").fit(reference)   # reference: [n, 77, d] embeddings
     xy = projection.transform(triggers)              # [m, 2]

@@ -1,8 +1,10 @@
 """The project's one sampling loop: DDIM with classifier-free guidance.
 
-Everything that generates images (app, experiments, benchmarks) and every
-score read off the denoising trajectory (Wen et al.) goes through `sample`.
-It reproduces `StableDiffusionPipeline` for the same seeds: one CPU generator
+The loop is `denoising_steps`, a generator of `DenoisingStep`s. Everything
+that generates images (app, experiments, benchmarks) goes through `sample`,
+which runs it to the end and decodes; what is read off the first steps only
+(Wen et al.'s score, NeMo's noise difference, activations at the first step)
+iterates `denoising_steps` and stops. It reproduces `StableDiffusionPipeline` for the same seeds: one CPU generator
 per image draws x_T exactly as `diffusers.utils.torch_utils.randn_tensor`
 does, the batch is ordered [unconditional, text] as in the pipeline, and the
 scheduler is a fresh `DDIMScheduler` built from the handle's config.
@@ -14,7 +16,7 @@ triggers) are sampled by the same code as prompts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +27,10 @@ from analysis.model import ModelHandle
 
 
 class SamplingCancelled(Exception):
-    """Raise this from a `sample` callback to stop sampling.
+    """Raise this from any progress callback to stop a long computation (sampling, a search, a localizer, ...).
 
-    `sample` does not catch it: the caller that passed the callback does.
+    The computation does not catch it: the caller that passed the callback
+    does. Hooks and weights are restored on the way out (`analysis.hooks.hooked`).
     """
 
 
@@ -144,6 +147,14 @@ def training_target(scheduler: SchedulerMixin, z0: torch.Tensor, noise: torch.Te
     raise ValueError(f"unknown prediction_type {kind!r} in the scheduler's config")
 
 
+def guided_noise(noise_text: torch.Tensor, noise_uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: ε(x_t, y0) + guidance·(ε(x_t, y) − ε(x_t, y0)).
+
+    ε(x_t, y) itself when `noise_uncond` is None.
+    """
+    return noise_text if noise_uncond is None else noise_uncond + guidance * (noise_text - noise_uncond)
+
+
 def noise_gap(noise_text: torch.Tensor, noise_uncond: torch.Tensor) -> torch.Tensor:
     """Wen et al.'s magnitude ‖ε(x_t, y) − ε(x_t, y0)‖₂ per image, float32 `[rows]`.
 
@@ -167,19 +178,15 @@ def as_embeddings(handle: ModelHandle, conditioning: list[str] | torch.Tensor) -
 
 
 @torch.no_grad()
-def sample(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int], steps: int = 20,
-           guidance: float = 7.0, negative: str | torch.Tensor | None = None,
-           callback: Callable[[DenoisingStep], None] | None = None, eta: float = 0.0,
-           batch_size: int | None = None) -> SampleResult:
-    """Generate one image per (item, seed), item-major: item 0 with every seed, then item 1, ...
+def denoising_steps(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int],
+                    steps: int = 20, guidance: float = 7.0, negative: str | torch.Tensor | None = None,
+                    eta: float = 0.0, batch_size: int | None = None) -> Iterator[DenoisingStep]:
+    """The sampling loop, one `DenoisingStep` at a time; `sample` runs it to the end and decodes.
 
-    `conditioning`: prompts or embeddings `[n, 77, d]`. `negative`: the
-    unconditional branch of classifier-free guidance, a prompt or embeddings
-    `[1 or n, 77, d]`; None means the empty prompt. The guided prediction is
-    ε(x_t, y0) + guidance·(ε(x_t, y) − ε(x_t, y0)); with guidance == 1 only
-    ε(x_t, y) is evaluated. `callback(step)` runs after every step (under
-    `torch.no_grad`) and may raise `SamplingCancelled` to stop; it propagates
-    to the caller. `batch_size` caps the images per UNet call (default: all at once).
+    Arguments as `sample`'s. A caller that needs only the first steps (a
+    score read early in the trajectory, activations at the first step) stops
+    iterating: nothing after that step is computed. Forward hooks attached
+    around the iteration act on every step it runs.
     """
     seeds = [int(seed) for seed in seeds]
     if not seeds:
@@ -196,31 +203,56 @@ def sample(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: S
             raise ValueError(f"negative embeddings need 1 or {n_items} rows, got {uncond.shape[0]}")
         uncond = uncond.repeat_interleave(len(seeds), dim=0) if uncond.shape[0] > 1 else uncond
 
-    # A scheduler of our own: set_timesteps mutates it, and calls may run concurrently.
-    scheduler = DDIMScheduler.from_config(handle.scheduler.config)
-    scheduler.set_timesteps(steps, device=handle.device)
+    scheduler = ddim_schedule(handle, steps)
     generators = noise_generators([seed for _ in range(n_items) for seed in seeds])
     latents = initial_noise(handle, generators) * scheduler.init_noise_sigma
 
-    wen_first_step = None
     for index, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)
         noise_text, noise_uncond = predict_noise(handle.unet, model_input, t, text, uncond, batch_size)
-        if noise_uncond is None:
-            noise_pred = noise_text
-        else:
-            noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
-            if index == 0:
-                wen_first_step = noise_gap(as_epsilon(scheduler, noise_text, latents, t),
-                                           as_epsilon(scheduler, noise_uncond, latents, t)).cpu()
+        noise_pred = guided_noise(noise_text, noise_uncond, guidance)
         # The per-image generators also draw DDIM's step noise when eta > 0, as in the pipeline.
         next_latents = scheduler.step(noise_pred, t, latents, eta=eta, generator=generators, return_dict=False)[0]
-        if callback is not None:
-            callback(DenoisingStep(index, steps, t, latents, as_epsilon(scheduler, noise_text, latents, t),
-                                   None if noise_uncond is None else as_epsilon(scheduler, noise_uncond, latents, t),
-                                   noise_pred, next_latents))
+        # Steps report ε whatever the model predicts (a v-prediction model's v is converted), as analyses read it.
+        yield DenoisingStep(index, steps, t, latents, as_epsilon(scheduler, noise_text, latents, t),
+                            None if noise_uncond is None else as_epsilon(scheduler, noise_uncond, latents, t),
+                            noise_pred, next_latents)
         latents = next_latents
 
+
+def ddim_schedule(handle: ModelHandle, steps: int) -> DDIMScheduler:
+    """A fresh DDIM scheduler from the handle's config with `steps` timesteps set.
+
+    A scheduler of our own: `set_timesteps` mutates it, and calls may run concurrently.
+    """
+    scheduler = DDIMScheduler.from_config(handle.scheduler.config)
+    scheduler.set_timesteps(steps, device=handle.device)
+    return scheduler
+
+
+@torch.no_grad()
+def sample(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int], steps: int = 20,
+           guidance: float = 7.0, negative: str | torch.Tensor | None = None,
+           callback: Callable[[DenoisingStep], None] | None = None, eta: float = 0.0,
+           batch_size: int | None = None) -> SampleResult:
+    """Generate one image per (item, seed), item-major: item 0 with every seed, then item 1, ...
+
+    `conditioning`: prompts or embeddings `[n, 77, d]`. `negative`: the
+    unconditional branch of classifier-free guidance, a prompt or embeddings
+    `[1 or n, 77, d]`; None means the empty prompt. The guided prediction is
+    ε(x_t, y0) + guidance·(ε(x_t, y) − ε(x_t, y0)); with guidance == 1 only
+    ε(x_t, y) is evaluated. `callback(step)` runs after every step (under
+    `torch.no_grad`) and may raise `SamplingCancelled` to stop; it propagates
+    to the caller. `batch_size` caps the images per UNet call (default: all at once).
+    """
+    seeds = [int(seed) for seed in seeds]
+    wen_first_step = None
+    for step in denoising_steps(handle, conditioning, seeds, steps, guidance, negative, eta, batch_size):
+        if step.index == 0 and step.noise_uncond is not None:
+            wen_first_step = noise_gap(step.noise_text, step.noise_uncond).cpu()
+        if callback is not None:
+            callback(step)
+    latents = step.next_latents
     chunk = batch_size or latents.shape[0]
     images = torch.cat([handle.decode_latents(latents[start:start + chunk]).float().cpu()
                         for start in range(0, latents.shape[0], chunk)])

@@ -11,13 +11,14 @@ To sweep a mitigated model, call `perturbation_sweep` inside `with mask.applied(
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from analysis.dori import evaluate
 from analysis.model import ModelHandle
+from analysis.progress import Callback, report
 from analysis.sampling import encode_prompts
 
 
@@ -51,13 +52,12 @@ def random_directions(count: int, shape: tuple[int, ...], seed: int) -> torch.Te
 def perturbation_sweep(handle: ModelHandle, conditioning: str | torch.Tensor, target_image: torch.Tensor,
                        radii: Sequence[float], directions: int = 4, seeds: Sequence[int] = (0, 1, 2, 3),
                        seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                       batch_size: int | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> SweepResult:
+                       batch_size: int | None = None, callback: Callback | None = None) -> SweepResult:
     """Replication of `target_image` by `conditioning` (a prompt or an embedding `[77, d]`) perturbed at each radius.
 
     `seed` draws the directions; `seeds` are the generation seeds; `steps`,
-    `guidance` default to the handle's. `progress(done, total)` runs after each
-    radius and may raise `analysis.sampling.SamplingCancelled` to stop.
+    `guidance` default to the handle's. `callback` receives a `TaskProgress`
+    after each radius and may raise `analysis.sampling.SamplingCancelled` to stop.
     """
     if not radii:
         raise ValueError("no radii given")
@@ -70,8 +70,7 @@ def perturbation_sweep(handle: ModelHandle, conditioning: str | torch.Tensor, ta
                              batch_size=batch_size)
         similarities.append(generated.similarities)
         replicated.append(generated.replicated)
-        if progress is not None:
-            progress(done, len(radii))
+        report(callback, "sweep", done, len(radii), f"radius {radius:g}")
     return SweepResult(radii=[float(r) for r in radii], seeds=[int(s) for s in seeds],
                        embedding_norm=embedding.norm().item(), similarities=torch.stack(similarities),
                        replicated=torch.stack(replicated))

@@ -31,7 +31,7 @@ are stored in the record as `input.NAME`, so `analysis.rerun.rerun` can run
 it again. `mitigation` is None, `{"method": "nemo"|"wanda", "parameters": {...}}`
 (computed for the prompt) or `{"method": "mask"}` (the `mask.*` inputs).
 
-`callback` receives what the analysis streams: `DenoisingStep` while sampling,
+`callback` receives what the analysis streams (`analysis.progress`): `DenoisingStep` while sampling,
 `DoriStep` while searching, `FineTuneProgress` while fine-tuning, `TaskProgress` otherwise. It may raise
 `analysis.sampling.SamplingCancelled` to stop.
 
@@ -49,7 +49,6 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
@@ -69,6 +68,7 @@ from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
 from analysis.model import ModelHandle, load_model
+from analysis.progress import Callback, report
 from analysis.projection import Projection
 from analysis.replicate import replicate, training_images
 from analysis.sampling import encode_prompts
@@ -82,7 +82,7 @@ DEFAULT_SEEDS = [0, 1, 2, 3]
 LOCALIZERS = {"nemo": NeMo, "wanda": Wanda}
 ATTRIBUTIONS = {"gradient_norm": GradientNorm, "integrated_gradients": IntegratedGradients, "occlusion": Occlusion}
 # Constructor arguments that change how a run goes, not what it finds: never part of a configuration.
-RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size", "progress"}
+RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size"}
 # Projection settings beside its method ("trigger_map" has `method` and `parameters`, as a localizer does).
 PROJECTION_PARAMETERS = {name: p.default for name, p in inspect.signature(Projection).parameters.items()
                          if name not in RUNTIME_ARGUMENTS | {"method"}}
@@ -90,24 +90,6 @@ START_KINDS = ("random", "prompt", "embedding")
 # UNet rows per call when NeMo and Wanda run their reference prompts × seeds (500 × 10 with SD v1.4's fallback
 # list): one call for all of them would not fit a GPU's memory with SD's UNet.
 LOCALIZER_BATCH_ROWS = 64
-
-
-@dataclass
-class TaskProgress:
-    """Progress of a stage that streams neither denoising nor search steps."""
-
-    stage: str  # "localize", "sweep", ...
-    done: int
-    total: int | None  # None: not known in advance
-    message: str = ""
-
-
-Callback = Callable[[object], None]
-
-
-def _progress(callback: Callback | None, stage: str, done: int, total: int | None, message: str = "") -> None:
-    if callback is not None:
-        callback(TaskProgress(stage, done, total, message))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,29 +270,24 @@ def record_mask(record: RunRecord) -> Mask:
                 parameters=record.config["parameters"])
 
 
-def _nemo(parameters: dict, callback: Callback | None, stage: str = "localize") -> NeMo:
-    """NeMo with `parameters`; its progress messages reach `callback` as `TaskProgress(stage, ...)`."""
-    messages = iter(range(1, 1 << 62))
-    return NeMo(**parameters, batch_size=LOCALIZER_BATCH_ROWS,
-                progress=lambda message: _progress(callback, stage, next(messages), None, message))
-
-
 def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
     """Run the configured localizer (`{"method", "parameters", "seeds"}`) on `prompt`."""
-    parameters = dict(config["parameters"])
-    references = len(parameters.get("reference_prompts") or handle.held_out_prompts)
+    references = len(config["parameters"].get("reference_prompts") or handle.held_out_prompts)
     # The reference statistics are the long part of a first run; the localizer caches them on disk by the weights.
-    _progress(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
-                                             "(computed once per model, then read from runs/localize_cache)")
-    if config["method"] == "nemo":
-        return _nemo(parameters, callback).fit(handle, prompt, config["seeds"])
-    reference_prompts = parameters.pop("reference_prompts", None)
-    return Wanda(**parameters, batch_size=LOCALIZER_BATCH_ROWS).fit(handle, prompt, reference_prompts, config["seeds"])
+    report(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
+                                          "(computed once per model, then read from runs/localize_cache)")
+    localizer = LOCALIZERS[config["method"]](**config["parameters"], batch_size=LOCALIZER_BATCH_ROWS)
+    return localizer.fit(handle, prompt, config["seeds"], callback=callback).mask_
 
 
 def _localizer_config(method_config: dict | None, default_method: str = "nemo") -> dict:
     config = _fill("localize", dict(method=default_method, parameters=None, seeds=None), method_config)
     filled = _method_parameters("localize", LOCALIZERS, config)
+    prompts = filled["parameters"]["reference_prompts"]
+    if prompts is not None and (not isinstance(prompts, list) or not prompts
+                                or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise ValueError(f"reference_prompts must be null (the model's held-out prompts) or a non-empty list of "
+                         f"prompts, got {prompts!r}")
     default_seeds = list(inspect.signature(LOCALIZERS[filled["method"]].fit).parameters["seeds"].default)
     filled["seeds"] = _seeds("localize seeds", default_seeds if config["seeds"] is None else config["seeds"])
     return filled
@@ -408,8 +385,8 @@ def _run_localize(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
     with mask.applied(handle):
         after = replicate(handle, what, evaluation_seeds, callback=callback)
     record.metrics.update({**_replication_metrics(before, "before_"), **_replication_metrics(after, "after_")})
-    for stage, report in (("before", before), ("after", after)):
-        record.images.update({f"{stage}_seed{seed}": image for seed, image in zip(report.seeds, report.images)})
+    for stage, generated in (("before", before), ("after", after)):
+        record.images.update({f"{stage}_seed{seed}": image for seed, image in zip(generated.seeds, generated.images)})
     record.table = [dict(layer=name, removed=count, units=int(mask.removed[name].numel()))
                     for name, count in counts.items()]
     return record
@@ -525,13 +502,9 @@ def _run_sweep(handle: ModelHandle, config: dict, inputs: dict, callback: Callba
                   **_sampling(handle, config), mitigation=_mitigation_config(config["mitigation"], inputs))
     record = RunRecord("sweep", handle.name, filled)
 
-    def progress(done: int, total: int) -> None:
-        if callback is not None:
-            callback(TaskProgress("sweep", done, total, f"radius {filled['radii'][done - 1]:g}"))
-
     with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
         result = perturbation_sweep(handle, prompt, image, filled["radii"], filled["directions"], filled["seeds"],
-                                    filled["seed"], filled["steps"], filled["guidance"], progress=progress)
+                                    filled["seed"], filled["steps"], filled["guidance"], callback=callback)
     record.metrics.update(rates=result.rates().tolist(), mean_similarities=result.mean_similarities().tolist(),
                           embedding_norm=result.embedding_norm)
     record.table = [dict(radius=radius, relative_radius=radius / result.embedding_norm, rate=rate, mean_similarity=s)
@@ -696,9 +669,9 @@ def _run_discrepancy(handle: ModelHandle, config: dict, inputs: dict, callback: 
     record = RunRecord("discrepancy", handle.name, filled)
     settings = (filled["layers"], filled["seed"], filled["steps"])
     results = {"triggers": activation_discrepancy(handle, triggers, *settings)}
-    _progress(callback, "discrepancy", 1, 2, "triggers")
+    report(callback, "discrepancy", 1, 2, "triggers")
     results["prompts"] = activation_discrepancy(handle, encode_prompts(handle, prompts), *settings)
-    _progress(callback, "discrepancy", 2, 2, "prompts")
+    report(callback, "discrepancy", 2, 2, "prompts")
     record.metrics.update({name: result.as_dict() for name, result in results.items()})
     record.table = [dict(layer=layer, **{f"{name}_{key}": value for name in results
                                          for key, value in record.metrics[name][layer].items()})
@@ -727,12 +700,14 @@ def _run_agreement(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
         wanda["layers"] = list(nemo_layers(handle.unet) if layers is None else resolve_layers(handle.unet, layers))
     filled = dict(**target, seeds=nemo["seeds"], nemo=nemo["parameters"], wanda=wanda)
     record = RunRecord("agreement", handle.name, filled)
-    _progress(callback, "agreement", 0, 2, f"NeMo on {len(triggers)} triggers")
-    masks = {"nemo": localize_each(_nemo(nemo["parameters"], callback, "NeMo"), handle, triggers, seeds=nemo["seeds"])}
-    _progress(callback, "agreement", 1, 2, f"Wanda on {len(triggers)} triggers")
-    wanda_localizer = Wanda(**wanda, batch_size=LOCALIZER_BATCH_ROWS)
-    masks["wanda"] = [as_neurons(mask) for mask in localize_each(wanda_localizer, handle, triggers, seeds=nemo["seeds"])]
-    _progress(callback, "agreement", 2, 2, "IoU")
+    report(callback, "agreement", 0, 2, f"NeMo on {len(triggers)} triggers")
+    masks = {"nemo": localize_each(NeMo(**nemo["parameters"], batch_size=LOCALIZER_BATCH_ROWS), handle, triggers,
+                                   seeds=nemo["seeds"], callback=callback)}
+    report(callback, "agreement", 1, 2, f"Wanda on {len(triggers)} triggers")
+    masks["wanda"] = [as_neurons(mask) for mask in localize_each(Wanda(**wanda, batch_size=LOCALIZER_BATCH_ROWS),
+                                                                  handle, triggers, seeds=nemo["seeds"],
+                                                                  callback=callback)]
+    report(callback, "agreement", 2, 2, "IoU")
     matrices = {"nemo_nemo": iou_matrix(masks["nemo"]), "wanda_wanda": iou_matrix(masks["wanda"]),
                 "nemo_wanda": iou_matrix(masks["nemo"], masks["wanda"])}
     layers = matrices["nemo_wanda"].layers  # every layer of either method

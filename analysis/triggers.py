@@ -1,4 +1,4 @@
-"""Trigger sets: many Dori searches from random starts toward one image, kept on disk (docs/methods.md §6).
+"""Trigger sets: many Dori searches from random starts toward one image, kept on disk (docs/methods.md §7).
 
 A folder holds two files:
 

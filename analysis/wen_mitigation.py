@@ -1,4 +1,4 @@
-"""Wen et al.'s inference-time mitigation (ICLR 2024; docs/methods.md §2).
+"""Wen et al.'s inference-time mitigation (ICLR 2024; docs/methods.md §3).
 
 Memorized prompts pull the text-conditional noise prediction far from the
 unconditional one at the first denoising step. The mitigation optimises the

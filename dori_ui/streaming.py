@@ -33,8 +33,9 @@ import torch
 from analysis.dori import DoriStep
 from analysis.export import RunRecord
 from analysis.model import ModelHandle
+from analysis.progress import TaskProgress
 from analysis.sampling import DenoisingStep, SamplingCancelled
-from analysis.tasks import TaskProgress, run_task
+from analysis.tasks import run_task
 from dori_ui import MODEL_CONCURRENCY_ID
 from dori_ui.session import AppContext, Session
 

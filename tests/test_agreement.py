@@ -50,7 +50,7 @@ def test_a_localizer_fits_one_mask_per_embedding(tiny_handle):
     masks = localize_each(localizer, tiny_handle, embeddings, seeds=[0])
     assert len(masks) == 2 and all(m.prompt == "<embedding>" for m in masks)
     # An embedding gives the same mask as the prompt it encodes.
-    from_prompt = localizer.fit(tiny_handle, tiny_handle.memorized[0].caption, seeds=[0])
+    from_prompt = localizer.fit(tiny_handle, tiny_handle.memorized[0].caption, seeds=[0]).mask_
     assert all(torch.equal(masks[0].removed[name], from_prompt.removed[name]) for name in from_prompt.removed)
     matrix = iou_matrix(masks)
     assert matrix.values.shape == (len(from_prompt.removed), 2, 2)

@@ -14,7 +14,8 @@ from analysis.bench.startup import free_port
 from analysis.export import RunRecord, compare_metrics, load_export, save_export
 from analysis.rerun import rerun
 from analysis.model import load_model
-from analysis.tasks import TaskProgress, record_mask, run_task
+from analysis.progress import TaskProgress
+from analysis.tasks import record_mask, run_task
 from dori_ui.app import build_app
 
 TINY_STEPS = 3

@@ -14,7 +14,8 @@ from analysis.cli import main
 from analysis.export import load_export
 from analysis.metrics import SSCD, SSCD_THRESHOLD
 from analysis.model import load_model
-from analysis.tasks import TaskProgress, run_task
+from analysis.progress import TaskProgress
+from analysis.tasks import run_task
 
 # Few sampling steps wherever a command takes them; the folder's own default is SD's 50.
 STEPS = ("--steps", "2")

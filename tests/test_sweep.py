@@ -18,8 +18,9 @@ def test_sweep_shapes_and_radius_zero_is_the_prompt(tiny_handle):
     target = tiny_handle.memorized[0]
     done = []
     result = perturbation_sweep(tiny_handle, target.caption, target.image, radii=[0.0, 5.0, 50.0], directions=2,
-                                seeds=[0, 1], steps=STEPS, progress=lambda i, total: done.append((i, total)))
-    assert done == [(1, 3), (2, 3), (3, 3)]
+                                seeds=[0, 1], steps=STEPS, callback=done.append)
+    assert [(event.stage, event.done, event.total) for event in done] == [("sweep", 1, 3), ("sweep", 2, 3),
+                                                                           ("sweep", 3, 3)]
     assert result.radii == [0.0, 5.0, 50.0] and result.seeds == [0, 1]
     assert result.similarities.shape == result.replicated.shape == (3, 2, 2)
     assert result.rates().shape == result.mean_similarities().shape == (3,)

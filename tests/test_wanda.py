@@ -23,7 +23,7 @@ def test_prunes_weights_important_for_the_prompt_only():
 
 def test_fit_contrasts_prompt_and_reference_activations(tiny_handle, monkeypatch, tmp_path):
     # The prompt drives input channel 0 of every layer, the references channel 1: exactly column 0 is pruned.
-    def fake_norms(handle, layers, prompts, *args):
+    def fake_norms(handle, layers, prompts, *args):  # noqa: ARG001 - input_norms' signature
         channel = 0 if prompts == [PROMPT] else 1
         norms = {}
         for name, layer in layers.items():
@@ -32,7 +32,7 @@ def test_fit_contrasts_prompt_and_reference_activations(tiny_handle, monkeypatch
         return norms
 
     monkeypatch.setattr(wanda, "input_norms", fake_norms)
-    mask = Wanda(sparsity=0.01, cache_dir=tmp_path).fit(tiny_handle, PROMPT)
+    mask = Wanda(sparsity=0.01, cache_dir=tmp_path).fit(tiny_handle, PROMPT).mask_
     assert list(mask.removed) == list(hook_points(tiny_handle.unet, "ff"))
     for name, removed in mask.removed.items():
         assert removed[:, 0].all() and not removed[:, 1:].any(), name
@@ -40,7 +40,7 @@ def test_fit_contrasts_prompt_and_reference_activations(tiny_handle, monkeypatch
 
 def test_fit_on_real_activations_prunes_a_few_weights_per_row(tiny_handle, tmp_path):
     model = Wanda(sparsity=0.05, record_steps=2, steps=4, cache_dir=tmp_path)
-    mask = model.fit(tiny_handle, PROMPT, seeds=[0, 1])
+    mask = model.fit(tiny_handle, PROMPT, seeds=[0, 1]).mask_
     layers = hook_points(tiny_handle.unet, "ff")
     for name, removed in mask.removed.items():
         assert removed.shape == layers[name].weight.shape

@@ -12,7 +12,10 @@ from analysis.sampling import encode_prompts
 
 
 class GradientNorm:
-    """Score of token i: ‖∂m/∂y_i‖₂ over the feature dimension, m averaged over `seeds` (methods.md §2)."""
+    """Score of token i: ‖∂m/∂y_i‖₂ over the feature dimension, m averaged over `seeds`.
+
+    docs/methods.md §3.
+    """
 
     def __init__(self, seeds: Sequence[int] = (0, 1, 2, 3)):
         self.seeds = list(seeds)

@@ -2,7 +2,7 @@
 
     python -m analysis.experiments.dori [--images 0 1 2] [--seeds 4] [--agreement-triggers 4] [--triggers N]
 
-Sections (docs/methods.md §5–6), each written to docs/results/dori.md and
+Sections (docs/methods.md §6–7), each written to docs/results/dori.md and
 dori.json as soon as it is done, so an interrupted run still reports what it measured:
 
 1. Replication under a mask and under a mask + Dori: for each chosen
@@ -91,7 +91,7 @@ def mask_of(handle: ModelHandle, method: str, index: int) -> Mask:
     path = mask_file(handle, method, index)
     if path.is_file():
         return Mask.load(path)
-    return localizer(method).fit(handle, handle.memorized[index].caption, seeds=LOCALIZER_SEEDS)
+    return localizer(method).fit(handle, handle.memorized[index].caption, seeds=LOCALIZER_SEEDS).mask_
 
 
 def replication_under_masks(handle: ModelHandle, indices: list[int], seeds: list[int], steps: int) -> list[dict]:

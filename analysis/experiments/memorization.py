@@ -8,8 +8,8 @@ replication threshold against its training image. For held-out captions
 photo, and, for reference, against the nearest image of a fixed bank of
 procedural training renderings. Wen et al.'s score (4 seeds) separating
 memorized from held-out prompts, as an AUC, with the score taken as the mean
-over the first 1, 2 and 3 steps (methods.md: "the first steps, often step 1
-alone"). Writes
+over the first 1, 2 and 3 steps (docs/methods.md §3: the paper reads the first
+step or the first few). Writes
 docs/results/memorization.{md,json} and two figures.
 """
 

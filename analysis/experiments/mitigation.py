@@ -32,13 +32,14 @@ from analysis.demo.data import split_shape_specs
 from analysis.hooks import hook_points, nemo_layers, resolve_layers
 from analysis.images import image_grid
 from analysis.localize import DEFAULT_CACHE_DIR, cache_key, weights_checksum
-from analysis.localize.nemo import (NeMo, calibrate_threshold, max_ssim_with_other_seeds, noise_differences,
-                                    record_activations, reference_statistics)
+from analysis.localize.nemo import (SETTINGS, DeltaReading, NeMo, calibrate_threshold, delta_similarity,
+                                    max_ssim_with_other_seeds, noise_differences, record_activations,
+                                    reference_statistics)
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
-from analysis.metrics import REPLICATION_THRESHOLD, ms_ssim, replication, similarity_matrix
+from analysis.metrics import REPLICATION_THRESHOLD, replication, similarity_matrix
 from analysis.model import REPO_ROOT, ModelHandle, load_model
-from analysis.sampling import encode_prompts, sample
+from analysis.sampling import ddim_schedule, sample
 
 RESULTS = Path("docs/results")
 MASKS = REPO_ROOT / "runs" / "mitigation_masks"
@@ -49,7 +50,14 @@ RESERVED_HELD_OUT = 10  # the first held-out captions: kept out of the reference
 INVESTIGATION_SEEDS = 4
 INVESTIGATION_CAPTIONS = (0, 1, 6)  # astronaut, cat, cameraman: replicated on 10/10 seeds
 INVESTIGATION_CALIBRATION_PROMPTS = 12  # reference prompts for τ at each investigated step
-INVESTIGATION_STEP_INDICES = (0, 2)
+# Where δ is read: the authors' reading, the first step, and the demo model's ("pixel") reading.
+INVESTIGATION_READINGS = {
+    "x_T at step 1 (the authors')": dict(step_index=1, advance_latents=False),
+    "x_T at step 0": dict(step_index=0, advance_latents=True),
+    "x_t after 2 steps (pixel)": dict(step_index=2, advance_latents=True),
+}
+# τ from the text branch alone (the pixel settings) and with guidance 7 (the authors').
+INVESTIGATION_THRESHOLD_GUIDANCE = (1.0, 7.0)
 INVESTIGATION_NEURON_COUNTS = (256, 512)
 INVESTIGATION_WHOLE_LAYER = "down.2.attn.0.to_v"  # the one value layer whose blocking stopped replication before
 INVESTIGATION_WANDA = {
@@ -119,7 +127,7 @@ def main(argv=None) -> None:
     reference_prompts = (handle.held_out_prompts[RESERVED_HELD_OUT:]
                          + [s.caption for s in split_shape_specs()[0][::12]])
     nemo = NeMo(reference_prompts=reference_prompts, refine=args.nemo_refine, cache_dir=DEFAULT_CACHE_DIR)
-    wanda = Wanda(sparsity=args.sparsity, cache_dir=DEFAULT_CACHE_DIR)
+    wanda = Wanda(reference_prompts=reference_prompts, sparsity=args.sparsity, cache_dir=DEFAULT_CACHE_DIR)
     print(f"{len(handle.memorized)} memorized captions, {args.seeds} seeds, NeMo criterion on {args.nemo_seeds} seeds, "
           f"{len(evaluation_prompts)} held-out captions, {len(reference_prompts)} reference prompts", flush=True)
     held_out_before = generate(handle, evaluation_prompts, [0])
@@ -144,13 +152,13 @@ def main(argv=None) -> None:
         grid_row = [item.image[None], baseline[:SHOWN_SEEDS]]
 
         fit_started = time.time()
-        nemo_mask = nemo.fit(handle, item.caption, seeds=nemo_seeds)
+        nemo_mask = nemo.fit(handle, item.caption, seeds=nemo_seeds).mask_
         row["nemo_fit"] = dict(seconds=round(time.time() - fit_started, 1), unet_evaluations=nemo.unet_evaluations_,
                                threshold=nemo.threshold_, memorized_seeds=nemo.memorized_seeds_,
-                               rounds=len(nemo.trace_), final_similarity=nemo.similarity_,
+                               rounds=len(nemo.trace_), final_similarity=nemo.similarity_, settings=nemo.settings_,
                                initial_neurons=nemo.trace_[-1].neurons if nemo.trace_ else {})
         fit_started = time.time()
-        wanda_mask = wanda.fit(handle, item.caption, reference_prompts=reference_prompts)
+        wanda_mask = wanda.fit(handle, item.caption).mask_
         row["wanda_fit"] = dict(seconds=round(time.time() - fit_started, 1))
 
         for method, mask in (("nemo", nemo_mask), ("wanda", wanda_mask)):
@@ -204,8 +212,11 @@ def held_out_detection(handle: ModelHandle, prompts: list[str], seeds: list[int]
     caption's seed is flagged whenever one of its n − 1 pairs lands in the top
     ~16 %, so many held-out captions get a flagged seed by construction.
     """
-    deltas = noise_differences(handle, encode_prompts(handle, prompts), seeds, handle.default_steps, nemo.step_index)
-    flagged = [(max_ssim_with_other_seeds(per_prompt, nemo.scales) > nemo.threshold_).float().mean().item()
+    settings = nemo.settings_
+    reading = DeltaReading(settings["steps"], settings["step_index"], settings["advance_latents"])
+    deltas = noise_differences(handle, prompts, seeds, reading)
+    flagged = [(max_ssim_with_other_seeds(per_prompt, settings["window"], nemo.scales) > nemo.threshold_)
+               .float().mean().item()
                for per_prompt in deltas.split(len(seeds))]
     return dict(threshold=nemo.threshold_, flagged_share_per_prompt=flagged,
                 prompts_with_a_flagged_seed=sum(share > 0 for share in flagged))
@@ -217,7 +228,7 @@ def held_out_detection(handle: ModelHandle, prompts: list[str], seeds: list[int]
 def z_scores(handle: ModelHandle, layers: dict, reference_prompts: list[str], captions: list[str]) -> dict:
     """NeMo's outlier scores |a − μ| / σ of every neuron of `layers` for each caption: name -> `[captions, out]`."""
     statistics = reference_statistics(handle, layers, reference_prompts, DEFAULT_CACHE_DIR)
-    activations = record_activations(handle, layers, encode_prompts(handle, captions))
+    activations = record_activations(handle, layers, captions)
     return {name: (activations[name] - mean_).abs() / std.clamp_min(1e-12)
             for name, (mean_, std) in statistics.items()}
 
@@ -234,38 +245,37 @@ def outlier_scores(handle: ModelHandle, reference_prompts: list[str], memorized:
 
 
 def delta_signal(handle: ModelHandle, memorized: list[str], held_out: list[str], reference_prompts: list[str],
-                 seeds: list[int], step_indices: tuple[int, ...]) -> list[dict]:
-    """Which step's δ separates memorized from held-out captions, and can NeMo's criterion fall below τ there?
+                 seeds: list[int], readings: dict[str, dict]) -> list[dict]:
+    """Where should δ be read on this model, and can NeMo's criterion fall below τ there?
 
-    Per step index: τ (as NeMo calibrates it), the mean MS-SSIM between the δ of
-    different seeds for memorized and held-out captions, and the MS-SSIM between
-    the δ of two different held-out captions with the same seed: the floor of
-    NeMo's same-seed blocked-vs-unblocked criterion.
+    Per reading: τ (as NeMo calibrates it, from the text branch alone and
+    with guidance 7), the mean MS-SSIM between the δ of different seeds for
+    memorized and held-out captions, and the MS-SSIM between the δ of two
+    different held-out captions with the same seed: the floor of NeMo's
+    same-seed blocked-vs-unblocked criterion. The pixel settings' 7x7 window
+    throughout: the authors' 11x11 does not fit the coarsest scale of 32x32.
     """
-    steps = handle.default_steps
+    steps, window = handle.default_steps, SETTINGS["pixel"]["window"]
     pairs = torch.combinations(torch.arange(len(seeds)), r=2)
     rows = []
-    for step_index in step_indices:
-        threshold = calibrate_threshold(handle, reference_prompts, seeds, steps, step_index)
-        deltas = noise_differences(handle, encode_prompts(handle, memorized + held_out), seeds, steps, step_index)
+    for label, where in readings.items():
+        reading = DeltaReading(steps, **where)
+        thresholds = {f"threshold_guidance_{guidance:g}": calibrate_threshold(
+            handle, reference_prompts, seeds, DeltaReading(steps, **where, guidance=guidance), window)
+            for guidance in INVESTIGATION_THRESHOLD_GUIDANCE}
+        deltas = noise_differences(handle, memorized + held_out, seeds, reading)
         per_caption = deltas.view(-1, len(seeds), *deltas.shape[1:])
-        between = [ms_ssim(d[pairs[:, 0]], d[pairs[:, 1]]).mean().item() for d in per_caption]
+        between = [delta_similarity(d[pairs[:, 0]], d[pairs[:, 1]], window).mean().item() for d in per_caption]
         held = per_caption[len(memorized):]
         caption_pairs = torch.combinations(torch.arange(len(held)), r=2)
-        floor = torch.cat([ms_ssim(held[caption_pairs[:, 0], s], held[caption_pairs[:, 1], s])
+        floor = torch.cat([delta_similarity(held[caption_pairs[:, 0], s], held[caption_pairs[:, 1], s], window)
                            for s in range(len(seeds))]).mean().item()
-        rows.append(dict(step_index=step_index, timestep=timestep_of(handle, step_index), threshold=threshold,
+        timestep = int(ddim_schedule(handle, steps).timesteps[where["step_index"]])
+        rows.append(dict(reading=label, **where, timestep=timestep, **thresholds,
                          memorized_between_seeds=between[:len(memorized)],
                          held_out_between_seeds=between[len(memorized):], same_seed_floor=floor))
-        print(f"δ at step {step_index}: τ {threshold:.3f}, floor {floor:.3f}", flush=True)
+        print(f"δ {label}: τ {thresholds}, floor {floor:.3f}", flush=True)
     return rows
-
-
-def timestep_of(handle: ModelHandle, step_index: int) -> int:
-    """The DDIM timestep of `step_index` in the model's default schedule."""
-    scheduler = type(handle.scheduler).from_config(handle.scheduler.config)
-    scheduler.set_timesteps(handle.default_steps)
-    return int(scheduler.timesteps[step_index])
 
 
 def neurons_needed(handle: ModelHandle, items: list, reference_prompts: list[str], evaluation_prompts: list[str],
@@ -306,7 +316,7 @@ def wanda_variants(handle: ModelHandle, items: list, reference_prompts: list[str
     for label, wanda in variants.items():
         row = dict(replicated=[], removed=[])
         for index, item in enumerate(items):
-            mask = wanda.fit(handle, item.caption, reference_prompts=reference_prompts)
+            mask = wanda.fit(handle, item.caption).mask_
             row["replicated"].append(replication(generate(handle, [item.caption], seeds, mask), item.image).rate)
             row["removed"].append(sum(mask.counts().values()))
             if index == 0:
@@ -337,14 +347,14 @@ def investigate(handle: ModelHandle, reference_prompts: list[str], evaluation_pr
                                       evaluation_prompts),
         delta_signal=delta_signal(handle, captions, evaluation_prompts[:len(captions)],
                                   reference_prompts[:INVESTIGATION_CALIBRATION_PROMPTS], seeds,
-                                  INVESTIGATION_STEP_INDICES),
+                                  INVESTIGATION_READINGS),
         whole_value_layer_blocked=whole,
         neurons_needed=neurons_needed(handle, items, reference_prompts, evaluation_prompts, held_out_before, seeds,
                                       INVESTIGATION_NEURON_COUNTS,
                                       {"down and mid (NeMo's)": nemo_layers(handle.unet),
                                        "down, mid and up": hook_points(handle.unet, "value")}),
         wanda_variants=wanda_variants(handle, items, reference_prompts, evaluation_prompts, held_out_before, seeds,
-                                      {label: Wanda(cache_dir=DEFAULT_CACHE_DIR, **settings)
+                                      {label: Wanda(reference_prompts, cache_dir=DEFAULT_CACHE_DIR, **settings)
                                        for label, settings in INVESTIGATION_WANDA.items()}))
 
 
@@ -431,7 +441,9 @@ def write_markdown(path: Path, summary: dict, rows: list[dict], not_localized: l
         "## NeMo's search",
         "",
         f"τ = {rows[0]['nemo_fit']['threshold']:.4f} (mean + 1 std of the pairwise MS-SSIM of δ between seeds of the "
-        "reference prompts).",
+        f"reference prompts). NeMo's settings: {settings_text(rows[0]['nemo_fit']['settings'])}; δ min–max "
+        "normalised to [0, 1] per image and channel, MS-SSIM with data range 1; at most 16 initial-selection rounds "
+        "(θ from 5 down to 1.25) (docs/methods.md §4).",
         "",
         "| caption | memorized seeds | rounds | neurons after initial selection | final max MS-SSIM (blocked vs unblocked) "
         "| seconds |",
@@ -460,6 +472,14 @@ def write_markdown(path: Path, summary: dict, rows: list[dict], not_localized: l
     path.write_text("\n".join(lines))
 
 
+def settings_text(settings: dict) -> str:
+    """NeMo's `settings_` in words."""
+    where = (f"the latents after {settings['step_index']} DDIM steps" if settings["advance_latents"] else
+             f"x_T fed at step {settings['step_index']}")
+    return (f"\"{settings['name']}\" (δ from {where} of {settings['steps']}, {settings['window']}x{settings['window']} "
+            f"MS-SSIM window, τ's δ at guidance {settings['threshold_guidance']:g}; {settings['reference']})")
+
+
 def investigation_lines(investigation: dict) -> list[str]:
     n = len(investigation["seeds"])
     captions = investigation["captions"]
@@ -484,14 +504,17 @@ def investigation_lines(investigation: dict) -> list[str]:
         f"({min(outliers['held_out']['above_3'])}–{max(outliers['held_out']['above_3'])} above 3). The statistics "
         "separate memorized captions well; they are not why the masks fail.",
         "",
-        "**Which step's δ.** τ is calibrated as NeMo does (mean + 1 std of the between-seed MS-SSIM of δ, on "
-        f"{INVESTIGATION_CALIBRATION_PROMPTS} reference prompts); between-seed MS-SSIM is the mean over seed pairs; "
-        "the floor is the MS-SSIM between δ of two different held-out captions with the same seed, which NeMo's "
-        "same-seed criterion (blocked vs unblocked δ) cannot be expected to go below.",
+        "**Which δ.** τ is calibrated as NeMo does (mean + 1 std of the between-seed MS-SSIM of δ, on "
+        f"{INVESTIGATION_CALIBRATION_PROMPTS} reference prompts), from the text branch alone (guidance 1, as the "
+        "criterion reads δ) and with guidance 7 (as the authors calibrate); between-seed MS-SSIM is the mean over "
+        "seed pairs; the floor is the MS-SSIM between δ of two different held-out captions with the same seed, "
+        "which NeMo's same-seed criterion (blocked vs unblocked δ) cannot be expected to go below. δ in [0, 1], "
+        "MS-SSIM with data range 1 and a 7x7 window (the authors' 11x11 does not fit 32x32 images at 3 scales).",
         "",
-        "| step (t) | τ | between seeds, memorized | between seeds, held-out | same-seed floor |",
-        "|---|---|---|---|---|",
-        *[f"| {r['step_index']} ({r['timestep']}) | {r['threshold']:.3f} | "
+        "| δ read at (t) | τ, guidance 1 | τ, guidance 7 | between seeds, memorized | between seeds, held-out "
+        "| same-seed floor |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r['reading']} ({r['timestep']}) | {r['threshold_guidance_1']:.3f} | {r['threshold_guidance_7']:.3f} | "
           f"{', '.join(f'{v:.2f}' for v in r['memorized_between_seeds'])} | "
           f"{', '.join(f'{v:.2f}' for v in r['held_out_between_seeds'])} | {r['same_seed_floor']:.3f} |"
           for r in investigation["delta_signal"]],
@@ -534,22 +557,24 @@ def conclusion_lines(investigation: dict) -> list[str]:
     lines = ["## Why", ""]
     lines.append("* **Not the reference statistics**: memorized captions are strong outliers, held-out ones are not "
                  "(above).")
+    floor_above = late["same_seed_floor"] > late["threshold_guidance_1"]
     lines.append(
-        f"* **NeMo's criterion**: at step {late['step_index']} (t = {late['timestep']}) δ separates memorized "
-        f"(between-seed MS-SSIM {min(late['memorized_between_seeds']):.2f}–{max(late['memorized_between_seeds']):.2f}) "
-        f"from held-out captions ({min(late['held_out_between_seeds']):.2f}–{max(late['held_out_between_seeds']):.2f}), "
-        f"but the δ of two unrelated captions with the same seed still have MS-SSIM {late['same_seed_floor']:.2f} "
-        f"> τ = {late['threshold']:.2f}: in this pixel-space model a seed's noise shapes its δ at every early step, "
-        "so NeMo's same-seed comparison of blocked and unblocked δ does not fall to τ and its search runs to the "
-        "θ floor.")
+        f"* **NeMo's criterion**: read as the pixel settings do ({late['reading']}, t = {late['timestep']}), δ "
+        f"separates memorized (between-seed MS-SSIM {min(late['memorized_between_seeds']):.2f}–"
+        f"{max(late['memorized_between_seeds']):.2f}) from held-out captions "
+        f"({min(late['held_out_between_seeds']):.2f}–{max(late['held_out_between_seeds']):.2f}); the δ of two "
+        f"unrelated captions with the same seed have MS-SSIM {late['same_seed_floor']:.2f}, "
+        f"{'above' if floor_above else 'at or below'} τ = {late['threshold_guidance_1']:.2f}" +
+        (": in this pixel-space model a seed's noise shapes its δ at every early step, so NeMo's same-seed "
+         "comparison of blocked and unblocked δ need not fall to τ." if floor_above else "."))
     needed = "; ".join(f"the {r['neurons']} highest-z of the {layers} value neurons (held-out correlation "
                        f"{r['held_out_correlation']:.2f})" for layers, r in stopped) or "none of the tried counts"
     lines.append(
         f"* **Memorization here is not held by a few neurons**: replication stops (≤ 1 of "
         f"{len(investigation['seeds'])} seeds) only with {needed} blocked, or the whole {whole_name} layer "
         f"(replicated {max(whole['replicated']):.2f}, held-out correlation {whole['held_out_correlation']:.2f}). "
-        "NeMo's largest mask (its initial selection at the θ floor) blocks most neurons of its layers. None of the "
-        "masks tried here that stops replication leaves held-out generations nearly unchanged, so NeMo does not "
+        "NeMo's largest mask (its initial selection's last round, θ = 1.25) blocks most neurons of its layers. "
+        "None of the masks tried here that stops replication leaves held-out generations nearly unchanged, so NeMo does not "
         "reach the target on this model.")
     spread = f"{min(wanda_replicated):.2f}" + (f"–{max(wanda_replicated):.2f}" if min(wanda_replicated) <
                                                max(wanda_replicated) else "")

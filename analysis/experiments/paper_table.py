@@ -117,11 +117,11 @@ def controls_of(handle, config: dict) -> list:
 
 
 def run(config: dict, out_dir: str | Path, images: list[int] | None = None, executor: str = "local",
-        address: str | None = None, workers: int | None = None, progress=None) -> dict:
+        address: str | None = None, workers: int | None = None, callback=None) -> dict:
     """Compute every missing item in `out_dir`, then the table; returns `{"table", "markdown", "computed"}`."""
     results, computed = run_items(items_of(config, images), functools.partial(image_rows, config=config),
                                   dict(experiment="paper_table", config=config), out_dir, executor, address, workers,
-                                  progress)
+                                  callback)
     lines = table(results)
     markdown = table_markdown(lines, model_for(config).replication_metric.label())
     (Path(out_dir) / "table.md").write_text(markdown + "\n")

@@ -303,9 +303,9 @@ def main(argv=None) -> None:
         none=none,
         nemo=lambda: masked("nemo", lambda caption: NeMo(reference_prompts=reference_prompts,
                                                          cache_dir=DEFAULT_CACHE_DIR).fit(handle, caption,
-                                                                                          seeds=range(4))),
-        wanda=lambda: masked("wanda", lambda caption: Wanda(cache_dir=DEFAULT_CACHE_DIR).fit(
-            handle, caption, reference_prompts=reference_prompts)),
+                                                                                          seeds=range(4)).mask_),
+        wanda=lambda: masked("wanda", lambda caption: Wanda(reference_prompts=reference_prompts,
+                                                           cache_dir=DEFAULT_CACHE_DIR).fit(handle, caption).mask_),
         wen=wen,
         finetune=finetune,
         distilled=variant("distilled", utility_loss="distillation"),

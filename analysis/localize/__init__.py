@@ -1,25 +1,42 @@
-"""Localizers: find the units behind a memorized prompt and return them as an `analysis.masks.Mask`.
+"""Localizers: find the units behind a memorized prompt, as an `analysis.masks.Mask`.
 
 * `nemo.NeMo`: output neurons of cross-attention value projections (Hintersdorf et al. 2024).
 * `wanda.Wanda`: single feed-forward weights by Wanda importance (Chavhan et al. 2024).
 
-Both keep what depends only on the model and the reference prompts (activation
-statistics, thresholds) in a disk cache, through `cached`.
+Both follow one contract (`Localizer`), in the scikit-learn style: every
+setting, the reference prompts included, is an argument of `__init__`;
+`fit(handle, prompt, seeds, callback)` does the work and returns the
+estimator; what it found is in attributes ending in `_`, the mask in `mask_`.
+Both keep what depends only on the model and the reference prompts
+(activation statistics, thresholds) in a disk cache, through `cached`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from analysis.model import REPO_ROOT
+from analysis.masks import Mask
+from analysis.model import REPO_ROOT, ModelHandle
+from analysis.progress import Callback
 
 DEFAULT_CACHE_DIR = REPO_ROOT / "runs" / "localize_cache"
+
+
+class Localizer(Protocol):
+    """What NeMo and Wanda share: settings in `__init__`, `fit` returns the estimator, the mask in `mask_`."""
+
+    reference_prompts: Sequence[str] | None  # non-memorized prompts to contrast with (None: the handle's held-out)
+    mask_: Mask  # set by fit
+
+    def fit(self, handle: ModelHandle, prompt: str | torch.Tensor, seeds: Sequence[int] = ...,
+            callback: Callback | None = None) -> Localizer: ...
 
 
 def weights_checksum(parameters: Iterable[torch.Tensor]) -> list[float]:

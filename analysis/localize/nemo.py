@@ -1,50 +1,27 @@
-"""NeMo: localize a memorized prompt in output neurons of cross-attention value layers (Hintersdorf et al., NeurIPS 2024).
+"""NeMo: a memorized prompt's output neurons in cross-attention value layers (Hintersdorf et al., NeurIPS 2024).
 
-docs/methods.md §3, following the authors' code (github.com/ml-research/localizing_memorization_in_diffusion_models):
+docs/methods.md §4 gives the method, its formulas and each place where this
+implementation departs from the authors' code
+(github.com/ml-research/localizing_memorization_in_diffusion_models). In short:
 
-1. Activation of neuron i of a value layer for a prompt: a_i = mean over tokens
-   |(W_v y)_i|. Its mean μ_i and std σ_i over non-memorized reference prompts
-   are cached; the outlier score is z_i = |a_i − μ_i| / σ_i.
-2. Memorization signal: δ = ε(x_t, t, y) − x_t at an early denoising step,
-   text branch only ("guidance 0"), min–max normalised per image and channel.
-   A seed counts as memorized when its δ has MS-SSIM > τ with at least one
-   other seed; only those seeds are used from then on. τ = mean + 1 std of
-   that pairwise MS-SSIM on non-memorized prompts.
-3. Initial selection: θ = 5, k = 0; each round blocks every neuron with z > θ
-   plus the k neurons of largest a per layer, then θ −= 0.25 (floor 1), k += 1,
-   until the max over seeds of MS-SSIM(δ unblocked, δ blocked) is ≤ τ.
-4. Refinement: unblock whole layers (last first), then single neurons, keeping
-   each change that keeps the criterion.
+1. Activation a_i of neuron i of a value layer: the mean over tokens of
+   |(W_v y)_i|; its outlier score z_i = |a_i − μ_i| / σ_i against
+   non-memorized reference prompts.
+2. Noise difference δ = ε(x, t, y) − x (text branch only), min–max normalised
+   to [0, 1] per image and channel; a seed counts as memorized when its δ has
+   MS-SSIM (data range 1) > τ with another seed's.
+3. Initial selection: θ = 5, k = 0, then θ −= 0.25, k += 1 per round, blocking
+   every neuron with z > θ plus the k most active per layer, until the largest
+   MS-SSIM between a seed's δ unblocked and blocked is ≤ τ; at most 16 rounds
+   (the last at θ = 1.25, k = 15), as the authors' loop stops before θ = 1.
+4. Refinement: unblock whole layers (last first), then single neurons in the
+   order of the authors' list; a change is kept when the criterion is strictly
+   below τ (below the similarity reached, when the selection ran out of rounds).
 
-Choices where this differs from the authors' code, each for a stated reason:
-
-* MS-SSIM with 3 scales of a 7x7 window (`analysis.metrics.ms_ssim`) where the
-  authors use 3 scales of an 11x11 window (torchmetrics, betas 0.33 each): an
-  11x11 window does not fit the coarsest scale of a 32x32 image.
-* δ is read at step `step_index=2` of the model's DDIM schedule by default
-  (t = 701 of the demo model's 10 steps), blocking active on every step up to
-  it; the authors read step 1 of 50 (t = 961). Measured on the demo model
-  (docs/results/mitigation.md): there δ separates memorized from held-out
-  captions better than at the first step (between-seed MS-SSIM 0.53–0.75 vs
-  0.01–0.13, τ 0.20), and the MS-SSIM between δ of two unrelated captions with
-  the same seed, a floor for the same-seed criterion, falls from 0.64 to
-  0.40, still above τ: in pixel space a seed's noise shapes its δ at every
-  early step, so on this model the criterion is not reached.
-* τ is calibrated with the same δ (text branch only) as the criterion; the
-  authors calibrated with guidance 7 but tested with guidance 0.
-* As in the authors' code, the selection loop also ends after the round at
-  the θ floor (17 rounds from θ = 5), and if τ was not reached by then,
-  refinement keeps the similarity reached instead of τ.
-* Activations are read by a hook on a UNet forward pass, so anything the UNet
-  does to the text states before the value projection is included.
-
-On the bundled demo model the memorized captions are strong outliers (max z
-7.9–17.4, held-out captions 3.2–4.7), yet NeMo's largest mask (184–238 of 320
-neurons) leaves them replicating on 0–8 of 10 seeds (mean 0.43) while changing
-held-out generations (pixel correlation 0.51–0.64); replication stops only
-with 256 of the 320 neurons or the whole `down.2` value layer blocked (held-out
-correlation 0.41 / 0.54). Memorization there is not local
-(docs/results/mitigation.md).
+Two groups of settings (`SETTINGS`), chosen per model by `settings="auto"`:
+"authors" (the authors' code; the default for latent Stable Diffusion models)
+and "pixel" (the bundled pixel-space demo model, where the authors' δ does not
+separate memorized from other captions). Any setting given explicitly wins.
 """
 
 from __future__ import annotations
@@ -54,86 +31,128 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from analysis.hooks import MeanAbsOutput, hooked, nemo_layers, resolve_layers, zero_outputs
 from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, localizer_target, weights_checksum
-from analysis.masks import Mask, removed_counts
+from analysis.masks import Mask
 from analysis.metrics import ms_ssim
-from analysis.model import ModelHandle
-from analysis.sampling import DenoisingStep, SamplingCancelled, as_embeddings, encode_prompts, sample
+from analysis.model import REPO_ROOT, ModelHandle
+from analysis.progress import Callback, report
+from analysis.sampling import (as_embeddings, ddim_schedule, denoising_steps, encode_prompts, guided_noise,
+                               initial_noise, noise_generators, predict_noise)
 
 DEFAULT_SEEDS = tuple(range(10))
 SCALES = 3  # MS-SSIM scales, as in the authors' code
+DATA_RANGE = 1.0  # δ is min-max normalised to [0, 1]
+SETTINGS = {
+    # The authors' code: x_T fed at the schedule's second timestep (t = 961 of SD's 50 DDIM steps), torchmetrics'
+    # 11x11 Gaussian window, τ calibrated with guidance 7.
+    "authors": dict(step_index=1, advance_latents=False, window=11, threshold_guidance=7.0),
+    # The bundled 32x32 pixel-space model: δ read after two DDIM steps, a 7x7 window, τ from the same δ as the
+    # criterion (docs/methods.md §4.3 says why).
+    "pixel": dict(step_index=2, advance_latents=True, window=7, threshold_guidance=1.0),
+}
+SETTING_NAMES = ("auto", *SETTINGS)
+# The authors' τ and reference statistics for SD v1.4, both from their additional LAION prompts.
+SD14_NAMES = ("CompVis/stable-diffusion-v1-4",)
+SD14_THRESHOLD = 0.428
+SD14_STATISTICS = REPO_ROOT / "assets" / "sd14_memorization" / "nemo_statistics_v1_4.safetensors"
+
+Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (μ, σ), each [out]
+Blocked = dict[str, list[int]]  # layer -> blocked neurons, in the order refinement visits them
+BlockedSimilarity = Callable[[Blocked], float]  # the criterion with these neurons blocked
 
 
-def noise_differences(handle: ModelHandle, text: torch.Tensor, seeds: Sequence[int], steps: int, step_index: int = 0,
-                      batch_size: int | None = None) -> torch.Tensor:
-    """NeMo's δ = ε(x_t, t, y) − x_t at denoising step `step_index` for every (prompt, seed), item-major.
+@dataclass(frozen=True)
+class DeltaReading:
+    """Where NeMo reads its noise difference δ = ε(x, t, y) − x."""
 
-    Read off `sample`'s own loop: a `steps`-step DDIM run, text branch only
-    (guidance 1), stopped after step `step_index` (0: at x_T itself). Forward
-    hooks active around the call act on every step. `text`: embeddings
-    `[n, 77, d]`. Returns `[n * len(seeds), C, h, w]` float32, min–max
-    normalised to [-1, 1] per image and channel.
+    steps: int  # of the DDIM schedule
+    step_index: int  # t is the schedule's timestep number `step_index` (0-based)
+    advance_latents: bool  # x: the latents after `step_index` DDIM steps (True) or x_T itself (False, the authors')
+    guidance: float = 1.0  # 1: the text branch alone (the authors' "guidance 0")
+
+    def unet_rows(self, seeds: int) -> int:
+        """UNet rows one reading of one prompt with `seeds` seeds costs."""
+        return seeds * (self.step_index + 1 if self.advance_latents else 1) * (1 if self.guidance == 1.0 else 2)
+
+
+@torch.no_grad()
+def noise_differences(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int],
+                      reading: DeltaReading, batch_size: int | None = None) -> torch.Tensor:
+    """NeMo's δ for every (prompt, seed), item-major: `[n * len(seeds), C, h, w]` float32 in [0, 1].
+
+    Min–max normalised per image and channel, as the authors do. Forward hooks
+    active around the call act on every UNet evaluation it makes.
     """
-    if not 0 <= step_index < steps:
-        raise ValueError(f"step_index must be in [0, {steps}), got {step_index}")
-    captured = []
-
-    def capture(step: DenoisingStep) -> None:
-        if step.index == step_index:
-            captured.append(step.noise_text - step.latents)
-            raise SamplingCancelled
-
-    try:
-        sample(handle, text, seeds, steps=steps, guidance=1.0, callback=capture, batch_size=batch_size)
-    except SamplingCancelled:
-        pass  # the planned stop at step_index
-    delta = captured[0].float()
+    if not 0 <= reading.step_index < reading.steps:
+        raise ValueError(f"step_index must be in [0, {reading.steps}), got {reading.step_index}")
+    if reading.advance_latents:
+        for step in denoising_steps(handle, conditioning, seeds, reading.steps, reading.guidance,
+                                    batch_size=batch_size):
+            if step.index == reading.step_index:
+                delta = step.noise_pred - step.latents
+                break
+    else:
+        text = as_embeddings(handle, conditioning)
+        scheduler = ddim_schedule(handle, reading.steps)
+        timestep = scheduler.timesteps[reading.step_index]
+        noise = initial_noise(handle, noise_generators([seed for _ in range(len(text)) for seed in seeds]))
+        x = noise * scheduler.init_noise_sigma
+        uncond = None if reading.guidance == 1.0 else encode_prompts(handle, [""])
+        noise_text, noise_uncond = predict_noise(handle.unet, scheduler.scale_model_input(x, timestep), timestep,
+                                                 text.repeat_interleave(len(seeds), dim=0), uncond, batch_size)
+        delta = guided_noise(noise_text, noise_uncond, reading.guidance) - x
+    delta = delta.float()
     low, high = delta.amin(dim=(2, 3), keepdim=True), delta.amax(dim=(2, 3), keepdim=True)
-    return 2 * (delta - low) / (high - low).clamp_min(1e-12) - 1
+    # A channel that is constant (never seen in practice) maps to 0 instead of 0/0.
+    return (delta - low) / (high - low).clamp_min(1e-12)
 
 
-def max_ssim_with_other_seeds(deltas: torch.Tensor, scales: int = SCALES) -> torch.Tensor:
+def delta_similarity(a: torch.Tensor, b: torch.Tensor, window: int, scales: int = SCALES) -> torch.Tensor:
+    """MS-SSIM of δ pairs `[n, C, h, w]` each (in [0, 1], so data range 1): `[n]`."""
+    return ms_ssim(a, b, scales, window, data_range=DATA_RANGE)
+
+
+def max_ssim_with_other_seeds(deltas: torch.Tensor, window: int, scales: int = SCALES) -> torch.Tensor:
     """For each δ of `[n, C, h, w]` (one prompt, n seeds), its highest MS-SSIM with any other: `[n]`."""
     pairs = torch.combinations(torch.arange(len(deltas)), r=2)
-    similarities = ms_ssim(deltas[pairs[:, 0]], deltas[pairs[:, 1]], scales)
+    similarities = delta_similarity(deltas[pairs[:, 0]], deltas[pairs[:, 1]], window, scales)
     best = torch.full((len(deltas),), -1.0)
     for column in (0, 1):
         best = best.scatter_reduce(0, pairs[:, column], similarities, reduce="amax")
     return best
 
 
-def calibrate_threshold(handle: ModelHandle, prompts: Sequence[str], seeds: Sequence[int] = DEFAULT_SEEDS,
-                        steps: int | None = None, step_index: int = 0, scales: int = SCALES,
-                        cache_dir: str | Path | None = DEFAULT_CACHE_DIR, batch_size: int | None = None) -> float:
+def calibrate_threshold(handle: ModelHandle, prompts: Sequence[str], seeds: Sequence[int], reading: DeltaReading,
+                        window: int, scales: int = SCALES, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+                        batch_size: int | None = None) -> float:
     """τ = mean + 1 std of the pairwise MS-SSIM between the δ of different seeds of each non-memorized prompt.
 
-    δ as `noise_differences` reads it. Cached per model weights, prompts,
-    seeds, steps and step. SD v1.4 gives 0.428.
+    Cached per model weights, prompts, seeds, reading and similarity.
     """
-    steps = steps or handle.default_steps
     seeds = [int(seed) for seed in seeds]
 
     def compute() -> dict[str, torch.Tensor]:
-        deltas = noise_differences(handle, encode_prompts(handle, list(prompts)), seeds, steps, step_index, batch_size)
+        deltas = noise_differences(handle, list(prompts), seeds, reading, batch_size)
         pairs = torch.combinations(torch.arange(len(seeds)), r=2)
-        similarities = torch.cat([ms_ssim(per_prompt[pairs[:, 0]], per_prompt[pairs[:, 1]], scales)
+        similarities = torch.cat([delta_similarity(per_prompt[pairs[:, 0]], per_prompt[pairs[:, 1]], window, scales)
                                   for per_prompt in deltas.split(len(seeds))])
         return {"threshold": similarities.mean() + similarities.std()}
 
-    key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(prompts), seeds, steps, step_index,
-                    f"ms_ssim-{scales}")
+    key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(prompts), seeds,
+                    [reading.steps, reading.step_index, reading.advance_latents, reading.guidance],
+                    f"ms_ssim-{scales}-{window}-range{DATA_RANGE}")
     return cached(cache_dir, "nemo-threshold", key, compute)["threshold"].item()
 
 
 def reference_statistics(handle: ModelHandle, layers: dict[str, nn.Linear], prompts: Sequence[str],
-                         cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                         batch_size: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                         cache_dir: str | Path | None = DEFAULT_CACHE_DIR, batch_size: int | None = None) -> Statistics:
     """Per layer, the mean μ and std σ `[out]` of each neuron's activation a_i over `prompts`. Cached."""
     def compute() -> dict[str, torch.Tensor]:
-        activations = record_activations(handle, layers, encode_prompts(handle, list(prompts)), batch_size)
+        activations = record_activations(handle, layers, list(prompts), batch_size)
         stats = {}
         for name, per_prompt in activations.items():
             stats[f"mean:{name}"], stats[f"std:{name}"] = per_prompt.mean(dim=0), per_prompt.std(dim=0)
@@ -144,16 +163,38 @@ def reference_statistics(handle: ModelHandle, layers: dict[str, nn.Linear], prom
     return {name: (stats[f"mean:{name}"], stats[f"std:{name}"]) for name in layers}
 
 
-def record_activations(handle: ModelHandle, layers: dict[str, nn.Linear], text: torch.Tensor,
-                       batch_size: int | None = None) -> dict[str, torch.Tensor]:
-    """a_i of every neuron for each embedding of `text` `[n, 77, d]`: name -> `[n, out]`.
+def sd14_statistics(layers: dict[str, nn.Linear]) -> Statistics:
+    """The authors' μ and σ for SD v1.4's value layers (assets/sd14_memorization); the layers must be those seven."""
+    stats = load_file(str(SD14_STATISTICS))
+    expected = {name.removeprefix("mean:"): len(mean) for name, mean in stats.items() if name.startswith("mean:")}
+    found = {name: layer.out_features for name, layer in layers.items()}
+    if found != expected:
+        raise ValueError(f"NeMo's SD v1.4 statistics cover the layers {expected}, this model's are {found}: "
+                         "pass reference_prompts to compute statistics for it")
+    return {name: (stats[f"mean:{name}"], stats[f"std:{name}"]) for name in layers}
 
-    One UNet forward per embedding (seed 0, first timestep); a_i depends on the text only.
+
+def record_activations(handle: ModelHandle, layers: dict[str, nn.Linear], conditioning: list[str] | torch.Tensor,
+                       batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """a_i of every neuron for each prompt or embedding `[n, 77, d]`: name -> `[n, out]`.
+
+    One UNet forward per prompt (seed 0, first timestep); a_i depends on the text only.
     """
     recorders = {name: MeanAbsOutput() for name in layers}
     with hooked(handle.unet, forward_hooks=recorders):
-        noise_differences(handle, text, [0], handle.default_steps, batch_size=batch_size)
+        next(denoising_steps(handle, conditioning, [0], handle.default_steps, guidance=1.0, batch_size=batch_size))
     return {name: recorder.rows() for name, recorder in recorders.items()}
+
+
+def resolve_settings(handle: ModelHandle, settings: str, **given) -> dict:
+    """The named settings (`"auto"`: "pixel" for a pixel-space model, else "authors") with the `given` non-None
+    values in their place; `name` says which group they started from."""
+    if settings not in SETTING_NAMES:
+        raise ValueError(f"unknown NeMo settings {settings!r}; choose one of {SETTING_NAMES}")
+    if settings == "auto":
+        settings = "pixel" if handle.pixel_space else "authors"
+    return dict(SETTINGS[settings], **{key: value for key, value in given.items() if value is not None},
+                name=settings)
 
 
 @dataclass
@@ -162,180 +203,238 @@ class SelectionRound:
 
     theta: float
     k: int
-    similarity: float  # max over memorized seeds of SSIM(δ unblocked, δ blocked)
+    similarity: float  # max over memorized seeds of MS-SSIM(δ unblocked, δ blocked)
     neurons: dict[str, int]  # blocked neurons per layer
 
 
 class NeMo:
     """Find the value-layer neurons whose blocking stops a prompt's memorization.
 
-    `mask = NeMo().fit(handle, prompt)`; `with mask.applied(handle): sample(...)`.
+    `nemo = NeMo(reference_prompts=[...]).fit(handle, prompt)`; then
+    `with nemo.mask_.applied(handle): sample(...)`.
 
     Parameters: `reference_prompts`, non-memorized prompts for μ, σ and τ
-    (None: the handle's held-out prompts); `layers`, hook point names (None:
-    value projections of the down and mid blocks); `threshold`, τ (None:
-    `calibrate_threshold` on the reference prompts with `calibration_seeds`);
-    `steps` of the DDIM schedule (None: the model's default) and `step_index`,
-    the step δ is read at (0: x_T; the authors read step 1 of 50); θ
-    schedule; `scales` of MS-SSIM (3 need images of at least 28 pixels);
-    `refine=False` returns the initial selection, the largest mask NeMo
-    considers (refinement only unblocks neurons from it, at one criterion
-    evaluation per blocked neuron);
-    `cache_dir` (None: no cache); `batch_size` caps UNet rows per call;
-    `progress(message)` is called after every criterion evaluation.
+    (None: the handle's held-out prompts; on SD v1.4 with the authors'
+    settings, the authors' statistics and τ = 0.428); `settings`, "auto",
+    "authors" or "pixel" (`SETTINGS`), which fills in `step_index` (the step
+    δ is read at), `advance_latents` (whether the latents are stepped there),
+    `window` (of MS-SSIM) and `threshold_guidance` (of τ's δ) where they are
+    None; `layers`, hook point names (None: value projections of the down and
+    mid blocks); `threshold`, τ (None: calibrated on the reference prompts
+    with `calibration_seeds`); `steps` of the DDIM schedule (None: the
+    model's default); `scales` of MS-SSIM; the θ schedule; `refine=False`
+    keeps the initial selection, the largest mask NeMo considers (refinement
+    costs one criterion evaluation per blocked neuron); `cache_dir` (None: no
+    cache); `batch_size` caps UNet rows per call.
 
-    After `fit`: `threshold_` (τ used), `memorized_seeds_`, `trace_` (one
+    After `fit`: `mask_` (the blocked neurons), `threshold_` (τ used),
+    `settings_` (the settings used), `memorized_seeds_`, `trace_` (one
     `SelectionRound` per initial-selection round), `similarity_` (criterion
     value of the final mask), `unet_evaluations_` (UNet rows spent on the
     prompt; the cached reference statistics and τ not counted).
     """
 
-    def __init__(self, reference_prompts: Sequence[str] | None = None, layers: Sequence[str] | None = None,
-                 threshold: float | None = None, calibration_seeds: Sequence[int] = DEFAULT_SEEDS,
-                 steps: int | None = None, step_index: int = 2, theta_start: float = 5.0, theta_step: float = 0.25,
-                 theta_min: float = 1.0, scales: int = SCALES, refine: bool = True,
-                 cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                 batch_size: int | None = None, progress: Callable[[str], None] | None = None):
+    def __init__(self, reference_prompts: Sequence[str] | None = None, settings: str = "auto",
+                 layers: Sequence[str] | None = None, threshold: float | None = None,
+                 calibration_seeds: Sequence[int] = DEFAULT_SEEDS, steps: int | None = None,
+                 step_index: int | None = None, advance_latents: bool | None = None, window: int | None = None,
+                 threshold_guidance: float | None = None, scales: int = SCALES, theta_start: float = 5.0,
+                 theta_step: float = 0.25, theta_min: float = 1.0, refine: bool = True,
+                 cache_dir: str | Path | None = DEFAULT_CACHE_DIR, batch_size: int | None = None):
         self.reference_prompts = reference_prompts
+        self.settings = settings
         self.layers = layers
         self.threshold = threshold
         self.calibration_seeds = calibration_seeds
         self.steps = steps
         self.step_index = step_index
+        self.advance_latents = advance_latents
+        self.window = window
+        self.threshold_guidance = threshold_guidance
+        self.scales = scales
         self.theta_start = theta_start
         self.theta_step = theta_step
         self.theta_min = theta_min
-        self.scales = scales
         self.refine = refine
         self.cache_dir = cache_dir
         self.batch_size = batch_size
-        self.progress = progress
 
-    def fit(self, handle: ModelHandle, prompt: str | torch.Tensor, seeds: Sequence[int] = DEFAULT_SEEDS) -> Mask:
-        """`prompt`: a prompt or an embedding `[77, d]` (e.g. a Dori trigger)."""
-        conditioning, prompt = localizer_target(prompt)
+    def fit(self, handle: ModelHandle, prompt: str | torch.Tensor, seeds: Sequence[int] = DEFAULT_SEEDS,
+            callback: Callback | None = None) -> NeMo:
+        """Localize `prompt` (a prompt or an embedding `[77, d]`, e.g. a Dori trigger); returns this estimator.
+
+        `callback` receives a `TaskProgress` after every criterion evaluation
+        and may raise `SamplingCancelled` to stop.
+        """
+        conditioning, label = localizer_target(prompt)
         seeds = [int(seed) for seed in seeds]
         if len(seeds) < 2:
             raise ValueError("NeMo compares seeds with each other: give at least 2")
-        steps = self.steps or handle.default_steps
-        reference_prompts = list(self.reference_prompts or handle.held_out_prompts)
-        if not reference_prompts:
-            raise ValueError("NeMo needs non-memorized reference prompts: pass reference_prompts")
+        self.settings_ = resolve_settings(handle, self.settings, step_index=self.step_index,
+                                          advance_latents=self.advance_latents, window=self.window,
+                                          threshold_guidance=self.threshold_guidance)
+        self.settings_["steps"] = self.steps or handle.default_steps
+        reading = DeltaReading(self.settings_["steps"], self.settings_["step_index"],
+                               self.settings_["advance_latents"])
+        window = self.settings_["window"]
+        coarsest = min(handle.latent_shape[1:]) // 2 ** (self.scales - 1)
+        if coarsest < window:
+            raise ValueError(f"{self.scales} MS-SSIM scales of this model's {handle.latent_shape[1]}-pixel latents "
+                             f"end at {coarsest} pixels, smaller than the {window}x{window} window: pass a smaller "
+                             "window or fewer scales")
         layers = nemo_layers(handle.unet) if self.layers is None else resolve_layers(handle.unet, self.layers)
-        statistics = reference_statistics(handle, layers, reference_prompts, self.cache_dir, self.batch_size)
-        self.threshold_ = self.threshold
-        if self.threshold_ is None:
-            self.threshold_ = calibrate_threshold(handle, reference_prompts, self.calibration_seeds, steps,
-                                                  self.step_index, self.scales, self.cache_dir, self.batch_size)
-        self.trace_: list[SelectionRound] = []
+        statistics, self.threshold_ = self._reference(handle, layers, reading)
+
         text = as_embeddings(handle, conditioning)
-        activations = record_activations(handle, layers, text, self.batch_size)
-        activations = {name: per_prompt[0] for name, per_prompt in activations.items()}
+        activations = {name: rows[0] for name, rows in record_activations(handle, layers, text,
+                                                                          self.batch_size).items()}
         self.unet_evaluations_ = 1
-
-        def deltas_of(chosen_seeds: list[int]) -> torch.Tensor:
-            self.unet_evaluations_ += (self.step_index + 1) * len(chosen_seeds)
-            return noise_differences(handle, text, chosen_seeds, steps, self.step_index, self.batch_size)
-
-        unblocked = deltas_of(seeds)
         z_scores = {name: (activations[name] - mean).abs() / std.clamp_min(1e-12)
                     for name, (mean, std) in statistics.items()}
 
-        memorized = max_ssim_with_other_seeds(unblocked, self.scales) > self.threshold_
+        def deltas_of(chosen_seeds: list[int]) -> torch.Tensor:
+            self.unet_evaluations_ += reading.unet_rows(len(chosen_seeds))
+            return noise_differences(handle, text, chosen_seeds, reading, self.batch_size)
+
+        unblocked = deltas_of(seeds)
+        memorized = max_ssim_with_other_seeds(unblocked, window, self.scales) > self.threshold_
         self.memorized_seeds_ = [seed for seed, flag in zip(seeds, memorized.tolist()) if flag]
+        self.trace_: list[SelectionRound] = []
         if not self.memorized_seeds_:
             self.similarity_ = None
-            self._report("no seed's δ resembles another's: the prompt does not look memorized, nothing blocked")
-            nothing = {name: torch.zeros(layer.out_features, dtype=torch.bool) for name, layer in layers.items()}
-            return self._mask(handle, prompt, seeds, steps, nothing)
+            report(callback, "NeMo", 1, 1, "no seed's δ resembles another's: the prompt does not look memorized, "
+                                           "nothing blocked")
+            self.mask_ = self._mask(handle, label, seeds, {name: [] for name in layers}, layers)
+            return self
         unblocked = unblocked[memorized]
 
-        def similarity_when_blocked(blocked: dict[str, torch.Tensor]) -> float:
-            hooks = {name: zero_outputs(removed) for name, removed in blocked.items() if removed.any()}
+        def similarity_when_blocked(blocked: Blocked) -> float:
+            masks = neuron_masks(blocked, layers)
+            hooks = {name: zero_outputs(removed) for name, removed in masks.items() if removed.any()}
             with hooked(handle.unet, forward_hooks=hooks):
-                return ms_ssim(unblocked, deltas_of(self.memorized_seeds_), self.scales).max().item()
+                return delta_similarity(unblocked, deltas_of(self.memorized_seeds_), window, self.scales).max().item()
 
         blocked, similarity, self.trace_ = initial_selection(
             activations, z_scores, similarity_when_blocked, self.threshold_, self.theta_start, self.theta_step,
-            self.theta_min, self._report)
+            self.theta_min, callback)
         if self.refine:
-            # If the loop ended without reaching τ, refine against the similarity reached (as the authors do).
+            # When the rounds ran out above τ, refinement keeps the similarity reached instead (as the authors do).
             blocked, similarity = refine(blocked, similarity, similarity_when_blocked,
-                                         max(self.threshold_, similarity), self._report)
+                                         max(self.threshold_, similarity), callback)
         self.similarity_ = similarity
-        return self._mask(handle, prompt, seeds, steps, blocked)
+        self.mask_ = self._mask(handle, label, seeds, blocked, layers)
+        return self
 
-    def _mask(self, handle: ModelHandle, prompt: str, seeds: list[int], steps: int,
-              blocked: dict[str, torch.Tensor]) -> Mask:
-        parameters = dict(seeds=seeds, memorized_seeds=self.memorized_seeds_, steps=steps, step_index=self.step_index,
+    def _reference(self, handle: ModelHandle, layers: dict[str, nn.Linear],
+                   reading: DeltaReading) -> tuple[Statistics, float]:
+        """μ, σ and τ: from the reference prompts, or the authors' for SD v1.4 when none are given."""
+        if (self.reference_prompts is None and self.settings_["name"] == "authors" and handle.name in SD14_NAMES):
+            self.settings_["reference"] = "the authors' SD v1.4 statistics"
+            return sd14_statistics(layers), SD14_THRESHOLD if self.threshold is None else self.threshold
+        prompts = list(self.reference_prompts or handle.held_out_prompts)
+        if not prompts:
+            raise ValueError("NeMo needs non-memorized reference prompts: pass reference_prompts")
+        self.settings_["reference"] = f"{len(prompts)} reference prompts"
+        statistics = reference_statistics(handle, layers, prompts, self.cache_dir, self.batch_size)
+        if self.threshold is not None:
+            return statistics, self.threshold
+        calibration = DeltaReading(reading.steps, reading.step_index, reading.advance_latents,
+                                   self.settings_["threshold_guidance"])
+        return statistics, calibrate_threshold(handle, prompts, self.calibration_seeds, calibration,
+                                               self.settings_["window"], self.scales, self.cache_dir, self.batch_size)
+
+    def _mask(self, handle: ModelHandle, label: str, seeds: list[int], blocked: Blocked,
+              layers: dict[str, nn.Linear]) -> Mask:
+        parameters = dict(seeds=seeds, memorized_seeds=self.memorized_seeds_, settings=self.settings_,
                           threshold=self.threshold_, theta_start=self.theta_start, theta_step=self.theta_step,
-                          theta_min=self.theta_min, scales=self.scales, refine=self.refine, similarity=self.similarity_,
-                          unet_evaluations=self.unet_evaluations_)
-        return Mask(blocked, method="nemo", prompt=prompt, model=handle.name, parameters=parameters)
-
-    def _report(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress(message)
+                          theta_min=self.theta_min, scales=self.scales, refine=self.refine,
+                          similarity=self.similarity_, unet_evaluations=self.unet_evaluations_)
+        return Mask(neuron_masks(blocked, layers), method="nemo", prompt=label, model=handle.name,
+                    parameters=parameters)
 
 
-BlockedSimilarity = Callable[[dict[str, torch.Tensor]], float]
-Report = Callable[[str], None]
+def neuron_masks(blocked: Blocked, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Blocked neuron lists -> bool `[out]` per layer, True where blocked."""
+    masks = {}
+    for name, layer in layers.items():
+        masks[name] = torch.zeros(layer.out_features, dtype=torch.bool)
+        masks[name][blocked[name]] = True
+    return masks
+
+
+def selection_rounds(theta_start: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0) -> list[float]:
+    """θ of each round of the initial selection: θ_start, θ_start − step, … while above θ_min (at least one).
+
+    The authors' loop lowers θ after a round that misses τ and stops once θ
+    reaches θ_min, before evaluating it: from 5 by 0.25 that is 16 rounds, the
+    last at θ = 1.25.
+    """
+    if theta_step <= 0:
+        raise ValueError(f"theta_step must be positive, got {theta_step}")
+    rounds = [theta_start]
+    # A small tolerance so that 5 − 16·0.25 counts as reaching 1 despite rounding.
+    while theta_start - len(rounds) * theta_step > theta_min + 1e-9:
+        rounds.append(theta_start - len(rounds) * theta_step)
+    return rounds
+
+
+def selected_neurons(activations: torch.Tensor, z_scores: torch.Tensor, theta: float, k: int) -> list[int]:
+    """One layer's neurons blocked in a round, in the order of the authors' list: the outliers (z > θ) by index,
+    then the k most active from the most active down.
+
+    A neuron that is both is listed at its top-k place: the authors' list
+    holds it twice, and their refinement's first visit to it (removing one of
+    the two copies) leaves it blocked.
+    """
+    top = activations.topk(min(k, len(activations))).indices.tolist()
+    outliers = [i for i in (z_scores > theta).nonzero().flatten().tolist() if i not in top]
+    return outliers + top
 
 
 def initial_selection(activations: dict[str, torch.Tensor], z_scores: dict[str, torch.Tensor],
                       similarity_when_blocked: BlockedSimilarity, threshold: float, theta_start: float = 5.0,
-                      theta_step: float = 0.25, theta_min: float = 1.0, report: Report | None = None,
-                      ) -> tuple[dict[str, torch.Tensor], float, list[SelectionRound]]:
+                      theta_step: float = 0.25, theta_min: float = 1.0, callback: Callback | None = None,
+                      ) -> tuple[Blocked, float, list[SelectionRound]]:
     """NeMo's initial selection: block outliers (z > θ) and the k most active neurons per layer, widening each round.
 
-    Starts at θ = `theta_start`, k = 0; after each round whose similarity is
-    above `threshold`, θ −= `theta_step` and k += 1. Ends when the similarity
-    is ≤ `threshold` or after the round at θ = `theta_min` (the authors' code
-    stops there too). Returns the last round's blocked neurons (bool `[out]`
-    per layer), its similarity and every round.
+    Round r (from 0) uses θ = `selection_rounds(...)`[r] and k = r; the
+    selection ends at the first round whose similarity (`similarity_when_blocked(blocked)`)
+    is ≤ `threshold`, or after the last round. Returns the last round's
+    blocked neurons per layer (in refinement's order), its similarity and every round.
     """
-    theta, k = theta_start, 0
+    thetas = selection_rounds(theta_start, theta_step, theta_min)
     trace = []
-    while True:
-        blocked = {name: (z_scores[name] > theta) | top_k(activations[name], k) for name in activations}
+    for k, theta in enumerate(thetas):
+        blocked = {name: selected_neurons(activations[name], z_scores[name], theta, k) for name in activations}
         similarity = similarity_when_blocked(blocked)
-        trace.append(SelectionRound(theta, k, similarity, removed_counts(blocked)))
-        if report is not None:
-            report(f"initial selection θ={theta:.2f} k={k}: {sum(trace[-1].neurons.values())} neurons, "
-                   f"SSIM {similarity:.3f} (τ {threshold:.3f})")
-        if similarity <= threshold or theta <= theta_min:
-            return blocked, similarity, trace
-        theta, k = max(theta - theta_step, theta_min), k + 1
+        trace.append(SelectionRound(theta, k, similarity, {name: len(found) for name, found in blocked.items()}))
+        report(callback, "NeMo initial selection", k + 1, len(thetas),
+               f"θ={theta:.2f} k={k}: {sum(trace[-1].neurons.values())} neurons, MS-SSIM {similarity:.3f} "
+               f"(τ {threshold:.3f})")
+        if similarity <= threshold:
+            break
+    return blocked, similarity, trace
 
 
-def refine(blocked: dict[str, torch.Tensor], similarity: float, similarity_when_blocked: BlockedSimilarity,
-           criterion: float, report: Report | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """NeMo's refinement: unblock whole layers (last first), then single neurons.
+def refine(blocked: Blocked, similarity: float, similarity_when_blocked: BlockedSimilarity, criterion: float,
+           callback: Callback | None = None) -> tuple[Blocked, float]:
+    """NeMo's refinement: unblock whole layers (last first), then single neurons (last layer first, each layer's in
+    its list order). A change is kept when the similarity is strictly below `criterion`."""
+    trials = 0
 
-    Each change is kept when the similarity stays ≤ `criterion`.
-    """
-    def keep_if_criterion_holds(trial: dict[str, torch.Tensor], stage: str) -> None:
-        nonlocal blocked, similarity
+    def keep_if_below(trial: Blocked, stage: str) -> None:
+        nonlocal blocked, similarity, trials
         trial_similarity = similarity_when_blocked(trial)
-        if trial_similarity <= criterion:
+        if trial_similarity < criterion:
             blocked, similarity = trial, trial_similarity
-        if report is not None:
-            report(f"refining {stage}: {sum(removed_counts(blocked).values())} neurons, SSIM {similarity:.3f}")
+        trials += 1
+        report(callback, "NeMo refinement", trials, None,
+               f"{stage}: {sum(map(len, blocked.values()))} neurons, MS-SSIM {similarity:.3f}")
 
     for name in reversed(blocked):
-        if blocked[name].any():
-            keep_if_criterion_holds({**blocked, name: torch.zeros_like(blocked[name])}, "layers")
+        if blocked[name]:
+            keep_if_below({**blocked, name: []}, "layers")
     for name in reversed(blocked):
-        for neuron in blocked[name].nonzero().flatten().tolist():
-            without_neuron = blocked[name].clone()
-            without_neuron[neuron] = False
-            keep_if_criterion_holds({**blocked, name: without_neuron}, "neurons")
+        for neuron in list(blocked[name]):
+            keep_if_below({**blocked, name: [n for n in blocked[name] if n != neuron]}, "neurons")
     return blocked, similarity
-
-
-def top_k(activations: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool `[n]`, True at the k largest activations."""
-    chosen = torch.zeros_like(activations, dtype=torch.bool)
-    chosen[activations.topk(min(k, len(activations))).indices] = True
-    return chosen
-

@@ -1,6 +1,6 @@
 """Wanda-style pruning of the weights a memorized prompt relies on (Chavhan et al. 2024).
 
-docs/methods.md §4. Wanda (Sun et al. 2023) scores weight W_ij of a linear
+docs/methods.md §5. Wanda (Sun et al. 2023) scores weight W_ij of a linear
 layer by |W_ij| · ‖X_j‖₂, X_j being input channel j over every token the layer
 saw on calibration data. The memorization variant scores the weights twice,
 on the memorized prompt and on non-memorized reference prompts, and prunes the
@@ -12,7 +12,7 @@ The authors' code is unreleased; the choices made here:
   (`ff.in`, `ff.out`; hook point kind "ff") in the down, mid and up blocks.
   A kind or a list of hook point names can be passed instead.
 * Activations X: the inputs of those layers over the first `record_steps`
-  denoising steps of `sample` (the project's sampling loop) from the given
+  denoising steps of the project's sampling loop from the given
   seeds, text branch only (guidance 1): the unconditional branch is the same
   empty prompt for both sets and would only dilute the contrast.
 * ‖X_j‖₂ over all tokens (pixels) of all rows and recorded steps; the
@@ -24,11 +24,7 @@ The authors' code is unreleased; the choices made here:
   per-prompt mask (as NeMo's), where Chavhan et al. contrast a set of
   memorized prompts; the set can be one prompt.
 
-On the bundled demo model, feed-forward masks of 1 % (activations of the first
-5 steps) and 5 % (the first step only) and a 5 % mask of the value layers
-leave the strongly memorized photos replicating on nearly every seed
-(docs/results/mitigation.md): this model does not keep a photo in the few
-weights per row that stand out for its caption.
+How these masks do on the bundled demo model: docs/results/mitigation.md.
 """
 
 from __future__ import annotations
@@ -43,30 +39,29 @@ from analysis.hooks import InputSquaredNorm, hooked, resolve_layers
 from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, localizer_target, weights_checksum
 from analysis.masks import Mask
 from analysis.model import ModelHandle
-from analysis.sampling import DenoisingStep, SamplingCancelled, sample
+from analysis.progress import Callback
+from analysis.sampling import denoising_steps
 
 DEFAULT_SEEDS = tuple(range(4))
 
 
 def input_norms(handle: ModelHandle, layers: dict[str, nn.Linear], prompts: Sequence[str] | torch.Tensor,
-                seeds: Sequence[int], steps: int, record_steps: int,
-                batch_size: int | None = None) -> dict[str, torch.Tensor]:
+                seeds: Sequence[int], steps: int, record_steps: int, batch_size: int | None = None,
+                callback: Callback | None = None) -> dict[str, torch.Tensor]:
     """‖X_j‖₂ per input channel `[in]` of each layer, over the first `record_steps` steps of sampling `prompts` × `seeds`.
 
-    Text branch only (guidance 1).
+    Text branch only (guidance 1); every step when the schedule has fewer.
+    `callback` receives each `DenoisingStep`.
     """
+    if record_steps < 1:
+        raise ValueError(f"record_steps must be at least 1, got {record_steps}")
     recorders = {name: InputSquaredNorm() for name in layers}
-
-    def stop_after_recording(step: DenoisingStep) -> None:
-        if step.index + 1 == record_steps:
-            raise SamplingCancelled
-
     with hooked(handle.unet, forward_hooks=recorders):
-        try:
-            sample(handle, prompts, seeds, steps=steps, guidance=1.0, callback=stop_after_recording,
-                   batch_size=batch_size)
-        except SamplingCancelled:
-            pass  # the planned stop after record_steps
+        for step in denoising_steps(handle, prompts, seeds, steps, guidance=1.0, batch_size=batch_size):
+            if callback is not None:
+                callback(step)
+            if step.index + 1 == record_steps:
+                break
     return {name: recorder.norms() for name, recorder in recorders.items()}
 
 
@@ -85,18 +80,25 @@ def top_share_per_row(scores: torch.Tensor, share: float) -> torch.Tensor:
 class Wanda:
     """Find the feed-forward weights important for a memorized prompt but not for normal prompts.
 
-    `mask = Wanda().fit(handle, prompt)`; `with mask.applied(handle): sample(...)`.
+    `wanda = Wanda(reference_prompts=[...]).fit(handle, prompt)`; then
+    `with wanda.mask_.applied(handle): sample(...)`.
 
-    Parameters: `sparsity`, the top share of each output row compared (the
-    literature uses about 1 %; at 10 % image quality collapses); `layers`, a
-    hook point kind or names; `record_steps` of a `steps`-step schedule (None:
-    the model's default); `cache_dir` for the reference norms (None: no cache);
+    Parameters: `reference_prompts`, non-memorized prompts (None: the
+    handle's held-out prompts); `sparsity`, the top share of each output row
+    compared (the literature uses about 1 %); `layers`, a hook point kind or
+    names; `record_steps` of a `steps`-step schedule (None: the model's
+    default); `cache_dir` for the reference norms (None: no cache);
     `batch_size` caps UNet rows per call.
+
+    After `fit`: `mask_` (the pruned weights), `prompt_norms_` and
+    `reference_norms_` (‖X_j‖₂ per layer for the prompt and the pooled
+    reference prompts).
     """
 
-    def __init__(self, sparsity: float = 0.01, layers: str | Sequence[str] = "ff", record_steps: int = 5,
-                 steps: int | None = None, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                 batch_size: int | None = None):
+    def __init__(self, reference_prompts: Sequence[str] | None = None, sparsity: float = 0.01,
+                 layers: str | Sequence[str] = "ff", record_steps: int = 5, steps: int | None = None,
+                 cache_dir: str | Path | None = DEFAULT_CACHE_DIR, batch_size: int | None = None):
+        self.reference_prompts = reference_prompts
         self.sparsity = sparsity
         self.layers = layers
         self.record_steps = record_steps
@@ -104,33 +106,39 @@ class Wanda:
         self.cache_dir = cache_dir
         self.batch_size = batch_size
 
-    def fit(self, handle: ModelHandle, prompt: str | torch.Tensor, reference_prompts: Sequence[str] | None = None,
-            seeds: Sequence[int] = DEFAULT_SEEDS) -> Mask:
-        """`prompt`: a prompt or an embedding `[77, d]` (e.g. a Dori trigger)."""
-        conditioning, prompt = localizer_target(prompt)
+    def fit(self, handle: ModelHandle, prompt: str | torch.Tensor, seeds: Sequence[int] = DEFAULT_SEEDS,
+            callback: Callback | None = None) -> Wanda:
+        """Localize `prompt` (a prompt or an embedding `[77, d]`, e.g. a Dori trigger); returns this estimator.
+
+        `callback` receives every `DenoisingStep` of the recording runs and may
+        raise `SamplingCancelled` to stop.
+        """
+        conditioning, label = localizer_target(prompt)
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
         seeds = [int(seed) for seed in seeds]
         steps = self.steps or handle.default_steps
-        reference_prompts = list(reference_prompts or handle.held_out_prompts)
+        reference_prompts = list(self.reference_prompts or handle.held_out_prompts)
         if not reference_prompts:
             raise ValueError("Wanda needs non-memorized reference prompts: pass reference_prompts")
         layers = resolve_layers(handle.unet, self.layers)
 
         def norms_of(prompts: list[str] | torch.Tensor) -> dict[str, torch.Tensor]:
-            return input_norms(handle, layers, prompts, seeds, steps, self.record_steps, self.batch_size)
+            return input_norms(handle, layers, prompts, seeds, steps, self.record_steps, self.batch_size, callback)
 
-        memorized_norms = norms_of(conditioning)
+        self.prompt_norms_ = norms_of(conditioning)
         key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(layers), reference_prompts,
                         seeds, steps, self.record_steps)
-        reference_norms = cached(self.cache_dir, "wanda-norms", key, lambda: norms_of(reference_prompts))
+        self.reference_norms_ = cached(self.cache_dir, "wanda-norms", key, lambda: norms_of(reference_prompts))
 
         removed = {}
         for name, layer in layers.items():
-            important_for_prompt = top_share_per_row(wanda_scores(layer.weight, memorized_norms[name]), self.sparsity)
-            important_for_references = top_share_per_row(wanda_scores(layer.weight, reference_norms[name]),
+            important_for_prompt = top_share_per_row(wanda_scores(layer.weight, self.prompt_norms_[name]),
+                                                     self.sparsity)
+            important_for_references = top_share_per_row(wanda_scores(layer.weight, self.reference_norms_[name]),
                                                          self.sparsity)
             removed[name] = important_for_prompt & ~important_for_references
         parameters = dict(sparsity=self.sparsity, seeds=seeds, steps=steps, record_steps=self.record_steps,
                           reference_prompts=len(reference_prompts))
-        return Mask(removed, method="wanda", prompt=prompt, model=handle.name, parameters=parameters)
+        self.mask_ = Mask(removed, method="wanda", prompt=label, model=handle.name, parameters=parameters)
+        return self
