@@ -201,7 +201,7 @@ def test_ms_ssim_is_one_for_identical_maps_and_drops_with_noise():
 
 
 def test_the_authors_window_on_a_small_model_is_a_clear_error(tiny_handle, tmp_path):
-    with pytest.raises(ValueError, match="smaller than the 11x11 window"):
+    with pytest.raises(ValueError, match="smaller than the 11x11 SSIM window"):
         NeMo(settings="authors", threshold=0.5, steps=4, scales=2, cache_dir=tmp_path).fit(tiny_handle, PROMPT)
 
 

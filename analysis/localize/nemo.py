@@ -280,8 +280,8 @@ class NeMo:
         coarsest = min(handle.latent_shape[1:]) // 2 ** (self.scales - 1)
         if coarsest < window:
             raise ValueError(f"{self.scales} MS-SSIM scales of this model's {handle.latent_shape[1]}-pixel latents "
-                             f"end at {coarsest} pixels, smaller than the {window}x{window} window: pass a smaller "
-                             "window or fewer scales")
+                             f"end at {coarsest}x{coarsest}, smaller than the {window}x{window} SSIM window: pass a "
+                             "smaller window or fewer scales")
         layers = nemo_layers(handle.unet) if self.layers is None else resolve_layers(handle.unet, self.layers)
         statistics, self.threshold_ = self._reference(handle, layers, reading)
 
