@@ -23,7 +23,7 @@ from served import served
 STEPS = 2
 SSCD_LABEL = "similarity (SSCD)"
 # NeMo compares δ of 8x8 latents: one MS-SSIM scale fits.
-NEMO = dict(scales=1, steps=3, step_index=1, calibration_seeds=[0, 1])
+NEMO = dict(scales=1, window=7, steps=3, step_index=1, calibration_seeds=[0, 1])
 
 
 @pytest.fixture(scope="module")

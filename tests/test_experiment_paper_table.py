@@ -14,7 +14,7 @@ from tiny_sd import write_memorized_set
 from analysis.experiments import paper_table
 from analysis.experiments.paper_table import ROWS, image_rows, main, run
 
-NEMO = dict(steps=3, step_index=1, scales=1, theta_start=1, refine=False, calibration_seeds=[0, 1])
+NEMO = dict(steps=3, step_index=1, scales=1, window=7, theta_start=1, refine=False, calibration_seeds=[0, 1])
 FINETUNE = dict(rounds=1, triggers_per_image=1, steps_per_round=1, dori=dict(steps=1, batch_size=1),
                 surrogate_seeds=1, eval_seeds=1, normal_batch=2, adversarial_batch=2, normal_images=2)
 

@@ -17,7 +17,8 @@ from analysis.cli import build_parser, main
 from analysis.experiments import paper_table
 from analysis.model import REPO_ROOT
 
-NEMO = ["steps=3", "step_index=1", "scales=1", "theta_start=1", "refine=false", "calibration_seeds=[0,1]"]
+NEMO = ["steps=3", "step_index=1", "scales=1", "window=7", "theta_start=1", "refine=false",
+        "calibration_seeds=[0,1]"]
 WANDA = ["steps=2", "record_steps=1"]
 SMALL = {
     "replicate": ["--steps", "2", "--seeds", "0-1"],
@@ -36,7 +37,7 @@ SMALL = {
 
 
 PAPER_TABLE_SMALL = ["--images", "0", "--seeds", "1", "--search-steps", "1",
-                     "--nemo", json.dumps(dict(steps=3, step_index=1, scales=1, theta_start=1, refine=False,
+                     "--nemo", json.dumps(dict(steps=3, step_index=1, scales=1, window=7, theta_start=1, refine=False,
                                                calibration_seeds=[0, 1])),
                      "--wanda", json.dumps(dict(steps=2, record_steps=1)),
                      "--finetune", json.dumps(dict(rounds=1, triggers_per_image=1, steps_per_round=1,

@@ -20,7 +20,8 @@ from analysis.tasks import run_task
 # Few sampling steps wherever a command takes them; the folder's own default is SD's 50.
 STEPS = ("--steps", "2")
 # NeMo compares δ of 8x8 latents: one MS-SSIM scale fits.
-NEMO_SETTINGS = ("steps=3", "step_index=1", "scales=1", "theta_start=1", "refine=false", "calibration_seeds=[0,1]")
+NEMO_SETTINGS = ("steps=3", "step_index=1", "scales=1", "window=7", "theta_start=1", "refine=false",
+                 "calibration_seeds=[0,1]")
 NEMO = tuple(arg for setting in NEMO_SETTINGS for arg in ("--param", setting))
 
 
