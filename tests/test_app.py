@@ -217,6 +217,8 @@ def test_uploaded_start_embedding(client, tiny_handle, tmp_path):
 
 @pytest.mark.parametrize("make, message", [
     (lambda path: save_file({"embedding": torch.full((77, 32), float("nan"))}, str(path)), "NaN"),
+    # Finite but absurd: the search would only return NaN, and its export would fail.
+    (lambda path: save_file({"embedding": torch.full((77, 32), 1e30)}, str(path)), "accepted up to"),
     (lambda path: save_file({"embedding": torch.zeros(5, 32)}, str(path)), "has shape \\[77, 32\\]"),
     (lambda path: path.write_text("not tensors"), "could not be read as safetensors"),
 ])
