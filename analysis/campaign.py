@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from analysis.memorized import (PROMPT_COLUMNS, REFERENCE_PROMPTS_FILE, SD14_MEMORIZED_FILE, memorized_captions,
-                                read_table, row_prompt)
-from analysis.model import DEMO_MODEL_DIR, MEMORIZED_FILE, ModelHandle, open_model
+from analysis.memorized import (MEMORIZED_FILE, PROMPT_COLUMNS, REFERENCE_PROMPTS_FILE, SD14_MEMORIZED_FILE,
+                                memorized_captions, read_table, row_prompt)
+from analysis.model import DEMO_MODEL_DIR, ModelHandle, open_model
 from analysis.progress import Callback, report
 from analysis.tasks import run_task
 

@@ -67,7 +67,8 @@ from analysis.dori import DoriSearch, DoriStep, Start, evaluate
 from analysis.hooks import hook_points, nemo_layers
 from analysis.masks import Mask
 from analysis.metrics import ReplicationMetric, similarity_matrix
-from analysis.model import MEMORIZED_FILE, MemorizedImage, ModelHandle, save_pipeline_folder
+from analysis.memorized import MEMORIZED_FILE, MemorizedImage
+from analysis.model import ModelHandle, save_pipeline_folder
 from analysis.normal import GENERATED_PAIRS, MixedPairs, PairSource, default_pairs
 from analysis.sampling import DenoisingStep, encode_prompts, predict_noise, sample, training_target
 

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
-from analysis.model import MEMORIZED_FILE, REPO_ROOT, MemorizedImage
+from analysis.paths import REPO_ROOT
+
+MEMORIZED_FILE = "memorized.json"  # a model folder's sidecar: its memorized images, prompts and settings
 
 SD14_MEMORIZATION_DIR = REPO_ROOT / "assets" / "sd14_memorization"
 SD14_MEMORIZED_FILE = SD14_MEMORIZATION_DIR / "memorized_laion_prompts.csv"
@@ -42,6 +45,15 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 CAPTION_COLUMNS = ("text", "caption")
 # Columns a prompt list's prompt may be in (the shipped SD v1.4 lists call it `Caption`).
 PROMPT_COLUMNS = ("prompt", "caption", "Caption", "text")
+
+
+@dataclass
+class MemorizedImage:
+    """A training image known to be memorized, with the caption that triggers it."""
+
+    caption: str
+    image: torch.Tensor  # [3, H, W] in [-1, 1]
+    metadata: dict = field(default_factory=dict)  # an imagefolder row's other columns (file_name, url, group, ...)
 
 
 class MemorizedSetError(ValueError):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, UNet2DConditionModel
@@ -30,14 +29,14 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
-if TYPE_CHECKING:
-    from analysis.metrics import ReplicationMetric
+from analysis.memorized import (MEMORIZED_FILE, METADATA_FILES, REFERENCE_PROMPTS_FILE, MemorizedImage,
+                                load_memorized_set, read_prompt_list)
+from analysis.metrics import PIXEL_CORRELATION, ReplicationMetric, replication_metric
+from analysis.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo_model"
 CODEC_SUBFOLDER = "codec"
 CONTROLS_SUBFOLDER = "controls"  # optional: an imagefolder of images the model never trained on
-MEMORIZED_FILE = "memorized.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -68,21 +67,6 @@ class PassThroughCodec(ModelMixin, ConfigMixin):
 
 
 @dataclass
-class MemorizedImage:
-    """A training image known to be memorized, with the caption that triggers it."""
-
-    caption: str
-    image: torch.Tensor  # [3, H, W] in [-1, 1]
-    metadata: dict = field(default_factory=dict)  # an imagefolder row's other columns (file_name, url, group, ...)
-
-
-def _pixel_correlation():
-    from analysis.metrics import PIXEL_CORRELATION  # analysis.metrics imports this module
-
-    return PIXEL_CORRELATION
-
-
-@dataclass
 class ModelHandle:
     """Every component an analysis needs, on one device and dtype."""
 
@@ -103,7 +87,7 @@ class ModelHandle:
     # The noise offset the model was trained with (offset noise; 0 for SD): fine-tuning keeps training with it.
     training_offset_noise: float = 0.0
     # How replication is judged (analysis.metrics.ReplicationMetric): pixel correlation unless SSCD is given.
-    replication_metric: ReplicationMetric = field(default_factory=_pixel_correlation)
+    replication_metric: ReplicationMetric = PIXEL_CORRELATION
     # Where the memorized set and reference prompts came from when given apart from the model folder (else None).
     memorized_set: str | None = None
     reference_prompts_file: str | None = None
@@ -203,9 +187,6 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
     Raises `ModelLoadError` naming what was tried when it cannot be loaded, and
     `analysis.memorized.MemorizedSetError` (a ValueError) for a bad memorized set.
     """
-    # analysis.memorized imports this module for MemorizedImage.
-    from analysis.memorized import METADATA_FILES, REFERENCE_PROMPTS_FILE, load_memorized_set, read_prompt_list
-
     device = torch.device(device)
     dtype = _resolve_dtype(dtype)
     source = DEMO_MODEL_DIR if source is None else source
@@ -274,8 +255,6 @@ def open_model(model: str | Path | None = None, device: str | torch.device = "cp
                normal: str | Path | None = None) -> ModelHandle:
     """`load_model` with the command-line options (`dori --help`, `python app.py --help`): SSCD as the replication
     metric when `sscd` is given. ValueError for a threshold without SSCD or a bad SSCD file."""
-    from analysis.metrics import replication_metric  # analysis.metrics imports this module
-
     if sscd is None and sscd_threshold is not None:
         raise ValueError("--sscd-threshold needs --sscd (the SSCD TorchScript file)")
     metric = replication_metric(sscd, sscd_threshold, device) if sscd is not None else None

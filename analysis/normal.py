@@ -25,8 +25,8 @@ from typing import Protocol
 import torch
 
 from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, weights_checksum
-from analysis.memorized import SD14_MEMORIZATION_DIR, load_memorized_set, read_prompt_list
-from analysis.model import MemorizedImage, ModelHandle
+from analysis.memorized import SD14_MEMORIZATION_DIR, MemorizedImage, load_memorized_set, read_prompt_list
+from analysis.model import ModelHandle
 from analysis.sampling import sample
 
 COCO_CAPTIONS_FILE = SD14_MEMORIZATION_DIR / "coco2014_val_10000.csv"

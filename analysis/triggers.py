@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.dori import DoriSearch, DoriStep, Start, evaluate
-from analysis.model import REPO_ROOT, MemorizedImage, ModelHandle
+from analysis.memorized import MemorizedImage
+from analysis.model import REPO_ROOT, ModelHandle
 
 EMBEDDINGS_FILE = "triggers.safetensors"
 METADATA_FILE = "triggers.json"

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from tiny_model import build_tiny_handle
 from tiny_sd import build_tiny_sd_folder, write_memorized_set, write_prompt_list, write_sscd_standin
 
-from analysis.model import MEMORIZED_FILE, ModelHandle, save_pipeline_folder
+from analysis.memorized import MEMORIZED_FILE
+from analysis.model import ModelHandle, save_pipeline_folder
 
 
 @pytest.fixture(scope="session")

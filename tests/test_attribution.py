@@ -8,7 +8,7 @@ from analysis.experiments.attribution import (GROUND_TRUTH, RESULTS, identifying
                                               replication_without_words)
 from analysis.export import compare_metrics, save_export
 from analysis.rerun import rerun
-from analysis.metrics import wen_score
+from analysis.wen_score import wen_score
 from analysis.model import REPO_ROOT, load_model
 from analysis.sampling import encode_prompts
 from analysis.tasks import run_task

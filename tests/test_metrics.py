@@ -4,7 +4,8 @@ import torch
 from skimage.metrics import structural_similarity
 
 from analysis.metrics import (IMAGENET_MEAN, IMAGENET_STD, SSCD, ReplicationResult, memorization_rate, replication,
-                              roc_auc, similarity_matrix, ssim, wen_magnitude, wen_score)
+                              roc_auc, similarity_matrix, ssim)
+from analysis.wen_score import wen_magnitude, wen_score
 from analysis.sampling import encode_prompts, initial_noise, noise_generators
 
 

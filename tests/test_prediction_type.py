@@ -9,7 +9,7 @@ import torch
 from analysis.dori import DoriSearch, Start
 from analysis.finetune import denoising_loss
 from analysis.localize.nemo import noise_differences
-from analysis.metrics import wen_score
+from analysis.wen_score import wen_score
 from analysis.model import load_model
 from analysis.sampling import as_epsilon, encode_prompts, initial_noise, noise_generators, sample
 

@@ -18,7 +18,8 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from analysis.demo.architecture import MAX_LENGTH, build_scheduler, build_tokenizer  # noqa: E402
 from analysis.demo.data import all_shape_specs, render_shapes  # noqa: E402
-from analysis.model import MemorizedImage, ModelHandle, PassThroughCodec  # noqa: E402
+from analysis.memorized import MemorizedImage  # noqa: E402
+from analysis.model import ModelHandle, PassThroughCodec  # noqa: E402
 
 TINY_SIZE = 16
 TINY_WIDTH = 32

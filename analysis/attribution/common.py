@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from analysis.metrics import wen_magnitude
+from analysis.wen_score import wen_magnitude
 from analysis.model import ModelHandle
 from analysis.sampling import encode_prompts, initial_noise, noise_generators
 
@@ -59,7 +59,7 @@ def memorization_objective(handle: ModelHandle, seeds: Sequence[int]) -> Callabl
     """m(y): Wen et al.'s first-step magnitude, mean over `seeds`, for embeddings `[b, 77, d]` -> `[b]`.
 
     The same x_T and first timestep as `sample` with the model's default
-    steps, so the score matches `metrics.wen_score`. Differentiable in y.
+    steps, so the score matches `wen_score.wen_score`. Differentiable in y.
     """
     scheduler = DDIMScheduler.from_config(handle.scheduler.config)
     scheduler.set_timesteps(handle.default_steps)

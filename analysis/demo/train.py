@@ -34,7 +34,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from analysis.demo.architecture import build_scheduler, build_text_encoder, build_tokenizer, build_unet
 from analysis.demo.data import DemoDataset
-from analysis.model import MEMORIZED_FILE, save_pipeline_folder
+from analysis.memorized import MEMORIZED_FILE
+from analysis.model import save_pipeline_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -30,7 +30,8 @@ import torch
 from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion, memorization_objective
 from analysis.demo.data import split_shape_specs
 from analysis.metrics import replication, roc_auc
-from analysis.model import MemorizedImage, ModelHandle, load_model
+from analysis.memorized import MemorizedImage
+from analysis.model import ModelHandle, load_model
 from analysis.sampling import encode_prompts, sample
 
 RESULTS = Path("docs/results")

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from analysis.demo.data import procedural_bank, split_shape_specs  # noqa: E402
 from analysis.images import image_grid  # noqa: E402
-from analysis.metrics import REPLICATION_THRESHOLD, replication, roc_auc, similarity_matrix, wen_score  # noqa: E402
+from analysis.metrics import REPLICATION_THRESHOLD, replication, roc_auc, similarity_matrix  # noqa: E402
+from analysis.wen_score import wen_score  # noqa: E402
 from analysis.model import load_model  # noqa: E402
 from analysis.sampling import sample  # noqa: E402
 
