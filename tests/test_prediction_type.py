@@ -8,7 +8,7 @@ import torch
 
 from analysis.dori import DoriSearch, Start
 from analysis.finetune import denoising_loss
-from analysis.localize.nemo import noise_differences
+from analysis.localize.nemo import DeltaReading, noise_differences
 from analysis.wen_score import wen_score
 from analysis.model import load_model
 from analysis.sampling import as_epsilon, encode_prompts, initial_noise, noise_generators, sample
@@ -70,12 +70,14 @@ def test_finetuning_loss_targets_the_velocity(vpred):
 
 def test_nemo_delta_is_read_as_noise(vpred):
     text = encode_prompts(vpred, [vpred.memorized[0].caption])
-    deltas = noise_differences(vpred, text, [0, 1], STEPS, step_index=0)
     x_t, t, root_alpha = first_step(vpred, [0, 1])
     velocity = vpred.unet(x_t, t, encoder_hidden_states=text.expand(2, -1, -1)).sample
     delta = root_alpha * velocity + (1 - root_alpha**2).sqrt() * x_t - x_t  # ε − x_t
     low, high = delta.amin(dim=(2, 3), keepdim=True), delta.amax(dim=(2, 3), keepdim=True)
-    torch.testing.assert_close(deltas, 2 * (delta - low) / (high - low) - 1, atol=1e-4, rtol=1e-4)
+    # Both readings, at the first step: x_T itself (the authors') and after no DDIM step (the pixel reading).
+    for advance in (False, True):
+        deltas = noise_differences(vpred, text, [0, 1], DeltaReading(STEPS, 0, advance_latents=advance))
+        torch.testing.assert_close(deltas, (delta - low) / (high - low), atol=1e-4, rtol=1e-4)
 
 
 def test_wen_score_is_the_noise_gap_not_the_velocity_gap(vpred):

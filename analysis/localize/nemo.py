@@ -40,8 +40,8 @@ from analysis.masks import Mask
 from analysis.metrics import ms_ssim
 from analysis.model import REPO_ROOT, ModelHandle
 from analysis.progress import Callback, report
-from analysis.sampling import (as_embeddings, ddim_schedule, denoising_steps, encode_prompts, guided_noise,
-                               initial_noise, noise_generators, predict_noise)
+from analysis.sampling import (as_embeddings, as_epsilon, ddim_schedule, denoising_steps, encode_prompts,
+                               guided_noise, initial_noise, noise_generators, predict_noise)
 
 DEFAULT_SEEDS = tuple(range(10))
 SCALES = 3  # MS-SSIM scales, as in the authors' code
@@ -89,11 +89,12 @@ def noise_differences(handle: ModelHandle, conditioning: list[str] | torch.Tenso
     """
     if not 0 <= reading.step_index < reading.steps:
         raise ValueError(f"step_index must be in [0, {reading.steps}), got {reading.step_index}")
+    # δ compares the noise ε with x whatever the model predicts: a v-prediction model's output is converted.
     if reading.advance_latents:
         for step in denoising_steps(handle, conditioning, seeds, reading.steps, reading.guidance,
                                     batch_size=batch_size):
-            if step.index == reading.step_index:
-                delta = step.noise_pred - step.latents
+            if step.index == reading.step_index:  # the step's noise predictions are ε already
+                delta = guided_noise(step.noise_text, step.noise_uncond, reading.guidance) - step.latents
                 break
     else:
         text = as_embeddings(handle, conditioning)
@@ -104,6 +105,8 @@ def noise_differences(handle: ModelHandle, conditioning: list[str] | torch.Tenso
         uncond = None if reading.guidance == 1.0 else encode_prompts(handle, [""])
         noise_text, noise_uncond = predict_noise(handle.unet, scheduler.scale_model_input(x, timestep), timestep,
                                                  text.repeat_interleave(len(seeds), dim=0), uncond, batch_size)
+        noise_text = as_epsilon(scheduler, noise_text, x, timestep)
+        noise_uncond = None if noise_uncond is None else as_epsilon(scheduler, noise_uncond, x, timestep)
         delta = guided_noise(noise_text, noise_uncond, reading.guidance) - x
     delta = delta.float()
     low, high = delta.amin(dim=(2, 3), keepdim=True), delta.amax(dim=(2, 3), keepdim=True)
