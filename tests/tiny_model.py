@@ -41,18 +41,28 @@ TINY_CAPTIONS = MEMORIZED_CAPTIONS + HELD_OUT_PROMPTS + [
 ]
 
 
+def tiny_text_encoder(tokenizer) -> CLIPTextModel:
+    """A two-layer CLIP text encoder of width TINY_WIDTH over `tokenizer`'s vocabulary (seed torch first)."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TINY_WIDTH, intermediate_size=4 * TINY_WIDTH, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        projection_dim=TINY_WIDTH))
+
+
+def tiny_unet(channels: int, size: int) -> UNet2DConditionModel:
+    """A UNet of SD's block types, one cross-attention level, on `channels` x `size` x `size` (seed torch first)."""
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TINY_WIDTH, norm_num_groups=8, attention_head_dim=4)
+
+
 def build_tiny_handle(seed: int = 0) -> ModelHandle:
     """A seeded, randomly initialised model with SD's component types, small enough for fast CPU tests."""
     tokenizer = build_tokenizer(TINY_CAPTIONS)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TINY_WIDTH, intermediate_size=4 * TINY_WIDTH, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        projection_dim=TINY_WIDTH))
-    unet = UNet2DConditionModel(
-        sample_size=TINY_SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TINY_WIDTH, norm_num_groups=8, attention_head_dim=4)
+    text_encoder = tiny_text_encoder(tokenizer)
+    unet = tiny_unet(3, TINY_SIZE)
     codec = PassThroughCodec(latent_channels=3, sample_size=TINY_SIZE)
     for module in (text_encoder, unet, codec):
         module.eval().requires_grad_(False)

@@ -12,12 +12,11 @@ import csv
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from analysis.demo.architecture import MAX_LENGTH, build_tokenizer
-from tiny_model import TINY_CAPTIONS, TINY_WIDTH
+from analysis.demo.architecture import build_tokenizer
+from tiny_model import TINY_CAPTIONS, tiny_text_encoder, tiny_unet
 
 LATENT_SIZE = 8
 IMAGE_SIZE = 16  # LATENT_SIZE times the VAE's factor of 2
@@ -33,14 +32,8 @@ def build_tiny_sd_folder(folder: Path, v_prediction: bool = False, seed: int = 0
     """Write a seeded, randomly initialised SD pipeline (4-channel latents, a tiny VAE) with `save_pretrained`."""
     tokenizer = build_tokenizer(TINY_CAPTIONS)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TINY_WIDTH, intermediate_size=4 * TINY_WIDTH, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        projection_dim=TINY_WIDTH))
-    unet = UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TINY_WIDTH, norm_num_groups=8, attention_head_dim=4)
+    text_encoder = tiny_text_encoder(tokenizer)
+    unet = tiny_unet(4, LATENT_SIZE)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
                         latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE)
