@@ -130,8 +130,9 @@ def main(argv=None) -> None:
         for label, run in analyses(handle).items():
             measured(label, run)
     rows.append(("one adversarial fine-tuning step", "not run",
-                 "needs the normal image-caption pairs of a latent model, which arrive with `--normal` (issue 19); "
-                 "its float32 weights, gradients and Adam state alone take 4 × 3.2 GiB for the UNet"))
+                 "does not fit this 24 GiB machine: the UNet's float32 weights, gradients and Adam's two moments "
+                 "take 4 × 3.2 GiB, beside the loaded model (5.8 GiB), the frozen copy the normal term distils from "
+                 "(3.2 GiB) and the activations"))
     write_report(args.out, "Stable Diffusion v1.4 at full size on the CPU: a rehearsal",
                  f"python -m analysis.bench.sd14_rehearsal --device {args.device}",
                  "Random weights in SD v1.4's architecture (UNet 860 M, text encoder 123 M, VAE 84 M parameters), "
