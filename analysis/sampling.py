@@ -44,6 +44,7 @@ class DenoisingStep:
     noise_uncond: torch.Tensor | None  # ε(x_t, y0); None when guidance == 1 (not evaluated)
     noise_pred: torch.Tensor  # the guided model output the scheduler used (ε, or v for a v-prediction model)
     next_latents: torch.Tensor  # x_{t-1}
+    predicted_original: torch.Tensor  # x̂_0, the clean latents the scheduler predicted at this step
 
 
 @dataclass
@@ -214,11 +215,12 @@ def sample(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: S
                 wen_first_step = noise_gap(as_epsilon(scheduler, noise_text, latents, t),
                                            as_epsilon(scheduler, noise_uncond, latents, t)).cpu()
         # The per-image generators also draw DDIM's step noise when eta > 0, as in the pipeline.
-        next_latents = scheduler.step(noise_pred, t, latents, eta=eta, generator=generators, return_dict=False)[0]
+        next_latents, predicted_original = scheduler.step(noise_pred, t, latents, eta=eta, generator=generators,
+                                                          return_dict=False)
         if callback is not None:
             callback(DenoisingStep(index, steps, t, latents, as_epsilon(scheduler, noise_text, latents, t),
                                    None if noise_uncond is None else as_epsilon(scheduler, noise_uncond, latents, t),
-                                   noise_pred, next_latents))
+                                   noise_pred, next_latents, predicted_original))
         latents = next_latents
 
     chunk = batch_size or latents.shape[0]
