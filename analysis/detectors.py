@@ -27,9 +27,13 @@ import torch
 from analysis.attention import capture_attention, end_token_index
 from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, weights_checksum
 from analysis.model import ModelHandle
-from analysis.sampling import DenoisingStep
+from analysis.sampling import DenoisingStep, noise_gap
 
 DETECTORS = ("noise_gap", "attention_entropy", "bright_ending")
+# Beside the scores: Wen et al.'s gap at every step, `[n, steps]` (the curve the Replicate view plots).
+NOISE_GAP_PER_STEP = "noise_gap_per_step"
+# The seeds every reference distribution is computed with, whatever a run's seeds: one distribution per model.
+REFERENCE_SEEDS = (0, 1, 2, 3)
 # Ren et al. read the entropy at steps 40-49 of 50: the last fifth.
 ENTROPY_SHARE_OF_STEPS = 0.2
 MAX_REFERENCE_PROMPTS = 100
@@ -46,11 +50,18 @@ def entropy_steps(steps: int) -> list[int]:
 def detector_scores(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int], steps: int,
                     guidance: float, callback: Callable[[DenoisingStep], None] | None = None
                     ) -> dict[str, torch.Tensor]:
-    """Every detector's score of each prompt or embedding `[n, 77, d]`, mean over `seeds`: name -> `[n]` float64."""
+    """Every detector's score of each prompt or embedding `[n, 77, d]`, mean over `seeds`: name -> `[n]` float64,
+    and `NOISE_GAP_PER_STEP` `[n, steps]`."""
     if guidance == 1.0:
         raise ValueError("the noise gap needs the unconditional prediction: use guidance != 1")
-    result, capture = capture_attention(handle, conditioning, seeds, steps, guidance, kept_steps=(),
-                                        callback=callback)
+    gaps: list[torch.Tensor] = []
+
+    def record(step: DenoisingStep) -> None:
+        gaps.append(noise_gap(step.noise_text, step.noise_uncond).cpu())
+        if callback is not None:
+            callback(step)
+
+    result, capture = capture_attention(handle, conditioning, seeds, steps, guidance, kept_steps=(), callback=record)
     items = len(conditioning)
     means = torch.stack(capture.token_means).double()  # [steps, rows, tokens]
     entropy = -(means * means.clamp_min(1e-30).log()).sum(dim=-1)  # [steps, rows]
@@ -60,7 +71,9 @@ def detector_scores(handle: ModelHandle, conditioning: list[str] | torch.Tensor,
     per_row = dict(noise_gap=result.wen_first_step.double(),
                    attention_entropy=entropy[entropy_steps(steps)].mean(dim=0),
                    bright_ending=last[torch.arange(len(last)), ends])
-    return {name: values.view(items, len(seeds)).mean(dim=1) for name, values in per_row.items()}
+    scores = {name: values.view(items, len(seeds)).mean(dim=1) for name, values in per_row.items()}
+    scores[NOISE_GAP_PER_STEP] = torch.stack(gaps, dim=1).double().view(items, len(seeds), steps).mean(dim=1)
+    return scores
 
 
 def reference_prompts(handle: ModelHandle) -> list[str]:
@@ -70,10 +83,10 @@ def reference_prompts(handle: ModelHandle) -> list[str]:
     return handle.held_out_prompts[:MAX_REFERENCE_PROMPTS]
 
 
-def reference_scores(handle: ModelHandle, seeds: Sequence[int], steps: int, guidance: float,
+def reference_scores(handle: ModelHandle, steps: int, guidance: float, seeds: Sequence[int] = REFERENCE_SEEDS,
                      cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
                      callback: Callable[[DenoisingStep], None] | None = None) -> dict[str, torch.Tensor]:
-    """Each detector's scores on the reference prompts (`reference_prompts`): name -> `[prompts]` float64.
+    """`detector_scores` of the reference prompts (`reference_prompts`): name -> `[prompts]` (or `[prompts, steps]`).
 
     Cached per weights of the UNet and text encoder, prompts and settings; the scores are the unmitigated
     model's (a mitigation applied with hooks changes no weight and so no key: compute with `cache_dir=None`).
@@ -86,17 +99,20 @@ def reference_scores(handle: ModelHandle, seeds: Sequence[int], steps: int, guid
     def compute() -> dict[str, torch.Tensor]:
         parts = [detector_scores(handle, prompts[start:start + REFERENCE_BATCH], seeds, steps, guidance, callback)
                  for start in range(0, len(prompts), REFERENCE_BATCH)]
-        return {name: torch.cat([part[name] for part in parts]) for name in DETECTORS}
+        return {name: torch.cat([part[name] for part in parts]) for name in (*DETECTORS, NOISE_GAP_PER_STEP)}
 
     return {name: values.double() for name, values in cached(cache_dir, "detectors", key, compute).items()}
 
 
 def summary(values: torch.Tensor) -> dict:
-    """What a reference band shows: mean, standard deviation, 5/50/95th percentiles, min and max."""
+    """What a reference band shows, over the first dimension: mean, standard deviation, 5/50/95th percentiles, min
+    and max (numbers for `[prompts]`, lists per step for `[prompts, steps]`)."""
     values = values.double()
-    quantiles = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
-    return dict(mean=values.mean().item(), std=values.std(correction=0).item(), p05=quantiles[0], median=quantiles[1],
-                p95=quantiles[2], min=values.min().item(), max=values.max().item(), count=len(values))
+    quantiles = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64), dim=0).tolist()
+    statistics = dict(mean=values.mean(dim=0), std=values.std(dim=0, correction=0), min=values.amin(dim=0),
+                      max=values.amax(dim=0))
+    return dict(**{name: value.tolist() for name, value in statistics.items()}, p05=quantiles[0], median=quantiles[1],
+                p95=quantiles[2], count=len(values))
 
 
 def percentile(value: float, reference: torch.Tensor) -> float:

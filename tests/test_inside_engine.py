@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from analysis.attention import attention_maps, capture_attention, end_token_index, overlay, token_labels
-from analysis.detectors import DETECTORS, detector_scores, entropy_steps, percentile, reference_scores
+from analysis.detectors import DETECTORS, NOISE_GAP_PER_STEP, detector_scores, entropy_steps, percentile, reference_scores
 from analysis.hooks import cross_attention_layers
 from analysis.metrics import wen_score
 from analysis.sampling import SamplingCancelled, encode_prompts, sample
@@ -100,7 +100,7 @@ def test_an_embedding_has_a_map_per_position(tiny_handle):
 def test_detectors_match_a_direct_computation(tiny_handle):
     prompts, seeds = [CAPTION, HELD_OUT], [0, 1]
     scores = detector_scores(tiny_handle, prompts, seeds, STEPS, GUIDANCE)
-    assert set(scores) == set(DETECTORS)
+    assert set(scores) == {*DETECTORS, NOISE_GAP_PER_STEP}
     torch.testing.assert_close(scores["noise_gap"].float(), wen_score(tiny_handle, prompts, seeds, STEPS, 1,
                                                                       GUIDANCE)[:, 0])
     direct = direct_attention(tiny_handle, prompts, seeds)
@@ -115,11 +115,13 @@ def test_detectors_match_a_direct_computation(tiny_handle):
 
 
 def test_reference_scores_are_cached_per_weights(tiny_handle, tmp_path):
-    first = reference_scores(tiny_handle, [0], STEPS, GUIDANCE, cache_dir=tmp_path)
+    first = reference_scores(tiny_handle, STEPS, GUIDANCE, [0], cache_dir=tmp_path)
     assert len(list(tmp_path.glob("detectors-*.safetensors"))) == 1
-    again = reference_scores(tiny_handle, [0], STEPS, GUIDANCE, cache_dir=tmp_path)
+    again = reference_scores(tiny_handle, STEPS, GUIDANCE, [0], cache_dir=tmp_path)
     direct = detector_scores(tiny_handle, tiny_handle.held_out_prompts, [0], STEPS, GUIDANCE)
-    for name in DETECTORS:
+    assert first[NOISE_GAP_PER_STEP].shape == (len(tiny_handle.held_out_prompts), STEPS)
+    torch.testing.assert_close(first[NOISE_GAP_PER_STEP][:, 0], first["noise_gap"])
+    for name in (*DETECTORS, NOISE_GAP_PER_STEP):
         torch.testing.assert_close(first[name], again[name])
         torch.testing.assert_close(first[name], direct[name])
     assert percentile(float(first["noise_gap"].max()) + 1, first["noise_gap"]) == 1.0
