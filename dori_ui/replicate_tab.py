@@ -43,7 +43,8 @@ centre-cropped and resized to the model's resolution.
 The plot shows Wen et al.'s signal: how far the text moves the model's noise
 prediction at each of the first denoising steps, ‖ε(x_t, prompt) − ε(x_t, empty
 prompt)‖₂. Wen et al. found this gap much larger for memorized prompts than for
-ordinary ones. When a mitigation is active (header), generations run with it.
+ordinary ones; the grey band is its spread over the model's non-memorized
+reference prompts (computed once per model), so a curve above it stands out. When a mitigation is active (header), generations run with it.
 """
 
 
@@ -62,13 +63,22 @@ def lists_sd14_prompts(handle: ModelHandle) -> bool:
     return not handle.pixel_space
 
 
-def noise_gap_figure(record: RunRecord) -> go.Figure | None:
-    """One line per seed: the noise gap at each of the first steps. None without an unconditional prediction."""
+def noise_gap_figure(record: RunRecord, reference: RunRecord | None = None) -> go.Figure | None:
+    """One line per seed: the noise gap at each of the first steps, over the band (5th to 95th percentile, and
+    median) of the model's reference prompts from a "reference" record. None without an unconditional prediction."""
     gaps = record.tensors.get("noise_gap_per_step")
     if gaps is None:
         return None
     figure = go.Figure()
     steps = list(range(1, min(gaps.shape[1], PLOTTED_STEPS) + 1))
+    if reference is not None:
+        band = reference.metrics["reference"]["noise_gap_per_step"]
+        label = f"reference prompts ({reference.metrics['reference_prompts']}): 5–95th percentile"
+        figure.add_trace(go.Scatter(x=steps + steps[::-1], y=band["p95"][:len(steps)] + band["p05"][:len(steps)][::-1],
+                                    fill="toself", fillcolor="rgba(127,127,127,0.25)", line=dict(width=0),
+                                    name=label, hoverinfo="skip"))
+        figure.add_trace(go.Scatter(x=steps, y=band["median"][:len(steps)], mode="lines", name="reference median",
+                                    line=dict(color="#7f7f7f", dash="dash")))
     for seed, per_step in zip(record.config["seeds"], gaps.tolist()):
         figure.add_trace(go.Scatter(x=steps, y=per_step[:len(steps)], mode="lines+markers", name=f"seed {seed}"))
     figure.update_layout(title=f"Wen et al.: text-conditional noise gap in the first {len(steps)} steps",
@@ -147,9 +157,13 @@ def build_replicate_tab(context: AppContext) -> None:
                       guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE), mitigation=mitigation)
         record = run_or_error(model, "replicate", config, inputs, state, report_to(progress))
         state.records[VIEW] = record
+        reference = None
+        if "noise_gap_per_step" in record.tensors:
+            reference = run_or_error(model, "reference", dict(steps=step_count, guidance=config["guidance"]), {},
+                                     state, report_to(progress))
         images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
         gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
-        return gallery, replication_summary(record), noise_gap_figure(record), state
+        return gallery, replication_summary(record), noise_gap_figure(record, reference), state
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
              outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")

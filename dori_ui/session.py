@@ -47,6 +47,9 @@ class Session:
     # Models this session made (fine-tuned ones), by name: no other session sees or loads them.
     own_models: dict[str, ModelHandle] = field(default_factory=dict)
     export_folders: dict[str, Path] = field(default_factory=dict)  # view -> temporary folder of its last export
+    # The Inside view's latest runs by label ("timeline · trigger 0", ...) and its two pins, "A" and "B": (label, record).
+    inside_results: dict = field(default_factory=dict)
+    inside_pins: dict = field(default_factory=dict)
 
 
 class ModelChoices:
