@@ -2,7 +2,8 @@
 
 Element ids: `replicate-training` (gallery of memorized images), `replicate-sd14` (SD v1.4 prompt table, shown
 for latent SD models), `replicate-prompt`, `replicate-seeds`, `replicate-first-seed`, `replicate-steps`,
-`replicate-guidance`, `replicate-run`, `replicate-gallery`, `replicate-summary`, `replicate-plot`,
+`replicate-guidance`, `replicate-run`, `replicate-training-image` (the caption's training image, beside the
+generations), `replicate-gallery`, `replicate-summary`, `replicate-plot`,
 `replicate-export`, `replicate-export-file`.
 """
 
@@ -110,6 +111,14 @@ def memorized_gallery(handle: ModelHandle) -> list:
     return list(zip(to_display(training_images(handle)), (m.caption for m in handle.memorized)))
 
 
+def training_picture(handle: ModelHandle, prompt: object):
+    """The training image whose caption `prompt` is, for display; None for any other prompt."""
+    captions = [m.caption for m in handle.memorized]
+    if not isinstance(prompt, str) or prompt.strip() not in captions:
+        return None
+    return to_display(handle.memorized[captions.index(prompt.strip())].image[None])[0]
+
+
 def build_replicate_tab(context: AppContext) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`."""
     handle = context.models.get(context.models.first)
@@ -136,8 +145,12 @@ def build_replicate_tab(context: AppContext) -> None:
                                      elem_id="replicate-guidance")
             run_button = gr.Button("Replicate", variant="primary", elem_id="replicate-run")
     gr.Markdown(EXPLANATION)
-    replicas = gr.Gallery(label="Generations", columns=4, format="png", interactive=False, height="auto",
-                          elem_id="replicate-gallery")
+    with gr.Row():
+        training_image = gr.Image(training_picture(handle, prompt.value), label="Training image of this caption",
+                                  format="png", interactive=False, height=260, scale=1,
+                                  elem_id="replicate-training-image")
+        replicas = gr.Gallery(label="Generations", columns=4, format="png", interactive=False, height="auto",
+                              scale=4, elem_id="replicate-gallery")
     summary = gr.Markdown(elem_id="replicate-summary")
     noise_gap_plot = gr.Plot(label="Wen et al.'s memorization signal", elem_id="replicate-plot")
     build_export(context, VIEW)
@@ -173,6 +186,12 @@ def build_replicate_tab(context: AppContext) -> None:
 
     training_gallery.select(pick_training_image, inputs=context.session, outputs=prompt,
                             api_name="pick_training_image")
+
+    def show_training_image(prompt_text: object, state: Session):
+        return training_picture(session_handle(context.models, state), prompt_text)
+
+    prompt.change(show_training_image, inputs=[prompt, context.session], outputs=training_image,
+                  api_name="replicate_training_image")
 
     def pick_sd14_prompt(selection: gr.SelectData) -> str:
         return sd14_prompts()[selection.index[0]][0]

@@ -72,3 +72,8 @@ def test_the_replicate_plot_has_the_reference_band(client, folder_handle):
     _, _, plot = client.predict(folder_handle.memorized[1].caption, 2, 0, STEPS, 4.0, api_name="/replicate")
     names = [trace.get("name", "") for trace in json.loads(plot["plot"])["data"]]
     assert names[0].startswith("reference prompts") and "reference median" in names and "seed 0" in names
+
+
+def test_replicate_shows_the_training_image_of_a_caption(client, folder_handle):
+    assert client.predict(folder_handle.memorized[0].caption, api_name="/replicate_training_image") is not None
+    assert client.predict("a typed prompt", api_name="/replicate_training_image") is None

@@ -131,6 +131,7 @@ def base_arguments(tiny_handle) -> dict[str, list]:
         "/finetune": [[caption], 1, 1, 1, 1, 1, 1, 1e-4, "adam", "the whole UNet (the paper's)",
                       "toward the noise (L_DM, the paper's)", 0],
         "/switch_model": [tiny_handle.name],
+        "/replicate_training_image": [caption],
         "/inside_attention": [caption, 0, 0, STEPS, 4.0, [], 0, STEPS - 1],
         "/inside_token": [1],
         "/inside_timeline": [caption, 0, held_out, 0, STEPS, 4.0],
