@@ -102,3 +102,18 @@ def test_dori_commands_export_and_rerun(tiny_model_folder, tmp_path, capsys):
     assert printed["config"]["steps"] == TINY_STEPS
     assert main(["timeline", "--image", "0", "--trigger", "0", "--quiet", *model]) == 2
     assert "together" in capsys.readouterr().err
+
+
+def test_a_latent_model_gets_maps_and_frames_at_the_image_size(tiny_sd_folder, memorized_set_dir,
+                                                                reference_prompts_file):
+    handle = load_model(tiny_sd_folder, memorized=memorized_set_dir, reference_prompts=reference_prompts_file)
+    assert handle.image_size > handle.unet.config.sample_size  # a VAE between the UNet and the image
+    settings = {"image": 0, "steps": 2}
+    attention = run_task(handle, "attention", settings)
+    size = handle.image_size
+    assert attention.tensors["maps"].shape == (handle.tokenizer.model_max_length, size, size)
+    torch.testing.assert_close(attention.tensors["maps"].sum(dim=0), torch.ones(size, size))
+    timeline = run_task(handle, "timeline", settings)
+    assert timeline.images["frame1"].shape == (3, size, size) and len(timeline.metrics["similarities"]) == 2
+    detect = run_task(handle, "detect", {**settings, "seeds": [0]})
+    assert detect.metrics["reference_prompts"] == len(handle.held_out_prompts)
