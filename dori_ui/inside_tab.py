@@ -92,7 +92,8 @@ def _run_all(model, state, kind, runs, settings, progress) -> dict[str, RunRecor
     for label, config, inputs in runs:
         records[label] = run_or_error(model, kind, {**config, **settings}, inputs, state, report_to(progress))
         state.inside_results[f"{kind} · {label}"] = records[label]
-    state.records[VIEW] = next(iter(records.values()))
+    # What Export saves: the last result, the one the result list then shows.
+    state.records[VIEW] = records[label]
     return records
 
 
@@ -202,7 +203,7 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
                                 gr.Markdown(elem_id=f"inside-pinned-{name.lower()}"))
     build_export(context, VIEW, "a result of the Inside view")
 
-    def settings(model: ModelHandle, seed_value, step_count, guidance_scale) -> dict:
+    def settings(seed_value, step_count, guidance_scale) -> dict:
         step_count = check_whole_number("Steps", step_count, 1, MAX_STEPS)
         return dict(seed=check_whole_number("Seed", seed_value, 0, MAX_SEED), steps=step_count,
                     guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE))
@@ -213,7 +214,7 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
     def attention(caption, trigger_index, seed_value, step_count, guidance_scale, chosen_layers, first, last,
                   state: Session, trigger_map, progress=gr.Progress()):
         model = session_handle(context.models, state)
-        chosen = settings(model, seed_value, step_count, guidance_scale)
+        chosen = settings(seed_value, step_count, guidance_scale)
         first = check_whole_number("Maps from step", first, 0, chosen["steps"] - 1)
         last = check_whole_number("to step", last, first, chosen["steps"] - 1)
         if not isinstance(chosen_layers, list) or not all(isinstance(name, str) for name in chosen_layers):
@@ -237,7 +238,7 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
     def timeline(caption, trigger_index, held_out_prompt, seed_value, step_count, guidance_scale, state: Session,
                  trigger_map, progress=gr.Progress()):
         model = session_handle(context.models, state)
-        chosen = settings(model, seed_value, step_count, guidance_scale)
+        chosen = settings(seed_value, step_count, guidance_scale)
         _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, held_out_prompt)
         records = _run_all(model, state, "timeline", runs, chosen, progress)
         text = "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
@@ -254,7 +255,7 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
     def detect(caption, trigger_index, held_out_prompt, seed_value, seed_count, step_count, guidance_scale,
                state: Session, trigger_map, progress=gr.Progress()):
         model = session_handle(context.models, state)
-        chosen = settings(model, seed_value, step_count, guidance_scale)
+        chosen = settings(seed_value, step_count, guidance_scale)
         count = check_whole_number("Detector seeds", seed_count, 1, MAX_SEEDS)
         start = check_whole_number("Seed", seed_value, 0, MAX_SEED + 1 - count)
         _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, held_out_prompt)

@@ -97,7 +97,8 @@ def write(results: dict) -> None:
     lines += ["", f"{counts['captions']} memorized captions, {counts['held_out']} held-out prompts (the model's "
                   f"reference prompts), {counts['triggers']} shipped triggers, {counts['random']} random embeddings "
                   "(Dori's random-start distribution). Under NeMo, each image's triggers and as many random embeddings "
-                  "(each used once) run with the NeMo mask of that image's caption.", "",
+                  "(each used once) run with the NeMo mask of that image's caption; images done: "
+                  f"{counts['nemo_images']} of {counts['captions']}.", "",
               "## When does the copy lock in?", "",
               f"The first step from which x̂₀ (and the final image) stays above the threshold, over seeds "
               f"{settings['timeline_seeds']}; steps count from 0 of {settings['steps']}.", "",
@@ -124,18 +125,35 @@ def main(argv=None) -> None:
     random = reference_sets(handle, n_random=len(triggers), seed=RANDOM_SEED)["random"]
     captions = [image.caption for image in handle.memorized]
 
-    def log(message: str) -> None:
-        print(f"[{time.time() - started:6.0f} s] {message}", flush=True)
+    # Each section is written as soon as it is done, so an interrupted run still reports what it measured.
+    results = dict(
+        settings=dict(steps=handle.default_steps, guidance=handle.default_guidance, seeds=seeds,
+                      timeline_seeds=timeline_seeds, metric=handle.replication_metric.describe(),
+                      threads=torch.get_num_threads()),
+        counts=dict(captions=len(captions), triggers=len(triggers), random=len(random), nemo_images=[]),
+        auc={}, lock_in={}, scores={})
+    scores = results["scores"]
 
-    caption_scores = scores_of(handle, captions, seeds)
-    held_out = {name: values.tolist() for name, values in reference_scores(
+    def done(message: str) -> None:
+        results["seconds"] = time.time() - started
+        write(results)
+        print(f"[{results['seconds']:6.0f} s] {message}", flush=True)
+
+    scores["captions"] = scores_of(handle, captions, seeds)
+    scores["held_out"] = {name: values.tolist() for name, values in reference_scores(
         handle, handle.default_steps, handle.default_guidance, seeds).items() if name in DETECTORS}
-    log("captions and held-out prompts scored")
-    trigger_scores = scores_of(handle, torch.stack([embedding for _, embedding in triggers]), seeds)
-    random_scores = scores_of(handle, random, seeds)
-    log("triggers and random embeddings scored")
-    under_nemo = {name: [] for name in DETECTORS}
-    random_under_nemo = {name: [] for name in DETECTORS}
+    results["counts"]["held_out"] = len(scores["held_out"]["noise_gap"])
+    results["auc"]["memorized captions vs held-out prompts"] = aucs(scores["captions"], scores["held_out"])
+    done("captions and held-out prompts scored")
+    scores["triggers"] = scores_of(handle, torch.stack([embedding for _, embedding in triggers]), seeds)
+    scores["random"] = scores_of(handle, random, seeds)
+    results["auc"]["Dori triggers vs random embeddings"] = aucs(scores["triggers"], scores["random"])
+    done("triggers and random embeddings scored")
+    results["lock_in"]["memorized captions"] = lock_in_steps(handle, list(enumerate(captions)), timeline_seeds)
+    results["lock_in"]["Dori triggers"] = lock_in_steps(handle, triggers, timeline_seeds)
+    done("timelines done")
+    scores["triggers_under_nemo"] = under_nemo = {name: [] for name in DETECTORS}
+    scores["random_under_nemo"] = random_under_nemo = {name: [] for name in DETECTORS}
     offset = 0
     for index, trigger_set in sets.items():
         count = len(trigger_set.embeddings)
@@ -144,24 +162,9 @@ def main(argv=None) -> None:
             for collected, embeddings in ((under_nemo, trigger_set.embeddings), (random_under_nemo, paired)):
                 for name, values in scores_of(handle, embeddings, seeds).items():
                     collected[name] += values
-        log(f"image {index} under NeMo scored")
-    results = dict(
-        settings=dict(steps=handle.default_steps, guidance=handle.default_guidance, seeds=seeds,
-                      timeline_seeds=timeline_seeds, metric=handle.replication_metric.describe(),
-                      threads=torch.get_num_threads()),
-        counts=dict(captions=len(captions), held_out=len(held_out["noise_gap"]), triggers=len(triggers),
-                    random=len(random)),
-        auc={"memorized captions vs held-out prompts": aucs(caption_scores, held_out),
-             "Dori triggers vs random embeddings": aucs(trigger_scores, random_scores),
-             "Dori triggers vs random embeddings, both under NeMo": aucs(under_nemo, random_under_nemo)},
-        scores=dict(captions=caption_scores, held_out=held_out, triggers=trigger_scores, random=random_scores,
-                    triggers_under_nemo=under_nemo, random_under_nemo=random_under_nemo))
-    results["lock_in"] = {"memorized captions": lock_in_steps(handle, list(enumerate(captions)), timeline_seeds)}
-    log("caption timelines done")
-    results["lock_in"]["Dori triggers"] = lock_in_steps(handle, triggers, timeline_seeds)
-    results["seconds"] = time.time() - started
-    write(results)
-    log("written docs/results/inside.md")
+        results["counts"]["nemo_images"].append(index)
+        results["auc"]["Dori triggers vs random embeddings, both under NeMo"] = aucs(under_nemo, random_under_nemo)
+        done(f"image {index} under NeMo scored")
 
 
 if __name__ == "__main__":
