@@ -171,7 +171,7 @@ def test_attribution_highlights_words_and_compares_methods(page: Page, screensho
 
 def test_inside_attention_timeline_and_detectors(page: Page, screenshot):
     open_tab(page, "Inside")
-    expect(page.locator("#inside-image")).to_contain_text(ASTRONAUT)
+    expect(page.locator("#inside-image input")).to_have_value(ASTRONAUT)
     page.locator("#inside-attention-run").click()
     # The caption and a shipped trigger of the same image (and the caption under NeMo when the story set it).
     expect(page.locator("#inside-maps .caption-label").first).to_have_text("caption", timeout=120_000)
