@@ -45,6 +45,9 @@ CONTROL = "held-out control: "  # prefix of the targets that are renderings of h
 STARTS = {"the prompt's own embedding": "prompt", "random embedding": "random", "another prompt": "other",
           "uploaded embedding (.safetensors)": "upload"}
 MAX_RADII = 12
+# Search steps between previews: each generates 2 seeds (about 1 s on the bundled model, on this project's CPU),
+# and a 50-step search then shows one halfway; the finished run generates the trigger itself.
+PREVIEW_EVERY = 25
 # Streamed plots are sent at most this often; every step would flood a slow browser.
 STREAM_INTERVAL_S = 0.5
 
@@ -215,7 +218,7 @@ def build_perturb_tab(context: AppContext) -> None:
             with gr.Row():
                 generation_steps = gr.Number(handle.default_steps, label=f"Generation steps (1–{MAX_STEPS})",
                                              precision=None, elem_id="perturb-generation-steps")
-                preview_every = gr.Number(10, label="Preview every n search steps (0: never)", precision=None,
+                preview_every = gr.Number(PREVIEW_EVERY, label="Preview every n search steps (0: never)", precision=None,
                                           elem_id="perturb-preview-every")
             run_button, stop_button = run_and_stop_buttons("Run Dori", "perturb-run", "perturb-stop")
     gr.Markdown(EXPLANATION)
@@ -271,8 +274,9 @@ def build_perturb_tab(context: AppContext) -> None:
 
         def preview_of(event: object) -> Preview | None:
             # Runs in the search's thread, inside the run: the mask (if any) is applied.
-            if not isinstance(event, DoriStep) or not every or ((event.index + 1) % every and
-                                                                event.index + 1 != event.total):
+            # Not at the last step: the run's own evaluation generates the final embedding right after it.
+            if (not isinstance(event, DoriStep) or not every or (event.index + 1) % every
+                    or event.index + 1 == event.total):
                 return None
             shown = evaluate(model, event.embeddings[:1], target_image, seeds[:2], steps=sampling_steps)
             return Preview(event.index + 1, shown.images[0], shown.similarities[0].tolist())
