@@ -45,8 +45,8 @@ def _conditioning(handle: ModelHandle, inputs: dict, prompt: str) -> tuple[str |
 def _one_seed_config(kind: str, handle: ModelHandle, config: dict, inputs: dict,
                      extra: dict) -> tuple[dict, str, torch.Tensor | None]:
     """`config` checked and filled for a one-seed kind: target, seed, steps, guidance, mitigation and `extra`."""
-    config = _fill(kind, dict(image=None, prompt=None, seed=0, steps=None, guidance=None, mitigation=None,
-                                  **extra), config)
+    config = _fill(kind, dict(image=None, prompt=None, seed=0, steps=None, guidance=None, mitigation=None, **extra),
+                   config)
     target, prompt, image = _target(handle, config, inputs, need_image=False)
     filled = dict(**target, seed=_integer("seed", config["seed"]), **_sampling(handle, config),
                   mitigation=_mitigation_config(config["mitigation"], inputs),
