@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 # Without Playwright the suite is skipped (tests/browser/conftest.py explains when that is a failure instead).
 expect = pytest.importorskip("playwright.sync_api").expect
+PlaywrightTimeout = pytest.importorskip("playwright.sync_api").TimeoutError
 
 # Small settings keep the whole story to a few minutes on 2 CPU cores.
 SEEDS = 4
@@ -143,10 +144,14 @@ def test_paths_of_the_triggers(page: Page, screenshot):
 def test_export_the_search_as_a_zip(page: Page, tmp_path):
     open_tab(page, "Perturb")
     page.locator("#perturb-export").click()
-    link = page.locator("#perturb-export-file a").first
-    expect(link).to_be_visible()
-    with page.expect_download() as download:
-        link.click()
+    # The download button serves the ZIP once the export event has written it: try until it does.
+    for _ in range(30):
+        try:
+            with page.expect_download(timeout=1000) as download:
+                page.locator("#perturb-export-file").click()
+            break
+        except PlaywrightTimeout:
+            continue
     path = tmp_path / "export.zip"
     download.value.save_as(path)
     with zipfile.ZipFile(path) as archive:
