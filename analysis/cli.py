@@ -6,6 +6,9 @@
     dori finetune --targets 0 --out-dir runs/finetuned --param rounds=2
     dori triggers --image 0 --folder runs/triggers-0 --count 16
     dori map --folder runs/triggers-0 --method pca --export map.zip
+    dori attention --image 0 --seed 0 --layers down.1.attn.0 --export maps.zip
+    dori timeline --image 0 --folder assets/triggers/image-0 --trigger 0
+    dori detect --image 0 --mitigation nemo
     dori rerun wanda.zip
     dori memorized fetch --folder data/sd14-memorized --verbatim-only
 
@@ -187,6 +190,15 @@ def _trigger_set_options(parser: argparse.ArgumentParser, count: bool, default_c
                            help=f"use the first N triggers (default: {default_count or 'all'})")
 
 
+def _inside_options(parser: argparse.ArgumentParser) -> None:
+    """A trigger of a set to analyse instead of the prompt, sampling options and a mitigation."""
+    group = parser.add_argument_group("trigger (instead of the prompt)")
+    group.add_argument("--folder", type=Path, help="a trigger set's folder (from `dori triggers`, or assets/triggers/...)")
+    group.add_argument("--trigger", type=int, help="the index of the trigger in --folder")
+    _sampling_options(parser)
+    _mitigation_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dori", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -284,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a NeMo parameter, e.g. scales=3 (repeatable; JSON values)")
     sub.add_argument("--wanda-param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
                      help="a Wanda parameter, e.g. sparsity=0.02 (default layers: NeMo's)")
+
+    sub = command("attention", "cross-attention maps of one seed: where each token (or trigger position) is looked at")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--layers", type=lambda text: text.split(","),
+                     help="cross-attention layers by hook point, e.g. down.1.attn.0,mid.attn.0 (default: all)")
+    sub.add_argument("--denoising-steps", type=parse_seeds, help="step indices summed, e.g. 0-4 (default: all)")
+    sub.add_argument("--keep-step-maps", action="store_true", help="also keep every chosen step's maps")
+    _inside_options(sub)
+
+    sub = command("timeline", "x̂₀ at every denoising step of one seed and its similarity to the training image")
+    sub.add_argument("--seed", type=int, default=0)
+    _inside_options(sub)
+
+    sub = command("detect", "Wen's noise gap, Ren et al.'s attention entropy and the bright ending, against the "
+                            "model's reference prompts")
+    sub.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3], help="e.g. 0-3 (default 0-3)")
+    _inside_options(sub)
+
+    sub = command("reference", "the detectors' distributions over the model's reference prompts (cached)",
+                  target=False)
+    _sampling_options(sub)
 
     sub = command("campaign", "run one analysis over a prompt list; one result file per item, resumable",
                   target=False, export=False)
@@ -403,7 +436,34 @@ def task_config(args) -> tuple[str, dict, dict[str, torch.Tensor]]:
     elif args.command == "agreement":
         config.update(nemo=dict(args.nemo_param), wanda=dict(args.wanda_param),
                       **({} if args.seeds is None else {"seeds": args.seeds}))
+    elif args.command in ("attention", "timeline", "detect"):
+        config.update(_sampling_config(args), **({"seeds": args.seeds} if args.command == "detect" else
+                                                 {"seed": args.seed}))
+        if args.command == "attention":
+            config.update(layers=args.layers, denoising_steps=args.denoising_steps,
+                          keep_step_maps=args.keep_step_maps)
+        mitigation, inputs = _mitigation(args)
+        config.update(mitigation)
+        inputs.update(_trigger_input(args))
+    elif args.command == "reference":
+        config.update(_sampling_config(args))
     return TRIGGER_SET_KINDS.get(args.command, args.command), config, inputs
+
+
+def _trigger_input(args) -> dict[str, torch.Tensor]:
+    """The `embedding` input of the Inside commands: trigger --trigger of the set in --folder."""
+    from analysis.triggers import METADATA_FILE, TriggerSet
+
+    if (args.folder is None) != (args.trigger is None):
+        raise BadInput("give --folder and --trigger together (a trigger of a set), or neither (the prompt)")
+    if args.folder is None:
+        return {}
+    if not (args.folder / METADATA_FILE).is_file():
+        raise BadInput(f"no trigger set in {args.folder}: build one with `dori triggers`")
+    embeddings = TriggerSet.load(args.folder).embeddings
+    if not 0 <= args.trigger < len(embeddings):
+        raise BadInput(f"--trigger {args.trigger} does not exist: the set has {len(embeddings)} triggers")
+    return {"embedding": embeddings[args.trigger:args.trigger + 1]}
 
 
 def trigger_set_settings(args, handle: ModelHandle) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -10,6 +10,8 @@ the same names:
 with `part` one of down/up, and `layer` one of
 
     to_v    attn2.to_v, the cross-attention value projection (kind "value")
+    to_q    attn2.to_q, the cross-attention query projection (kind "query_key")
+    to_k    attn2.to_k, the cross-attention key projection (kind "query_key")
     ff.in   ff.net[0].proj, the feed-forward input projection (kind "ff")
     ff.out  ff.net[2], the feed-forward output projection (kind "ff")
 
@@ -38,6 +40,8 @@ ForwardHook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
 
 PARTS = ("down", "mid", "up")
 KINDS = ("value", "ff")
+# Read by attention capture (analysis.attention), not offered where a layer kind is chosen for localizing.
+QUERY_KEY = "query_key"
 # NeMo's layer set (Hintersdorf et al. 2024): value projections of the down and mid blocks.
 NEMO_PARTS = ("down", "mid")
 
@@ -47,9 +51,12 @@ def _layers_of(transformer_block: nn.Module, kind: str) -> dict[str, nn.Linear]:
     if kind == "value":
         cross_attention = transformer_block.attn2
         return {} if cross_attention is None else {"to_v": cross_attention.to_v}
+    if kind == QUERY_KEY:
+        cross_attention = transformer_block.attn2
+        return {} if cross_attention is None else {"to_q": cross_attention.to_q, "to_k": cross_attention.to_k}
     if kind == "ff":
         return {"ff.in": transformer_block.ff.net[0].proj, "ff.out": transformer_block.ff.net[2]}
-    raise ValueError(f"unknown hook point kind {kind!r}; choose one of {KINDS}")
+    raise ValueError(f"unknown hook point kind {kind!r}; choose one of {(*KINDS, QUERY_KEY)}")
 
 
 def _attention_modules(unet: UNet2DConditionModel, parts: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
@@ -71,16 +78,27 @@ def _attention_modules(unet: UNet2DConditionModel, parts: Sequence[str]) -> Iter
                 yield f"{block_name}.attn.{j}", attention
 
 
-def hook_points(unet: UNet2DConditionModel, kind: str = "value", parts: Sequence[str] = PARTS) -> dict[str, nn.Linear]:
-    """Named linear layers of one `kind` ("value" or "ff") in the chosen UNet `parts`, in forward order."""
-    points: dict[str, nn.Linear] = {}
+def _transformer_blocks(unet: UNet2DConditionModel, parts: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
+    """(name prefix, BasicTransformerBlock) of every cross-attention transformer block of the chosen parts."""
     for prefix, attention in _attention_modules(unet, parts):
         transformer_blocks = attention.transformer_blocks
         for b, transformer_block in enumerate(transformer_blocks):
-            block_prefix = prefix if len(transformer_blocks) == 1 else f"{prefix}.block.{b}"
-            for suffix, layer in _layers_of(transformer_block, kind).items():
-                points[f"{block_prefix}.{suffix}"] = layer
+            yield (prefix if len(transformer_blocks) == 1 else f"{prefix}.block.{b}"), transformer_block
+
+
+def hook_points(unet: UNet2DConditionModel, kind: str = "value", parts: Sequence[str] = PARTS) -> dict[str, nn.Linear]:
+    """Named linear layers of one `kind` ("value", "ff" or "query_key") in the chosen UNet `parts`, in forward order."""
+    points: dict[str, nn.Linear] = {}
+    for block_prefix, transformer_block in _transformer_blocks(unet, parts):
+        for suffix, layer in _layers_of(transformer_block, kind).items():
+            points[f"{block_prefix}.{suffix}"] = layer
     return points
+
+
+def cross_attention_layers(unet: UNet2DConditionModel, parts: Sequence[str] = PARTS) -> dict[str, nn.Module]:
+    """The cross-attention modules (`attn2`) of the chosen parts by their hook point prefix, e.g. `down.1.attn.0`
+    (the name of its `to_v` without `.to_v`), in forward order."""
+    return {prefix: block.attn2 for prefix, block in _transformer_blocks(unet, parts) if block.attn2 is not None}
 
 
 def nemo_layers(unet: UNet2DConditionModel) -> dict[str, nn.Linear]:
@@ -92,7 +110,7 @@ def resolve_layers(unet: UNet2DConditionModel, layers: str | Sequence[str]) -> d
     """A kind ("value", "ff": every such layer of the UNet) or a list of hook point names -> named layers."""
     if isinstance(layers, str):
         return hook_points(unet, layers)
-    every = {name: layer for kind in KINDS for name, layer in hook_points(unet, kind).items()}
+    every = {name: layer for kind in (*KINDS, QUERY_KEY) for name, layer in hook_points(unet, kind).items()}
     missing = [name for name in layers if name not in every]
     if missing:
         raise KeyError(f"no hook points named {missing} in this UNet; it has {list(every)}")

@@ -47,6 +47,7 @@ class DenoisingStep:
     noise_uncond: torch.Tensor | None  # ε(x_t, y0); None when guidance == 1 (not evaluated)
     noise_pred: torch.Tensor  # the guided model output the scheduler used (ε, or v for a v-prediction model)
     next_latents: torch.Tensor  # x_{t-1}
+    predicted_original: torch.Tensor  # x̂_0, the clean latents the scheduler predicted at this step
 
 
 @dataclass
@@ -212,11 +213,12 @@ def denoising_steps(handle: ModelHandle, conditioning: list[str] | torch.Tensor,
         noise_text, noise_uncond = predict_noise(handle.unet, model_input, t, text, uncond, batch_size)
         noise_pred = guided_noise(noise_text, noise_uncond, guidance)
         # The per-image generators also draw DDIM's step noise when eta > 0, as in the pipeline.
-        next_latents = scheduler.step(noise_pred, t, latents, eta=eta, generator=generators, return_dict=False)[0]
+        next_latents, predicted_original = scheduler.step(noise_pred, t, latents, eta=eta, generator=generators,
+                                                          return_dict=False)
         # Steps report ε whatever the model predicts (a v-prediction model's v is converted), as analyses read it.
         yield DenoisingStep(index, steps, t, latents, as_epsilon(scheduler, noise_text, latents, t),
                             None if noise_uncond is None else as_epsilon(scheduler, noise_uncond, latents, t),
-                            noise_pred, next_latents)
+                            noise_pred, next_latents, predicted_original)
         latents = next_latents
 
 

@@ -18,7 +18,8 @@ returns an `analysis.export.RunRecord`. Kinds:
   dispersion of every set (`record_map` gives the map back);
 * "discrepancy": `analysis.discrepancy.activation_discrepancy` of the `triggers` input and of reference prompts;
 * "agreement": NeMo and Wanda fitted on every `triggers` input, pairwise IoU of their masks per layer
-  (`analysis.agreement`).
+  (`analysis.agreement`);
+* "attention", "timeline", "detect", "reference": the Inside view's, defined in `analysis.inside_tasks`.
 
 The target is `image` (index of a memorized training image; its caption is
 the default prompt) and/or `prompt`. `inputs` are tensors the configuration
@@ -768,3 +769,7 @@ def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callbac
     record.config = _json_ready({**record.config, "dtype": dtype, **data})
     record.tensors.update({INPUT_PREFIX + name: tensor for name, tensor in inputs.items()})
     return record
+
+
+# The Inside view's kinds add themselves to TASKS (they use this module's configuration checks).
+from analysis import inside_tasks  # noqa: E402,F401

@@ -16,6 +16,7 @@ from analysis.model import ModelHandle
 from dori_ui.attribution_tab import build_attribution_tab
 from dori_ui.export import remove_exports
 from dori_ui.finetune_tab import build_finetune_tab
+from dori_ui.inside_tab import build_inside_tab
 from dori_ui.mitigate_tab import build_mitigate_tab
 from dori_ui.paths_tab import build_paths_tab
 from dori_ui.perturb_tab import build_perturb_tab
@@ -43,6 +44,9 @@ many triggers of one image on a map beside ordinary prompts: do they gather
 in one place, or spread out like unrelated prompts? **Paths & masks** compares
 the activations and the NeMo/Wanda masks of those triggers layer by layer.
 **Attribution** shows which words of a prompt drive the memorization signal.
+**Inside** shows where the model looks (cross-attention maps), when the copy
+appears during denoising, and three memorization detectors against ordinary
+prompts, for a caption, a trigger, the mitigated caption and a held-out prompt.
 **Fine-tune** trains the memory away against Dori's triggers (the paper's
 mitigation) and switches the session to the tuned model. A view's "Export ZIP" saves
 its last run (settings, seeds, images, table, tensors) so that `dori rerun`
@@ -98,6 +102,8 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                 build_paths_tab(context, trigger_map)
             with gr.Tab("Attribution", id="attribution"):
                 build_attribution_tab(context)
+            with gr.Tab("Inside", id="inside"):
+                build_inside_tab(context, trigger_map)
             # Last: its model switch refreshes the views registered before it.
             with gr.Tab("Fine-tune", id="finetune"):
                 build_finetune_tab(context)

@@ -1,6 +1,7 @@
 """The "Export ZIP" button of every view: the view's last run, kept in session state, saved by `analysis.export`.
 
-Element ids: `{view}-export` (the button), `{view}-export-file` (the ZIP to download).
+Element ids: `{view}-export` (the button), `{view}-export-file` (a compact button that downloads the ZIP once
+it is written; no empty file box waits below a view).
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from analysis.export import save_export
 from dori_ui.session import AppContext, Session
 
 
-def build_export(context: AppContext, view: str, run_label: str | None = None) -> gr.File:
+def build_export(context: AppContext, view: str, run_label: str | None = None) -> gr.DownloadButton:
     """A button that writes the session's last `view` run as a ZIP that `dori rerun` reproduces.
 
     `run_label` names what makes that run, where a view has more than one (e.g. a button's label).
     """
     with gr.Row():
         button = gr.Button("Export ZIP", elem_id=f"{view}-export", size="sm", scale=0)
-        file = gr.File(label="Export (config, images, table, tensors)", elem_id=f"{view}-export-file",
-                       interactive=False, height=90)
+        file = gr.DownloadButton("Download ZIP", elem_id=f"{view}-export-file", size="sm", scale=0)
 
     def export(state: Session) -> str:
         record = state.records.get(view)

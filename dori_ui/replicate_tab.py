@@ -2,7 +2,8 @@
 
 Element ids: `replicate-training` (gallery of memorized images), `replicate-sd14` (SD v1.4 prompt table, shown
 for latent SD models), `replicate-prompt`, `replicate-seeds`, `replicate-first-seed`, `replicate-steps`,
-`replicate-guidance`, `replicate-run`, `replicate-gallery`, `replicate-summary`, `replicate-plot`,
+`replicate-guidance`, `replicate-run`, `replicate-training-image` (the caption's training image, beside the
+generations), `replicate-gallery`, `replicate-summary`, `replicate-plot`,
 `replicate-export`, `replicate-export-file`.
 """
 
@@ -43,7 +44,8 @@ centre-cropped and resized to the model's resolution.
 The plot shows Wen et al.'s signal: how far the text moves the model's noise
 prediction at each of the first denoising steps, ‖ε(x_t, prompt) − ε(x_t, empty
 prompt)‖₂. Wen et al. found this gap much larger for memorized prompts than for
-ordinary ones. When a mitigation is active (header), generations run with it.
+ordinary ones; the grey band is its spread over the model's non-memorized
+reference prompts (computed once per model), so a curve above it stands out. When a mitigation is active (header), generations run with it.
 """
 
 
@@ -62,13 +64,22 @@ def lists_sd14_prompts(handle: ModelHandle) -> bool:
     return not handle.pixel_space
 
 
-def noise_gap_figure(record: RunRecord) -> go.Figure | None:
-    """One line per seed: the noise gap at each of the first steps. None without an unconditional prediction."""
+def noise_gap_figure(record: RunRecord, reference: RunRecord | None = None) -> go.Figure | None:
+    """One line per seed: the noise gap at each of the first steps, over the band (5th to 95th percentile, and
+    median) of the model's reference prompts from a "reference" record. None without an unconditional prediction."""
     gaps = record.tensors.get("noise_gap_per_step")
     if gaps is None:
         return None
     figure = go.Figure()
     steps = list(range(1, min(gaps.shape[1], PLOTTED_STEPS) + 1))
+    if reference is not None:
+        band = reference.metrics["reference"]["noise_gap_per_step"]
+        label = f"reference prompts ({reference.metrics['reference_prompts']}): 5–95th percentile"
+        figure.add_trace(go.Scatter(x=steps + steps[::-1], y=band["p95"][:len(steps)] + band["p05"][:len(steps)][::-1],
+                                    fill="toself", fillcolor="rgba(127,127,127,0.25)", line=dict(width=0),
+                                    name=label, hoverinfo="skip"))
+        figure.add_trace(go.Scatter(x=steps, y=band["median"][:len(steps)], mode="lines", name="reference median",
+                                    line=dict(color="#7f7f7f", dash="dash")))
     for seed, per_step in zip(record.config["seeds"], gaps.tolist()):
         figure.add_trace(go.Scatter(x=steps, y=per_step[:len(steps)], mode="lines+markers", name=f"seed {seed}"))
     figure.update_layout(title=f"Wen et al.: text-conditional noise gap in the first {len(steps)} steps",
@@ -100,6 +111,14 @@ def memorized_gallery(handle: ModelHandle) -> list:
     return list(zip(to_display(training_images(handle)), (m.caption for m in handle.memorized)))
 
 
+def training_picture(handle: ModelHandle, prompt: object):
+    """The training image whose caption `prompt` is, for display; None for any other prompt."""
+    captions = [m.caption for m in handle.memorized]
+    if not isinstance(prompt, str) or prompt.strip() not in captions:
+        return None
+    return to_display(handle.memorized[captions.index(prompt.strip())].image[None])[0]
+
+
 def build_replicate_tab(context: AppContext) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`."""
     handle = context.models.get(context.models.first)
@@ -126,8 +145,12 @@ def build_replicate_tab(context: AppContext) -> None:
                                      elem_id="replicate-guidance")
             run_button = gr.Button("Replicate", variant="primary", elem_id="replicate-run")
     gr.Markdown(EXPLANATION)
-    replicas = gr.Gallery(label="Generations", columns=4, format="png", interactive=False, height="auto",
-                          elem_id="replicate-gallery")
+    with gr.Row():
+        training_image = gr.Image(training_picture(handle, prompt.value), label="Training image of this caption",
+                                  format="png", interactive=False, height=260, scale=1,
+                                  elem_id="replicate-training-image")
+        replicas = gr.Gallery(label="Generations", columns=4, format="png", interactive=False, height="auto",
+                              scale=4, elem_id="replicate-gallery")
     summary = gr.Markdown(elem_id="replicate-summary")
     noise_gap_plot = gr.Plot(label="Wen et al.'s memorization signal", elem_id="replicate-plot")
     build_export(context, VIEW)
@@ -147,9 +170,13 @@ def build_replicate_tab(context: AppContext) -> None:
                       guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE), mitigation=mitigation)
         record = run_or_error(model, "replicate", config, inputs, state, report_to(progress))
         state.records[VIEW] = record
+        reference = None
+        if "noise_gap_per_step" in record.tensors:
+            reference = run_or_error(model, "reference", dict(steps=step_count, guidance=config["guidance"]), {},
+                                     state, report_to(progress))
         images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
         gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
-        return gallery, replication_summary(record), noise_gap_figure(record), state
+        return gallery, replication_summary(record), noise_gap_figure(record, reference), state
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
              outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
@@ -159,6 +186,12 @@ def build_replicate_tab(context: AppContext) -> None:
 
     training_gallery.select(pick_training_image, inputs=context.session, outputs=prompt,
                             api_name="pick_training_image")
+
+    def show_training_image(prompt_text: object, state: Session):
+        return training_picture(session_handle(context.models, state), prompt_text)
+
+    prompt.change(show_training_image, inputs=[prompt, context.session], outputs=training_image,
+                  api_name="replicate_training_image")
 
     def pick_sd14_prompt(selection: gr.SelectData) -> str:
         return sd14_prompts()[selection.index[0]][0]

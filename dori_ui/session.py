@@ -46,7 +46,12 @@ class Session:
     finetuned: tuple[str, str] | None = None  # (base, adversarially fine-tuned) model names, set by `use_finetuned`
     # Models this session made (fine-tuned ones), by name: no other session sees or loads them.
     own_models: dict[str, ModelHandle] = field(default_factory=dict)
+    # What the header calls those models, for a person (their names are server paths).
+    model_labels: dict[str, str] = field(default_factory=dict)
     export_folders: dict[str, Path] = field(default_factory=dict)  # view -> temporary folder of its last export
+    # The Inside view's latest runs by label ("timeline · trigger 0", ...) and its two pins, "A" and "B": (label, record).
+    inside_results: dict = field(default_factory=dict)
+    inside_pins: dict = field(default_factory=dict)
 
 
 class ModelChoices:
@@ -128,6 +133,15 @@ class ModelChoices:
         return Session(model=self.first)
 
 
+def finetuned_label(base: ModelHandle, record: RunRecord) -> str:
+    """A fine-tuned model's name for the header, e.g. "bundled demo model, fine-tuned on: “portrait of astronaut…”,
+    6 rounds", from the "finetune" record that made it."""
+    captions = [base.memorized[index].caption for index in record.config["targets"]]
+    shown = ", ".join(f"“{caption if len(caption) <= 40 else caption[:39] + '…'}”" for caption in captions)
+    rounds = record.config["parameters"]["rounds"]
+    return f"{base.name}, fine-tuned on: {shown}, {rounds} round{'s' if rounds != 1 else ''}"
+
+
 def use_finetuned(models: ModelChoices, session: Session, record: RunRecord) -> ModelHandle:
     """Switch the session to the model a "finetune" record wrote, remembering the base for Mitigate's comparison."""
     base = session_handle(models, session)
@@ -137,6 +151,7 @@ def use_finetuned(models: ModelChoices, session: Session, record: RunRecord) -> 
     except ModelLoadError as err:
         raise gr.Error(str(err)) from err
     session.own_models[tuned.name] = tuned
+    session.model_labels[tuned.name] = finetuned_label(base, record)
     session.finetuned = (base.name, tuned.name)
     session.model, session.mask, session.memorized_set = tuned.name, None, None  # the tuned folder keeps the set
     session.records["finetune"] = record
@@ -180,7 +195,7 @@ def describe_model(handle: ModelHandle, session: Session) -> str:
         removed = sum(session.mask.counts().values())
         mitigation = f"{session.mask.method} ({removed} units removed, for “{session.mask.prompt}”)"
     memorized = f"{len(handle.memorized)} images" + (f" from {handle.memorized_set}" if handle.memorized_set else "")
-    return (f"**Model:** {handle.name} · **device:** {handle.device} · "
+    return (f"**Model:** {session.model_labels.get(handle.name, handle.name)} · **device:** {handle.device} · "
             f"**dtype:** {str(handle.dtype).removeprefix('torch.')} · **memorized:** {memorized} · "
             f"**mitigation:** {mitigation} · **replica:** {handle.replication_metric.describe()}")
 

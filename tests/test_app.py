@@ -20,7 +20,7 @@ from analysis.tasks import run_task
 from dori_ui import mitigate_tab
 from dori_ui.app import build_app
 from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
-from dori_ui.session import ModelChoices, session_model, use_finetuned
+from dori_ui.session import ModelChoices, describe_model, session_model, use_finetuned
 
 STEPS = 3
 MITIGATE = "Wanda (weights)"
@@ -150,9 +150,13 @@ def test_fine_tuned_comparison_needs_a_fine_tuned_model_first(client, tiny_handl
 def test_use_finetuned_switches_the_session_and_keeps_the_base(tiny_handle, tiny_model_dir):
     models = ModelChoices(tiny_handle)
     state = models.new_session()
-    record = RunRecord("finetune", tiny_handle.name, {}, metrics={"model_dir": str(tiny_model_dir)})
+    record = RunRecord("finetune", tiny_handle.name, {"targets": [1], "parameters": {"rounds": 6}},
+                       metrics={"model_dir": str(tiny_model_dir)})
     tuned = use_finetuned(models, state, record)
     assert state.finetuned == (tiny_handle.name, tuned.name) and state.model == tuned.name
+    # The header names the model for a person, not by its server path.
+    assert (f"**Model:** {tiny_handle.name}, fine-tuned on: “the golden retriever on the beach”, 6 rounds"
+            in describe_model(tuned, state))
     assert session_model(models, state, tuned.name) is tuned and state.records["finetune"] is record
     # The tuned model is this session's own: another session cannot open it.
     with pytest.raises(gr.Error, match="is not one the app was started with"):
@@ -181,7 +185,8 @@ def test_perturb_streams_the_search_and_returns_the_trigger(client, tiny_handle)
     assert loss["type"] == "plotly" and distances["type"] == "plotly"
     assert len(target) == 1 and len(after) == 2
     assert "similarity" in after[0]["caption"]
-    assert "step 4" in previews[-1][0]["caption"]  # the last preview comes from the last step
+    # Previews every 2 steps, but none at the last (4th): the run's own generations show that one.
+    assert "step 2" in previews[-1][0]["caption"] and not any("step 4" in p[0]["caption"] for p in previews)
     with zipfile.ZipFile(client.predict(api_name="/export_perturb")) as archive:
         assert "tensors.safetensors" in archive.namelist()
 

@@ -116,7 +116,7 @@ def test_four_sessions_cancelling_at_random_each_get_their_own_results(app_url, 
 
 # Cheap valid arguments of every endpoint with numeric or text inputs; the fuzz test replaces one at a time.
 def base_arguments(tiny_handle) -> dict[str, list]:
-    caption = tiny_handle.memorized[0].caption
+    caption, held_out = tiny_handle.memorized[0].caption, tiny_handle.held_out_prompts[0]
     return {
         "/replicate": [caption, 1, 0, STEPS, 4.0],
         "/mitigate": [caption, WANDA, 2, 1.0, True, STEPS, 1],
@@ -131,6 +131,15 @@ def base_arguments(tiny_handle) -> dict[str, list]:
         "/finetune": [[caption], 1, 1, 1, 1, 1, 1, 1e-4, "adam", "the whole UNet (the paper's)",
                       "toward the noise (L_DM, the paper's)", 0],
         "/switch_model": [tiny_handle.name],
+        "/replicate_training_image": [caption],
+        "/inside_attention": [caption, 0, 0, STEPS, 4.0, [], 0, STEPS - 1],
+        "/inside_token": [1],
+        "/inside_timeline": [caption, 0, held_out, 0, STEPS, 4.0],
+        "/inside_scrub": [0],
+        "/inside_detect": [caption, 0, held_out, 0, 1, STEPS, 4.0],
+        "/inside_result": ["attention · caption"],
+        "/inside_pin_a": ["attention · caption"],
+        "/inside_pin_b": ["attention · caption"],
     }
 
 

@@ -49,7 +49,9 @@ def test_finetune_then_switch_the_session_to_the_tuned_model(app_url, tiny_handl
     header, message = client.predict(api_name="/finetune_use")
     assert "This session now uses the fine-tuned model" in message
     tuned_name = message.removeprefix("This session now uses the fine-tuned model ").removesuffix(".")
-    assert f"**Model:** {tuned_name}" in header and tuned_name != tiny_handle.name
+    # The header names it for a person; the message says where it is.
+    assert f"**Model:** {tiny_handle.name}, fine-tuned on: “{caption}”, 1 round ·" in header
+    assert tuned_name != tiny_handle.name
 
     # Another session still has the original model and no fine-tuned one.
     other = Client(app_url, verbose=False)

@@ -1,0 +1,315 @@
+"""The Inside view: what the model looks at and when the copy appears, for a caption, a trigger of the same image,
+the caption under the session's mitigation and a held-out prompt, with the same seed.
+
+Every number comes from `run_task` ("attention", "timeline", "detect"); the view only lays the records out.
+Element ids: `inside-image`, `inside-trigger`, `inside-held-out`, `inside-seed`, `inside-seeds`, `inside-steps`,
+`inside-guidance`, `inside-layers`, `inside-first-step`, `inside-last-step`, `inside-attention-run`,
+`inside-token`, `inside-maps`, `inside-timeline-run`, `inside-timeline-plot`, `inside-scrubber`,
+`inside-frames`, `inside-detect-run`, `inside-detect-plot`, `inside-summary`, `inside-result`, `inside-pin-a`,
+`inside-pin-b`, `inside-pinned-a`, `inside-pinned-b` (and `-image`), `inside-export`, `inside-export-file`.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from analysis.detectors import DETECTORS
+from analysis.experiments.trigger_assets import asset_folder
+from analysis.export import RunRecord
+from analysis.hooks import cross_attention_layers
+from analysis.images import to_display
+from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
+from analysis.limits import MAX_SEED, MAX_SEEDS
+from analysis.model import ModelHandle
+from analysis.triggers import METADATA_FILE, TriggerSet
+from dori_ui.export import build_export
+from dori_ui.session import AppContext, Session, check_number, check_whole_number, mitigation_settings, session_handle
+from dori_ui.streaming import on_model, report_to, run_or_error
+
+VIEW = "inside"
+MAX_GUIDANCE = 50
+CAPTION, TRIGGER, MITIGATED, HELD_OUT = "caption", "trigger", "caption under the mitigation", "held-out prompt"
+DETECTOR_NAMES = {"noise_gap": "Wen et al.'s noise gap", "attention_entropy": "attention entropy (Ren et al.)",
+                  "bright_ending": "bright ending (Chen et al.)"}
+
+EXPLANATION = """
+**What am I looking at?** The same seed under a memorized image's caption, one of its Dori triggers (from the
+Trigger map view's set, or the shipped set), the caption under the session's mitigation (Mitigate view) and a
+held-out prompt. **Attention maps**: where the image's positions look, per token (start, words, end and padding,
+marked; a trigger has no words, so its positions are shown), summed over the chosen layers and denoising steps
+(DAAM). **Timeline**: the clean image x̂₀ the model predicts at every step and its similarity to the training
+image: where a curve crosses the threshold and stays, the copy has locked in. **Detectors**: three memorization
+signals, each against its spread over the model's non-memorized reference prompts (box: the reference; a point
+far outside it is an outlier). Pin two results to keep them side by side.
+"""
+
+
+def _trigger(model: ModelHandle, map_state, image: int, index: int) -> tuple[torch.Tensor | None, str]:
+    """Trigger `index` of the image's set: the Trigger map view's when it shows this image, else the shipped one."""
+    if map_state is not None and map_state.image == image:
+        trigger_set = map_state.trigger_set
+    elif (asset_folder(image) / METADATA_FILE).is_file():
+        trigger_set = TriggerSet.load(asset_folder(image))
+        if trigger_set.config["model"] != model.name:
+            return None, "no trigger: the shipped sets are the bundled model's (build one in the Trigger map view)"
+    else:
+        return None, "no trigger set of this image: load or build one in the Trigger map view"
+    index = check_whole_number("Trigger", index, 0, len(trigger_set.triggers) - 1)
+    return trigger_set.embeddings[index:index + 1], f"trigger {index}"
+
+
+def _conditions(model: ModelHandle, state: Session, map_state, caption: str, trigger: float | None,
+                held_out: str | None) -> tuple[int, list[tuple[str, dict, dict]], list[str]]:
+    """The training image's index, then (label, config, inputs) of each condition that can run, and notes on the
+    ones that cannot."""
+    captions = [m.caption for m in model.memorized]
+    if caption not in captions:
+        raise gr.Error(f"Pick a memorized training image from the list, got {caption!r}.")
+    image = captions.index(caption)
+    runs, notes = [(CAPTION, dict(image=image), {})], []
+    embedding, trigger_label = _trigger(model, map_state, image, trigger)
+    if embedding is None:
+        notes.append(trigger_label)
+    else:
+        runs.append((f"{TRIGGER} ({trigger_label})", dict(image=image), {"embedding": embedding}))
+    mitigation, mask_inputs = mitigation_settings(state)
+    if mitigation is None:
+        notes.append("no mitigation is active (find one in the Mitigate view)")
+    else:
+        runs.append((MITIGATED, dict(image=image, mitigation=mitigation), mask_inputs))
+    if held_out is not None:
+        if held_out not in model.held_out_prompts:
+            raise gr.Error(f"Pick a held-out prompt from the list, got {held_out!r}.")
+        runs.append((HELD_OUT, dict(image=image, prompt=held_out), {}))
+    return image, runs, notes
+
+
+def _run_all(model, state, kind, runs, settings, progress) -> dict[str, RunRecord]:
+    records = {}
+    for label, config, inputs in runs:
+        records[label] = run_or_error(model, kind, {**config, **settings}, inputs, state, report_to(progress))
+        state.inside_results[f"{kind} · {label}"] = records[label]
+    # What Export saves: the last result, the one the result list then shows.
+    state.records[VIEW] = records[label]
+    return records
+
+
+def _pictures(records: dict[str, RunRecord], name: str) -> list:
+    return [(to_display(record.images[name][None])[0], label) for label, record in records.items()
+            if name in record.images]
+
+
+def _latest(state: Session, kind: str) -> dict[str, RunRecord]:
+    return {label.removeprefix(f"{kind} · "): record for label, record in state.inside_results.items()
+            if label.startswith(f"{kind} · ")}
+
+
+def timeline_figure(records: dict[str, RunRecord]) -> go.Figure:
+    figure = go.Figure()
+    for label, record in records.items():
+        if "similarities" in record.metrics:
+            figure.add_trace(go.Scatter(y=record.metrics["similarities"], mode="lines+markers", name=label))
+    first = next(iter(records.values()))
+    figure.add_hline(y=first.metrics["threshold"], line_dash="dash",
+                     annotation_text=f"replica: {first.metrics['metric']} > {first.metrics['threshold']:g}")
+    figure.update_layout(title="Similarity of x̂₀ to the training image, step by step", xaxis_title="denoising step",
+                         yaxis_title=f"similarity ({first.metrics['metric']})", height=360, margin=dict(t=50, b=40))
+    return figure
+
+
+def detector_figure(records: dict[str, RunRecord]) -> go.Figure:
+    """One panel per detector: the reference prompts' scores as a box, each condition's score as a point."""
+    figure = make_subplots(rows=1, cols=len(DETECTORS), subplot_titles=[DETECTOR_NAMES[n] for n in DETECTORS])
+    first = next(iter(records.values()))
+    for column, name in enumerate(DETECTORS, start=1):
+        figure.add_trace(go.Box(y=first.tensors[f"reference.{name}"].tolist(), name="reference prompts",
+                                boxpoints="all", marker_color="#7f7f7f", showlegend=column == 1), row=1, col=column)
+        for k, (label, record) in enumerate(records.items()):
+            figure.add_trace(go.Scatter(x=["reference prompts"], y=[record.metrics["scores"][name]], mode="markers",
+                                        marker=dict(size=12, symbol="diamond", color=k), name=label,
+                                        showlegend=column == 1), row=1, col=column)
+    figure.update_layout(height=380, margin=dict(t=60, b=40))
+    return figure
+
+
+def describe(label: str, record: RunRecord) -> str:
+    """A result in words, for the summary and the pins."""
+    lines = [f"**{record.kind} · {label}** (seed {record.config.get('seed', record.config.get('seeds'))}, "
+             f"{record.config['steps']} steps, guidance {record.config['guidance']:g})"]
+    metrics = record.metrics
+    if record.kind == "attention":
+        shares = sorted(zip(metrics["token_shares"], metrics["tokens"]), key=lambda pair: -pair[0])[:5]
+        lines.append("most attended: " + ", ".join(f"{t['text']} ({t['kind']}) {s:.1%}" for s, t in shares))
+    elif record.kind == "timeline" and "similarities" in metrics:
+        lock = metrics["lock_in_step"]
+        lines.append(f"final similarity {metrics['final_similarity']:.3f}; "
+                     + ("never locks in" if lock is None else f"locks in at step {lock}"))
+    elif record.kind == "detect":
+        lines += [f"{DETECTOR_NAMES[n]}: {metrics['scores'][n]:.4g} (above {metrics['percentiles'][n]:.0%} of the "
+                  f"{metrics['reference_prompts']} reference prompts)" for n in DETECTORS]
+    return "\n\n".join(lines)
+
+
+def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
+    """The tab's components and events, inside the caller's `gr.Tab`; `map_state` is the Trigger map view's set."""
+    handle = context.models.get(context.models.first)
+    captions = [m.caption for m in handle.memorized]
+    gr.Markdown(EXPLANATION)
+    with gr.Row():
+        image = gr.Dropdown(captions, value=captions[0] if captions else None, label="Training image",
+                            elem_id="inside-image")
+        trigger = gr.Number(0, label="Trigger (index in the image's set)", precision=None, elem_id="inside-trigger")
+        held_out = gr.Dropdown(handle.held_out_prompts, value=(handle.held_out_prompts or [None])[0],
+                               label="Held-out prompt", elem_id="inside-held-out")
+    with gr.Row():
+        seed = gr.Number(0, label="Seed", precision=None, elem_id="inside-seed")
+        seeds = gr.Number(4, label=f"Detector seeds (1–{MAX_SEEDS}, from the seed)", precision=None,
+                          elem_id="inside-seeds")
+        steps = gr.Number(handle.default_steps, label=f"Steps (1–{MAX_STEPS})", precision=None, elem_id="inside-steps")
+        guidance = gr.Number(handle.default_guidance, label=f"Guidance (0–{MAX_GUIDANCE})", step=0.5,
+                             elem_id="inside-guidance")
+    with gr.Row():
+        layers = gr.Dropdown(list(cross_attention_layers(handle.unet)), multiselect=True, value=[],
+                             label="Cross-attention layers of the maps (none chosen: all)", elem_id="inside-layers")
+        first_step = gr.Number(0, label="Maps from step", precision=None, elem_id="inside-first-step")
+        last_step = gr.Number(handle.default_steps - 1, label="to step", precision=None, elem_id="inside-last-step")
+    with gr.Row():
+        attention_button = gr.Button("Attention maps", variant="primary", elem_id="inside-attention-run")
+        timeline_button = gr.Button("Timeline", variant="primary", elem_id="inside-timeline-run")
+        detect_button = gr.Button("Detectors", variant="primary", elem_id="inside-detect-run")
+    summary = gr.Markdown(elem_id="inside-summary")
+    token = gr.Dropdown([], type="index", label="Token (or trigger position)", elem_id="inside-token")
+    maps = gr.Gallery(label="Attention of the chosen token, over the image", columns=3, format="png", height="auto",
+                      interactive=False, elem_id="inside-maps")
+    timeline_plot = gr.Plot(label="Denoising timeline", elem_id="inside-timeline-plot")
+    scrubber = gr.Slider(0, max(handle.default_steps - 1, 1), value=0, step=1, label="Step (x̂₀ below)",
+                         elem_id="inside-scrubber")
+    frames = gr.Gallery(label="x̂₀ at the chosen step", columns=4, format="png", height="auto", interactive=False,
+                        elem_id="inside-frames")
+    detect_plot = gr.Plot(label="Detectors against the reference prompts", elem_id="inside-detect-plot")
+    with gr.Row():
+        result = gr.Dropdown([], label="A result of this view (also what Export saves)", elem_id="inside-result")
+        pin_a = gr.Button("Pin as A", elem_id="inside-pin-a", scale=0)
+        pin_b = gr.Button("Pin as B", elem_id="inside-pin-b", scale=0)
+    pinned = {}
+    with gr.Row():
+        for name in ("A", "B"):
+            with gr.Column():
+                pinned[name] = (gr.Image(label=f"Pinned {name}", format="png", interactive=False, height=200,
+                                         elem_id=f"inside-pinned-{name.lower()}-image"),
+                                gr.Markdown(elem_id=f"inside-pinned-{name.lower()}"))
+    build_export(context, VIEW, "a result of the Inside view")
+
+    def settings(seed_value, step_count, guidance_scale) -> dict:
+        step_count = check_whole_number("Steps", step_count, 1, MAX_STEPS)
+        return dict(seed=check_whole_number("Seed", seed_value, 0, MAX_SEED), steps=step_count,
+                    guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE))
+
+    def results_choice(state: Session):
+        return gr.update(choices=list(state.inside_results), value=next(reversed(state.inside_results), None))
+
+    def attention(caption, trigger_index, seed_value, step_count, guidance_scale, chosen_layers, first, last,
+                  state: Session, trigger_map, progress=gr.Progress()):
+        model = session_handle(context.models, state)
+        chosen = settings(seed_value, step_count, guidance_scale)
+        first = check_whole_number("Maps from step", first, 0, chosen["steps"] - 1)
+        last = check_whole_number("to step", last, first, chosen["steps"] - 1)
+        if not isinstance(chosen_layers, list) or not all(isinstance(name, str) for name in chosen_layers):
+            raise gr.Error(f"Layers must be a list of layer names, got {chosen_layers!r}.")
+        _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, None)
+        records = _run_all(model, state, "attention", runs[:3], dict(
+            chosen, layers=chosen_layers or None, denoising_steps=list(range(first, last + 1))), progress)
+        tokens = records[CAPTION].metrics["tokens"]
+        choices = [(f"{i}: {t['text']} ({t['kind']})", i) for i, t in enumerate(tokens)]
+        text = "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
+        return (gr.update(choices=choices, value=1), _pictures(records, "overlay1"), text, results_choice(state),
+                state)
+
+    def pick_token(index, state: Session):
+        records = _latest(state, "attention")
+        if not records:
+            raise gr.Error("Run “Attention maps” first.")
+        length = len(records[CAPTION].metrics["tokens"])
+        return _pictures(records, f"overlay{check_whole_number('Token', index, 0, length - 1)}")
+
+    def timeline(caption, trigger_index, held_out_prompt, seed_value, step_count, guidance_scale, state: Session,
+                 trigger_map, progress=gr.Progress()):
+        model = session_handle(context.models, state)
+        chosen = settings(seed_value, step_count, guidance_scale)
+        _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, held_out_prompt)
+        records = _run_all(model, state, "timeline", runs, chosen, progress)
+        text = "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
+        return (timeline_figure(records), gr.update(maximum=max(chosen["steps"] - 1, 1), value=chosen["steps"] - 1),
+                _pictures(records, f"frame{chosen['steps'] - 1}"), text, results_choice(state), state)
+
+    def scrub(step, state: Session):
+        records = _latest(state, "timeline")
+        if not records:
+            raise gr.Error("Run “Timeline” first.")
+        steps_run = next(iter(records.values())).config["steps"]
+        return _pictures(records, f"frame{check_whole_number('Step', step, 0, steps_run - 1)}")
+
+    def detect(caption, trigger_index, held_out_prompt, seed_value, seed_count, step_count, guidance_scale,
+               state: Session, trigger_map, progress=gr.Progress()):
+        model = session_handle(context.models, state)
+        chosen = settings(seed_value, step_count, guidance_scale)
+        count = check_whole_number("Detector seeds", seed_count, 1, MAX_SEEDS)
+        start = check_whole_number("Seed", seed_value, 0, MAX_SEED + 1 - count)
+        _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, held_out_prompt)
+        records = _run_all(model, state, "detect", runs, dict(
+            steps=chosen["steps"], guidance=chosen["guidance"], seeds=list(range(start, start + count))), progress)
+        text = "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
+        return detector_figure(records), text, results_choice(state), state
+
+    def choose(label, state: Session) -> str:
+        if label not in state.inside_results:
+            raise gr.Error(f"Choose one of this session's results, got {label!r}.")
+        state.records[VIEW] = state.inside_results[label]
+        return describe(label, state.inside_results[label])
+
+    def pin(name: str):
+        def pin_result(label, state: Session):
+            if label not in state.inside_results:
+                raise gr.Error(f"Choose one of this session's results to pin, got {label!r}.")
+            state.inside_pins[name] = (label, state.inside_results[label])
+            shown = []
+            for key in ("A", "B"):
+                pinned_label, record = state.inside_pins.get(key, (None, None))
+                picture = record.images.get("generated") if record is not None else None
+                shown += [None if picture is None else to_display(picture[None])[0],
+                          "" if record is None else f"{describe(pinned_label, record)}\n\n(on {record.model})"]
+            return (*shown, state)
+        return pin_result
+
+    session, trigger_map = context.session, map_state
+    on_model(attention_button.click, attention, context,
+             inputs=[image, trigger, seed, steps, guidance, layers, first_step, last_step, session, trigger_map],
+             outputs=[token, maps, summary, result, session], api_name="inside_attention")
+    token.change(pick_token, inputs=[token, session], outputs=maps, api_name="inside_token")
+    on_model(timeline_button.click, timeline, context,
+             inputs=[image, trigger, held_out, seed, steps, guidance, session, trigger_map],
+             outputs=[timeline_plot, scrubber, frames, summary, result, session], api_name="inside_timeline")
+    scrubber.release(scrub, inputs=[scrubber, session], outputs=frames, api_name="inside_scrub")
+    on_model(detect_button.click, detect, context,
+             inputs=[image, trigger, held_out, seed, seeds, steps, guidance, session, trigger_map],
+             outputs=[detect_plot, summary, result, session], api_name="inside_detect")
+    result.input(choose, inputs=[result, session], outputs=summary, api_name="inside_result")
+    pin_outputs = [*pinned["A"], *pinned["B"], session]
+    pin_a.click(pin("A"), inputs=[result, session], outputs=pin_outputs, api_name="inside_pin_a")
+    pin_b.click(pin("B"), inputs=[result, session], outputs=pin_outputs, api_name="inside_pin_b")
+
+    def refresh(state: Session):
+        # The results are the previous model's; pins stay, naming their model.
+        state.inside_results.clear()
+        model = session_handle(context.models, state)
+        names = [m.caption for m in model.memorized]
+        return (gr.update(choices=names, value=names[0] if names else None),
+                gr.update(choices=model.held_out_prompts, value=(model.held_out_prompts or [None])[0]),
+                gr.update(choices=list(cross_attention_layers(model.unet)), value=[]), model.default_steps,
+                model.default_guidance, model.default_steps - 1, gr.update(choices=[], value=None), [], None, [], None)
+
+    context.on_model_change[VIEW] = (refresh, [image, held_out, layers, steps, guidance, last_step, token, maps,
+                                               timeline_plot, frames, detect_plot])
