@@ -39,7 +39,8 @@ from analysis.metrics import SSCD_THRESHOLD
 from analysis.model import ModelHandle, ModelLoadError, open_model
 from analysis.progress import TaskProgress
 from analysis.projection import METHODS
-from analysis.tasks import ATTRIBUTIONS, LOCALIZERS, mask_tensors, record_mask, run_task
+from analysis.task_settings import ATTRIBUTIONS, LOCALIZERS, mask_tensors, record_mask
+from analysis.tasks import run_task
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2

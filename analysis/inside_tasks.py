@@ -24,9 +24,10 @@ from analysis.detectors import (DETECTORS, NOISE_GAP_PER_STEP, REFERENCE_SEEDS, 
 from analysis.export import RunRecord
 from analysis.model import ModelHandle
 from analysis.replicate import training_images
+from analysis.progress import Callback
+from analysis.task_settings import (DEFAULT_SEEDS, embeddings_input, fill, mitigated, mitigation_config,
+                                    sampling_settings, seed_list, target_settings, whole_number)
 from analysis.timeline import denoising_timeline
-from analysis.tasks import (DEFAULT_SEEDS, TASKS, Callback, _embeddings_input, _fill, _integer, _mitigated,
-                            _mitigation_config, _sampling, _seeds, _target)
 
 EMBEDDING = "embedding"
 REFERENCE_PREFIX = "reference."
@@ -36,7 +37,7 @@ def _conditioning(handle: ModelHandle, inputs: dict, prompt: str) -> tuple[str |
     """The prompt, or the `embedding` input when given; and which of the two it is."""
     if EMBEDDING not in inputs:
         return prompt, "prompt"
-    embedding = _embeddings_input(handle, inputs, EMBEDDING, 1)
+    embedding = embeddings_input(handle, inputs, EMBEDDING, 1)
     if len(embedding) != 1:
         raise ValueError(f"the input {EMBEDDING!r} holds one embedding [1, 77, d], got {len(embedding)}")
     return embedding[0].to(handle.dtype), "embedding"
@@ -45,11 +46,11 @@ def _conditioning(handle: ModelHandle, inputs: dict, prompt: str) -> tuple[str |
 def _one_seed_config(kind: str, handle: ModelHandle, config: dict, inputs: dict,
                      extra: dict) -> tuple[dict, str, torch.Tensor | None]:
     """`config` checked and filled for a one-seed kind: target, seed, steps, guidance, mitigation and `extra`."""
-    config = _fill(kind, dict(image=None, prompt=None, seed=0, steps=None, guidance=None, mitigation=None, **extra),
+    config = fill(kind, dict(image=None, prompt=None, seed=0, steps=None, guidance=None, mitigation=None, **extra),
                    config)
-    target, prompt, image = _target(handle, config, inputs, need_image=False)
-    filled = dict(**target, seed=_integer("seed", config["seed"]), **_sampling(handle, config),
-                  mitigation=_mitigation_config(config["mitigation"], inputs),
+    target, prompt, image = target_settings(handle, config, inputs, need_image=False)
+    filled = dict(**target, seed=whole_number("seed", config["seed"]), **sampling_settings(handle, config),
+                  mitigation=mitigation_config(config["mitigation"], inputs),
                   **{key: config[key] for key in extra})
     return filled, prompt, image
 
@@ -61,13 +62,13 @@ def _run_attention(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
         if filled[key] is not None and not isinstance(filled[key], list):
             raise ValueError(f"{key} must be a list (or null: all), got {filled[key]!r}")
     if filled["denoising_steps"] is not None:
-        filled["denoising_steps"] = sorted({_integer("a denoising step", step, 0, filled["steps"] - 1)
+        filled["denoising_steps"] = sorted({whole_number("a denoising step", step, 0, filled["steps"] - 1)
                                             for step in filled["denoising_steps"]})
     if not isinstance(filled["keep_step_maps"], bool):
         raise ValueError(f"keep_step_maps must be true or false, got {filled['keep_step_maps']!r}")
     conditioning, what = _conditioning(handle, inputs, prompt)
     record = RunRecord("attention", handle.name, filled)
-    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+    with mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
         maps = attention_maps(handle, conditioning, filled["seed"], filled["steps"], filled["guidance"],
                               filled["layers"], filled["denoising_steps"], filled["keep_step_maps"], callback)
     shares = maps.maps.flatten(1).mean(dim=1)
@@ -88,7 +89,7 @@ def _run_timeline(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
     conditioning, what = _conditioning(handle, inputs, prompt)
     target = image if image is not None else (training_images(handle) if handle.memorized else None)
     record = RunRecord("timeline", handle.name, filled)
-    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+    with mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
         timeline = denoising_timeline(handle, conditioning, filled["seed"], filled["steps"], filled["guidance"],
                                       target, callback)
     metric = handle.replication_metric
@@ -117,15 +118,15 @@ def _reference(handle: ModelHandle, record: RunRecord, steps: int, guidance: flo
 
 
 def _run_detect(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    config = _fill("detect", dict(image=None, prompt=None, seeds=DEFAULT_SEEDS, steps=None, guidance=None,
+    config = fill("detect", dict(image=None, prompt=None, seeds=DEFAULT_SEEDS, steps=None, guidance=None,
                                   mitigation=None), config)
-    target, prompt, _ = _target(handle, config, inputs, need_image=False)
-    filled = dict(**target, seeds=_seeds("seeds", config["seeds"]), **_sampling(handle, config),
-                  mitigation=_mitigation_config(config["mitigation"], inputs))
+    target, prompt, _ = target_settings(handle, config, inputs, need_image=False)
+    filled = dict(**target, seeds=seed_list("seeds", config["seeds"]), **sampling_settings(handle, config),
+                  mitigation=mitigation_config(config["mitigation"], inputs))
     conditioning, what = _conditioning(handle, inputs, prompt)
     record = RunRecord("detect", handle.name, filled)
     batch = [conditioning] if what == "prompt" else conditioning[None]
-    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+    with mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
         scores = detector_scores(handle, batch, filled["seeds"], filled["steps"], filled["guidance"], callback)
     reference = _reference(handle, record, filled["steps"], filled["guidance"], callback)
     record.metrics.update(conditioning=what, scores={name: scores[name].item() for name in DETECTORS},
@@ -139,10 +140,11 @@ def _run_detect(handle: ModelHandle, config: dict, inputs: dict, callback: Callb
 
 
 def _run_reference(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    filled = _sampling(handle, _fill("reference", dict(steps=None, guidance=None), config))
+    filled = sampling_settings(handle, fill("reference", dict(steps=None, guidance=None), config))
     record = RunRecord("reference", handle.name, filled)
     _reference(handle, record, filled["steps"], filled["guidance"], callback)
     return record
 
 
-TASKS.update(attention=_run_attention, timeline=_run_timeline, detect=_run_detect, reference=_run_reference)
+# What `analysis.tasks.TASKS` runs for the Inside view.
+INSIDE_TASKS = dict(attention=_run_attention, timeline=_run_timeline, detect=_run_detect, reference=_run_reference)

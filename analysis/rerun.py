@@ -14,7 +14,8 @@ import torch
 
 from analysis.export import RunRecord, load_export
 from analysis.model import open_model
-from analysis.tasks import BUNDLED_MODEL_NAME, TASKS, check_limits, run_task
+from analysis.task_settings import BUNDLED_MODEL_NAME, check_limits
+from analysis.tasks import TASKS, run_task
 
 
 def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | None = None,

@@ -46,15 +46,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 
 from analysis.agreement import as_neurons, iou_matrix, localize_each
-from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion
 from analysis.discrepancy import activation_discrepancy
 from analysis.dispersion import dispersion, reference_sets
 from analysis.dori import DoriPreview, DoriSearch, DoriStep, Start, evaluate
@@ -62,266 +58,23 @@ from analysis.export import INPUT_PREFIX, RunRecord
 from analysis.finetune import (EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress, resolve_targets,
                                side_effects)
 from analysis.hooks import KINDS, nemo_layers, resolve_layers
-from analysis.limits import (MAX_DENOISING_STEPS, MAX_INPUT_MAGNITUDE, MAX_LIST, MAX_LOCALIZED_TRIGGERS,
-                             MAX_PROMPT_CHARS, MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS,
-                             MAX_STARTS)
+from analysis.inside_tasks import INSIDE_TASKS
+from analysis.limits import MAX_INPUT_MAGNITUDE, MAX_LOCALIZED_TRIGGERS, MAX_SEARCH_STEPS, MAX_SEEDS
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
-from analysis.masks import Mask
 from analysis.model import ModelHandle, load_model
 from analysis.progress import Callback, report
 from analysis.projection import Projection
 from analysis.replicate import replicate, training_images
 from analysis.sampling import encode_prompts
 from analysis.sweep import perturbation_sweep
+from analysis.task_settings import (ATTRIBUTIONS, DEFAULT_SEEDS, LOCALIZER_BATCH_ROWS, PROJECTION_PARAMETERS,
+                                    START_KINDS, as_json, check_data, check_dtype, check_limits, embeddings_input,
+                                    fill, fit_mask, localizer_config, mask_tensors, method_parameters, mitigated,
+                                    mitigation_config, number, replicate_what, sampling_settings, seed_list,
+                                    target_settings, whole_number)
 from analysis.trigger_map import REFERENCE_NAMES, TRIGGERS, MapPoint, TriggerMap, map_triggers
 from analysis.wen_mitigation import WenMitigation
-
-BUNDLED_MODEL_NAME = "bundled demo model"  # what `load_model(None)` names the bundled model
-MASK_PREFIX = "mask."
-DEFAULT_SEEDS = [0, 1, 2, 3]
-LOCALIZERS = {"nemo": NeMo, "wanda": Wanda}
-ATTRIBUTIONS = {"gradient_norm": GradientNorm, "integrated_gradients": IntegratedGradients, "occlusion": Occlusion}
-# Constructor arguments that change how a run goes, not what it finds: never part of a configuration.
-RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size"}
-# Projection settings beside its method ("trigger_map" has `method` and `parameters`, as a localizer does).
-PROJECTION_PARAMETERS = {name: p.default for name, p in inspect.signature(Projection).parameters.items()
-                         if name not in RUNTIME_ARGUMENTS | {"method"}}
-START_KINDS = ("random", "prompt", "embedding")
-# UNet rows per call when NeMo and Wanda run their reference prompts × seeds (500 × 10 with SD v1.4's fallback
-# list): one call for all of them would not fit a GPU's memory with SD's UNet.
-LOCALIZER_BATCH_ROWS = 64
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checking a configuration
-
-
-def _json_ready(value):
-    """As the value reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(value))
-
-
-def _fill(what: str, defaults: dict, given: dict | None) -> dict:
-    if given is None:
-        given = {}
-    if not isinstance(given, dict):
-        raise ValueError(f"the {what} configuration must be a JSON object, got {given!r}")
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **given}
-
-
-def _integer(name: str, value, low: int = 0, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
-    return value
-
-
-def _number(name: str, value, low: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (low is not None and value < low):
-        raise ValueError(f"{name} must be a number{f' of at least {low}' if low is not None else ''}, got {value!r}")
-    return float(value)
-
-
-def _seeds(name: str, value) -> list[int]:
-    if not isinstance(value, list) or not value or len(value) > MAX_SEEDS:
-        raise ValueError(f"{name} must be a list of 1 to {MAX_SEEDS} seeds, got {_shown(value)}")
-    return [_integer(f"a seed in {name}", seed, 0, MAX_SEED) for seed in value]
-
-
-def _shown(value) -> str:
-    """`value` for an error message, cut short (a configuration may come from an untrusted export)."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
-
-
-# Settings checked by name wherever they appear in a configuration (top level or inside `parameters`, `search`,
-# `dori`, ...): a count of seeds, of denoising or search steps, of seeds per search step, of starts.
-COUNT_LIMITS = {"steps": MAX_DENOISING_STEPS, "n_steps": MAX_DENOISING_STEPS, "record_steps": MAX_DENOISING_STEPS,
-                "batch_size": MAX_SEARCH_BATCH, "directions": MAX_STARTS, "eval_seeds": MAX_SEEDS}
-MAX_CONFIG_DEPTH = 8
-MAX_TEXT_CHARS = 10_000  # any string of a configuration (prompts are held to MAX_PROMPT_CHARS)
-
-
-def check_limits(value, name: str = "configuration", depth: int = 0) -> None:
-    """ValueError if `value` (a configuration, read from JSON) is larger than one request may be
-    (`analysis.limits`): too deep, a list or text too long, a non-finite number, too many seeds, steps or starts."""
-    if depth > MAX_CONFIG_DEPTH:
-        raise ValueError(f"the configuration is nested more than {MAX_CONFIG_DEPTH} levels deep (at {name})")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
-        raise ValueError(f"{name} has {len(value)} characters; at most {MAX_TEXT_CHARS} are accepted")
-    if isinstance(value, list):
-        limit = MAX_SEEDS if name.endswith("seeds") else MAX_STARTS if name == "starts" else MAX_LIST
-        if len(value) > limit:
-            raise ValueError(f"{name} lists {len(value)} values; at most {limit} are accepted")
-        for item in value:
-            check_limits(item, name, depth + 1)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            check_limits(item, str(key), depth + 1)
-    limit = COUNT_LIMITS.get(name)
-    if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
-        raise ValueError(f"{name} must be at most {limit}, got {value}")
-    if name.endswith("seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED:
-        raise ValueError(f"{name} must be a whole number from 0 to {MAX_SEED}, got {value}")
-
-
-def _method_parameters(what: str, algorithms: dict[str, type], config: dict) -> dict:
-    """`{"method", "parameters"}` with every constructor parameter of the chosen algorithm filled in."""
-    method = config.get("method")
-    if method not in algorithms:
-        raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(algorithms)}")
-    signature = inspect.signature(algorithms[method].__init__)
-    defaults = {name: p.default for name, p in signature.parameters.items() if name not in RUNTIME_ARGUMENTS}
-    return dict(method=method, parameters=_json_ready(_fill(f"{method} parameter", defaults, config.get("parameters"))))
-
-
-def _sampling(handle: ModelHandle, config: dict) -> dict:
-    steps = handle.default_steps if config["steps"] is None else config["steps"]
-    guidance = handle.default_guidance if config["guidance"] is None else config["guidance"]
-    return dict(steps=_integer("steps", steps, 1, 1000), guidance=_number("guidance", guidance))
-
-
-def _target(handle: ModelHandle, config: dict, inputs: dict[str, torch.Tensor],
-            need_image: bool) -> tuple[dict, str, torch.Tensor | None]:
-    """The filled `image`/`prompt` settings, the prompt, and the target image (None when there is none)."""
-    index, prompt = config["image"], config["prompt"]
-    image = None
-    if index is not None:
-        if not handle.memorized:
-            raise ValueError(f"image {index!r} does not exist: the model has no memorized training images")
-        _integer("image", index, 0, len(handle.memorized) - 1)
-        image = handle.memorized[index].image
-        prompt = handle.memorized[index].caption if prompt is None else prompt
-    if "target" in inputs:
-        image = inputs["target"]
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"the target input must be an image [3, H, W], got shape {tuple(image.shape)}")
-    if prompt is None:
-        raise ValueError("give a prompt or the index of a training image (setting 'image')")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"the prompt must be a non-empty string, got {_shown(prompt)}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
-    if need_image and image is None:
-        raise ValueError("this analysis needs a target image: give 'image' (a training image's index) "
-                         "or a 'target' input")
-    return dict(image=index, prompt=prompt), prompt, image
-
-
-def _replicate_what(handle: ModelHandle, target: dict) -> int | str:
-    """What `replicate` gets: a training image's index (compared with that image only) when the prompt is its
-    caption, else the prompt (compared with every training image)."""
-    index = target["image"]
-    return index if index is not None and handle.memorized[index].caption == target["prompt"] else target["prompt"]
-
-
-def _embeddings_input(handle: ModelHandle, inputs: dict[str, torch.Tensor], name: str, minimum: int) -> torch.Tensor:
-    """Input `name`: `minimum` to MAX_STARTS embeddings `[n, 77, d]` of this model, float32 on the handle's device."""
-    if name not in inputs:
-        raise ValueError(f"this analysis needs the embeddings as the input {name!r} [n, 77, d]")
-    embeddings = inputs[name]
-    shape = (handle.tokenizer.model_max_length, handle.unet.config.cross_attention_dim)
-    if (embeddings.ndim != 3 or tuple(embeddings.shape[1:]) != shape
-            or not minimum <= len(embeddings) <= MAX_STARTS):
-        raise ValueError(f"the input {name!r} must hold {minimum} to {MAX_STARTS} embeddings "
-                         f"[n, {shape[0]}, {shape[1]}], got shape {tuple(embeddings.shape)}")
-    return embeddings.to(handle.device, torch.float32)
-
-
-def _check_dtype(handle: ModelHandle, config: dict) -> str:
-    dtype = str(handle.dtype).removeprefix("torch.")
-    if config.get("dtype", dtype) != dtype:
-        raise ValueError(f"the configuration was recorded in {config['dtype']}, the model is loaded in {dtype}")
-    return dtype
-
-
-def _check_data(handle: ModelHandle, config: dict) -> dict:
-    """The handle's memorized set, reference prompts and replication metric; ValueError when a recorded
-    configuration names others (a rerun must load the model with what it was run against)."""
-    settings = handle.data_settings()
-    for key, value in settings.items():
-        if key in config and _json_ready(config[key]) != _json_ready(value):
-            raise ValueError(f"the configuration was recorded with {key} {config[key]!r}, the model is loaded "
-                             f"with {value!r}")
-    return settings
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Masks
-
-
-def mask_tensors(mask: Mask) -> dict[str, torch.Tensor]:
-    """A mask's layers as record tensors `mask.LAYER`."""
-    return {MASK_PREFIX + name: removed for name, removed in mask.removed.items()}
-
-
-def record_mask(record: RunRecord) -> Mask:
-    """The mask a "localize" record found, to apply it again (`with record_mask(record).applied(handle): ...`)."""
-    removed = {name.removeprefix(MASK_PREFIX): tensor for name, tensor in record.tensors.items()
-               if name.startswith(MASK_PREFIX)}
-    if not removed:
-        raise ValueError(f"this {record.kind} record holds no mask")
-    return Mask(removed, method=record.config["method"], prompt=record.config["prompt"], model=record.model,
-                parameters=record.config["parameters"])
-
-
-def _fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
-    """Run the configured localizer (`{"method", "parameters", "seeds"}`) on `prompt`."""
-    references = len(config["parameters"].get("reference_prompts") or handle.held_out_prompts)
-    # The reference statistics are the long part of a first run; the localizer caches them on disk by the weights.
-    report(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
-                                          "(computed once per model, then read from runs/localize_cache)")
-    localizer = LOCALIZERS[config["method"]](**config["parameters"], batch_size=LOCALIZER_BATCH_ROWS)
-    return localizer.fit(handle, prompt, config["seeds"], callback=callback).mask_
-
-
-def _localizer_config(method_config: dict | None, default_method: str = "nemo") -> dict:
-    config = _fill("localize", dict(method=default_method, parameters=None, seeds=None), method_config)
-    filled = _method_parameters("localize", LOCALIZERS, config)
-    prompts = filled["parameters"]["reference_prompts"]
-    if prompts is not None and (not isinstance(prompts, list) or not prompts
-                                or not all(isinstance(p, str) and p.strip() for p in prompts)):
-        raise ValueError(f"reference_prompts must be null (the model's held-out prompts) or a non-empty list of "
-                         f"prompts, got {prompts!r}")
-    default_seeds = list(inspect.signature(LOCALIZERS[filled["method"]].fit).parameters["seeds"].default)
-    filled["seeds"] = _seeds("localize seeds", default_seeds if config["seeds"] is None else config["seeds"])
-    return filled
-
-
-def _mitigation_config(value: dict | None, inputs: dict[str, torch.Tensor]) -> dict | None:
-    if value is None:
-        return None
-    if isinstance(value, dict) and value.get("method") == "mask":
-        _fill("mitigation", dict(method="mask"), value)
-        if not any(name.startswith(MASK_PREFIX) for name in inputs):
-            raise ValueError("mitigation 'mask' needs the mask as inputs named 'mask.LAYER'")
-        return dict(method="mask")
-    return _localizer_config(value)
-
-
-@contextmanager
-def _mitigated(handle: ModelHandle, mitigation: dict | None, inputs: dict[str, torch.Tensor], prompt: str,
-               record: RunRecord, callback: Callback | None) -> Iterator[Mask | None]:
-    """Run the block with the mitigation's mask applied (its tensors go into the record); no mask for None."""
-    if mitigation is None:
-        yield None
-        return
-    if mitigation["method"] == "mask":
-        removed = {name.removeprefix(MASK_PREFIX): t.bool() for name, t in inputs.items() if name.startswith(MASK_PREFIX)}
-        mask = Mask(removed, method="given", prompt=prompt, model=handle.name)
-    else:
-        mask = _fit_mask(handle, mitigation, prompt, callback)
-        record.tensors.update(mask_tensors(mask))
-    record.metrics["mitigation_removed"] = sum(mask.counts().values())
-    with mask.applied(handle):
-        yield mask
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # One function per kind: (handle, config, inputs, callback) -> RunRecord
@@ -340,18 +93,18 @@ def _replication_metrics(report, prefix: str = "") -> dict:
 
 
 def _run_replicate(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    config = _fill("replicate", dict(image=None, prompt=None, seeds=DEFAULT_SEEDS, steps=None, guidance=None,
+    config = fill("replicate", dict(image=None, prompt=None, seeds=DEFAULT_SEEDS, steps=None, guidance=None,
                                      threshold=None, mitigation=None), config)
-    target, prompt, _ = _target(handle, config, inputs, need_image=False)
+    target, prompt, _ = target_settings(handle, config, inputs, need_image=False)
     threshold = handle.replication_metric.threshold if config["threshold"] is None else config["threshold"]
-    filled = dict(**target, seeds=_seeds("seeds", config["seeds"]), **_sampling(handle, config),
-                  threshold=_number("threshold", threshold),
-                  mitigation=_mitigation_config(config["mitigation"], inputs))
+    filled = dict(**target, seeds=seed_list("seeds", config["seeds"]), **sampling_settings(handle, config),
+                  threshold=number("threshold", threshold),
+                  mitigation=mitigation_config(config["mitigation"], inputs))
     record = RunRecord("replicate", handle.name, filled)
-    what = _replicate_what(handle, target)
-    embedding = _embeddings_input(handle, {"embedding": inputs["embedding"][None]}, "embedding", 1)[0] \
+    what = replicate_what(handle, target)
+    embedding = embeddings_input(handle, {"embedding": inputs["embedding"][None]}, "embedding", 1)[0] \
         if "embedding" in inputs else None
-    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+    with mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
         report = replicate(handle, what, filled["seeds"], filled["steps"], filled["guidance"], filled["threshold"],
                            callback=callback, embedding=embedding)
     record.metrics.update(_replication_metrics(report))
@@ -367,21 +120,21 @@ def _run_replicate(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
 
 
 def _run_localize(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    config = _fill("localize", dict(image=None, prompt=None, method="nemo", parameters=None, seeds=None,
+    config = fill("localize", dict(image=None, prompt=None, method="nemo", parameters=None, seeds=None,
                                     evaluation_seeds=DEFAULT_SEEDS), config)
-    target, prompt, _ = _target(handle, config, inputs, need_image=False)
-    localizer = _localizer_config(dict(method=config["method"], parameters=config["parameters"], seeds=config["seeds"]))
-    evaluation_seeds = _seeds("evaluation_seeds", config["evaluation_seeds"])
+    target, prompt, _ = target_settings(handle, config, inputs, need_image=False)
+    localizer = localizer_config(dict(method=config["method"], parameters=config["parameters"], seeds=config["seeds"]))
+    evaluation_seeds = seed_list("evaluation_seeds", config["evaluation_seeds"])
     filled = dict(**target, **localizer, evaluation_seeds=evaluation_seeds)
     record = RunRecord("localize", handle.name, filled)
-    mask = _fit_mask(handle, localizer, prompt, callback)
+    mask = fit_mask(handle, localizer, prompt, callback)
     record.tensors.update(mask_tensors(mask))
     counts = mask.counts()
     record.metrics.update(removed=counts, removed_total=sum(counts.values()))
     record.metrics.update({key: value for key, value in mask.parameters.items()
                            if key in ("threshold", "similarity", "memorized_seeds")})
     # Before vs after on the same seeds: does removing the units stop the replication?
-    what = _replicate_what(handle, target)
+    what = replicate_what(handle, target)
     before = replicate(handle, what, evaluation_seeds, callback=callback)
     with mask.applied(handle):
         after = replicate(handle, what, evaluation_seeds, callback=callback)
@@ -400,15 +153,15 @@ def _starts(specs, prompt: str, inputs: dict[str, torch.Tensor]) -> tuple[list[d
     for spec in specs:
         kind = spec.get("kind") if isinstance(spec, dict) else None
         if kind == "random":
-            spec = _fill("random start", dict(kind="random", seed=0, scale=None), spec)
-            scale = None if spec["scale"] is None else _number("start scale", spec["scale"], 0)
-            starts.append(Start.random(_integer("start seed", spec["seed"]), scale))
+            spec = fill("random start", dict(kind="random", seed=0, scale=None), spec)
+            scale = None if spec["scale"] is None else number("start scale", spec["scale"], 0)
+            starts.append(Start.random(whole_number("start seed", spec["seed"]), scale))
         elif kind == "prompt":
-            spec = _fill("prompt start", dict(kind="prompt", text=None), spec)
+            spec = fill("prompt start", dict(kind="prompt", text=None), spec)
             spec["text"] = prompt if spec["text"] is None else spec["text"]
             starts.append(Start.prompt(spec["text"]))
         elif kind == "embedding":
-            spec = _fill("embedding start", dict(kind="embedding", input=None), spec)
+            spec = fill("embedding start", dict(kind="embedding", input=None), spec)
             if spec["input"] not in inputs:
                 raise ValueError(f"embedding start {spec['input']!r} is not among the inputs {sorted(inputs)}")
             starts.append(Start.embedding(inputs[spec["input"]]))
@@ -420,19 +173,19 @@ def _starts(specs, prompt: str, inputs: dict[str, torch.Tensor]) -> tuple[list[d
 
 def _run_attack(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
     search_defaults = {name: p.default for name, p in inspect.signature(DoriSearch).parameters.items()}
-    config = _fill("attack", dict(image=None, prompt=None, starts=[dict(kind="random", seed=0)],
+    config = fill("attack", dict(image=None, prompt=None, starts=[dict(kind="random", seed=0)],
                                   search=None, evaluation_seeds=DEFAULT_SEEDS, steps=None, guidance=None,
                                   mitigation=None, preview_every=0, preview_seeds=2), config)
-    target, prompt, image = _target(handle, config, inputs, need_image=True)
-    search = _fill("search", search_defaults, config["search"])
+    target, prompt, image = target_settings(handle, config, inputs, need_image=True)
+    search = fill("search", search_defaults, config["search"])
     filled_starts, starts = _starts(config["starts"], prompt, inputs)
-    filled = dict(**target, starts=filled_starts, search=_json_ready(search),
-                  evaluation_seeds=_seeds("evaluation_seeds", config["evaluation_seeds"]), **_sampling(handle, config),
-                  mitigation=_mitigation_config(config["mitigation"], inputs),
-                  preview_every=_integer("preview_every", config["preview_every"], 0, MAX_SEARCH_STEPS),
-                  preview_seeds=_integer("preview_seeds", config["preview_seeds"], 1, MAX_SEEDS))
+    filled = dict(**target, starts=filled_starts, search=as_json(search),
+                  evaluation_seeds=seed_list("evaluation_seeds", config["evaluation_seeds"]), **sampling_settings(handle, config),
+                  mitigation=mitigation_config(config["mitigation"], inputs),
+                  preview_every=whole_number("preview_every", config["preview_every"], 0, MAX_SEARCH_STEPS),
+                  preview_seeds=whole_number("preview_seeds", config["preview_seeds"], 1, MAX_SEEDS))
     record = RunRecord("attack", handle.name, filled)
-    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+    with mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
         search_callback = _with_previews(handle, image, filled, record, callback)
         result = DoriSearch(**search).fit(handle, image, starts, prompt=prompt, callback=search_callback)
         before = evaluate(handle, result.starts, image, filled["evaluation_seeds"], filled["steps"],
@@ -467,8 +220,9 @@ def _run_attack(handle: ModelHandle, config: dict, inputs: dict, callback: Callb
 def _with_previews(handle: ModelHandle, image: torch.Tensor, filled: dict, record: RunRecord,
                    callback: Callback | None) -> Callback | None:
     """The search's callback, which also generates the first start's current embedding every `preview_every` steps
-    and at the last (with `preview_seeds` seeds, inside the run's mitigation): each preview goes to `callback` as a
-    `DoriPreview` and into the record (images `preview{STEP}_seed{S}`, metrics `preview_similarities`)."""
+    (with `preview_seeds` seeds, inside the run's mitigation; not at the last step, whose embedding the run generates
+    right after): each preview goes to `callback` as a `DoriPreview` and into the record (images
+    `preview{STEP}_seed{S}`, metrics `preview_similarities`)."""
     every = filled["preview_every"]
     if not every:
         return callback
@@ -478,7 +232,7 @@ def _with_previews(handle: ModelHandle, image: torch.Tensor, filled: dict, recor
     def on_step(step: DoriStep) -> None:
         if callback is not None:
             callback(step)
-        if (step.index + 1) % every and step.index + 1 != step.total:
+        if (step.index + 1) % every or step.index + 1 == step.total:
             return
         shown = evaluate(handle, step.embeddings[:1], image, seeds, filled["steps"], filled["guidance"])
         preview = DoriPreview(step.index + 1, shown.images[0], shown.similarities[0].tolist())
@@ -492,18 +246,18 @@ def _with_previews(handle: ModelHandle, image: torch.Tensor, filled: dict, recor
 
 
 def _run_sweep(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    config = _fill("sweep", dict(image=None, prompt=None, radii=[0.0, 5.0, 10.0, 20.0], directions=4,
+    config = fill("sweep", dict(image=None, prompt=None, radii=[0.0, 5.0, 10.0, 20.0], directions=4,
                                  seeds=DEFAULT_SEEDS, seed=0, steps=None, guidance=None, mitigation=None), config)
-    target, prompt, image = _target(handle, config, inputs, need_image=True)
+    target, prompt, image = target_settings(handle, config, inputs, need_image=True)
     if not isinstance(config["radii"], list) or not config["radii"]:
         raise ValueError(f"radii must be a non-empty list of distances, got {config['radii']!r}")
-    filled = dict(**target, radii=[_number("a radius", r, 0) for r in config["radii"]],
-                  directions=_integer("directions", config["directions"], 1),
-                  seeds=_seeds("seeds", config["seeds"]), seed=_integer("seed", config["seed"]),
-                  **_sampling(handle, config), mitigation=_mitigation_config(config["mitigation"], inputs))
+    filled = dict(**target, radii=[number("a radius", r, 0) for r in config["radii"]],
+                  directions=whole_number("directions", config["directions"], 1),
+                  seeds=seed_list("seeds", config["seeds"]), seed=whole_number("seed", config["seed"]),
+                  **sampling_settings(handle, config), mitigation=mitigation_config(config["mitigation"], inputs))
     record = RunRecord("sweep", handle.name, filled)
 
-    with _mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
+    with mitigated(handle, filled["mitigation"], inputs, prompt, record, callback):
         result = perturbation_sweep(handle, prompt, image, filled["radii"], filled["directions"], filled["seeds"],
                                     filled["seed"], filled["steps"], filled["guidance"], callback=callback)
     record.metrics.update(rates=result.rates().tolist(), mean_similarities=result.mean_similarities().tolist(),
@@ -516,9 +270,9 @@ def _run_sweep(handle: ModelHandle, config: dict, inputs: dict, callback: Callba
 
 
 def _run_attribute(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    config = _fill("attribute", dict(image=None, prompt=None, method="gradient_norm", parameters=None), config)
-    target, prompt, _ = _target(handle, config, inputs, need_image=False)
-    method = _method_parameters("attribution", ATTRIBUTIONS, config)
+    config = fill("attribute", dict(image=None, prompt=None, method="gradient_norm", parameters=None), config)
+    target, prompt, _ = target_settings(handle, config, inputs, need_image=False)
+    method = method_parameters("attribution", ATTRIBUTIONS, config)
     record = RunRecord("attribute", handle.name, dict(**target, **method))
     attribution = ATTRIBUTIONS[method["method"]](**method["parameters"]).attribute(handle, prompt)
     record.metrics.update(score=attribution.score, token_scores=attribution.token_scores.tolist(),
@@ -535,16 +289,16 @@ def _run_wen(handle: ModelHandle, config: dict, inputs: dict, callback: Callback
     and compared with the target image, or (for any other prompt) with every memorized image, the nearest counting.
     """
     wen_defaults = {name: p.default for name, p in inspect.signature(WenMitigation).parameters.items()}
-    config = _fill("wen", dict(image=None, prompt=None, parameters=None, seeds=DEFAULT_SEEDS, steps=None,
+    config = fill("wen", dict(image=None, prompt=None, parameters=None, seeds=DEFAULT_SEEDS, steps=None,
                                guidance=None), config)
-    target, prompt, image = _target(handle, config, inputs, need_image=False)
+    target, prompt, image = target_settings(handle, config, inputs, need_image=False)
     if image is None:
         if not handle.memorized:
             raise ValueError("Wen's mitigation is checked against training images: this model has none "
                              "(give a memorized set, or a 'target' input)")
         image = training_images(handle)
-    filled = dict(**target, parameters=_json_ready(_fill("wen parameter", wen_defaults, config["parameters"])),
-                  seeds=_seeds("seeds", config["seeds"]), **_sampling(handle, config))
+    filled = dict(**target, parameters=as_json(fill("wen parameter", wen_defaults, config["parameters"])),
+                  seeds=seed_list("seeds", config["seeds"]), **sampling_settings(handle, config))
     record = RunRecord("wen", handle.name, filled)
     result = WenMitigation(**filled["parameters"]).fit(handle, prompt, filled["seeds"])
     generated = evaluate(handle, torch.stack([result.start, result.embedding]), image, filled["seeds"],
@@ -560,15 +314,15 @@ def _run_wen(handle: ModelHandle, config: dict, inputs: dict, callback: Callback
 
 
 def _run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    config = _fill("finetune", dict(targets=[0], out_dir=None, parameters=None, resume=False), config)
+    config = fill("finetune", dict(targets=[0], out_dir=None, parameters=None, resume=False), config)
     if not isinstance(config["out_dir"], str) or not config["out_dir"]:
         raise ValueError(f"out_dir must name the folder for the checkpoint and the tuned model, got {config['out_dir']!r}")
     defaults = AdversarialFineTuning().get_params()
     # Only the default surrogate is a JSON value; a mask or an image surrogate is the Python API's.
     defaults.pop("surrogate")
-    parameters = _fill("finetune parameter", defaults, config["parameters"])
-    parameters["dori"] = _fill("finetune dori", defaults["dori"], parameters["dori"])
-    filled = dict(targets=config["targets"], out_dir=config["out_dir"], parameters=_json_ready(parameters),
+    parameters = fill("finetune parameter", defaults, config["parameters"])
+    parameters["dori"] = fill("finetune dori", defaults["dori"], parameters["dori"])
+    filled = dict(targets=config["targets"], out_dir=config["out_dir"], parameters=as_json(parameters),
                   resume=bool(config["resume"]))
     record = RunRecord("finetune", handle.name, filled)
     result = AdversarialFineTuning(**{**parameters, "dori": DoriSearch(**parameters["dori"])}).fit(
@@ -607,13 +361,13 @@ def _run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
 
 def _run_trigger_map(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
     """The `triggers` input on one projection with the reference sets; every set's pairwise distances."""
-    config = _fill("trigger_map", dict(image=None, prompt=None, method="umap", parameters=None, start_seed=0,
+    config = fill("trigger_map", dict(image=None, prompt=None, method="umap", parameters=None, start_seed=0,
                                        start_kinds=None, replication_rates=None), config)
-    target, prompt, image = _target(handle, config, inputs, need_image=False)
-    triggers = _embeddings_input(handle, inputs, "triggers", 1)
+    target, prompt, image = target_settings(handle, config, inputs, need_image=False)
+    triggers = embeddings_input(handle, inputs, "triggers", 1)
     count = len(triggers)
-    parameters = _json_ready(_fill("projection parameter", PROJECTION_PARAMETERS, config["parameters"]))
-    _integer("the projection's seed", parameters["seed"])
+    parameters = as_json(fill("projection parameter", PROJECTION_PARAMETERS, config["parameters"]))
+    whole_number("the projection's seed", parameters["seed"])
     projection = Projection(config["method"], **parameters)
     start_kinds = ["random"] * count if config["start_kinds"] is None else config["start_kinds"]
     rates = [None] * count if config["replication_rates"] is None else config["replication_rates"]
@@ -621,9 +375,9 @@ def _run_trigger_map(handle: ModelHandle, config: dict, inputs: dict, callback: 
         raise ValueError(f"start_kinds must list one of {START_KINDS} per trigger ({count}), got {start_kinds!r}")
     if not isinstance(rates, list) or len(rates) != count:
         raise ValueError(f"replication_rates must hold one rate (or null) per trigger ({count}), got {rates!r}")
-    rates = [None if rate is None else _number("a replication rate", rate, 0) for rate in rates]
+    rates = [None if rate is None else number("a replication rate", rate, 0) for rate in rates]
     filled = dict(**target, method=config["method"], parameters=parameters,
-                  start_seed=_integer("start_seed", config["start_seed"]), start_kinds=start_kinds,
+                  start_seed=whole_number("start_seed", config["start_seed"]), start_kinds=start_kinds,
                   replication_rates=rates)
     record = RunRecord("trigger_map", handle.name, filled)
     references = reference_sets(handle, n_random=count, seed=filled["start_seed"])
@@ -654,10 +408,10 @@ def record_map(record: RunRecord) -> TriggerMap:
 
 def _run_discrepancy(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
     """Activation discrepancy per layer of the `triggers` input and of `prompts` (default: the memorized captions)."""
-    config = _fill("discrepancy", dict(image=None, prompt=None, layers="value", prompts=None, seed=0, steps=None),
+    config = fill("discrepancy", dict(image=None, prompt=None, layers="value", prompts=None, seed=0, steps=None),
                    config)
-    target, _, _ = _target(handle, config, inputs, need_image=False)
-    triggers = _embeddings_input(handle, inputs, "triggers", 2)
+    target, _, _ = target_settings(handle, config, inputs, need_image=False)
+    triggers = embeddings_input(handle, inputs, "triggers", 2)
     if config["layers"] not in KINDS:
         raise ValueError(f"layers must be one of {list(KINDS)}, got {config['layers']!r}")
     prompts = [image.caption for image in handle.memorized] if config["prompts"] is None else config["prompts"]
@@ -665,8 +419,8 @@ def _run_discrepancy(handle: ModelHandle, config: dict, inputs: dict, callback: 
         raise ValueError(f"prompts must list at least 2 prompts to compare the triggers with (default: the "
                          f"model's memorized captions), got {prompts!r}")
     steps = handle.default_steps if config["steps"] is None else config["steps"]
-    filled = dict(**target, layers=config["layers"], prompts=prompts, seed=_integer("seed", config["seed"]),
-                  steps=_integer("steps", steps, 1, 1000))
+    filled = dict(**target, layers=config["layers"], prompts=prompts, seed=whole_number("seed", config["seed"]),
+                  steps=whole_number("steps", steps, 1, 1000))
     record = RunRecord("discrepancy", handle.name, filled)
     settings = (filled["layers"], filled["seed"], filled["steps"])
     results = {"triggers": activation_discrepancy(handle, triggers, *settings)}
@@ -689,13 +443,13 @@ def _run_agreement(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
     matrices `iou.NAME` `[layers, N, N]` (NaN where both masks are empty) and
     every trigger's mask at neuron level, `nemo.I.LAYER` and `wanda.I.LAYER`.
     """
-    config = _fill("agreement", dict(image=None, prompt=None, seeds=None, nemo=None, wanda=None), config)
-    target, _, _ = _target(handle, config, inputs, need_image=False)
-    triggers = _embeddings_input(handle, inputs, "triggers", 2)
+    config = fill("agreement", dict(image=None, prompt=None, seeds=None, nemo=None, wanda=None), config)
+    target, _, _ = target_settings(handle, config, inputs, need_image=False)
+    triggers = embeddings_input(handle, inputs, "triggers", 2)
     if len(triggers) > MAX_LOCALIZED_TRIGGERS:
         raise ValueError(f"agreement localizes each trigger: give at most {MAX_LOCALIZED_TRIGGERS}, got {len(triggers)}")
-    nemo = _localizer_config(dict(method="nemo", parameters=config["nemo"], seeds=config["seeds"]))
-    wanda = _localizer_config(dict(method="wanda", parameters=config["wanda"], seeds=nemo["seeds"]))["parameters"]
+    nemo = localizer_config(dict(method="nemo", parameters=config["nemo"], seeds=config["seeds"]))
+    wanda = localizer_config(dict(method="wanda", parameters=config["wanda"], seeds=nemo["seeds"]))["parameters"]
     if "layers" not in (config["wanda"] or {}):
         layers = nemo["parameters"]["layers"]
         wanda["layers"] = list(nemo_layers(handle.unet) if layers is None else resolve_layers(handle.unet, layers))
@@ -742,6 +496,7 @@ TASKS: dict[str, Callable[[ModelHandle, dict, dict, Callback | None], RunRecord]
     "trigger_map": _run_trigger_map,
     "discrepancy": _run_discrepancy,
     "agreement": _run_agreement,
+    **INSIDE_TASKS,
 }
 
 
@@ -751,8 +506,8 @@ def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callbac
     if kind not in TASKS:
         raise ValueError(f"unknown analysis {kind!r}; choose one of {sorted(TASKS)}")
     config = dict(config or {})
-    dtype = _check_dtype(handle, config)
-    data = _check_data(handle, config)
+    dtype = check_dtype(handle, config)
+    data = check_data(handle, config)
     for key in ("dtype", *data):
         config.pop(key, None)
     inputs = dict(inputs or {})
@@ -766,10 +521,6 @@ def run_task(handle: ModelHandle, kind: str, config: dict | None = None, callbac
             raise ValueError(f"input {name!r} holds values up to {tensor.abs().max().item():.3g}; inputs are "
                              f"accepted up to ±{MAX_INPUT_MAGNITUDE:g} (a text embedding's values stay far below)")
     record = TASKS[kind](handle, config, inputs, callback)
-    record.config = _json_ready({**record.config, "dtype": dtype, **data})
+    record.config = as_json({**record.config, "dtype": dtype, **data})
     record.tensors.update({INPUT_PREFIX + name: tensor for name, tensor in inputs.items()})
     return record
-
-
-# The Inside view's kinds add themselves to TASKS (they use this module's configuration checks).
-from analysis import inside_tasks  # noqa: E402,F401

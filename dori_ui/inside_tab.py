@@ -17,14 +17,13 @@ import torch
 from plotly.subplots import make_subplots
 
 from analysis.detectors import DETECTORS
-from analysis.experiments.trigger_assets import asset_folder
 from analysis.export import RunRecord
 from analysis.hooks import cross_attention_layers
 from analysis.images import to_display
 from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
 from analysis.limits import MAX_SEED, MAX_SEEDS
 from analysis.model import ModelHandle
-from analysis.triggers import METADATA_FILE, TriggerSet
+from analysis.triggers import METADATA_FILE, TriggerSet, shipped_set_folder
 from dori_ui.export import build_export
 from dori_ui.session import AppContext, Session, check_number, check_whole_number, mitigation_settings, session_handle
 from dori_ui.streaming import on_model, report_to, run_or_error
@@ -51,8 +50,8 @@ def _trigger(model: ModelHandle, map_state, image: int, index: int) -> tuple[tor
     """Trigger `index` of the image's set: the Trigger map view's when it shows this image, else the shipped one."""
     if map_state is not None and map_state.image == image:
         trigger_set = map_state.trigger_set
-    elif (asset_folder(image) / METADATA_FILE).is_file():
-        trigger_set = TriggerSet.load(asset_folder(image))
+    elif (shipped_set_folder(image) / METADATA_FILE).is_file():
+        trigger_set = TriggerSet.load(shipped_set_folder(image))
         if trigger_set.config["model"] != model.name:
             return None, "no trigger: the shipped sets are the bundled model's (build one in the Trigger map view)"
     else:

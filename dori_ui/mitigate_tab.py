@@ -21,7 +21,7 @@ from analysis.export import RunRecord
 from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
 from analysis.limits import MAX_SEEDS
 from analysis.progress import TaskProgress
-from analysis.tasks import record_mask
+from analysis.task_settings import record_mask
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number, describe_model,
                              record_similarity, session_handle, session_model, verdict_gallery)

@@ -26,7 +26,7 @@ from analysis.masks import Mask
 from analysis.metrics import similarity_label
 from analysis.memorized import METADATA_FILES, load_memorized_set, readable_tokens, token_count
 from analysis.model import ModelHandle, ModelLoadError, load_model
-from analysis.tasks import mask_tensors
+from analysis.task_settings import mask_tensors
 
 # Subfolders a diffusers Stable Diffusion pipeline folder has (see analysis.model.load_model).
 PIPELINE_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")

@@ -326,8 +326,9 @@ def test_the_perturb_export_holds_the_previews_and_distances_and_reruns(client, 
     attack task's record, so its export reproduces them."""
     perturb(client, tiny_handle.memorized[0].caption, steps=4, every=2)
     recorded = load_export(client.predict(api_name="/export_perturb"))
-    assert set(recorded.metrics["preview_similarities"]) == {"2", "4"}
-    assert {"preview2_seed0", "preview4_seed1"} <= set(recorded.images)
+    # Every 2 steps but the last, whose embedding the run generates anyway.
+    assert set(recorded.metrics["preview_similarities"]) == {"2"}
+    assert {"preview2_seed0", "preview2_seed1"} <= set(recorded.images) and "preview4_seed0" not in recorded.images
     assert recorded.tensors["token_distance_from_start"].shape == (1, 77)
     assert recorded.tensors["token_distance_from_prompt"].shape == (1, 77)
     reproduced = run_task(dataclasses.replace(tiny_handle, default_steps=STEPS), recorded.kind, recorded.config,

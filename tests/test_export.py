@@ -15,7 +15,8 @@ from analysis.export import RunRecord, compare_metrics, load_export, save_export
 from analysis.rerun import rerun
 from analysis.model import load_model
 from analysis.progress import TaskProgress
-from analysis.tasks import record_mask, run_task
+from analysis.task_settings import record_mask
+from analysis.tasks import run_task
 from dori_ui.app import build_app
 
 TINY_STEPS = 3

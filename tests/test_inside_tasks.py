@@ -12,7 +12,8 @@ from analysis.detectors import DETECTORS
 from analysis.export import compare_metrics, load_export, rerun, save_export
 from analysis.model import load_model
 from analysis.sampling import DenoisingStep, encode_prompts
-from analysis.tasks import record_mask, run_task
+from analysis.task_settings import record_mask
+from analysis.tasks import run_task
 
 TINY_STEPS = 3
 NEMO = {"method": "nemo", "parameters": {"threshold": -1, "steps": TINY_STEPS, "step_index": 1, "theta_start": 1,

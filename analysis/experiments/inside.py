@@ -30,12 +30,11 @@ from analysis.detectors import DETECTORS, detector_scores, reference_scores
 from analysis.dispersion import reference_sets
 from analysis.experiments.dori import mask_of
 from analysis.experiments.mitigation import mask_file
-from analysis.experiments.trigger_assets import asset_folder
 from analysis.masks import Mask
 from analysis.metrics import roc_auc
 from analysis.model import ModelHandle, load_model
 from analysis.timeline import denoising_timeline
-from analysis.triggers import TriggerSet
+from analysis.triggers import TriggerSet, shipped_set_folder
 
 RESULTS = Path("docs/results")
 # Random embeddings start far from the shipped sets' starts (seeds 0..N), which the searches moved away from anyway.
@@ -120,7 +119,7 @@ def main(argv=None) -> None:
     started = time.time()
     handle = load_model(None)
     seeds, timeline_seeds = list(range(args.seeds)), list(range(args.timeline_seeds))
-    sets = {index: TriggerSet.load(asset_folder(index)) for index in range(len(handle.memorized))}
+    sets = {index: TriggerSet.load(shipped_set_folder(index)) for index in range(len(handle.memorized))}
     triggers = [(index, embedding) for index, trigger_set in sets.items() for embedding in trigger_set.embeddings]
     random = reference_sets(handle, n_random=len(triggers), seed=RANDOM_SEED)["random"]
     captions = [image.caption for image in handle.memorized]

@@ -32,7 +32,8 @@ from analysis.campaign import MODEL_SETTINGS, model_for, run_items, summarize
 from analysis.dori import DoriSearch
 from analysis.memorized import load_memorized_set
 from analysis.model import load_model
-from analysis.tasks import mask_tensors, record_mask, run_task
+from analysis.task_settings import mask_tensors, record_mask
+from analysis.tasks import run_task
 
 ROWS = ("original", "NeMo", "NeMo + Dori", "Wanda", "Wanda + Dori", "control + Dori",
         "adversarial fine-tuning + Dori")

@@ -1,0 +1,273 @@
+"""A task's settings: checking a configuration against its kind's defaults and the request limits, and the
+mitigation masks a configuration names. `analysis.tasks` (the kinds of the engine) and `analysis.inside_tasks`
+(the Inside view's kinds) build their records on these.
+
+Every function raises ValueError naming the bad value; `fill` returns the
+defaults updated with what was given, refusing unknown settings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion
+from analysis.export import RunRecord
+from analysis.limits import (MAX_DENOISING_STEPS, MAX_LIST, MAX_PROMPT_CHARS, MAX_SEARCH_BATCH,
+                             MAX_SEED, MAX_SEEDS, MAX_STARTS)
+from analysis.localize.nemo import NeMo
+from analysis.localize.wanda import Wanda
+from analysis.masks import Mask
+from analysis.model import ModelHandle
+from analysis.progress import Callback, report
+from analysis.projection import Projection
+
+BUNDLED_MODEL_NAME = "bundled demo model"  # what `load_model(None)` names the bundled model
+MASK_PREFIX = "mask."
+DEFAULT_SEEDS = [0, 1, 2, 3]
+LOCALIZERS = {"nemo": NeMo, "wanda": Wanda}
+ATTRIBUTIONS = {"gradient_norm": GradientNorm, "integrated_gradients": IntegratedGradients, "occlusion": Occlusion}
+# Constructor arguments that change how a run goes, not what it finds: never part of a configuration.
+RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size"}
+# Projection settings beside its method ("trigger_map" has `method` and `parameters`, as a localizer does).
+PROJECTION_PARAMETERS = {name: p.default for name, p in inspect.signature(Projection).parameters.items()
+                         if name not in RUNTIME_ARGUMENTS | {"method"}}
+START_KINDS = ("random", "prompt", "embedding")
+# UNet rows per call when NeMo and Wanda run their reference prompts × seeds (500 × 10 with SD v1.4's fallback
+# list): one call for all of them would not fit a GPU's memory with SD's UNet.
+LOCALIZER_BATCH_ROWS = 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking a configuration
+
+
+def as_json(value):
+    """As the value reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def fill(what: str, defaults: dict, given: dict | None) -> dict:
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ValueError(f"the {what} configuration must be a JSON object, got {given!r}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def whole_number(name: str, value, low: int = 0, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
+    return value
+
+
+def number(name: str, value, low: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (low is not None and value < low):
+        raise ValueError(f"{name} must be a number{f' of at least {low}' if low is not None else ''}, got {value!r}")
+    return float(value)
+
+
+def seed_list(name: str, value) -> list[int]:
+    if not isinstance(value, list) or not value or len(value) > MAX_SEEDS:
+        raise ValueError(f"{name} must be a list of 1 to {MAX_SEEDS} seeds, got {shown(value)}")
+    return [whole_number(f"a seed in {name}", seed, 0, MAX_SEED) for seed in value]
+
+
+def shown(value) -> str:
+    """`value` for an error message, cut short (a configuration may come from an untrusted export)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+# Settings checked by name wherever they appear in a configuration (top level or inside `parameters`, `search`,
+# `dori`, ...): a count of seeds, of denoising or search steps, of seeds per search step, of starts.
+COUNT_LIMITS = {"steps": MAX_DENOISING_STEPS, "n_steps": MAX_DENOISING_STEPS, "record_steps": MAX_DENOISING_STEPS,
+                "batch_size": MAX_SEARCH_BATCH, "directions": MAX_STARTS, "eval_seeds": MAX_SEEDS}
+MAX_CONFIG_DEPTH = 8
+MAX_TEXT_CHARS = 10_000  # any string of a configuration (prompts are held to MAX_PROMPT_CHARS)
+
+
+def check_limits(value, name: str = "configuration", depth: int = 0) -> None:
+    """ValueError if `value` (a configuration, read from JSON) is larger than one request may be
+    (`analysis.limits`): too deep, a list or text too long, a non-finite number, too many seeds, steps or starts."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"the configuration is nested more than {MAX_CONFIG_DEPTH} levels deep (at {name})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"{name} has {len(value)} characters; at most {MAX_TEXT_CHARS} are accepted")
+    if isinstance(value, list):
+        limit = MAX_SEEDS if name.endswith("seeds") else MAX_STARTS if name == "starts" else MAX_LIST
+        if len(value) > limit:
+            raise ValueError(f"{name} lists {len(value)} values; at most {limit} are accepted")
+        for item in value:
+            check_limits(item, name, depth + 1)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_limits(item, str(key), depth + 1)
+    limit = COUNT_LIMITS.get(name)
+    if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise ValueError(f"{name} must be at most {limit}, got {value}")
+    if name.endswith("seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be a whole number from 0 to {MAX_SEED}, got {value}")
+
+
+def method_parameters(what: str, algorithms: dict[str, type], config: dict) -> dict:
+    """`{"method", "parameters"}` with every constructor parameter of the chosen algorithm filled in."""
+    method = config.get("method")
+    if method not in algorithms:
+        raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(algorithms)}")
+    signature = inspect.signature(algorithms[method].__init__)
+    defaults = {name: p.default for name, p in signature.parameters.items() if name not in RUNTIME_ARGUMENTS}
+    return dict(method=method, parameters=as_json(fill(f"{method} parameter", defaults, config.get("parameters"))))
+
+
+def sampling_settings(handle: ModelHandle, config: dict) -> dict:
+    steps = handle.default_steps if config["steps"] is None else config["steps"]
+    guidance = handle.default_guidance if config["guidance"] is None else config["guidance"]
+    return dict(steps=whole_number("steps", steps, 1, 1000), guidance=number("guidance", guidance))
+
+
+def target_settings(handle: ModelHandle, config: dict, inputs: dict[str, torch.Tensor],
+            need_image: bool) -> tuple[dict, str, torch.Tensor | None]:
+    """The filled `image`/`prompt` settings, the prompt, and the target image (None when there is none)."""
+    index, prompt = config["image"], config["prompt"]
+    image = None
+    if index is not None:
+        if not handle.memorized:
+            raise ValueError(f"image {index!r} does not exist: the model has no memorized training images")
+        whole_number("image", index, 0, len(handle.memorized) - 1)
+        image = handle.memorized[index].image
+        prompt = handle.memorized[index].caption if prompt is None else prompt
+    if "target" in inputs:
+        image = inputs["target"]
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"the target input must be an image [3, H, W], got shape {tuple(image.shape)}")
+    if prompt is None:
+        raise ValueError("give a prompt or the index of a training image (setting 'image')")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"the prompt must be a non-empty string, got {shown(prompt)}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    if need_image and image is None:
+        raise ValueError("this analysis needs a target image: give 'image' (a training image's index) "
+                         "or a 'target' input")
+    return dict(image=index, prompt=prompt), prompt, image
+
+
+def replicate_what(handle: ModelHandle, target: dict) -> int | str:
+    """What `replicate` gets: a training image's index (compared with that image only) when the prompt is its
+    caption, else the prompt (compared with every training image)."""
+    index = target["image"]
+    return index if index is not None and handle.memorized[index].caption == target["prompt"] else target["prompt"]
+
+
+def embeddings_input(handle: ModelHandle, inputs: dict[str, torch.Tensor], name: str, minimum: int) -> torch.Tensor:
+    """Input `name`: `minimum` to MAX_STARTS embeddings `[n, 77, d]` of this model, float32 on the handle's device."""
+    if name not in inputs:
+        raise ValueError(f"this analysis needs the embeddings as the input {name!r} [n, 77, d]")
+    embeddings = inputs[name]
+    shape = (handle.tokenizer.model_max_length, handle.unet.config.cross_attention_dim)
+    if (embeddings.ndim != 3 or tuple(embeddings.shape[1:]) != shape
+            or not minimum <= len(embeddings) <= MAX_STARTS):
+        raise ValueError(f"the input {name!r} must hold {minimum} to {MAX_STARTS} embeddings "
+                         f"[n, {shape[0]}, {shape[1]}], got shape {tuple(embeddings.shape)}")
+    return embeddings.to(handle.device, torch.float32)
+
+
+def check_dtype(handle: ModelHandle, config: dict) -> str:
+    dtype = str(handle.dtype).removeprefix("torch.")
+    if config.get("dtype", dtype) != dtype:
+        raise ValueError(f"the configuration was recorded in {config['dtype']}, the model is loaded in {dtype}")
+    return dtype
+
+
+def check_data(handle: ModelHandle, config: dict) -> dict:
+    """The handle's memorized set, reference prompts and replication metric; ValueError when a recorded
+    configuration names others (a rerun must load the model with what it was run against)."""
+    settings = handle.data_settings()
+    for key, value in settings.items():
+        if key in config and as_json(config[key]) != as_json(value):
+            raise ValueError(f"the configuration was recorded with {key} {config[key]!r}, the model is loaded "
+                             f"with {value!r}")
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks
+
+
+def mask_tensors(mask: Mask) -> dict[str, torch.Tensor]:
+    """A mask's layers as record tensors `mask.LAYER`."""
+    return {MASK_PREFIX + name: removed for name, removed in mask.removed.items()}
+
+
+def record_mask(record: RunRecord) -> Mask:
+    """The mask a "localize" record found, to apply it again (`with record_mask(record).applied(handle): ...`)."""
+    removed = {name.removeprefix(MASK_PREFIX): tensor for name, tensor in record.tensors.items()
+               if name.startswith(MASK_PREFIX)}
+    if not removed:
+        raise ValueError(f"this {record.kind} record holds no mask")
+    return Mask(removed, method=record.config["method"], prompt=record.config["prompt"], model=record.model,
+                parameters=record.config["parameters"])
+
+
+def fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
+    """Run the configured localizer (`{"method", "parameters", "seeds"}`) on `prompt`."""
+    references = len(config["parameters"].get("reference_prompts") or handle.held_out_prompts)
+    # The reference statistics are the long part of a first run; the localizer caches them on disk by the weights.
+    report(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
+                                          "(computed once per model, then read from runs/localize_cache)")
+    localizer = LOCALIZERS[config["method"]](**config["parameters"], batch_size=LOCALIZER_BATCH_ROWS)
+    return localizer.fit(handle, prompt, config["seeds"], callback=callback).mask_
+
+
+def localizer_config(method_config: dict | None, default_method: str = "nemo") -> dict:
+    config = fill("localize", dict(method=default_method, parameters=None, seeds=None), method_config)
+    filled = method_parameters("localize", LOCALIZERS, config)
+    prompts = filled["parameters"]["reference_prompts"]
+    if prompts is not None and (not isinstance(prompts, list) or not prompts
+                                or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise ValueError(f"reference_prompts must be null (the model's held-out prompts) or a non-empty list of "
+                         f"prompts, got {prompts!r}")
+    default_seeds = list(inspect.signature(LOCALIZERS[filled["method"]].fit).parameters["seeds"].default)
+    filled["seeds"] = seed_list("localize seeds", default_seeds if config["seeds"] is None else config["seeds"])
+    return filled
+
+
+def mitigation_config(value: dict | None, inputs: dict[str, torch.Tensor]) -> dict | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and value.get("method") == "mask":
+        fill("mitigation", dict(method="mask"), value)
+        if not any(name.startswith(MASK_PREFIX) for name in inputs):
+            raise ValueError("mitigation 'mask' needs the mask as inputs named 'mask.LAYER'")
+        return dict(method="mask")
+    return localizer_config(value)
+
+
+@contextmanager
+def mitigated(handle: ModelHandle, mitigation: dict | None, inputs: dict[str, torch.Tensor], prompt: str,
+               record: RunRecord, callback: Callback | None) -> Iterator[Mask | None]:
+    """Run the block with the mitigation's mask applied (its tensors go into the record); no mask for None."""
+    if mitigation is None:
+        yield None
+        return
+    if mitigation["method"] == "mask":
+        removed = {name.removeprefix(MASK_PREFIX): t.bool() for name, t in inputs.items() if name.startswith(MASK_PREFIX)}
+        mask = Mask(removed, method="given", prompt=prompt, model=handle.name)
+    else:
+        mask = fit_mask(handle, mitigation, prompt, callback)
+        record.tensors.update(mask_tensors(mask))
+    record.metrics["mitigation_removed"] = sum(mask.counts().values())
+    with mask.applied(handle):
+        yield mask
