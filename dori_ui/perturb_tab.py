@@ -205,8 +205,8 @@ def build_perturb_tab(context: AppContext) -> None:
             with gr.Row():
                 generation_steps = gr.Number(handle.default_steps, label=f"Generation steps (1–{MAX_STEPS})",
                                              precision=None, elem_id="perturb-generation-steps")
-                preview_every = gr.Number(PREVIEW_EVERY, label="Preview every n search steps (0: never)", precision=None,
-                                          elem_id="perturb-preview-every")
+                preview_every = gr.Number(PREVIEW_EVERY, label="Preview every n search steps (0: never)",
+                                          precision=None, elem_id="perturb-preview-every")
             run_button, stop_button = run_and_stop_buttons("Run Dori", "perturb-run", "perturb-stop")
     gr.Markdown(EXPLANATION)
     status = gr.Markdown(elem_id="perturb-status")
