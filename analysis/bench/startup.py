@@ -118,13 +118,14 @@ def main(argv=None) -> None:
     load_after = os.getloadavg()[0]
     ready_s, gallery_s, search_s, map_s = (list(column) for column in zip(*runs))
     ready_median, gallery_median = statistics.median(ready_s), statistics.median(gallery_s)
-    search_median, map_median = statistics.median(search_s), statistics.median(map_s)
+    search_median = statistics.median(search_s)
     rows = [("`python app.py` to HTTP 200", f"{ready_median:.2f} s", verdict(ready_median, START_SECONDS_TARGET, " s")),
             (f"first {SEEDS}-seed gallery (`/replicate` via gradio_client)", f"{gallery_median:.2f} s",
              verdict(gallery_median, GALLERY_SECONDS_TARGET, " s")),
             ("Dori search from the Perturb view, its defaults (`/perturb`)", f"{search_median:.2f} s", ""),
-            ("first UMAP map of the shipped set (`/trigger_map_load`)", f"{map_median:.2f} s",
-             verdict(map_median, FIRST_UMAP_SECONDS_TARGET, " s"))]
+            # A map is cached on disk once computed, so only the slowest run shows the first map of a new install.
+            ("first UMAP map of the shipped set (`/trigger_map_load`), slowest run", f"{max(map_s):.2f} s",
+             verdict(max(map_s), FIRST_UMAP_SECONDS_TARGET, " s"))]
     write_report(
         args.out, "App start and first gallery on the bundled model",
         f"python -m analysis.bench.startup --repeats {args.repeats}",
