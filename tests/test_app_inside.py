@@ -6,7 +6,8 @@ import pytest
 from gradio_client import Client
 
 from analysis.bench.startup import free_port
-from analysis.export import compare_metrics, rerun
+from analysis.export import compare_metrics
+from analysis.rerun import rerun
 from analysis.model import load_model
 from dori_ui.app import build_app
 

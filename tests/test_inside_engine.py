@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 from analysis.attention import attention_maps, capture_attention, end_token_index, overlay, token_labels
 from analysis.detectors import DETECTORS, NOISE_GAP_PER_STEP, detector_scores, entropy_steps, percentile, reference_scores
 from analysis.hooks import cross_attention_layers
-from analysis.metrics import wen_score
+from analysis.wen_score import wen_score
 from analysis.sampling import SamplingCancelled, encode_prompts, sample
 from analysis.timeline import denoising_timeline
 

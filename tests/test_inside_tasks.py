@@ -9,7 +9,8 @@ import torch
 
 from analysis.cli import main
 from analysis.detectors import DETECTORS
-from analysis.export import compare_metrics, load_export, rerun, save_export
+from analysis.export import compare_metrics, load_export, save_export
+from analysis.rerun import rerun
 from analysis.model import load_model
 from analysis.sampling import DenoisingStep, encode_prompts
 from analysis.task_settings import record_mask
