@@ -23,6 +23,7 @@ import math
 import platform
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -203,7 +204,7 @@ def load_export(path: str | Path) -> RunRecord:
     try:
         with zipfile.ZipFile(path) as archive:
             return _read_archive(path, archive)
-    except zipfile.BadZipFile as err:  # a bad CRC or a broken member header
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a bad CRC, a broken header or compressed stream
         raise ValueError(f"{path} is a damaged ZIP file ({err})") from err
 
 

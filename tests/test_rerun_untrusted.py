@@ -132,19 +132,25 @@ def png_header_only(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def corrupt_crc(source: Path, path: Path) -> Path:
+def corrupt_crc(source: Path, path: Path, invalid_deflate: bool = False) -> Path:
+    """`source` with a byte of metrics.json's compressed data flipped (a bad CRC, or a stream zlib cannot decode
+    at all, depending on the byte), or with its first byte set to a reserved deflate block type."""
     data = bytearray(source.read_bytes())
     with zipfile.ZipFile(source) as archive:
         info = archive.getinfo("metrics.json")
     # The member's compressed data starts after its 30-byte local header, name and extra field.
     start = info.header_offset + 30 + len(info.filename) + len(info.extra)
-    data[start + 5] ^= 0xFF
+    if invalid_deflate:
+        data[start] = 0b111  # final block of type 3, which deflate reserves: "invalid block type"
+    else:
+        data[start + 5] ^= 0xFF
     path.write_bytes(bytes(data))
     return path
 
 
 @pytest.mark.parametrize("case, message", [
     ("bad CRC", "damaged ZIP"),
+    ("broken compressed stream", "damaged ZIP"),
     ("corrupt tensors", "not a readable safetensors"),
     ("config not an object", "must hold a JSON object"),
     ("config's config not an object", "its config a JSON object"),
@@ -157,6 +163,8 @@ def test_crafted_exports_exit_2_with_one_line(case, message, replicate_zip, tiny
     path = tmp_path / "crafted.zip"
     if case == "bad CRC":
         corrupt_crc(replicate_zip, path)
+    elif case == "broken compressed stream":
+        corrupt_crc(replicate_zip, path, invalid_deflate=True)
     else:
         if case == "corrupt tensors":
             files["tensors.safetensors"] = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"
