@@ -20,7 +20,8 @@ from analysis.export import RunRecord
 from analysis.images import to_display
 from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
 from analysis.localize import cache_key, weights_checksum
-from analysis.model import REPO_ROOT, ModelHandle
+from analysis.model import ModelHandle
+from analysis.paths import RUNS_DIR
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_whole_number, describe_model,
                              session_handle, use_finetuned)
@@ -28,7 +29,7 @@ from dori_ui.streaming import Stopped, on_model, request_stop, run_and_stop_butt
 
 VIEW = "finetune"
 # One folder per model and settings: a rerun with the same settings resumes the checkpoint there.
-RUNS = REPO_ROOT / "runs" / "finetune"
+RUNS = RUNS_DIR / "finetune"
 SIDE_EFFECT_COLUMNS = ["outside the targets", "caption or prompt", "before → after"]
 DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
 LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)

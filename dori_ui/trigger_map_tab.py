@@ -28,7 +28,8 @@ import torch
 from analysis.dori import DoriSearch
 from analysis.limits import MAX_SEARCH_STEPS, MAX_SEEDS, MAX_STARTS
 from analysis.localize import cache_key
-from analysis.model import REPO_ROOT, ModelHandle
+from analysis.model import ModelHandle
+from analysis.paths import RUNS_DIR
 from analysis.projection import METHODS, warm_up
 from analysis.sampling import SamplingCancelled
 from analysis.tasks import record_map
@@ -45,7 +46,7 @@ SHIPPED = "shipped set (assets/triggers)"
 BUILD = "build a new set here"
 COLOURS = ("replication", "set and start")
 # Sets built in the app; one folder per model, image and settings, so that a rerun resumes.
-BUILT_SETS = REPO_ROOT / "runs" / "trigger_sets"
+BUILT_SETS = RUNS_DIR / "trigger_sets"
 TABLE_COLUMNS = ["trigger", "start", "replication", "final loss", "distance from start", "distance from prompt"]
 REFERENCE_STYLE = {"memorized prompts": ("#d62728", "star"), "held-out prompts": ("#7f7f7f", "circle-open"),
                    "random starts": ("#bcbd22", "x")}

@@ -23,10 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.masks import Mask
-from analysis.model import REPO_ROOT, ModelHandle
+from analysis.model import ModelHandle
+from analysis.paths import RUNS_DIR
 from analysis.progress import Callback
 
-DEFAULT_CACHE_DIR = REPO_ROOT / "runs" / "localize_cache"
+DEFAULT_CACHE_DIR = RUNS_DIR / "localize_cache"
 
 
 class Localizer(Protocol):
