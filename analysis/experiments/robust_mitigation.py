@@ -45,12 +45,12 @@ import torch
 from analysis.attribution.common import memorization_objective
 from analysis.demo.data import ProceduralShapes, read_colors, render_shapes, split_shape_specs
 from analysis.dori import DoriSearch, Start
-from analysis.finetune import AdversarialFineTuning, attack, denoising_loss, generate, json_ready
+from analysis.finetune import AdversarialFineTuning, attack, denoising_loss, json_ready
 from analysis.images import image_grid
 from analysis.localize import DEFAULT_CACHE_DIR
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
-from analysis.masks import Mask
+from analysis.masks import Mask, generate
 from analysis.metrics import REPLICATION_THRESHOLD, replication, similarity_matrix
 from analysis.model import REPO_ROOT, ModelHandle, load_model
 from analysis.sampling import encode_prompts
