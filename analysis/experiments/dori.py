@@ -43,11 +43,10 @@ from analysis.demo.data import load_photo, render_shapes, split_shape_specs
 from analysis.discrepancy import activation_discrepancy
 from analysis.dispersion import dispersion, reference_sets
 from analysis.dori import DoriSearch, Start, evaluate
-from analysis.experiments.mitigation import mask_file
 from analysis.hooks import nemo_layers
 from analysis.localize.nemo import NeMo
+from analysis.localize.saved import LOCALIZER_SEEDS, saved_mask
 from analysis.localize.wanda import Wanda
-from analysis.masks import Mask
 from analysis.metrics import REPLICATION_THRESHOLD, similarity_matrix
 from analysis.model import REPO_ROOT, ModelHandle, load_model
 from analysis.projection import Projection
@@ -56,7 +55,6 @@ from analysis.triggers import TriggerSet, build_trigger_set, shipped_set_folder
 
 RESULTS = Path("docs/results")
 TRIGGERS = REPO_ROOT / "runs" / "dori_triggers"
-LOCALIZER_SEEDS = list(range(4))  # as the mitigation experiment fits its masks
 
 
 # Never-trained photographs shipped with scikit-image, beside the held-out shape rendering: a control of the
@@ -80,27 +78,13 @@ def nearest_training_shape(image: torch.Tensor) -> tuple[str, float]:
     return specs[best].caption, similarities[best].item()
 
 
-def localizer(method: str, layers: list[str] | None = None):
-    if method == "nemo":
-        return NeMo()
-    return Wanda() if layers is None else Wanda(layers=layers)
-
-
-def mask_of(handle: ModelHandle, method: str, index: int) -> Mask:
-    """The mitigation experiment's mask of memorized image `index` on these weights, fitted (not saved) when missing."""
-    path = mask_file(handle, method, index)
-    if path.is_file():
-        return Mask.load(path)
-    return localizer(method).fit(handle, handle.memorized[index].caption, seeds=LOCALIZER_SEEDS).mask_
-
-
 def replication_under_masks(handle: ModelHandle, indices: list[int], seeds: list[int], steps: int) -> list[dict]:
     rows = []
     for index in indices:
         target = handle.memorized[index]
         for method in ("nemo", "wanda"):
             started = time.time()
-            mask = mask_of(handle, method, index)
+            mask = saved_mask(handle, method, index)
             with mask.applied(handle):
                 mitigated = evaluate(handle, encode_prompts(handle, [target.caption]).float(), target.image, seeds)
                 result = DoriSearch(steps=steps, seed=index).fit(handle, target.image, [Start.prompt(target.caption)],
@@ -393,9 +377,9 @@ def main(argv=None) -> None:
 
     # 5. Agreement between masks of different embeddings of image 0, and between methods.
     embeddings = same_image[:1 + args.agreement_triggers]
-    masks = {method: localize_each(localizer(method), handle, embeddings, seeds=LOCALIZER_SEEDS)
-             for method in ("nemo", "wanda")}
-    wanda_on_nemo_layers = localizer("wanda", layers=list(nemo_layers(handle.unet)))
+    masks = {method: localize_each(localizer, handle, embeddings, seeds=LOCALIZER_SEEDS)
+             for method, localizer in (("nemo", NeMo()), ("wanda", Wanda()))}
+    wanda_on_nemo_layers = Wanda(layers=list(nemo_layers(handle.unet)))
     wanda_on_values = localize_each(wanda_on_nemo_layers, handle, embeddings, seeds=LOCALIZER_SEEDS)
     agreement = dict(caption=target.caption, triggers=len(embeddings) - 1)
     for method, method_masks in masks.items():

@@ -51,7 +51,7 @@ from analysis.localize import DEFAULT_CACHE_DIR
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask, generate
-from analysis.metrics import REPLICATION_THRESHOLD, replication, similarity_matrix
+from analysis.metrics import REPLICATION_THRESHOLD, paired_similarity, replication
 from analysis.model import REPO_ROOT, ModelHandle, load_model
 from analysis.sampling import encode_prompts
 from analysis.wen_mitigation import WenMitigation
@@ -154,7 +154,7 @@ def measure(handle: ModelHandle, conditions: Conditions, held_out_before: torch.
         others = [replication(generate(handle, [handle.memorized[i].caption], conditions.other_seeds),
                               handle.memorized[i].image).rate for i in conditions.others]
         return dict(targets=rows, attack_seconds=round(attack_s, 1), held_out_images=held_out,
-                    held_out_similarity=similarity_matrix(held_out_before, held_out).diag().mean().item(),
+                    held_out_similarity=paired_similarity(held_out_before, held_out),
                     held_out_loss=held_out_loss(handle),
                     held_out_fidelity=held_out_fidelity(lambda prompts, seeds: generate(handle, prompts, seeds)),
                     others_replication=others)
@@ -195,7 +195,7 @@ def measure_wen(handle: ModelHandle, conditions: Conditions, held_out_before: to
     others = [replication(mitigated(handle.memorized[i].caption, conditions.other_seeds), handle.memorized[i].image).rate
               for i in conditions.others]
     return dict(targets=rows, attack_seconds=round(attack_s, 1), held_out_images=held_out,
-                held_out_similarity=similarity_matrix(held_out_before, held_out).diag().mean().item(),
+                held_out_similarity=paired_similarity(held_out_before, held_out),
                 held_out_fidelity=held_out_fidelity(draw), others_replication=others)
 
 

@@ -9,7 +9,7 @@ import torch
 from analysis.dori import DoriSearch, DoriStep, Start, evaluate
 from analysis.masks import generate
 from analysis.memorized import MemorizedImage
-from analysis.metrics import similarity_matrix
+from analysis.metrics import paired_similarity
 from analysis.model import ModelHandle
 from analysis.sampling import DenoisingStep, encode_prompts
 
@@ -56,8 +56,7 @@ def side_effects(base: ModelHandle, tuned: ModelHandle, targets: Sequence[int], 
     held_out = []
     for prompt in base.held_out_prompts[:SIDE_EFFECT_PROMPTS]:
         before, after = (generate(model, [prompt], seeds, callback=callback) for model in (base, tuned))
-        held_out.append(dict(prompt=prompt, similarity=similarity_matrix(before, after).diag().mean().item(),
-                             before=before, after=after))
+        held_out.append(dict(prompt=prompt, similarity=paired_similarity(before, after), before=before, after=after))
     return dict(others=others, held_out=held_out)
 
 
