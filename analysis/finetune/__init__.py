@@ -47,11 +47,13 @@ not work there) with Adam at lr 1e-4, 60 steps of 16 normal + 16 trigger rows
 per round, 6 rounds, 4 triggers per image, the paper's Dori settings; the
 optimiser and learning rate are open in the paper. What each setting did on the
 bundled model, and its cost, is in docs/results/robust_mitigation.md.
+
+Modules: `estimator` (`AdversarialFineTuning` and its rounds), `training` (the
+loss and the trainable parameters), `surrogate`, `evaluation` (the attack and
+side effects), `saving` (checkpoints and the tuned model's folder).
 """
 
-
-from analysis.finetune.estimator import (AdversarialFineTuning, FineTuneProgress, FineTuneResult,
-                                         resolve_targets)
+from analysis.finetune.estimator import AdversarialFineTuning, FineTuneProgress, resolve_targets
 from analysis.finetune.evaluation import EVALUATION_SEED_OFFSET, SIDE_EFFECT_PROMPTS, attack, json_ready, side_effects
 from analysis.finetune.saving import CHECKPOINT_FILE, save_model_folder
 from analysis.finetune.surrogate import mitigated_surrogate
@@ -59,6 +61,6 @@ from analysis.finetune.training import denoising_loss, trainable_parameters
 
 __all__ = [
     "CHECKPOINT_FILE", "EVALUATION_SEED_OFFSET", "SIDE_EFFECT_PROMPTS", "AdversarialFineTuning", "FineTuneProgress",
-    "FineTuneResult", "attack", "denoising_loss", "json_ready", "mitigated_surrogate", "resolve_targets",
+    "attack", "denoising_loss", "json_ready", "mitigated_surrogate", "resolve_targets",
     "save_model_folder", "side_effects", "trainable_parameters",
 ]
