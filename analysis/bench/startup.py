@@ -25,73 +25,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
-from analysis.bench import seconds, verdict, write_report
+from analysis.bench import app_process, seconds, verdict, write_report
 from analysis.export import load_export
-from analysis.model import REPO_ROOT, ModelHandle, load_model
+from analysis.model import ModelHandle, load_model
 from analysis.tasks import run_task
 
 SEEDS = 4
 START_SECONDS_TARGET = 15.0
 GALLERY_SECONDS_TARGET = 3.0
 FIRST_UMAP_SECONDS_TARGET = 5.0
-START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_ready(url: str, server: subprocess.Popen) -> None:
-    """Poll `url` until it answers HTTP 200; RuntimeError if the app exits or takes longer than START_TIMEOUT_S."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the app exited with code {server.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"the app did not answer at {url} within {START_TIMEOUT_S} s")
-
-
-@contextmanager
-def app_process(output=subprocess.DEVNULL, extra_args: Sequence[str] = (), env: dict | None = None) -> Iterator[str]:
-    """`python app.py` (on the bundled model unless `extra_args` name another) on a free port, until the block
-    ends: its URL, once it answers.
-
-    `output`: where the app's stdout and stderr go (a file, or DEVNULL); `env`: variables added to the app's.
-    """
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu", *extra_args],
-                              cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    try:
-        wait_until_ready(url, server)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def one_start(handle: ModelHandle, numba_cache: str) -> tuple[float, ...]:

@@ -2,6 +2,7 @@
 
 * `nemo.NeMo`: output neurons of cross-attention value projections (Hintersdorf et al. 2024).
 * `wanda.Wanda`: single feed-forward weights by Wanda importance (Chavhan et al. 2024).
+* `saved`: their masks of a model's memorized images, kept on disk per set of weights.
 
 Both follow one contract (`Localizer`), in the scikit-learn style: every
 setting, the reference prompts included, is an argument of `__init__`;

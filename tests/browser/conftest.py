@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.bench.startup import app_process
+from analysis.bench import app_process
 
 CHROMIUM = Path(os.environ.get("DORI_CHROMIUM", "/usr/bin/chromium"))
 REPOSITORY = Path(__file__).resolve().parents[2]
