@@ -1,14 +1,15 @@
-"""Settings defined once: each analysis's settings are a small dataclass whose fields carry their default, their help
-text and their range, and `run_task`, the command line and the app's fields all read them.
+"""Settings defined once: each analysis's settings are a small dataclass whose fields carry their default, their
+help text and their range; `run_task`, the command line (`analysis.cli_parser`) and the app's fields read them.
 
     @dataclass
-    class SweepSettings(Target, Sampling):
+    class SweepSettings(Mitigated, Sampling, Target):
         directions: int = whole(4, "random directions per radius", 1, MAX_STARTS)
 
 A field made with `whole` (a whole number in [low, high]), `real` (a number of at least low), `seeds_setting`
-(a list of 1 to MAX_SEEDS seeds) or `setting` (anything; its runner checks it) says what `check` holds it to. The ranges are
-the request limits of `analysis.limits`. An estimator that is itself a dataclass (`analysis.dori.DoriSearch`)
-declares its fields the same way and is its own settings object.
+(a list of 1 to MAX_SEEDS seeds) or `setting` (anything; its runner checks it) says what `check` holds it to.
+The ranges are the request limits of `analysis.limits`. An estimator that is itself a dataclass
+(`analysis.dori.DoriSearch`) declares its fields the same way and is its own settings object; the estimators that
+are not name their configurable arguments in `analysis.task_settings` (`Method`).
 
 Every check raises ValueError naming the bad value.
 """

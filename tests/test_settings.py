@@ -33,21 +33,21 @@ CLI_FLAGS = [
     ("triggers", "--search-steps", DoriSearch, "steps"),
 ]
 # elem_id, settings class, setting; the value a field opens with where the view chooses its own (else the default).
-APP_FIELDS = [
-    ("replicate-seeds", ReplicateSettings, "seeds", None),
-    ("replicate-steps", Sampling, "steps", "model"),
-    ("perturb-steps", DoriSearch, "steps", None),
-    ("perturb-batch", DoriSearch, "batch_size", None),
-    ("perturb-eval-seeds", AttackSettings, "evaluation_seeds", None),
-    ("perturb-generation-steps", Sampling, "steps", "model"),
-    ("sweep-directions", SweepSettings, "directions", None),
-    ("sweep-seeds", SweepSettings, "seeds", 2),
-    ("mitigate-steps", Sampling, "steps", "model"),
-    ("mitigate-eval-seeds", LocalizeSettings, "evaluation_seeds", None),
-    ("inside-seeds", DetectSettings, "seeds", None),
-    ("inside-steps", Sampling, "steps", "model"),
-    ("trigger-map-steps", DoriSearch, "steps", None),
-]
+APP_FIELDS = {
+    "replicate-seeds": (ReplicateSettings, "seeds", None),
+    "replicate-steps": (Sampling, "steps", "model"),
+    "perturb-steps": (DoriSearch, "steps", None),
+    "perturb-batch": (DoriSearch, "batch_size", None),
+    "perturb-eval-seeds": (AttackSettings, "evaluation_seeds", None),
+    "perturb-generation-steps": (Sampling, "steps", "model"),
+    "sweep-directions": (SweepSettings, "directions", None),
+    "sweep-seeds": (SweepSettings, "seeds", 2),
+    "mitigate-steps": (Sampling, "steps", "model"),
+    "mitigate-eval-seeds": (LocalizeSettings, "evaluation_seeds", None),
+    "inside-seeds": (DetectSettings, "seeds", None),
+    "inside-steps": (Sampling, "steps", "model"),
+    "trigger-map-steps": (DoriSearch, "steps", None),
+}
 
 
 def flag(command: str, option: str):
@@ -75,9 +75,9 @@ def components(tiny_handle):
     return {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
 
 
-@pytest.mark.parametrize("elem_id, settings, name, value", APP_FIELDS)
-def test_an_app_field_takes_its_default_and_range_from_the_setting(components, tiny_handle, elem_id, settings, name,
-                                                                   value):
+@pytest.mark.parametrize("elem_id", APP_FIELDS)
+def test_an_app_field_takes_its_default_and_range_from_the_setting(components, tiny_handle, elem_id):
+    settings, name, value = APP_FIELDS[elem_id]
     field, found = components[elem_id], setting_of(settings, name)
     assert f"({found.low}–{found.high}" in field.label or f" {found.low}–{found.high})" in field.label
     default = len(found.default) if found.check == "seeds" else found.default
