@@ -5,7 +5,8 @@
 `run_task` checks the configuration (ValueError naming the bad value), fills
 in every default (the handle's steps and guidance, the localizer's
 parameters, ...) so that `record.config` is complete, runs the analysis and
-returns an `analysis.export.RunRecord`. Kinds:
+returns an `analysis.export.RunRecord`. A kind's settings, with their defaults and ranges, are its settings
+class `TASKS[kind].settings` (`analysis.settings`), defined beside its runner. Kinds:
 
 * "replicate": `analysis.replicate.replicate` of a training image or a prompt;
 * "localize": a NeMo or Wanda mask (tensors `mask.LAYER`), replication before and after it;
