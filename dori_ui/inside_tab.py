@@ -20,12 +20,14 @@ from analysis.detectors import DETECTORS
 from analysis.export import RunRecord
 from analysis.hooks import cross_attention_layers
 from analysis.images import to_display
-from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
-from analysis.limits import MAX_SEED, MAX_SEEDS
+from analysis.inside_tasks import DetectSettings
+from analysis.limits import MAX_SEED
 from analysis.model import ModelHandle
+from analysis.settings import Sampling
 from analysis.triggers import METADATA_FILE, TriggerSet, shipped_set_folder
 from dori_ui.export import build_export
-from dori_ui.session import AppContext, Session, check_number, check_whole_number, mitigation_settings, session_handle
+from dori_ui.session import (AppContext, Session, check_number, check_setting, check_whole_number, mitigation_settings,
+                             session_handle, setting_field)
 from dori_ui.streaming import on_model, report_to, run_or_error
 
 VIEW = "inside"
@@ -165,9 +167,8 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
                                label="Held-out prompt", elem_id="inside-held-out")
     with gr.Row():
         seed = gr.Number(0, label="Seed", precision=None, elem_id="inside-seed")
-        seeds = gr.Number(4, label=f"Detector seeds (1–{MAX_SEEDS}, from the seed)", precision=None,
-                          elem_id="inside-seeds")
-        steps = gr.Number(handle.default_steps, label=f"Steps (1–{MAX_STEPS})", precision=None, elem_id="inside-steps")
+        seeds = setting_field("Detector seeds ({range}, from the seed)", DetectSettings, "seeds", "inside-seeds")
+        steps = setting_field("Steps ({range})", Sampling, "steps", "inside-steps", handle.default_steps)
         guidance = gr.Number(handle.default_guidance, label=f"Guidance (0–{MAX_GUIDANCE})", step=0.5,
                              elem_id="inside-guidance")
     with gr.Row():
@@ -203,7 +204,7 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
     build_export(context, VIEW, "a result of the Inside view")
 
     def settings(seed_value, step_count, guidance_scale) -> dict:
-        step_count = check_whole_number("Steps", step_count, 1, MAX_STEPS)
+        step_count = check_setting("Steps", step_count, Sampling, "steps")
         return dict(seed=check_whole_number("Seed", seed_value, 0, MAX_SEED), steps=step_count,
                     guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE))
 
@@ -255,7 +256,7 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
                state: Session, trigger_map, progress=gr.Progress()):
         model = session_handle(context.models, state)
         chosen = settings(seed_value, step_count, guidance_scale)
-        count = check_whole_number("Detector seeds", seed_count, 1, MAX_SEEDS)
+        count = check_setting("Detector seeds", seed_count, DetectSettings, "seeds")
         start = check_whole_number("Seed", seed_value, 0, MAX_SEED + 1 - count)
         _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, held_out_prompt)
         records = _run_all(model, state, "detect", runs, dict(

@@ -18,13 +18,15 @@ import plotly.graph_objects as go
 import torch
 
 from analysis.export import RunRecord
-from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
 from analysis.limits import MAX_SEEDS
 from analysis.progress import TaskProgress
+from analysis.replication_tasks import LocalizeSettings
+from analysis.settings import Sampling
 from analysis.task_settings import record_mask
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number, describe_model,
-                             record_similarity, session_handle, session_model, verdict_gallery)
+from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_setting, check_whole_number,
+                             describe_model, record_similarity, session_handle, session_model, setting_field,
+                             verdict_gallery)
 from dori_ui.streaming import (Stopped, on_model, progress_of, report_to, request_stop, run_and_stop_buttons,
                                run_or_error, stream_task)
 
@@ -131,10 +133,10 @@ def build_mitigate_tab(context: AppContext) -> None:
             refine = gr.Checkbox(True, label="NeMo refinement (fewer neurons; one criterion check per neuron)",
                                  elem_id="mitigate-refine")
             with gr.Row():
-                steps = gr.Number(handle.default_steps, label=f"Schedule steps (1–{MAX_STEPS})",
-                                  precision=None, elem_id="mitigate-steps")
-                eval_seeds = gr.Number(4, label=f"Seeds before/after (1–{MAX_SEEDS})", precision=None,
-                                       elem_id="mitigate-eval-seeds")
+                steps = setting_field("Schedule steps ({range})", Sampling, "steps", "mitigate-steps",
+                                      handle.default_steps)
+                eval_seeds = setting_field("Seeds before/after ({range})", LocalizeSettings, "evaluation_seeds",
+                                           "mitigate-eval-seeds")
             run_button, stop_button = run_and_stop_buttons("Mitigate", "mitigate-run", "mitigate-stop")
     gr.Markdown(EXPLANATION)
     log = gr.Textbox(label="Progress", lines=4, max_lines=LOG_LINES, interactive=False, elem_id="mitigate-log")
@@ -163,8 +165,9 @@ def build_mitigate_tab(context: AppContext) -> None:
             return
         prompt_text = check_prompt(model, prompt_text)
         seeds = list(range(check_whole_number("Localizer seeds", seed_count, 2, MAX_SEEDS)))
-        schedule = check_whole_number("Schedule steps", step_count, 1, MAX_STEPS)
-        evaluation_seeds = list(range(check_whole_number("Seeds before/after", eval_count, 1, MAX_SEEDS)))
+        schedule = check_setting("Schedule steps", step_count, Sampling, "steps")
+        evaluation_seeds = list(range(check_setting("Seeds before/after", eval_count, LocalizeSettings,
+                                                    "evaluation_seeds")))
         parameters = dict(steps=schedule)
         if chosen == "wanda":
             sparsity_percent = check_number("Wanda sparsity (%)", sparsity_percent, 0, 50, low_open=True)

@@ -25,14 +25,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from analysis.dori import DoriPreview, DoriSearch, DoriStep
+from analysis.dori_tasks import AttackSettings
 from analysis.export import RunRecord
-from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
-from analysis.limits import MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
+from analysis.limits import MAX_SEED
 from analysis.images import to_display
 from analysis.model import ModelHandle
+from analysis.replication_tasks import SweepSettings
+from analysis.settings import Sampling
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number,
-                             mitigation_settings, record_similarity, session_handle, verdict_gallery)
+from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_setting, check_whole_number,
+                             mitigation_settings, setting_field, record_similarity, session_handle, verdict_gallery)
 from dori_ui.streaming import (Stopped, on_model, progress_of, request_stop, run_and_stop_buttons, run_or_error,
                                stream_task)
 
@@ -194,17 +196,16 @@ def build_perturb_tab(context: AppContext) -> None:
                              elem_id="perturb-upload")
         with gr.Column(scale=2):
             with gr.Row():
-                steps = gr.Number(DoriSearch.steps, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
-                                  elem_id="perturb-steps")
-                lr = gr.Number(DoriSearch.lr, label="Learning rate (Adam)", elem_id="perturb-lr")
+                steps = setting_field("Search steps ({range})", DoriSearch, "steps", "perturb-steps")
+                lr = setting_field("Learning rate (Adam)", DoriSearch, "lr", "perturb-lr")
             with gr.Row():
-                batch = gr.Number(DoriSearch.batch_size, label=f"Batch (ε, t pairs per step, 1–{MAX_SEARCH_BATCH})",
-                                  precision=None, elem_id="perturb-batch")
-                eval_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=None,
-                                       elem_id="perturb-eval-seeds")
+                batch = setting_field("Batch (ε, t pairs per step, {range})", DoriSearch, "batch_size",
+                                      "perturb-batch")
+                eval_seeds = setting_field("Seeds to generate ({range})", AttackSettings, "evaluation_seeds",
+                                           "perturb-eval-seeds")
             with gr.Row():
-                generation_steps = gr.Number(handle.default_steps, label=f"Generation steps (1–{MAX_STEPS})",
-                                             precision=None, elem_id="perturb-generation-steps")
+                generation_steps = setting_field("Generation steps ({range})", Sampling, "steps",
+                                                 "perturb-generation-steps", handle.default_steps)
                 preview_every = gr.Number(PREVIEW_EVERY, label="Preview every n search steps (0: never)",
                                           precision=None, elem_id="perturb-preview-every")
             run_button, stop_button = run_and_stop_buttons("Run Dori", "perturb-run", "perturb-stop")
@@ -229,12 +230,12 @@ def build_perturb_tab(context: AppContext) -> None:
         target_config, target_inputs = target_settings(model, target_label)
         if start_label not in STARTS:
             raise gr.Error(f"Unknown start {start_label!r}; choose one of {list(STARTS)}.")
-        total = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
+        total = check_setting("Search steps", step_count, DoriSearch, "steps")
         search = dict(steps=total, lr=check_number("The learning rate", rate, 0, 10, low_open=True),
-                      batch_size=check_whole_number("Batch", batch_size, 1, MAX_SEARCH_BATCH))
-        seeds = list(range(check_whole_number("Seeds to generate", eval_count, 1, MAX_SEEDS)))
-        every = check_whole_number("Preview every", every, 0, MAX_SEARCH_STEPS)
-        sampling_steps = check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS)
+                      batch_size=check_setting("Batch", batch_size, DoriSearch, "batch_size"))
+        seeds = list(range(check_setting("Seeds to generate", eval_count, AttackSettings, "evaluation_seeds")))
+        every = check_setting("Preview every", every, AttackSettings, "preview_every")
+        sampling_steps = check_setting("Generation steps", sampling_steps, Sampling, "steps")
         mitigation, inputs = mitigation_settings(state)
         config, inputs = dict(target_config), {**inputs, **target_inputs}
         kind = STARTS[start_label]
@@ -293,10 +294,8 @@ def build_perturb_tab(context: AppContext) -> None:
         with gr.Row():
             radii = gr.Textbox("0, 5, 10, 20, 40", label="Radii (L2 distances, comma-separated)",
                                elem_id="sweep-radii")
-            directions = gr.Number(4, label=f"Directions (1–{MAX_STARTS})", precision=None,
-                                   elem_id="sweep-directions")
-            sweep_seeds = gr.Number(2, label=f"Seeds per direction (1–{MAX_SEEDS})", precision=None,
-                                    elem_id="sweep-seeds")
+            directions = setting_field("Directions ({range})", SweepSettings, "directions", "sweep-directions")
+            sweep_seeds = setting_field("Seeds per direction ({range})", SweepSettings, "seeds", "sweep-seeds", 2)
             sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
         sweep_plot = gr.Plot(label="Replication vs radius", elem_id="sweep-plot")
         sweep_summary = gr.Markdown(elem_id="sweep-summary")
@@ -308,9 +307,9 @@ def build_perturb_tab(context: AppContext) -> None:
         target_config, target_inputs = target_settings(model, target_label)
         mitigation, inputs = mitigation_settings(state)
         config = dict(**target_config, radii=parse_radii(radii_text),
-                      directions=check_whole_number("Directions", direction_count, 1, MAX_STARTS),
-                      seeds=list(range(check_whole_number("Seeds per direction", seed_count, 1, MAX_SEEDS))),
-                      steps=check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS), mitigation=mitigation)
+                      directions=check_setting("Directions", direction_count, SweepSettings, "directions"),
+                      seeds=list(range(check_setting("Seeds per direction", seed_count, SweepSettings, "seeds"))),
+                      steps=check_setting("Generation steps", sampling_steps, Sampling, "steps"), mitigation=mitigation)
         inputs.update(target_inputs)
 
         def report(event: object) -> None:

@@ -26,6 +26,7 @@ from analysis.masks import Mask
 from analysis.metrics import similarity_label
 from analysis.memorized import METADATA_FILES, load_memorized_set, readable_tokens, token_count
 from analysis.model import ModelHandle, ModelLoadError, load_model
+from analysis.settings import setting_of
 from analysis.task_settings import mask_tensors
 
 # Subfolders a diffusers Stable Diffusion pipeline folder has (see analysis.model.load_model).
@@ -247,6 +248,24 @@ def check_whole_number(name: str, value: object, low: int, high: int) -> int:
             or not low <= value <= high or int(value) != value:
         raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {_shown(value)}.")
     return int(value)
+
+
+def setting_field(label: str, settings: type, name: str, elem_id: str, value: float | None = None,
+                  low: int | None = None) -> gr.Number:
+    """A field for setting `name` of an analysis's settings class (`analysis.settings`). It opens with the
+    setting's default (for a list of seeds: how many) unless given a `value`; "{range}" in `label` shows the
+    setting's range (from `low` where the view asks for more, e.g. two seeds to compare)."""
+    found = setting_of(settings, name)
+    default = len(found.default) if found.check == "seeds" else found.default
+    return gr.Number(default if value is None else value, elem_id=elem_id,
+                     label=label.format(range=f"{found.low if low is None else low}–{found.high}"),
+                     precision=None)
+
+
+def check_setting(label: str, value: object, settings: type, name: str, low: int | None = None) -> int:
+    """A field of `setting_field` checked against its setting's range: a whole number (a count, for seeds)."""
+    found = setting_of(settings, name)
+    return check_whole_number(label, value, found.low if low is None else low, found.high)
 
 
 def check_number(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:

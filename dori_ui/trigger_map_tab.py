@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 import torch
 
 from analysis.dori import DoriSearch
-from analysis.limits import MAX_SEARCH_STEPS, MAX_SEEDS, MAX_STARTS
+from analysis.limits import MAX_SEEDS, MAX_STARTS
 from analysis.localize import cache_key
 from analysis.model import ModelHandle
 from analysis.paths import RUNS_DIR
@@ -36,8 +36,8 @@ from analysis.tasks import record_map
 from analysis.trigger_map import TRIGGERS, TriggerMap, map_settings
 from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set, shipped_set_folder
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_whole_number, mitigation_settings, record_similarity,
-                             session_handle, verdict_gallery)
+from dori_ui.session import (AppContext, Session, check_setting, check_whole_number, mitigation_settings,
+                             record_similarity, session_handle, setting_field, verdict_gallery)
 from dori_ui.streaming import check_stop, holding_model, on_model, request_stop, run_and_stop_buttons, run_or_error
 
 VIEW = "trigger_map"
@@ -168,8 +168,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
             with gr.Row():
                 count = gr.Number(8, label=f"Triggers to build (1–{MAX_STARTS})", precision=None,
                                   elem_id="trigger-map-count")
-                steps = gr.Number(DoriSearch.steps, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
-                                  elem_id="trigger-map-steps")
+                steps = setting_field("Search steps ({range})", DoriSearch, "steps", "trigger-map-steps")
                 eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=None,
                                        elem_id="trigger-map-eval-seeds")
             load_button, stop_button = run_and_stop_buttons("Load / build and map", "trigger-map-load", "trigger-map-stop")
@@ -212,7 +211,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
             trigger_set = TriggerSet.load(folder)
         elif source_label == BUILD:
             total = check_whole_number("Triggers to build", trigger_count, 1, MAX_STARTS)
-            search_steps = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
+            search_steps = check_setting("Search steps", step_count, DoriSearch, "steps")
             seeds = check_whole_number("Seeds per trigger", seed_count, 1, MAX_SEEDS)
 
             def report(event: TriggerProgress) -> None:
