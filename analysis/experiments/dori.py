@@ -49,13 +49,14 @@ from analysis.localize.nemo import NeMo
 from analysis.localize.saved import LOCALIZER_SEEDS, saved_mask
 from analysis.localize.wanda import Wanda
 from analysis.metrics import similarity_matrix
-from analysis.model import REPO_ROOT, ModelHandle, load_model
+from analysis.model import ModelHandle, load_model
+from analysis.paths import RUNS_DIR
 from analysis.projection import Projection
 from analysis.sampling import encode_prompts
 from analysis.triggers import TriggerSet, build_trigger_set, shipped_set_folder
 
 RESULTS = Path("docs/results")
-TRIGGERS = REPO_ROOT / "runs" / "dori_triggers"
+TRIGGERS = RUNS_DIR / "dori_triggers"
 
 
 # Never-trained photographs shipped with scikit-image, beside the held-out shape rendering: a control of the

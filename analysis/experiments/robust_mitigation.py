@@ -54,11 +54,12 @@ from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import generate
 from analysis.metrics import replication
-from analysis.model import REPO_ROOT, ModelHandle, load_model
+from analysis.model import ModelHandle, load_model
+from analysis.paths import RUNS_DIR
 from analysis.wen_mitigation import WenMitigation
 
 RESULTS = Path("docs/results")
-WORK = REPO_ROOT / "runs" / "robust_mitigation"
+WORK = RUNS_DIR / "robust_mitigation"
 STRESS_SEED = 3_000_000  # the stronger attack's starts and search noise, used nowhere else
 MEASURED_FILE = "measured.pt"
 STAGES = ("none", "nemo", "wanda", "wen", "finetune", "distilled", "distilled_slow", "distilled_mid",

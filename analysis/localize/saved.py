@@ -15,9 +15,10 @@ from analysis.localize import cache_key, weights_checksum
 from analysis.localize.nemo import NeMo
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask
-from analysis.model import REPO_ROOT, ModelHandle
+from analysis.model import ModelHandle
+from analysis.paths import RUNS_DIR
 
-MASKS_DIR = REPO_ROOT / "runs" / "mitigation_masks"
+MASKS_DIR = RUNS_DIR / "mitigation_masks"
 LOCALIZER_SEEDS = list(range(4))  # seeds of a mask fitted here, as the mitigation experiment fits its masks
 
 
