@@ -137,14 +137,11 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
             state.records, state.attributions = {}, {}
             return state, describe_model(chosen, state)
 
-        event = on_model(switch.click, switch_model, context, inputs=[choice, session],
-                         outputs=[session, header, choice], api_name="switch_model")
-        for view, (refresh, outputs) in context.on_model_change.items():
-            event = event.success(refresh, inputs=session, outputs=outputs, api_name=f"refresh_{view}")
-        event = on_model(memorized_switch.click, switch_memorized, context, inputs=[memorized_choice, session],
-                         outputs=[session, header], api_name="switch_memorized")
-        for view, (refresh, outputs) in context.on_model_change.items():
-            event = event.success(refresh, inputs=session, outputs=outputs, api_name=False)
+        context.refresh_views(on_model(switch.click, switch_model, context, inputs=[choice, session],
+                                       outputs=[session, header, choice], api_name="switch_model"), endpoints=True)
+        context.refresh_views(on_model(memorized_switch.click, switch_memorized, context,
+                                       inputs=[memorized_choice, session], outputs=[session, header],
+                                       api_name="switch_memorized"))
     app.queue(max_size=QUEUE_SIZE)
     return app
 

@@ -206,8 +206,6 @@ def build_finetune_tab(context: AppContext) -> None:
         tuned = use_finetuned(context.models, session, record)
         return session, describe_model(tuned, session), f"This session now uses the fine-tuned model {tuned.name}."
 
-    event = on_model(use_button.click, use, context, inputs=context.session,
-                     outputs=[context.session, context.header, status], api_name="finetune_use")
     # The other views show the new model's images and defaults, as after the header's model switch.
-    for refresh, outputs in list(context.on_model_change.values()):
-        event = event.success(refresh, inputs=context.session, outputs=outputs, api_name=False)
+    context.refresh_views(on_model(use_button.click, use, context, inputs=context.session,
+                                   outputs=[context.session, context.header, status], api_name="finetune_use"))
