@@ -19,6 +19,7 @@ import torch
 
 from analysis.export import RunRecord
 from analysis.limits import MAX_SEEDS
+from analysis.model import ModelHandle
 from analysis.progress import TaskProgress
 from analysis.replication_tasks import LocalizeSettings
 from analysis.settings import Sampling
@@ -113,6 +114,32 @@ def mitigation_summary(record: RunRecord) -> str:
     return "\n\n".join(lines)
 
 
+def mitigation_config(handle: ModelHandle, method: str, prompt_text: object, seed_count: object,
+                      sparsity_percent: object, refine_nemo: bool, step_count: object,
+                      eval_count: object) -> tuple[str, dict]:
+    """The task kind and settings of a mitigation `method` (a `METHODS` value but None), from the fields, checked:
+    "localize" (NeMo, Wanda), "wen", or "replicate" for the fine-tuned comparison (`finetuned_comparison`)."""
+    prompt_text = check_prompt(handle, prompt_text)
+    seeds = list(range(check_whole_number("Localizer seeds", seed_count, 2, MAX_SEEDS)))
+    schedule = check_setting("Schedule steps", step_count, Sampling, "steps")
+    evaluation_seeds = list(range(check_setting("Seeds before/after", eval_count, LocalizeSettings,
+                                                "evaluation_seeds")))
+    parameters = dict(steps=schedule)
+    if method == "wanda":
+        sparsity_percent = check_number("Wanda sparsity (%)", sparsity_percent, 0, 50, low_open=True)
+        parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
+    elif method == "nemo":
+        parameters.update(NEMO_PARAMETERS, refine=bool(refine_nemo))
+    captions = [m.caption for m in handle.memorized]
+    image = captions.index(prompt_text) if prompt_text in captions else None
+    if method in ("finetuned", "wen"):
+        # Wen's mitigation is checked against a training image, and leaves the weights (and no mask) behind.
+        return ("replicate" if method == "finetuned" else "wen",
+                dict(image=image, prompt=prompt_text, seeds=evaluation_seeds, steps=schedule))
+    return "localize", dict(image=image, prompt=prompt_text, method=method, parameters=parameters, seeds=seeds,
+                            evaluation_seeds=evaluation_seeds)
+
+
 def finetuned_comparison(models: ModelChoices, config: dict, state: Session, progress) -> tuple[list, str]:
     """The base and the fine-tuned model of the session's Fine-tune run, generating `config` ("replicate"
     settings): their records, and the comparison in words. Switches the session to the tuned model."""
@@ -181,33 +208,14 @@ def build_mitigate_tab(context: AppContext) -> None:
                    counts: None, before: [], after: [], context.header: describe_model(model, state),
                    context.session: state}
             return
-        prompt_text = check_prompt(model, prompt_text)
-        seeds = list(range(check_whole_number("Localizer seeds", seed_count, 2, MAX_SEEDS)))
-        schedule = check_setting("Schedule steps", step_count, Sampling, "steps")
-        evaluation_seeds = list(range(check_setting("Seeds before/after", eval_count, LocalizeSettings,
-                                                    "evaluation_seeds")))
-        parameters = dict(steps=schedule)
-        if chosen == "wanda":
-            sparsity_percent = check_number("Wanda sparsity (%)", sparsity_percent, 0, 50, low_open=True)
-            parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
-        elif chosen == "nemo":
-            parameters.update(NEMO_PARAMETERS, refine=bool(refine_nemo))
-        captions = [m.caption for m in model.memorized]
-        image = captions.index(prompt_text) if prompt_text in captions else None
-        if chosen == "finetuned":
-            records, text = finetuned_comparison(context.models, dict(image=image, prompt=prompt_text,
-                                                                      seeds=evaluation_seeds, steps=schedule),
-                                                 state, progress)
+        kind, config = mitigation_config(model, chosen, prompt_text, seed_count, sparsity_percent, refine_nemo,
+                                         step_count, eval_count)
+        if kind == "replicate":
+            records, text = finetuned_comparison(context.models, config, state, progress)
             yield {log: "Done.", summary: text, counts: None, before: stage_gallery(records[0], ""),
                    after: stage_gallery(records[1], ""), context.header: describe_model(
                        session_model(context.models, state, state.model), state), context.session: state}
             return
-        if chosen == "wen":
-            # Wen's mitigation is checked against a training image, and leaves the weights (and no mask) behind.
-            kind, config = "wen", dict(image=image, prompt=prompt_text, seeds=evaluation_seeds, steps=schedule)
-        else:
-            kind, config = "localize", dict(image=image, prompt=prompt_text, method=chosen, parameters=parameters,
-                                            seeds=seeds, evaluation_seeds=evaluation_seeds)
         # A stopped or failed run leaves nothing to export, not the run before it.
         state.records.pop(VIEW, None)
         lines: list[str] = []
