@@ -119,7 +119,8 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
             # set chosen for the previous model gives way to the new model's own.
             state.model, state.mask, state.records, state.attributions = chosen.name, None, {}, {}
             state.memorized_set = None
-            return state, describe_model(chosen, state), gr.update(choices=models.names(), value=chosen.name)
+            return {session: state, header: describe_model(chosen, state),
+                    choice: gr.update(choices=models.names(), value=chosen.name)}
 
         def switch_memorized(folder: str | None, state: Session):
             if folder is not None and not isinstance(folder, str):
@@ -135,7 +136,7 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                 raise
             # Records and attributions name images of the previous set by index.
             state.records, state.attributions = {}, {}
-            return state, describe_model(chosen, state)
+            return {session: state, header: describe_model(chosen, state)}
 
         context.refresh_views(on_model(switch.click, switch_model, context, inputs=[choice, session],
                                        outputs=[session, header, choice], api_name="switch_model"), endpoints=True)

@@ -298,10 +298,9 @@ class AppContext:
         component: the new model's images and defaults, the previous model's results cleared)."""
         self.on_model_change[view] = (refresh, outputs)
 
-    def refresh_views(self, event, endpoints: bool = False):
-        """`event` (a model switch) followed, on success, by every registered view's refresh; `endpoints`: each
-        refresh is also the endpoint `refresh_{view}`. Returns the last event of the chain."""
+    def refresh_views(self, event, endpoints: bool = False) -> None:
+        """`event` (a model switch) followed, on success, by every registered view's refresh, one after another;
+        `endpoints`: each refresh is also the endpoint `refresh_{view}`."""
         for view, (refresh, outputs) in self.on_model_change.items():
             event = event.success(refresh, inputs=self.session, outputs=outputs,
                                   api_name=f"refresh_{view}" if endpoints else False)
-        return event
