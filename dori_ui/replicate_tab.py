@@ -119,6 +119,10 @@ def training_picture(handle: ModelHandle, prompt: object):
     return to_display(handle.memorized[captions.index(prompt.strip())].image[None])[0]
 
 
+def pick_sd14_prompt(selection: gr.SelectData) -> str:
+    return sd14_prompts()[selection.index[0]][0]
+
+
 def build_replicate_tab(context: AppContext) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`."""
     handle = context.models.get(context.models.first)
@@ -174,7 +178,8 @@ def build_replicate_tab(context: AppContext) -> None:
                                      state, report_to(progress))
         images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
         gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
-        return gallery, replication_summary(record), noise_gap_figure(record, reference), state
+        return {replicas: gallery, summary: replication_summary(record),
+                noise_gap_plot: noise_gap_figure(record, reference), context.session: state}
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
              outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
@@ -191,17 +196,14 @@ def build_replicate_tab(context: AppContext) -> None:
     prompt.change(show_training_image, inputs=[prompt, context.session], outputs=training_image,
                   api_name="replicate_training_image")
 
-    def pick_sd14_prompt(selection: gr.SelectData) -> str:
-        return sd14_prompts()[selection.index[0]][0]
-
     sd14_table.select(pick_sd14_prompt, inputs=None, outputs=prompt, api_name="pick_sd14_prompt")
 
-    def refresh(state: Session):
+    def refresh(state: Session) -> dict:
         model = session_handle(context.models, state)
-        return (gr.update(value=memorized_gallery(model), visible=bool(model.memorized)),
-                gr.update(visible=lists_sd14_prompts(model)),
-                model.memorized[0].caption if model.memorized else "", model.default_steps, model.default_guidance,
-                [], "", None)
+        return {training_gallery: gr.update(value=memorized_gallery(model), visible=bool(model.memorized)),
+                sd14_table: gr.update(visible=lists_sd14_prompts(model)),
+                prompt: model.memorized[0].caption if model.memorized else "", steps: model.default_steps,
+                guidance: model.default_guidance, replicas: [], summary: "", noise_gap_plot: None}
 
-    context.on_model_change[VIEW] = (refresh, [training_gallery, sd14_table, prompt, steps, guidance, replicas,
-                                               summary, noise_gap_plot])
+    context.refresh_on_model_change(VIEW, refresh, [training_gallery, sd14_table, prompt, steps, guidance, replicas,
+                                                    summary, noise_gap_plot])

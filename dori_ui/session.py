@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -292,3 +292,15 @@ class AppContext:
     # view name -> (fn(session) -> updates, outputs), run after the session switches model.
     on_model_change: dict = field(default_factory=dict)
     max_run_seconds: float = MAX_RUN_SECONDS  # a model event running longer is stopped (dori_ui.streaming)
+
+    def refresh_on_model_change(self, view: str, refresh: Callable[[Session], dict], outputs: list) -> None:
+        """After the session switches model, `refresh(session)` updates `outputs` of `view` (a dict of updates by
+        component: the new model's images and defaults, the previous model's results cleared)."""
+        self.on_model_change[view] = (refresh, outputs)
+
+    def refresh_views(self, event, endpoints: bool = False) -> None:
+        """`event` (a model switch) followed, on success, by every registered view's refresh, one after another;
+        `endpoints`: each refresh is also the endpoint `refresh_{view}`."""
+        for view, (refresh, outputs) in self.on_model_change.items():
+            event = event.success(refresh, inputs=self.session, outputs=outputs,
+                                  api_name=f"refresh_{view}" if endpoints else False)
