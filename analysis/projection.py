@@ -32,6 +32,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from functools import cache
 from importlib.metadata import version
 from pathlib import Path
@@ -190,8 +191,10 @@ def warm_up_in_background() -> subprocess.Popen:
     """`warm_up()` in a separate, low-priority process: it fills numba's on-disk cache for this process's first map
     without holding this process's interpreter lock (compiling is mostly Python) while the app starts serving."""
     lower_priority = (lambda: os.nice(10)) if os.name == "posix" else None
-    return subprocess.Popen([sys.executable, "-m", "analysis.projection"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=lower_priority)
+    process = subprocess.Popen([sys.executable, "-m", "analysis.projection"], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lower_priority)
+    threading.Thread(target=process.wait, name="umap-warm-up", daemon=True).start()  # reaps it when it ends
+    return process
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.projection import Projection, flatten_embeddings, import_umap
+from analysis.projection import Projection, flatten_embeddings, import_umap, warm_up_in_background
 
 
 def clusters(n_per_cluster: int = 10, seed: int = 0) -> torch.Tensor:
@@ -94,3 +94,7 @@ def test_umap_compiled_code_is_kept_on_disk():
     umap = import_umap()
     assert not isinstance(umap.utils.fast_knn_indices._cache, NullCache)
     assert not isinstance(umap.umap_.smooth_knn_dist._cache, NullCache)
+
+
+def test_the_background_warm_up_process_compiles_and_exits():
+    assert warm_up_in_background().wait(timeout=600) == 0
