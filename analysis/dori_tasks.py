@@ -66,11 +66,16 @@ def _starts(specs, prompt: str, inputs: dict[str, torch.Tensor]) -> tuple[list[d
     return filled, starts
 
 
+def checked_search(what: str, search: dict) -> dict:
+    """A filled Dori search configuration held to `DoriSearch`'s ranges (ValueError naming `what`)."""
+    for name in ("lr", "steps", "batch_size", "seed"):
+        check(DoriSearch, name, search[name], f"{what} {name}")
+    return search
+
+
 def run_attack(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
     target, prompt, image = target_settings(handle, config, inputs, need_image=True)
-    search = fill("search", defaults(DoriSearch), config["search"])
-    for name in ("lr", "steps", "batch_size", "seed"):
-        check(DoriSearch, name, search[name], f"search {name}")
+    search = checked_search("search", fill("search", defaults(DoriSearch), config["search"]))
     filled_starts, starts = _starts(config["starts"], prompt, inputs)
     filled = dict(**target, starts=filled_starts, search=as_json(search),
                   evaluation_seeds=check(AttackSettings, "evaluation_seeds", config["evaluation_seeds"]),
@@ -144,7 +149,9 @@ def run_finetune(handle: ModelHandle, config: dict, inputs: dict, callback: Call
     # Only the default surrogate is a JSON value; a mask or an image surrogate is the Python API's.
     defaults.pop("surrogate")
     parameters = fill("finetune parameter", defaults, config["parameters"])
-    parameters["dori"] = fill("finetune dori", defaults["dori"], parameters["dori"])
+    for name in ("rounds", "triggers_per_image", "steps_per_round", "lr", "eval_seeds"):
+        check(AdversarialFineTuning, name, parameters[name], f"finetune {name}")
+    parameters["dori"] = checked_search("finetune dori", fill("finetune dori", defaults["dori"], parameters["dori"]))
     filled = dict(targets=config["targets"], out_dir=config["out_dir"], parameters=as_json(parameters),
                   resume=bool(config["resume"]))
     record = RunRecord("finetune", handle.name, filled)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
+from analysis.dori import DoriSearch
 from analysis.export import RunRecord
 from analysis.images import to_display
 from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
@@ -23,8 +24,8 @@ from analysis.localize import cache_key, weights_checksum
 from analysis.model import ModelHandle
 from analysis.paths import RUNS_DIR
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_number, check_whole_number, describe_model,
-                             session_handle, use_finetuned)
+from dori_ui.session import (AppContext, Session, check_number, check_setting, describe_model, session_handle,
+                             setting_field, use_finetuned)
 from dori_ui.streaming import Stopped, on_model, on_stop, run_and_stop_buttons, run_or_error, stream_task
 
 VIEW = "finetune"
@@ -32,7 +33,6 @@ VIEW = "finetune"
 RUNS = RUNS_DIR / "finetune"
 SIDE_EFFECT_COLUMNS = ["outside the targets", "caption or prompt", "before → after"]
 DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
-LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)
 MAX_LR = 1e-2  # far above any rate that keeps the model; a typo guard
 TRAINABLE = {"the whole UNet (the paper's)": "all", "attention layers": "attn", "cross-attention only": "attn2"}
 UTILITY_LOSSES = {"the model's default (latent: distillation; pixel: L_DM)": None,
@@ -110,12 +110,13 @@ def training_parameters(round_count, step_count, trigger_count, search_steps, se
     return dict(
         lr=learning_rate, optimizer=optimizer_name, trainable=TRAINABLE[trained_part],
         utility_loss=UTILITY_LOSSES[utility_name], ema_decay=ema_decay or None,
-        rounds=check_whole_number("Rounds", round_count, 1, LIMITS["rounds"]),
-        steps_per_round=check_whole_number("Training steps per round", step_count, 1, LIMITS["steps"]),
-        triggers_per_image=check_whole_number("Triggers per image", trigger_count, 1, LIMITS["triggers"]),
-        eval_seeds=check_whole_number("Evaluation seeds", seed_count, 1, LIMITS["eval_seeds"]),
-        dori=dict(steps=check_whole_number("Dori steps", search_steps, 1, LIMITS["dori_steps"]),
-                  batch_size=check_whole_number("Dori batch", search_batch, 1, LIMITS["dori_batch"])))
+        rounds=check_setting("Rounds", round_count, AdversarialFineTuning, "rounds"),
+        steps_per_round=check_setting("Training steps per round", step_count, AdversarialFineTuning, "steps_per_round"),
+        triggers_per_image=check_setting("Triggers per image", trigger_count, AdversarialFineTuning,
+                                         "triggers_per_image"),
+        eval_seeds=check_setting("Evaluation seeds", seed_count, AdversarialFineTuning, "eval_seeds"),
+        dori=dict(steps=check_setting("Dori steps", search_steps, DoriSearch, "steps"),
+                  batch_size=check_setting("Dori batch", search_batch, DoriSearch, "batch_size")))
 
 
 def build_finetune_tab(context: AppContext) -> None:
@@ -129,18 +130,16 @@ def build_finetune_tab(context: AppContext) -> None:
                                    elem_id="finetune-targets", scale=3)
         with gr.Column(scale=2):
             with gr.Row():
-                rounds = gr.Number(DEFAULTS.rounds, label=f"Rounds (1–{LIMITS['rounds']})", precision=None, elem_id="finetune-rounds")
-                steps = gr.Number(DEFAULTS.steps_per_round, label=f"Training steps per round (1–{LIMITS['steps']})", precision=None,
-                                  elem_id="finetune-steps")
-                triggers = gr.Number(DEFAULTS.triggers_per_image, label=f"Triggers per image and round (1–{LIMITS['triggers']})", precision=None,
-                                     elem_id="finetune-triggers")
+                rounds = setting_field("Rounds ({range})", AdversarialFineTuning, "rounds", "finetune-rounds")
+                steps = setting_field("Training steps per round ({range})", AdversarialFineTuning, "steps_per_round",
+                                      "finetune-steps")
+                triggers = setting_field("Triggers per image and round ({range})", AdversarialFineTuning,
+                                         "triggers_per_image", "finetune-triggers")
             with gr.Row():
-                dori_steps = gr.Number(DEFAULTS.dori.steps, label=f"Dori steps (1–{LIMITS['dori_steps']})", precision=None,
-                                       elem_id="finetune-dori-steps")
-                dori_batch = gr.Number(DEFAULTS.dori.batch_size, label=f"Dori batch (1–{LIMITS['dori_batch']})", precision=None,
-                                       elem_id="finetune-dori-batch")
-                eval_seeds = gr.Number(DEFAULTS.eval_seeds, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=None,
-                                       elem_id="finetune-eval-seeds")
+                dori_steps = setting_field("Dori steps ({range})", DoriSearch, "steps", "finetune-dori-steps")
+                dori_batch = setting_field("Dori batch ({range})", DoriSearch, "batch_size", "finetune-dori-batch")
+                eval_seeds = setting_field("Evaluation seeds ({range})", AdversarialFineTuning, "eval_seeds",
+                                           "finetune-eval-seeds")
             with gr.Accordion("Training settings", open=False):
                 with gr.Row():
                     lr = gr.Number(DEFAULTS.lr, label="Learning rate", elem_id="finetune-lr")

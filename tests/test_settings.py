@@ -11,6 +11,7 @@ import pytest
 from analysis.cli import build_parser
 from analysis.dori import DoriSearch
 from analysis.dori_tasks import AttackSettings
+from analysis.finetune import AdversarialFineTuning
 from analysis.inside_tasks import DetectSettings
 from analysis.model import REPO_ROOT
 from analysis.replication_tasks import LocalizeSettings, ReplicateSettings, SweepSettings
@@ -47,6 +48,12 @@ APP_FIELDS = {
     "inside-seeds": (DetectSettings, "seeds", None),
     "inside-steps": (Sampling, "steps", "model"),
     "trigger-map-steps": (DoriSearch, "steps", None),
+    "finetune-rounds": (AdversarialFineTuning, "rounds", None),
+    "finetune-steps": (AdversarialFineTuning, "steps_per_round", None),
+    "finetune-triggers": (AdversarialFineTuning, "triggers_per_image", None),
+    "finetune-dori-steps": (DoriSearch, "steps", None),
+    "finetune-dori-batch": (DoriSearch, "batch_size", None),
+    "finetune-eval-seeds": (AdversarialFineTuning, "eval_seeds", None),
 }
 
 
@@ -104,3 +111,16 @@ def test_every_kind_has_a_settings_class_with_help():
     for kind, task in TASKS.items():
         assert defaults(task.settings), kind
         assert all(setting_of(task.settings, name).help for name in defaults(task.settings)), kind
+
+
+@pytest.mark.parametrize("parameters, message", [
+    (dict(rounds=0), "finetune rounds must be a whole number from 1 to"),
+    (dict(steps_per_round=10**9), "finetune steps_per_round must be a whole number from 1 to"),
+    (dict(dori=dict(lr=-1.0)), "finetune dori lr must be a number of at least 0"),
+])
+def test_fine_tuning_is_held_to_its_settings_before_it_starts(tiny_handle, tmp_path, parameters, message):
+    from analysis.tasks import run_task
+
+    with pytest.raises(ValueError, match=message):
+        run_task(tiny_handle, "finetune", dict(targets=[0], out_dir=str(tmp_path), parameters=parameters))
+    assert not any(tmp_path.iterdir())

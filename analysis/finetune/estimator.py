@@ -18,11 +18,13 @@ from analysis.finetune.saving import (CHECKPOINT_FILE, HISTORY_FILE, MODEL_SUBFO
                                       save_checkpoint, save_model_folder)
 from analysis.finetune.surrogate import mitigated_surrogate
 from analysis.finetune.training import denoising_loss, trainable_parameters
+from analysis.limits import MAX_FINETUNE_ROUNDS, MAX_FINETUNE_STEPS, MAX_SEEDS, MAX_STARTS
 from analysis.masks import Mask
 from analysis.memorized import MemorizedImage
 from analysis.model import ModelHandle
 from analysis.normal import GENERATED_PAIRS, MixedPairs, PairSource, default_pairs
 from analysis.sampling import DenoisingStep, encode_prompts
+from analysis.settings import real, whole
 
 
 @dataclass
@@ -102,11 +104,11 @@ class AdversarialFineTuning:
     ones); `eval_seeds`: generations per embedding in the evaluation.
     """
 
-    rounds: int = 6
-    triggers_per_image: int = 4
-    steps_per_round: int = 60
+    rounds: int = whole(6, "rounds of trigger search, training and evaluation", 1, MAX_FINETUNE_ROUNDS)
+    triggers_per_image: int = whole(4, "Dori triggers searched per image and round", 1, MAX_STARTS)
+    steps_per_round: int = whole(60, "training steps per round", 1, MAX_FINETUNE_STEPS)
     dori: DoriSearch = dataclasses.field(default_factory=DoriSearch)
-    lr: float = 1e-4
+    lr: float = real(1e-4, "the optimiser's learning rate", 0)
     optimizer: str = "adam"
     trainable: str | list[str] = "all"
     normal_batch: int = 16
@@ -120,7 +122,7 @@ class AdversarialFineTuning:
     surrogate: str | Mask | torch.Tensor = "mitigated"
     surrogate_seeds: int = 4
     eval_starts: int = 2
-    eval_seeds: int = 4
+    eval_seeds: int = whole(4, "generations per embedding in each round's evaluation", 1, MAX_SEEDS)
     seed: int = 0
 
     def get_params(self) -> dict:
