@@ -172,14 +172,15 @@ def build_replicate_tab(context: AppContext) -> None:
                       guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE), mitigation=mitigation)
         record = run_or_error(model, "replicate", config, inputs, state, report_to(progress))
         state.records[VIEW] = record
-        reference = None
+        images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
+        gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
+        yield {replicas: gallery, summary: replication_summary(record), noise_gap_plot: noise_gap_figure(record),
+               context.session: state}
+        # The reference band comes after the gallery: on a fresh install it is computed (and cached) first.
         if "noise_gap_per_step" in record.tensors:
             reference = run_or_error(model, "reference", dict(steps=step_count, guidance=config["guidance"]), {},
                                      state, report_to(progress))
-        images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
-        gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
-        return {replicas: gallery, summary: replication_summary(record),
-                noise_gap_plot: noise_gap_figure(record, reference), context.session: state}
+            yield {noise_gap_plot: noise_gap_figure(record, reference)}
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
              outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
