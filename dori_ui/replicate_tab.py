@@ -174,13 +174,15 @@ def build_replicate_tab(context: AppContext) -> None:
         state.records[VIEW] = record
         images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
         gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
-        yield {replicas: gallery, summary: replication_summary(record), noise_gap_plot: noise_gap_figure(record),
-               context.session: state}
-        # The reference band comes after the gallery: on a fresh install it is computed (and cached) first.
+        shown = {replicas: gallery, summary: replication_summary(record), noise_gap_plot: noise_gap_figure(record),
+                 context.session: state}
+        yield shown
+        # The reference band comes after the gallery: on a fresh install it is computed (and cached) first. The last
+        # output is whole, as an API client reads it.
         if "noise_gap_per_step" in record.tensors:
             reference = run_or_error(model, "reference", dict(steps=step_count, guidance=config["guidance"]), {},
                                      state, report_to(progress))
-            yield {noise_gap_plot: noise_gap_figure(record, reference)}
+            yield {**shown, noise_gap_plot: noise_gap_figure(record, reference)}
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
              outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
