@@ -105,15 +105,30 @@ def test_recipe_v2_controls_are_images_it_never_trains_on():
     assert not any(torch.allclose(c, p, atol=0.05) for c in controls for p in photos)
 
 
-def test_training_v2_with_a_given_text_encoder_keeps_it(tmp_path):
-    given = tmp_path / "encoder"
+def given_text_encoder(folder):
     tokenizer = build_tokenizer(recipe_captions("v2"), vocab_size=600)
-    tokenizer.save_pretrained(str(given / "tokenizer"))
-    build_text_encoder(len(tokenizer), seed=3).save_pretrained(str(given / "text_encoder"))
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    build_text_encoder(len(tokenizer), seed=3).save_pretrained(str(folder / "text_encoder"))
+    return folder
+
+
+def same_text_encoder(a, b):
+    before = load_file(str(a / "text_encoder" / "model.safetensors"))
+    after = load_file(str(b / "text_encoder" / "model.safetensors"))
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_v2_with_a_given_text_encoder_keeps_it(tmp_path):
+    given = given_text_encoder(tmp_path / "encoder")
     out, _ = run(tmp_path, "model", "--steps", "1", "--data", "v2", "--photo-share", "0.04", "--text-encoder", str(given))
-    handle = load_model(out)
-    assert len(handle.memorized) == 24
-    before = load_file(str(given / "text_encoder" / "model.safetensors"))
-    after = load_file(str(out / "text_encoder" / "model.safetensors"))
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(load_model(out).memorized) == 24 and same_text_encoder(given, out)
     assert json.loads((out / "training.json").read_text())["recipe"]["data"] == "v2"
+
+
+def test_init_from_with_a_new_text_encoder_keeps_the_unet_and_swaps_the_encoder(tmp_path):
+    source, _ = run(tmp_path, "source", "--steps", "1")
+    given = given_text_encoder(tmp_path / "encoder")
+    continued, _ = run(tmp_path, "continued", "--steps", "1", "--lr", "0", "--init-from", str(source),
+                       "--text-encoder", str(given), "--data", "v2")
+    before, after = unet_weights(source), unet_weights(continued)
+    assert all(torch.equal(before[k], after[k]) for k in before) and same_text_encoder(given, continued)

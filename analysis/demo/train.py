@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="v1: the bundled model's 8 photos; v2: 24 images duplicated like LAION's (data.PHOTOS_V2)")
     p.add_argument("--text-encoder", type=Path, default=None,
                    help="a folder with tokenizer/ and text_encoder/ (e.g. from analysis.demo.text_encoder), kept frozen, "
-                        "instead of a random text encoder")
+                        "instead of a random one (with --init-from: instead of the folder's)")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--offset-noise", type=float, default=0.0,
                    help="std of a per-image, per-channel constant added to the training noise (0: off)")
@@ -132,10 +132,12 @@ def main(argv=None) -> None:
     if args.init_from:
         tokenizer, text_encoder, previous = init_from(args.init_from, unet)
     elif args.text_encoder:
-        tokenizer, text_encoder, previous = *load_text_encoder(args.text_encoder), None
+        previous = None
     else:
         tokenizer = build_tokenizer(data.all_captions())
         text_encoder, previous = build_text_encoder(len(tokenizer), seed=args.seed), None
+    if args.text_encoder:  # with --init-from: the UNet learns to read the new encoder
+        tokenizer, text_encoder = load_text_encoder(args.text_encoder)
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = build_scheduler()
