@@ -43,5 +43,5 @@ def test_a_short_distillation_writes_a_standard_text_encoder_and_its_measures(tm
     model = CLIPTextModel.from_pretrained(str(tmp_path / "text_encoder"))
     assert model.config.hidden_size == 128 and len(tokenizer) == 600
     saved = json.loads((tmp_path / "distillation.json").read_text())
-    assert saved["held_out_captions"] == 10 and saved["train_captions"] == len(recipe_captions("v2")) + 50
+    assert saved["held_out_captions"] == 10 and len(recipe_captions("v2")) < saved["train_captions"] <= len(recipe_captions("v2")) + 50
     assert -1 <= record["held_out_cosine_mean"] <= 1 and 0 <= record["synonym_wins"] <= 1

@@ -132,3 +132,16 @@ def test_init_from_with_a_new_text_encoder_keeps_the_unet_and_swaps_the_encoder(
                        "--text-encoder", str(given), "--data", "v2")
     before, after = unet_weights(source), unet_weights(continued)
     assert all(torch.equal(before[k], after[k]) for k in before) and same_text_encoder(given, continued)
+
+
+def test_coco_share_gives_generic_images_ordinary_captions_but_never_the_held_out_ones():
+    from analysis.demo.data import coco_split
+
+    data = DemoDataset(photo_share=0.25, caption_dropout=0.1, recipe="v2", coco_share=1.0)
+    _, captions = data.sample(400)
+    trained, held_out = map(set, coco_split())
+    shapes = {s.caption for s in split_shape_specs()[0]}
+    assert not held_out & set(captions) and not shapes & set(captions)
+    kinds = ["photo" if c in data.photo_captions else "empty" if c == "" else "coco" if c in trained else "?"
+             for c in captions]
+    assert "?" not in kinds and kinds.count("photo") > 50 and kinds.count("empty") > 10 and kinds.count("coco") > 200

@@ -16,14 +16,19 @@ Images are float tensors `[3, 32, 32]` in [-1, 1].
 
 from __future__ import annotations
 
+import csv
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 RESOLUTION = 32
+COCO_CAPTIONS = Path(__file__).resolve().parents[2] / "assets" / "sd14_memorization" / "coco2014_val_10000.csv"
+COCO_HELD_OUT = 500  # the last COCO captions: never trained, by the text encoder or the UNet
 
 # scikit-image loader name -> caption. Captions use words of their own so that
 # each photo is triggered by its caption, not by the shape vocabulary.
@@ -131,6 +136,26 @@ CONTROLS_V2: list[Photo] = [
     Photo("grass", "a close up of grass", 0),
     Photo("gravel", "a close up of gravel", 0),
 ]
+
+
+def normalize(caption: str) -> str:
+    """Lower case, letters only: CLIP's and BERT's tokenizers then split a caption into the same words."""
+    return " ".join(re.findall("[a-z]+", caption.lower()))
+
+
+def coco_captions(limit: int | None = None) -> list[str]:
+    """The COCO 2014 validation captions of assets/sd14_memorization (CC BY 4.0), normalized."""
+    with open(COCO_CAPTIONS, newline="") as file:
+        captions = [normalize(row["Caption"]) for row in csv.DictReader(file, delimiter=";")]
+    return [c for c in captions if c][:limit]
+
+
+def coco_split(limit: int | None = None, held_out: int = COCO_HELD_OUT) -> tuple[list[str], list[str]]:
+    """(trained, held-out) COCO captions: the last `held_out`, and the others but for copies of those."""
+    captions = coco_captions(limit)
+    held = captions[-held_out:]
+    kept = set(held)
+    return [c for c in captions[:-held_out] if c not in kept], held
 
 
 def _skimage_array(loader: str) -> np.ndarray:
@@ -287,14 +312,16 @@ class DemoDataset:
     `photo_share` is the probability that a batch item is one of the photos;
     `caption_dropout` is the probability that a procedural item gets the empty
     caption (classifier-free guidance). `photo_weights` (one per photo, relative)
-    skews which photo a photo item is; uniform when None (recipe v2: its duplication weights). Photos always keep their caption: the
+    skews which photo a photo item is; uniform when None (recipe v2: its duplication weights). `coco_share` of the
+    captioned procedural items get a random COCO caption instead of their own, so that ordinary words lead to
+    generic images rather than to the nearest memorized caption's photo. Photos always keep their caption: the
     unconditional model is learned from the generic images only, as on web-scale
     data where duplicated images are a vanishing share of the whole. Without
     this, empty-prompt samples replicate photos (seen in the feasibility run).
     """
 
     def __init__(self, photo_share: float = 0.15, caption_dropout: float = 0.1, seed: int = 0,
-                 photo_weights: list[float] | None = None, recipe: str = "v1"):
+                 photo_weights: list[float] | None = None, recipe: str = "v1", coco_share: float = 0.0):
         self.photo_captions, self.photos = load_photos(recipe=recipe)
         if photo_weights is None and recipe != "v1":
             photo_weights = [p.weight for p in photo_set(recipe)]
@@ -303,6 +330,8 @@ class DemoDataset:
             raise ValueError(f"photo_weights needs {len(self.photos)} non-negative weights with a positive sum, "
                              f"got {photo_weights}")
         self.photo_weights = photo_weights
+        self.coco_share = coco_share
+        self.coco = coco_split()[0] if coco_share else []
         self.train_specs, self.held_out_specs = split_shape_specs()
         self.photo_share = photo_share
         self.caption_dropout = caption_dropout
@@ -324,6 +353,10 @@ class DemoDataset:
             self.photo_captions[p] if photo else ("" if drop else spec.caption)
             for photo, p, drop, spec in zip(is_photo.tolist(), photo_idx.tolist(), dropped.tolist(), specs)
         ]
+        if self.coco_share:  # ordinary words on generic images: they do not point to a photo
+            coco = (torch.rand(batch_size, generator=g) < self.coco_share) & ~is_photo & ~dropped
+            picks = torch.randint(len(self.coco), (batch_size,), generator=g).tolist()
+            captions = [self.coco[k] if c else caption for c, k, caption in zip(coco.tolist(), picks, captions)]
         return images, captions
 
     def all_captions(self) -> list[str]:

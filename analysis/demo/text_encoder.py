@@ -21,10 +21,8 @@ Writes OUT/tokenizer, OUT/text_encoder and OUT/distillation.json (the recipe and
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -33,9 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from analysis.demo.architecture import MAX_LENGTH, TEXT_WIDTH, build_text_encoder, build_tokenizer
-from analysis.demo.data import recipe_captions
+from analysis.demo.data import COCO_HELD_OUT, coco_split, recipe_captions
 
-COCO_CAPTIONS = Path(__file__).resolve().parents[2] / "assets" / "sd14_memorization" / "coco2014_val_10000.csv"
 NEIGHBOUR_QUERIES = ("a cat sleeping on a sofa", "a man riding a wave on a surfboard", "a plate of food with broccoli")
 # (anchor, the same with a synonym, the same with another word): a model that knows words puts the synonym nearer.
 SYNONYM_TRIPLETS = (
@@ -49,17 +46,6 @@ SYNONYM_TRIPLETS = (
     ("a large red circle on a white background", "a big red disc on a white background",
      "a large red cross on a white background"),
 )
-
-
-def normalize(caption: str) -> str:
-    """Lower case, letters only: both tokenizers then split a caption into the same words."""
-    return " ".join(re.findall("[a-z]+", caption.lower()))
-
-
-def coco_captions(limit: int | None = None) -> list[str]:
-    with open(COCO_CAPTIONS, newline="") as file:
-        captions = [normalize(row["Caption"]) for row in csv.DictReader(file, delimiter=";")]
-    return [c for c in captions if c][:limit]
 
 
 def load_teacher():
@@ -201,7 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--held-out", type=int, default=500, help="COCO captions kept out of training, for the measures")
+    p.add_argument("--held-out", type=int, default=COCO_HELD_OUT, help="COCO captions kept out of training, for the measures")
     p.add_argument("--coco", type=int, default=None, help="use only the first N COCO captions (tests)")
     p.add_argument("--data", default="v1", choices=["v1", "v2"], help="which demo data's captions join the corpus")
     p.add_argument("--seed", type=int, default=0)
@@ -213,8 +199,8 @@ def main(argv=None) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
     demo = recipe_captions(args.data)
-    coco = coco_captions(args.coco)
-    held_out, train_captions = coco[-args.held_out:], demo + coco[:-args.held_out]
+    coco, held_out = coco_split(args.coco, args.held_out)
+    train_captions = demo + coco
     print(f"{len(train_captions)} training captions ({len(demo)} demo), {len(held_out)} held out", flush=True)
     teacher_tokenizer, teacher = load_teacher()
     word_targets, sentences = teacher_states(train_captions, teacher_tokenizer, teacher)

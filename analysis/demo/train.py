@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-encoder", type=Path, default=None,
                    help="a folder with tokenizer/ and text_encoder/ (e.g. from analysis.demo.text_encoder), kept frozen, "
                         "instead of a random one (with --init-from: instead of the folder's)")
+    p.add_argument("--coco-share", type=float, default=0.0,
+                   help="share of captioned procedural items that get a random COCO caption instead (0: off)")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--offset-noise", type=float, default=0.0,
                    help="std of a per-image, per-channel constant added to the training noise (0: off)")
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     data = DemoDataset(photo_share=args.photo_share, caption_dropout=args.caption_dropout, seed=args.seed,
-                       photo_weights=args.photo_weights, recipe=args.data)
+                       photo_weights=args.photo_weights, recipe=args.data, coco_share=args.coco_share)
     unet = build_unet(seed=args.seed).to(device).train()
     if args.init_from:
         tokenizer, text_encoder, previous = init_from(args.init_from, unet)
