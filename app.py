@@ -16,6 +16,7 @@ import torch
 from analysis.limits import MAX_RUN_SECONDS, MAX_UPLOAD_BYTES
 from analysis.metrics import SSCD_THRESHOLD
 from analysis.model import ModelLoadError, open_model
+from analysis.projection import warm_up_in_background
 from dori_ui.app import build_app, launch_options
 
 
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    warm_up_in_background()  # the first UMAP map would otherwise wait for numba to compile
     try:
         handle = open_model(args.model[0] if args.model else None, device=args.device, dtype=args.dtype,
                             memorized=args.memorized, reference_prompts=args.reference_prompts, sscd=args.sscd,

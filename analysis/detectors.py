@@ -1,11 +1,11 @@
 """Memorization detectors read off one generation, and their distribution over a model's reference prompts.
 
 * "noise_gap": Wen et al. (2024), ‖ε(x_T, y) − ε(x_T, ∅)‖₂ at the first step (`SampleResult.wen_first_step`).
-* "attention_entropy": Ren et al. (2024, renjie3/MemAttn): the entropy −Σᵢ āᵢ log āᵢ of the attention
-  over tokens (āᵢ: token i's cross-attention averaged over pixels, heads and every layer), averaged over the
-  last fifth of the steps (their steps 40–49 of 50). Their detector also adds the change of the end and
-  padding tokens' entropy since the first step; it needs the end token's position, which a trigger lacks,
-  so only the entropy term is computed here, for prompts and embeddings alike.
+* "attention_entropy": Ren et al.'s (2024, renjie3/MemAttn) detector D: the entropy E = −Σᵢ āᵢ log āᵢ of the
+  attention over tokens (āᵢ: token i's cross-attention averaged over pixels, heads and every layer), averaged
+  over the last fifth of the steps (their steps 40–49 of 50), plus how much the end and padding tokens' part of
+  that sum, −Σ_{i ≥ end} āᵢ log āᵢ, grew from the first step to those steps. An embedding has no end token: its
+  last position stands in, as for the bright ending.
 * "bright_ending": Chen et al. (2025): the attention to the end token at the last step, averaged over pixels,
   heads and layers (`analysis.attention.end_token_index`: an embedding's last position stands in).
 
@@ -30,6 +30,8 @@ from analysis.model import ModelHandle
 from analysis.sampling import DenoisingStep, noise_gap
 
 DETECTORS = ("noise_gap", "attention_entropy", "bright_ending")
+# In the reference cache's key: a cached distribution of an older definition of a score is computed again.
+DETECTOR_DEFINITIONS = "ren-D-with-padding"
 # Beside the scores: Wen et al.'s gap at every step, `[n, steps]` (the curve the Replicate view plots).
 NOISE_GAP_PER_STEP = "noise_gap_per_step"
 # The seeds every reference distribution is computed with, whatever a run's seeds: one distribution per model.
@@ -64,12 +66,16 @@ def detector_scores(handle: ModelHandle, conditioning: list[str] | torch.Tensor,
     result, capture = capture_attention(handle, conditioning, seeds, steps, guidance, kept_steps=(), callback=record)
     items = len(conditioning)
     means = torch.stack(capture.token_means).double()  # [steps, rows, tokens]
-    entropy = -(means * means.clamp_min(1e-30).log()).sum(dim=-1)  # [steps, rows]
     prompts = conditioning if isinstance(conditioning, list) else [None] * items
     ends = torch.tensor([end_token_index(handle, prompt) for prompt in prompts]).repeat_interleave(len(seeds))
+    terms = -(means * means.clamp_min(1e-30).log())  # [steps, rows, tokens]
+    padding = torch.arange(means.shape[-1])[None, :] >= ends[:, None]  # [rows, tokens]: the end token and after
+    padding_entropy = (terms * padding).sum(dim=-1)  # [steps, rows]
+    late = entropy_steps(steps)
     last = means[-1]
     per_row = dict(noise_gap=result.wen_first_step.double(),
-                   attention_entropy=entropy[entropy_steps(steps)].mean(dim=0),
+                   attention_entropy=terms.sum(dim=-1)[late].mean(dim=0) + padding_entropy[late].mean(dim=0)
+                   - padding_entropy[0],
                    bright_ending=last[torch.arange(len(last)), ends])
     scores = {name: values.view(items, len(seeds)).mean(dim=1) for name, values in per_row.items()}
     scores[NOISE_GAP_PER_STEP] = torch.stack(gaps, dim=1).double().view(items, len(seeds), steps).mean(dim=1)
@@ -92,7 +98,7 @@ def reference_scores(handle: ModelHandle, steps: int, guidance: float, seeds: Se
     model's (a mitigation applied with hooks changes no weight and so no key: compute with `cache_dir=None`).
     """
     prompts = reference_prompts(handle)
-    key = cache_key("detectors", handle.name, str(handle.dtype),
+    key = cache_key("detectors", DETECTOR_DEFINITIONS, handle.name, str(handle.dtype),
                     weights_checksum([*handle.unet.parameters(), *handle.text_encoder.parameters()]),
                     prompts, [int(s) for s in seeds], steps, guidance)
 

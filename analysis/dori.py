@@ -9,7 +9,7 @@ docs/methods.md §6. The search optimises `y_adv`, the text encoder's output
 
 with a fresh batch of (ε, t) at every step, t uniform over the scheduler's
 training timesteps (0..T−1 in diffusers' numbering, the paper's 1..T), Adam,
-lr 0.1, 50 steps, batch 8. Several starts are optimised together in one UNet
+with `DoriSearch`'s learning rate, steps and batch. Several starts are optimised together in one UNet
 call (starts × batch rows); the loss is the sum of each start's own mean, so
 each start's gradient, and with Adam its whole trajectory, is independent of
 the others. Start i draws its (ε, t) from a generator seeded `seed + i`, so a
@@ -30,10 +30,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from analysis.limits import MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED
 from analysis.metrics import ReplicationResult
 from analysis.model import ModelHandle
 from analysis.sampling import (DenoisingStep, encode_prompts, noise_generators, predict_noise, sample,
                                training_target)
+from analysis.settings import real, setting, whole
 
 
 @dataclass(eq=False)
@@ -152,12 +154,13 @@ class DoriSearch:
     dtype; only the UNet's inputs are cast to it (fp16/bf16 on a GPU).
     """
 
-    lr: float = 0.1
-    steps: int = 50
-    batch_size: int = 8
-    tokens: str | list[int] = "all"
-    seed: int = 0
-    gradient_checkpointing: bool = False
+    lr: float = real(0.1, "Adam's learning rate", 0)
+    steps: int = whole(50, "search steps", 1, MAX_SEARCH_STEPS)
+    batch_size: int = whole(8, "(noise, timestep) pairs per start and step", 1, MAX_SEARCH_BATCH)
+    tokens: str | list[int] = setting("all", '"all" or the token positions (0..76) that move')
+    seed: int = whole(0, "start i draws its (noise, timestep) pairs from seed + i", 0, MAX_SEED)
+    gradient_checkpointing: bool = setting(False, "recompute the UNet's activations in the backward pass: "
+                                                  "less memory, slower")
 
     def fit(self, handle: ModelHandle, target_image: torch.Tensor, starts: Sequence[Start], prompt: str | None = None,
             callback: Callable[[DoriStep], None] | None = None) -> DoriResult:

@@ -16,17 +16,22 @@ reference distributions are the unmitigated model's, cached per weights (`analys
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from analysis.attention import attention_maps, overlay
 from analysis.detectors import (DETECTORS, NOISE_GAP_PER_STEP, REFERENCE_SEEDS, detector_scores, percentile,
                                 reference_scores, summary)
 from analysis.export import RunRecord
+from analysis.limits import MAX_SEED
 from analysis.model import ModelHandle
 from analysis.replicate import training_images
 from analysis.progress import Callback
-from analysis.task_settings import (DEFAULT_SEEDS, embeddings_input, fill, mitigated, mitigation_config,
-                                    sampling_settings, seed_list, target_settings, whole_number)
+from analysis.settings import (DEFAULT_SEEDS, Mitigated, Sampling, Target, check, seeds_setting, setting, whole,
+                               whole_number)
+from analysis.task_settings import (embeddings_input, mitigated, mitigation_config, sampling_settings,
+                                    target_settings)
 from analysis.timeline import denoising_timeline
 
 EMBEDDING = "embedding"
@@ -43,21 +48,35 @@ def _conditioning(handle: ModelHandle, inputs: dict, prompt: str) -> tuple[str |
     return embedding[0].to(handle.dtype), "embedding"
 
 
-def _one_seed_config(kind: str, handle: ModelHandle, config: dict, inputs: dict,
-                     extra: dict) -> tuple[dict, str, torch.Tensor | None]:
-    """`config` checked and filled for a one-seed kind: target, seed, steps, guidance, mitigation and `extra`."""
-    config = fill(kind, dict(image=None, prompt=None, seed=0, steps=None, guidance=None, mitigation=None, **extra),
-                   config)
+@dataclass
+class TimelineSettings(Mitigated, Sampling, Target):
+    seed: int = whole(0, "the seed generated", 0, MAX_SEED)
+
+
+@dataclass
+class AttentionSettings(TimelineSettings):
+    layers: list[str] | None = setting(None, "cross-attention layers by hook point (null: all)")
+    denoising_steps: list[int] | None = setting(None, "step indices summed (null: all)")
+    keep_step_maps: bool = setting(False, "also keep every chosen step's maps")
+
+
+@dataclass
+class DetectSettings(Mitigated, Sampling, Target):
+    seeds: list[int] = seeds_setting(DEFAULT_SEEDS, "seeds the detectors average over")
+
+
+def _one_seed_config(handle: ModelHandle, config: dict, inputs: dict,
+                     extra: tuple[str, ...] = ()) -> tuple[dict, str, torch.Tensor | None]:
+    """`config` checked for a one-seed kind: target, seed, steps, guidance, mitigation and the `extra` settings."""
     target, prompt, image = target_settings(handle, config, inputs, need_image=False)
-    filled = dict(**target, seed=whole_number("seed", config["seed"]), **sampling_settings(handle, config),
+    filled = dict(**target, seed=check(TimelineSettings, "seed", config["seed"]), **sampling_settings(handle, config),
                   mitigation=mitigation_config(config["mitigation"], inputs),
                   **{key: config[key] for key in extra})
     return filled, prompt, image
 
 
 def _run_attention(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    filled, prompt, _ = _one_seed_config("attention", handle, config, inputs,
-                                         dict(layers=None, denoising_steps=None, keep_step_maps=False))
+    filled, prompt, _ = _one_seed_config(handle, config, inputs, ("layers", "denoising_steps", "keep_step_maps"))
     for key in ("layers", "denoising_steps"):
         if filled[key] is not None and not isinstance(filled[key], list):
             raise ValueError(f"{key} must be a list (or null: all), got {filled[key]!r}")
@@ -85,7 +104,7 @@ def _run_attention(handle: ModelHandle, config: dict, inputs: dict, callback: Ca
 
 
 def _run_timeline(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    filled, prompt, image = _one_seed_config("timeline", handle, config, inputs, {})
+    filled, prompt, image = _one_seed_config(handle, config, inputs)
     conditioning, what = _conditioning(handle, inputs, prompt)
     target = image if image is not None else (training_images(handle) if handle.memorized else None)
     record = RunRecord("timeline", handle.name, filled)
@@ -118,10 +137,8 @@ def _reference(handle: ModelHandle, record: RunRecord, steps: int, guidance: flo
 
 
 def _run_detect(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    config = fill("detect", dict(image=None, prompt=None, seeds=DEFAULT_SEEDS, steps=None, guidance=None,
-                                  mitigation=None), config)
     target, prompt, _ = target_settings(handle, config, inputs, need_image=False)
-    filled = dict(**target, seeds=seed_list("seeds", config["seeds"]), **sampling_settings(handle, config),
+    filled = dict(**target, seeds=check(DetectSettings, "seeds", config["seeds"]), **sampling_settings(handle, config),
                   mitigation=mitigation_config(config["mitigation"], inputs))
     conditioning, what = _conditioning(handle, inputs, prompt)
     record = RunRecord("detect", handle.name, filled)
@@ -140,11 +157,12 @@ def _run_detect(handle: ModelHandle, config: dict, inputs: dict, callback: Callb
 
 
 def _run_reference(handle: ModelHandle, config: dict, inputs: dict, callback: Callback | None) -> RunRecord:
-    filled = sampling_settings(handle, fill("reference", dict(steps=None, guidance=None), config))
+    filled = sampling_settings(handle, config)
     record = RunRecord("reference", handle.name, filled)
     _reference(handle, record, filled["steps"], filled["guidance"], callback)
     return record
 
 
-# What `analysis.tasks.TASKS` runs for the Inside view.
-INSIDE_TASKS = dict(attention=_run_attention, timeline=_run_timeline, detect=_run_detect, reference=_run_reference)
+# What `analysis.tasks.TASKS` runs for the Inside view: each kind's settings class and runner.
+INSIDE_TASKS = dict(attention=(AttentionSettings, _run_attention), timeline=(TimelineSettings, _run_timeline),
+                    detect=(DetectSettings, _run_detect), reference=(Sampling, _run_reference))

@@ -9,13 +9,15 @@ a `Mask` holds a bool tensor, True where a unit is removed:
 
 A file is safetensors: one bool tensor per layer, and the metadata (method,
 prompt, model name, parameters, layer order) as JSON under the key "mask".
+
+`generate` samples at the model's default settings, under a mask when given.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from safetensors.torch import save_file
 
 from analysis.hooks import hooked, resolve_layers, zero_outputs
 from analysis.model import ModelHandle
+from analysis.sampling import DenoisingStep, sample
 
 METADATA_KEY = "mask"
 
@@ -104,3 +107,13 @@ def iou(a: Mask, b: Mask) -> dict[str, float | None]:
         union = int((first | second).sum())
         result[name] = None if union == 0 else int((first & second).sum()) / union
     return result
+
+
+def generate(handle: ModelHandle, prompts: list[str] | torch.Tensor, seeds: Sequence[int], mask: Mask | None = None,
+             callback: Callable[[DenoisingStep], None] | None = None) -> torch.Tensor:
+    """`sample` at the model's default settings, under `mask` when given: images `[items * seeds, 3, H, W]`."""
+    if mask is None:
+        return sample(handle, prompts, seeds, steps=handle.default_steps, guidance=handle.default_guidance,
+                      callback=callback).images
+    with mask.applied(handle):
+        return generate(handle, prompts, seeds, callback=callback)

@@ -125,6 +125,11 @@ def similarity_matrix(generated: torch.Tensor, references: torch.Tensor) -> torc
     return standardise(generated) @ standardise(references).T
 
 
+def paired_similarity(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean pixel correlation of each image of `before` with its counterpart in `after`: 1 = unchanged."""
+    return similarity_matrix(before, after).diag().mean().item()
+
+
 class SSCD:
     """SSCD copy-detection similarity (Pizzi et al. 2022): cosine similarity of its descriptors.
 

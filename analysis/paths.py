@@ -1,5 +1,9 @@
-"""Where the repository's own files are: the bundled model, the shipped lists and caches live under it."""
+"""Where the repository's own files are (the bundled model, the shipped lists) and where runs and caches go."""
 
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Caches, built trigger sets and fine-tuned models. DORI_RUNS_DIR moves them, e.g. off a read-only install, or to an
+# empty folder to time a fresh install.
+RUNS_DIR = Path(os.environ.get("DORI_RUNS_DIR", REPO_ROOT / "runs"))

@@ -19,16 +19,21 @@ the points and returns the points' coordinates; the reference moves too, and
 says which case applies.
 
 Fitted UMAP and PCA models are cached on disk under a key of the data's hash
-and the parameters: fitting UMAP takes seconds, and its first call in a
-process compiles numba code for tens of seconds more, which `warm_up()` does
-ahead of time.
+and the parameters. UMAP's numba code is compiled once per machine and kept in
+numba's on-disk cache (`import_umap`), so later processes load it instead of
+compiling again; `warm_up()` compiles it ahead of the first map.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import subprocess
+import sys
+import threading
+from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 
@@ -37,10 +42,10 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from analysis.model import REPO_ROOT
+from analysis.paths import REPO_ROOT, RUNS_DIR
 
 METHODS = ("umap", "pca", "tsne")
-DEFAULT_CACHE_DIR = REPO_ROOT / "runs" / "projection_cache"
+DEFAULT_CACHE_DIR = RUNS_DIR / "projection_cache"
 
 
 def flatten_embeddings(embeddings: torch.Tensor | np.ndarray, tokens: str | list[int] = "all") -> np.ndarray:
@@ -92,6 +97,8 @@ class Projection:
         if self.method == "tsne":
             self.reference_xy_ = self._tsne(vectors)
             return self
+        if self.method == "umap":
+            import_umap()  # before a cached model is unpickled too: its transform runs the same compiled code
         path = self._cache_path(vectors)
         if path is not None and path.is_file():
             # pickle runs code on load: cache_dir must only hold files this class wrote.
@@ -135,9 +142,8 @@ class Projection:
     def _new_model(self):
         if self.method == "pca":
             return PCA(n_components=2, random_state=self.seed)
-        import umap  # imported here: the import alone takes seconds, and PCA and t-SNE do not need it
-        return umap.UMAP(n_components=2, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
-                         random_state=self.seed, transform_seed=self.seed)
+        return import_umap().UMAP(n_components=2, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
+                         random_state=self.seed, transform_seed=self.seed, n_jobs=1)  # a seed makes it serial anyway
 
     def _tsne(self, vectors: np.ndarray) -> np.ndarray:
         tsne = TSNE(n_components=2, perplexity=self.perplexity, init="pca", random_state=self.seed)
@@ -154,8 +160,42 @@ class Projection:
         return Path(self.cache_dir) / f"{self.method}-{digest.hexdigest()[:16]}.pkl"
 
 
+@cache
+def import_umap():
+    """The `umap` module, with numba's on-disk cache switched on for every compiled function of umap-learn and
+    pynndescent that does not ask for it itself.
+
+    Imported on first use: the import alone takes seconds, and PCA and t-SNE do not need it. Without the cache,
+    every process compiled the fitting code again before its first map (docs/results/bench_startup.md).
+    """
+    import numba
+    import umap
+    from numba.core.caching import NullCache
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("umap", "pynndescent"):
+            for function in vars(module).values():
+                if isinstance(function, numba.core.registry.CPUDispatcher) and isinstance(function._cache, NullCache):
+                    function.enable_caching()
+    return umap
+
+
 def warm_up() -> None:
     """Compile UMAP's numba code (fit and transform) on a tiny input, so that the first real map does not wait."""
     vectors = np.random.default_rng(0).normal(size=(12, 4, 2))
     projection = Projection("umap", n_neighbors=5, cache_dir=None).fit(vectors)
     projection.transform(vectors[:1])
+
+
+def warm_up_in_background() -> subprocess.Popen:
+    """`warm_up()` in a separate, low-priority process: it fills numba's on-disk cache for this process's first map
+    without holding this process's interpreter lock (compiling is mostly Python) while the app starts serving."""
+    lower_priority = (lambda: os.nice(10)) if os.name == "posix" else None
+    process = subprocess.Popen([sys.executable, "-m", "analysis.projection"], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lower_priority)
+    threading.Thread(target=process.wait, name="umap-warm-up", daemon=True).start()  # reaps it when it ends
+    return process
+
+
+if __name__ == "__main__":
+    warm_up()

@@ -31,8 +31,7 @@ def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | Non
     ZIP never makes this open a file or folder or contact the network; a rerun
     loaded with other data than the export's is refused by `run_task`. A
     configuration that writes files (`out_dir`) runs only inside the caller's
-    `out_dir`: a relative path is taken inside it, an absolute one must lie
-    inside it. The configuration meets the same limits as every `run_task`
+    `out_dir` (`output_folder`). The configuration meets the same limits as every `run_task`
     call (`analysis.limits`).
 
     Returns (recorded, reproduced); `compare_metrics` tells whether the numbers agree.
@@ -46,7 +45,7 @@ def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | Non
                          "(`dori rerun ZIP --model FOLDER_OR_HUB_ID`): an export never chooses what is loaded")
     config = dict(recorded.config)
     if "out_dir" in config:
-        config["out_dir"] = str(_inside(config["out_dir"], out_dir))
+        config["out_dir"] = str(output_folder(config["out_dir"], out_dir))
     recorded_metric = config.get("replication") or {}
     if sscd is not None and sscd_threshold is None and recorded_metric.get("metric") == "SSCD":
         sscd_threshold = recorded_metric.get("threshold")  # a number, not a path: taken from the export
@@ -57,8 +56,12 @@ def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | Non
     return recorded, reproduced
 
 
-def _inside(recorded: object, folder: str | Path | None) -> Path:
-    """The recorded output folder, resolved inside the caller's `folder`; ValueError if it lies outside."""
+def output_folder(recorded: object, folder: str | Path | None) -> Path:
+    """Where a rerun writes what the export wrote to `recorded`: inside the caller's `folder`, always.
+
+    A relative `recorded` is taken inside `folder` (ValueError if it climbs out); an absolute one that lies
+    elsewhere (an app's run folder on the machine that made the export) becomes a folder of the same name in it.
+    """
     if not isinstance(recorded, str) or not recorded:
         raise ValueError(f"the export's out_dir must name a folder, got {recorded!r}")
     if folder is None:
@@ -66,6 +69,8 @@ def _inside(recorded: object, folder: str | Path | None) -> Path:
                          "a rerun writes only inside a folder you name")
     root = Path(folder).expanduser().resolve()
     target = (root / recorded).resolve()  # an absolute `recorded` stays itself
+    if Path(recorded).is_absolute() and not target.is_relative_to(root) and Path(recorded).name:
+        target = root / Path(recorded).name
     if not target.is_relative_to(root):
         raise ValueError(f"the export writes to {recorded!r}, outside the folder you gave ({root})")
     return target

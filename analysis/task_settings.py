@@ -1,42 +1,61 @@
-"""A task's settings: checking a configuration against its kind's defaults and the request limits, and the
-mitigation masks a configuration names. `analysis.tasks` (the kinds of the engine) and `analysis.inside_tasks`
-(the Inside view's kinds) build their records on these.
+"""What the task runners share: the estimators a configuration names, request limits over a whole configuration,
+sampling and target settings, and the mitigation masks a configuration names. `analysis.tasks` (the kinds of the
+engine) and `analysis.inside_tasks` (the Inside view's kinds) build their records on these.
 
-Every function raises ValueError naming the bad value; `fill` returns the
-defaults updated with what was given, refusing unknown settings.
+Every function raises ValueError naming the bad value.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion
 from analysis.export import RunRecord
-from analysis.limits import (MAX_DENOISING_STEPS, MAX_LIST, MAX_PROMPT_CHARS, MAX_SEARCH_BATCH,
-                             MAX_SEED, MAX_SEEDS, MAX_STARTS)
-from analysis.localize.nemo import NeMo
-from analysis.localize.wanda import Wanda
+from analysis.limits import (MAX_DENOISING_STEPS, MAX_LIST, MAX_PROMPT_CHARS, MAX_SEARCH_BATCH, MAX_SEED,
+                             MAX_SEEDS, MAX_STARTS)
+from analysis.localize import nemo, wanda
 from analysis.masks import Mask
 from analysis.model import ModelHandle
 from analysis.progress import Callback, report
 from analysis.projection import Projection
+from analysis.settings import Sampling, as_json, check, fill, seed_list, shown, whole_number
 
 BUNDLED_MODEL_NAME = "bundled demo model"  # what `load_model(None)` names the bundled model
 MASK_PREFIX = "mask."
-DEFAULT_SEEDS = [0, 1, 2, 3]
-LOCALIZERS = {"nemo": NeMo, "wanda": Wanda}
-ATTRIBUTIONS = {"gradient_norm": GradientNorm, "integrated_gradients": IntegratedGradients, "occlusion": Occlusion}
-# Constructor arguments that change how a run goes, not what it finds: never part of a configuration.
-RUNTIME_ARGUMENTS = {"self", "cache_dir", "batch_size"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """An estimator a configuration names, and the constructor arguments a configuration sets (its `parameters`;
+    their defaults are the estimator's own). Arguments that change how a run goes, not what it finds (a cache
+    folder, a batch size), are not among them."""
+
+    estimator: type
+    parameters: tuple[str, ...]
+    default_seeds: tuple[int, ...] = ()  # a localizer's `fit` seeds
+
+    def defaults(self) -> dict:
+        instance = self.estimator()
+        return as_json({name: getattr(instance, name) for name in self.parameters})
+
+
+LOCALIZERS = {
+    "nemo": Method(nemo.NeMo, ("reference_prompts", "settings", "layers", "threshold", "calibration_seeds", "steps",
+                               "step_index", "advance_latents", "window", "threshold_guidance", "scales",
+                               "theta_start", "theta_step", "theta_min", "refine"), nemo.DEFAULT_SEEDS),
+    "wanda": Method(wanda.Wanda, ("reference_prompts", "sparsity", "layers", "record_steps", "steps"),
+                    wanda.DEFAULT_SEEDS),
+}
+ATTRIBUTIONS = {"gradient_norm": Method(GradientNorm, ("seeds",)),
+                "integrated_gradients": Method(IntegratedGradients, ("seeds", "n_steps", "internal_batch_size")),
+                "occlusion": Method(Occlusion, ("seeds",))}
 # Projection settings beside its method ("trigger_map" has `method` and `parameters`, as a localizer does).
-PROJECTION_PARAMETERS = {name: p.default for name, p in inspect.signature(Projection).parameters.items()
-                         if name not in RUNTIME_ARGUMENTS | {"method"}}
+PROJECTION = Method(Projection, ("tokens", "n_neighbors", "min_dist", "perplexity", "seed"))
 START_KINDS = ("random", "prompt", "embedding")
 # UNet rows per call when NeMo and Wanda run their reference prompts × seeds (500 × 10 with SD v1.4's fallback
 # list): one call for all of them would not fit a GPU's memory with SD's UNet.
@@ -45,47 +64,6 @@ LOCALIZER_BATCH_ROWS = 64
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checking a configuration
-
-
-def as_json(value):
-    """As the value reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(value))
-
-
-def fill(what: str, defaults: dict, given: dict | None) -> dict:
-    if given is None:
-        given = {}
-    if not isinstance(given, dict):
-        raise ValueError(f"the {what} configuration must be a JSON object, got {given!r}")
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **given}
-
-
-def whole_number(name: str, value, low: int = 0, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
-    return value
-
-
-def number(name: str, value, low: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (low is not None and value < low):
-        raise ValueError(f"{name} must be a number{f' of at least {low}' if low is not None else ''}, got {value!r}")
-    return float(value)
-
-
-def seed_list(name: str, value) -> list[int]:
-    if not isinstance(value, list) or not value or len(value) > MAX_SEEDS:
-        raise ValueError(f"{name} must be a list of 1 to {MAX_SEEDS} seeds, got {shown(value)}")
-    return [whole_number(f"a seed in {name}", seed, 0, MAX_SEED) for seed in value]
-
-
-def shown(value) -> str:
-    """`value` for an error message, cut short (a configuration may come from an untrusted export)."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 # Settings checked by name wherever they appear in a configuration (top level or inside `parameters`, `search`,
@@ -121,20 +99,19 @@ def check_limits(value, name: str = "configuration", depth: int = 0) -> None:
         raise ValueError(f"{name} must be a whole number from 0 to {MAX_SEED}, got {value}")
 
 
-def method_parameters(what: str, algorithms: dict[str, type], config: dict) -> dict:
-    """`{"method", "parameters"}` with every constructor parameter of the chosen algorithm filled in."""
+def method_parameters(what: str, methods: dict[str, Method], config: dict) -> dict:
+    """`{"method", "parameters"}` with every parameter of the chosen method filled in."""
     method = config.get("method")
-    if method not in algorithms:
-        raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(algorithms)}")
-    signature = inspect.signature(algorithms[method].__init__)
-    defaults = {name: p.default for name, p in signature.parameters.items() if name not in RUNTIME_ARGUMENTS}
-    return dict(method=method, parameters=as_json(fill(f"{method} parameter", defaults, config.get("parameters"))))
+    if method not in methods:
+        raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(methods)}")
+    return dict(method=method, parameters=as_json(fill(f"{method} parameter", methods[method].defaults(),
+                                                       config.get("parameters"))))
 
 
 def sampling_settings(handle: ModelHandle, config: dict) -> dict:
     steps = handle.default_steps if config["steps"] is None else config["steps"]
     guidance = handle.default_guidance if config["guidance"] is None else config["guidance"]
-    return dict(steps=whole_number("steps", steps, 1, 1000), guidance=number("guidance", guidance))
+    return dict(steps=check(Sampling, "steps", steps), guidance=check(Sampling, "guidance", guidance))
 
 
 def target_settings(handle: ModelHandle, config: dict, inputs: dict[str, torch.Tensor],
@@ -227,7 +204,7 @@ def fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback 
     # The reference statistics are the long part of a first run; the localizer caches them on disk by the weights.
     report(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
                                           "(computed once per model, then read from runs/localize_cache)")
-    localizer = LOCALIZERS[config["method"]](**config["parameters"], batch_size=LOCALIZER_BATCH_ROWS)
+    localizer = LOCALIZERS[config["method"]].estimator(**config["parameters"], batch_size=LOCALIZER_BATCH_ROWS)
     return localizer.fit(handle, prompt, config["seeds"], callback=callback).mask_
 
 
@@ -239,7 +216,7 @@ def localizer_config(method_config: dict | None, default_method: str = "nemo") -
                                 or not all(isinstance(p, str) and p.strip() for p in prompts)):
         raise ValueError(f"reference_prompts must be null (the model's held-out prompts) or a non-empty list of "
                          f"prompts, got {prompts!r}")
-    default_seeds = list(inspect.signature(LOCALIZERS[filled["method"]].fit).parameters["seeds"].default)
+    default_seeds = list(LOCALIZERS[filled["method"]].default_seeds)
     filled["seeds"] = seed_list("localize seeds", default_seeds if config["seeds"] is None else config["seeds"])
     return filled
 

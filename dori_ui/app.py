@@ -119,7 +119,8 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
             # set chosen for the previous model gives way to the new model's own.
             state.model, state.mask, state.records, state.attributions = chosen.name, None, {}, {}
             state.memorized_set = None
-            return state, describe_model(chosen, state), gr.update(choices=models.names(), value=chosen.name)
+            return {session: state, header: describe_model(chosen, state),
+                    choice: gr.update(choices=models.names(), value=chosen.name)}
 
         def switch_memorized(folder: str | None, state: Session):
             if folder is not None and not isinstance(folder, str):
@@ -135,16 +136,13 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                 raise
             # Records and attributions name images of the previous set by index.
             state.records, state.attributions = {}, {}
-            return state, describe_model(chosen, state)
+            return {session: state, header: describe_model(chosen, state)}
 
-        event = on_model(switch.click, switch_model, context, inputs=[choice, session],
-                         outputs=[session, header, choice], api_name="switch_model")
-        for view, (refresh, outputs) in context.on_model_change.items():
-            event = event.success(refresh, inputs=session, outputs=outputs, api_name=f"refresh_{view}")
-        event = on_model(memorized_switch.click, switch_memorized, context, inputs=[memorized_choice, session],
-                         outputs=[session, header], api_name="switch_memorized")
-        for view, (refresh, outputs) in context.on_model_change.items():
-            event = event.success(refresh, inputs=session, outputs=outputs, api_name=False)
+        context.refresh_views(on_model(switch.click, switch_model, context, inputs=[choice, session],
+                                       outputs=[session, header, choice], api_name="switch_model"), endpoints=True)
+        context.refresh_views(on_model(memorized_switch.click, switch_memorized, context,
+                                       inputs=[memorized_choice, session], outputs=[session, header],
+                                       api_name="switch_memorized"))
     app.queue(max_size=QUEUE_SIZE)
     return app
 

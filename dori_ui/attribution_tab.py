@@ -124,7 +124,8 @@ def build_attribution_tab(context: AppContext) -> None:
         if state.mask is not None:
             summary_text += ("\n\nThe session's mitigation is not applied here: the score explained is the model's "
                              "own, without the mask.")
-        return highlighted_words(record), summary_text, comparison_figure(compared), state
+        return {words: highlighted_words(record), summary: summary_text, plot: comparison_figure(compared),
+                context.session: state}
 
     on_model(run_button.click, run, context, inputs=[prompt, method, n_seeds, ig_steps, context.session],
              outputs=[words, summary, plot, context.session], api_name="attribute")

@@ -16,22 +16,23 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
+from analysis.dori import DoriSearch
 from analysis.export import RunRecord
 from analysis.images import to_display
 from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
 from analysis.localize import cache_key, weights_checksum
-from analysis.model import REPO_ROOT, ModelHandle
+from analysis.model import ModelHandle
+from analysis.paths import RUNS_DIR
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_number, check_whole_number, describe_model,
-                             session_handle, use_finetuned)
-from dori_ui.streaming import Stopped, on_model, request_stop, run_and_stop_buttons, run_or_error, stream_task
+from dori_ui.session import (AppContext, Session, check_number, check_setting, describe_model, session_handle,
+                             setting_field, use_finetuned)
+from dori_ui.streaming import Stopped, on_model, on_stop, run_and_stop_buttons, run_or_error, stream_task
 
 VIEW = "finetune"
 # One folder per model and settings: a rerun with the same settings resumes the checkpoint there.
-RUNS = REPO_ROOT / "runs" / "finetune"
+RUNS = RUNS_DIR / "finetune"
 SIDE_EFFECT_COLUMNS = ["outside the targets", "caption or prompt", "before → after"]
 DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
-LIMITS = dict(rounds=10, steps=500, triggers=16, dori_steps=500, dori_batch=64, eval_seeds=16)
 MAX_LR = 1e-2  # far above any rate that keeps the model; a typo guard
 TRAINABLE = {"the whole UNet (the paper's)": "all", "attention layers": "attn", "cross-attention only": "attn2"}
 UTILITY_LOSSES = {"the model's default (latent: distillation; pixel: L_DM)": None,
@@ -101,6 +102,23 @@ def round_rows(record: RunRecord) -> list[list]:
              f"{row['dori_replication']:.0%}", round(row["dori_similarity"], 3)] for row in record.table]
 
 
+def training_parameters(round_count, step_count, trigger_count, search_steps, search_batch, seed_count,
+                        learning_rate, optimizer_name: str, trained_part: str, utility_name: str, ema_decay) -> dict:
+    """The fields' values, checked, as the "finetune" task's `parameters`."""
+    learning_rate = check_number("Learning rate", learning_rate, 0, MAX_LR, low_open=True)
+    ema_decay = check_number("The moving average's decay (0 = off, else e.g. 0.99)", ema_decay, 0, 0.9999)
+    return dict(
+        lr=learning_rate, optimizer=optimizer_name, trainable=TRAINABLE[trained_part],
+        utility_loss=UTILITY_LOSSES[utility_name], ema_decay=ema_decay or None,
+        rounds=check_setting("Rounds", round_count, AdversarialFineTuning, "rounds"),
+        steps_per_round=check_setting("Training steps per round", step_count, AdversarialFineTuning, "steps_per_round"),
+        triggers_per_image=check_setting("Triggers per image", trigger_count, AdversarialFineTuning,
+                                         "triggers_per_image"),
+        eval_seeds=check_setting("Evaluation seeds", seed_count, AdversarialFineTuning, "eval_seeds"),
+        dori=dict(steps=check_setting("Dori steps", search_steps, DoriSearch, "steps"),
+                  batch_size=check_setting("Dori batch", search_batch, DoriSearch, "batch_size")))
+
+
 def build_finetune_tab(context: AppContext) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`. Build it after every other tab: its model
     switch refreshes the views registered in `context.on_model_change` so far."""
@@ -112,18 +130,16 @@ def build_finetune_tab(context: AppContext) -> None:
                                    elem_id="finetune-targets", scale=3)
         with gr.Column(scale=2):
             with gr.Row():
-                rounds = gr.Number(DEFAULTS.rounds, label=f"Rounds (1–{LIMITS['rounds']})", precision=None, elem_id="finetune-rounds")
-                steps = gr.Number(DEFAULTS.steps_per_round, label=f"Training steps per round (1–{LIMITS['steps']})", precision=None,
-                                  elem_id="finetune-steps")
-                triggers = gr.Number(DEFAULTS.triggers_per_image, label=f"Triggers per image and round (1–{LIMITS['triggers']})", precision=None,
-                                     elem_id="finetune-triggers")
+                rounds = setting_field("Rounds ({range})", AdversarialFineTuning, "rounds", "finetune-rounds")
+                steps = setting_field("Training steps per round ({range})", AdversarialFineTuning, "steps_per_round",
+                                      "finetune-steps")
+                triggers = setting_field("Triggers per image and round ({range})", AdversarialFineTuning,
+                                         "triggers_per_image", "finetune-triggers")
             with gr.Row():
-                dori_steps = gr.Number(DEFAULTS.dori.steps, label=f"Dori steps (1–{LIMITS['dori_steps']})", precision=None,
-                                       elem_id="finetune-dori-steps")
-                dori_batch = gr.Number(DEFAULTS.dori.batch_size, label=f"Dori batch (1–{LIMITS['dori_batch']})", precision=None,
-                                       elem_id="finetune-dori-batch")
-                eval_seeds = gr.Number(DEFAULTS.eval_seeds, label=f"Evaluation seeds (1–{LIMITS['eval_seeds']})", precision=None,
-                                       elem_id="finetune-eval-seeds")
+                dori_steps = setting_field("Dori steps ({range})", DoriSearch, "steps", "finetune-dori-steps")
+                dori_batch = setting_field("Dori batch ({range})", DoriSearch, "batch_size", "finetune-dori-batch")
+                eval_seeds = setting_field("Evaluation seeds ({range})", AdversarialFineTuning, "eval_seeds",
+                                           "finetune-eval-seeds")
             with gr.Accordion("Training settings", open=False):
                 with gr.Row():
                     lr = gr.Number(DEFAULTS.lr, label="Learning rate", elem_id="finetune-lr")
@@ -160,17 +176,9 @@ def build_finetune_tab(context: AppContext) -> None:
         unknown = [caption for caption in chosen if caption not in names]
         if unknown:
             raise gr.Error(f"Not memorized images of this model: {unknown}.")
-        learning_rate = check_number("Learning rate", learning_rate, 0, MAX_LR, low_open=True)
-        ema_decay = check_number("The moving average's decay (0 = off, else e.g. 0.99)", ema_decay, 0, 0.9999)
-        parameters = dict(
-            lr=learning_rate, optimizer=optimizer_name, trainable=TRAINABLE[trained_part],
-            utility_loss=UTILITY_LOSSES[utility_name], ema_decay=ema_decay or None,
-            rounds=check_whole_number("Rounds", round_count, 1, LIMITS["rounds"]),
-            steps_per_round=check_whole_number("Training steps per round", step_count, 1, LIMITS["steps"]),
-            triggers_per_image=check_whole_number("Triggers per image", trigger_count, 1, LIMITS["triggers"]),
-            eval_seeds=check_whole_number("Evaluation seeds", seed_count, 1, LIMITS["eval_seeds"]),
-            dori=dict(steps=check_whole_number("Dori steps", search_steps, 1, LIMITS["dori_steps"]),
-                      batch_size=check_whole_number("Dori batch", search_batch, 1, LIMITS["dori_batch"])))
+        parameters = training_parameters(round_count, step_count, trigger_count, search_steps, search_batch,
+                                         seed_count, learning_rate, optimizer_name, trained_part, utility_name,
+                                         ema_decay)
         indices = [names.index(caption) for caption in chosen]
         seeds = list(range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"]))
         progress(None, desc="Replication before fine-tuning")
@@ -178,35 +186,35 @@ def build_finetune_tab(context: AppContext) -> None:
         rows = dict(headers=table_columns(model.replication_metric.label()), data=before_rows(before, chosen))
         config = dict(targets=indices, parameters=parameters, resume=True)
         config["out_dir"] = str(run_folder(model, config))
-        yield "Fine-tuning…", rows, [], [], session
+        yield {status: "Fine-tuning…", table: rows, side_table: [], held_out: [], context.session: session}
         for event in stream_task(model, "finetune", config, {}, session):
             if isinstance(event, FineTuneProgress):
                 progress((event.step + 1, event.total), unit="steps",
                          desc=f"Round {event.round + 1} of {event.rounds}: {event.stage}")
             elif isinstance(event, Stopped):
-                yield ("Stopped. Finished rounds are saved: run again with the same settings to resume.", rows, [], [],
-                       session)
+                yield {status: "Stopped. Finished rounds are saved: run again with the same settings to resume.",
+                       table: rows, side_table: [], held_out: [], context.session: session}
             elif isinstance(event, RunRecord):
                 session.records[VIEW] = event
-                yield (f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is in "
-                       f"`{event.metrics['model_dir']}`. Switch to it below."), dict(rows, data=rows["data"] + round_rows(event)), \
-                    side_effect_rows(event), held_out_gallery(event), session
+                yield {status: f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is "
+                               f"in `{event.metrics['model_dir']}`. Switch to it below.",
+                       table: dict(rows, data=rows["data"] + round_rows(event)), side_table: side_effect_rows(event),
+                       held_out: held_out_gallery(event), context.session: session}
 
     on_model(run_button.click, run, context,
              inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds, lr, optimizer, trainable,
                      utility, ema, context.session],
              outputs=[status, table, side_table, held_out, context.session], api_name="finetune")
-    stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="finetune_stop")
+    on_stop(stop_button, context, status, VIEW)
 
     def use(session: Session):
         record = session.records.get(VIEW)
         if record is None:
             raise gr.Error("Fine-tune a model first: this session has none yet.")
         tuned = use_finetuned(context.models, session, record)
-        return session, describe_model(tuned, session), f"This session now uses the fine-tuned model {tuned.name}."
+        return {context.session: session, context.header: describe_model(tuned, session),
+                status: f"This session now uses the fine-tuned model {tuned.name}."}
 
-    event = on_model(use_button.click, use, context, inputs=context.session,
-                     outputs=[context.session, context.header, status], api_name="finetune_use")
     # The other views show the new model's images and defaults, as after the header's model switch.
-    for refresh, outputs in list(context.on_model_change.values()):
-        event = event.success(refresh, inputs=context.session, outputs=outputs, api_name=False)
+    context.refresh_views(on_model(use_button.click, use, context, inputs=context.session,
+                                   outputs=[context.session, context.header, status], api_name="finetune_use"))

@@ -20,12 +20,14 @@ from analysis.detectors import DETECTORS
 from analysis.export import RunRecord
 from analysis.hooks import cross_attention_layers
 from analysis.images import to_display
-from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
-from analysis.limits import MAX_SEED, MAX_SEEDS
+from analysis.inside_tasks import DetectSettings
+from analysis.limits import MAX_SEED
 from analysis.model import ModelHandle
+from analysis.settings import Sampling
 from analysis.triggers import METADATA_FILE, TriggerSet, shipped_set_folder
 from dori_ui.export import build_export
-from dori_ui.session import AppContext, Session, check_number, check_whole_number, mitigation_settings, session_handle
+from dori_ui.session import (AppContext, Session, check_number, check_setting, check_whole_number, mitigation_settings,
+                             session_handle, setting_field)
 from dori_ui.streaming import on_model, report_to, run_or_error
 
 VIEW = "inside"
@@ -106,6 +108,55 @@ def _latest(state: Session, kind: str) -> dict[str, RunRecord]:
             if label.startswith(f"{kind} · ")}
 
 
+def _sampling_settings(seed_value, step_count, guidance_scale) -> dict:
+    """The seed, steps and guidance every run of the view takes, checked."""
+    step_count = check_setting("Steps", step_count, Sampling, "steps")
+    return dict(seed=check_whole_number("Seed", seed_value, 0, MAX_SEED), steps=step_count,
+                guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE))
+
+
+def _results_choice(state: Session):
+    """The result list: this session's results, the latest chosen."""
+    return gr.update(choices=list(state.inside_results), value=next(reversed(state.inside_results), None))
+
+
+def _summary(records: dict[str, RunRecord], notes: list[str]) -> str:
+    return "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
+
+
+def pick_token(index, state: Session):
+    records = _latest(state, "attention")
+    if not records:
+        raise gr.Error("Run “Attention maps” first.")
+    length = len(records[CAPTION].metrics["tokens"])
+    return _pictures(records, f"overlay{check_whole_number('Token', index, 0, length - 1)}")
+
+
+def scrub(step, state: Session):
+    records = _latest(state, "timeline")
+    if not records:
+        raise gr.Error("Run “Timeline” first.")
+    steps_run = next(iter(records.values())).config["steps"]
+    return _pictures(records, f"frame{check_whole_number('Step', step, 0, steps_run - 1)}")
+
+
+def choose(label, state: Session) -> str:
+    if label not in state.inside_results:
+        raise gr.Error(f"Choose one of this session's results, got {label!r}.")
+    state.records[VIEW] = state.inside_results[label]
+    return describe(label, state.inside_results[label])
+
+
+def _pinned_view(state: Session, name: str) -> tuple:
+    """Pin `name`'s picture (None without one) and its description, naming its model ("" when nothing is pinned)."""
+    label, record = state.inside_pins.get(name, (None, None))
+    if record is None:
+        return None, ""
+    picture = record.images.get("generated")
+    return (None if picture is None else to_display(picture[None])[0],
+            f"{describe(label, record)}\n\n(on {record.model})")
+
+
 def timeline_figure(records: dict[str, RunRecord]) -> go.Figure:
     figure = go.Figure()
     for label, record in records.items():
@@ -165,9 +216,8 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
                                label="Held-out prompt", elem_id="inside-held-out")
     with gr.Row():
         seed = gr.Number(0, label="Seed", precision=None, elem_id="inside-seed")
-        seeds = gr.Number(4, label=f"Detector seeds (1–{MAX_SEEDS}, from the seed)", precision=None,
-                          elem_id="inside-seeds")
-        steps = gr.Number(handle.default_steps, label=f"Steps (1–{MAX_STEPS})", precision=None, elem_id="inside-steps")
+        seeds = setting_field("Detector seeds ({range}, from the seed)", DetectSettings, "seeds", "inside-seeds")
+        steps = setting_field("Steps ({range})", Sampling, "steps", "inside-steps", handle.default_steps)
         guidance = gr.Number(handle.default_guidance, label=f"Guidance (0–{MAX_GUIDANCE})", step=0.5,
                              elem_id="inside-guidance")
     with gr.Row():
@@ -202,18 +252,10 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
                                 gr.Markdown(elem_id=f"inside-pinned-{name.lower()}"))
     build_export(context, VIEW, "a result of the Inside view")
 
-    def settings(seed_value, step_count, guidance_scale) -> dict:
-        step_count = check_whole_number("Steps", step_count, 1, MAX_STEPS)
-        return dict(seed=check_whole_number("Seed", seed_value, 0, MAX_SEED), steps=step_count,
-                    guidance=check_number("Guidance", guidance_scale, 0, MAX_GUIDANCE))
-
-    def results_choice(state: Session):
-        return gr.update(choices=list(state.inside_results), value=next(reversed(state.inside_results), None))
-
     def attention(caption, trigger_index, seed_value, step_count, guidance_scale, chosen_layers, first, last,
                   state: Session, trigger_map, progress=gr.Progress()):
         model = session_handle(context.models, state)
-        chosen = settings(seed_value, step_count, guidance_scale)
+        chosen = _sampling_settings(seed_value, step_count, guidance_scale)
         first = check_whole_number("Maps from step", first, 0, chosen["steps"] - 1)
         last = check_whole_number("to step", last, first, chosen["steps"] - 1)
         if not isinstance(chosen_layers, list) or not all(isinstance(name, str) for name in chosen_layers):
@@ -223,64 +265,41 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
             chosen, layers=chosen_layers or None, denoising_steps=list(range(first, last + 1))), progress)
         tokens = records[CAPTION].metrics["tokens"]
         choices = [(f"{i}: {t['text']} ({t['kind']})", i) for i, t in enumerate(tokens)]
-        text = "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
-        return (gr.update(choices=choices, value=1), _pictures(records, "overlay1"), text, results_choice(state),
-                state)
-
-    def pick_token(index, state: Session):
-        records = _latest(state, "attention")
-        if not records:
-            raise gr.Error("Run “Attention maps” first.")
-        length = len(records[CAPTION].metrics["tokens"])
-        return _pictures(records, f"overlay{check_whole_number('Token', index, 0, length - 1)}")
+        return {token: gr.update(choices=choices, value=1), maps: _pictures(records, "overlay1"),
+                summary: _summary(records, notes), result: _results_choice(state), context.session: state}
 
     def timeline(caption, trigger_index, held_out_prompt, seed_value, step_count, guidance_scale, state: Session,
                  trigger_map, progress=gr.Progress()):
         model = session_handle(context.models, state)
-        chosen = settings(seed_value, step_count, guidance_scale)
+        chosen = _sampling_settings(seed_value, step_count, guidance_scale)
         _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, held_out_prompt)
         records = _run_all(model, state, "timeline", runs, chosen, progress)
-        text = "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
-        return (timeline_figure(records), gr.update(maximum=max(chosen["steps"] - 1, 1), value=chosen["steps"] - 1),
-                _pictures(records, f"frame{chosen['steps'] - 1}"), text, results_choice(state), state)
-
-    def scrub(step, state: Session):
-        records = _latest(state, "timeline")
-        if not records:
-            raise gr.Error("Run “Timeline” first.")
-        steps_run = next(iter(records.values())).config["steps"]
-        return _pictures(records, f"frame{check_whole_number('Step', step, 0, steps_run - 1)}")
+        return {timeline_plot: timeline_figure(records),
+                scrubber: gr.update(maximum=max(chosen["steps"] - 1, 1), value=chosen["steps"] - 1),
+                frames: _pictures(records, f"frame{chosen['steps'] - 1}"), summary: _summary(records, notes),
+                result: _results_choice(state), context.session: state}
 
     def detect(caption, trigger_index, held_out_prompt, seed_value, seed_count, step_count, guidance_scale,
                state: Session, trigger_map, progress=gr.Progress()):
         model = session_handle(context.models, state)
-        chosen = settings(seed_value, step_count, guidance_scale)
-        count = check_whole_number("Detector seeds", seed_count, 1, MAX_SEEDS)
+        chosen = _sampling_settings(seed_value, step_count, guidance_scale)
+        count = check_setting("Detector seeds", seed_count, DetectSettings, "seeds")
         start = check_whole_number("Seed", seed_value, 0, MAX_SEED + 1 - count)
         _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, held_out_prompt)
         records = _run_all(model, state, "detect", runs, dict(
             steps=chosen["steps"], guidance=chosen["guidance"], seeds=list(range(start, start + count))), progress)
-        text = "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
-        return detector_figure(records), text, results_choice(state), state
-
-    def choose(label, state: Session) -> str:
-        if label not in state.inside_results:
-            raise gr.Error(f"Choose one of this session's results, got {label!r}.")
-        state.records[VIEW] = state.inside_results[label]
-        return describe(label, state.inside_results[label])
+        return {detect_plot: detector_figure(records), summary: _summary(records, notes),
+                result: _results_choice(state), context.session: state}
 
     def pin(name: str):
-        def pin_result(label, state: Session):
+        def pin_result(label, state: Session) -> dict:
             if label not in state.inside_results:
                 raise gr.Error(f"Choose one of this session's results to pin, got {label!r}.")
             state.inside_pins[name] = (label, state.inside_results[label])
-            shown = []
-            for key in ("A", "B"):
-                pinned_label, record = state.inside_pins.get(key, (None, None))
-                picture = record.images.get("generated") if record is not None else None
-                shown += [None if picture is None else to_display(picture[None])[0],
-                          "" if record is None else f"{describe(pinned_label, record)}\n\n(on {record.model})"]
-            return (*shown, state)
+            updates = {context.session: state}
+            for key, (picture, text) in pinned.items():
+                updates[picture], updates[text] = _pinned_view(state, key)
+            return updates
         return pin_result
 
     session, trigger_map = context.session, map_state
@@ -300,15 +319,17 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
     pin_a.click(pin("A"), inputs=[result, session], outputs=pin_outputs, api_name="inside_pin_a")
     pin_b.click(pin("B"), inputs=[result, session], outputs=pin_outputs, api_name="inside_pin_b")
 
-    def refresh(state: Session):
+    def refresh(state: Session) -> dict:
         # The results are the previous model's; pins stay, naming their model.
         state.inside_results.clear()
         model = session_handle(context.models, state)
         names = [m.caption for m in model.memorized]
-        return (gr.update(choices=names, value=names[0] if names else None),
-                gr.update(choices=model.held_out_prompts, value=(model.held_out_prompts or [None])[0]),
-                gr.update(choices=list(cross_attention_layers(model.unet)), value=[]), model.default_steps,
-                model.default_guidance, model.default_steps - 1, gr.update(choices=[], value=None), [], None, [], None)
+        return {image: gr.update(choices=names, value=names[0] if names else None),
+                held_out: gr.update(choices=model.held_out_prompts, value=(model.held_out_prompts or [None])[0]),
+                layers: gr.update(choices=list(cross_attention_layers(model.unet)), value=[]),
+                steps: model.default_steps, guidance: model.default_guidance, last_step: model.default_steps - 1,
+                token: gr.update(choices=[], value=None), maps: [], timeline_plot: None, frames: [],
+                detect_plot: None}
 
-    context.on_model_change[VIEW] = (refresh, [image, held_out, layers, steps, guidance, last_step, token, maps,
-                                               timeline_plot, frames, detect_plot])
+    context.refresh_on_model_change(VIEW, refresh, [image, held_out, layers, steps, guidance, last_step, token, maps,
+                                                    timeline_plot, frames, detect_plot])

@@ -18,15 +18,18 @@ import plotly.graph_objects as go
 import torch
 
 from analysis.export import RunRecord
-from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
 from analysis.limits import MAX_SEEDS
+from analysis.model import ModelHandle
 from analysis.progress import TaskProgress
+from analysis.replication_tasks import LocalizeSettings
+from analysis.settings import Sampling
 from analysis.task_settings import record_mask
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number, describe_model,
-                             record_similarity, session_handle, session_model, verdict_gallery)
-from dori_ui.streaming import (Stopped, on_model, progress_of, report_to, request_stop, run_and_stop_buttons,
-                               run_or_error, stream_task)
+from dori_ui.session import (AppContext, ModelChoices, Session, check_number, check_prompt, check_setting,
+                             check_whole_number, describe_model, record_similarity, session_handle, session_model,
+                             setting_field, verdict_gallery)
+from dori_ui.streaming import (Stopped, on_model, on_stop, report_to, run_and_stop_buttons, run_or_error,
+                               stream_task)
 
 VIEW = "mitigate"
 # NeMo settings beyond its defaults (the tests shrink them for the tiny model).
@@ -111,6 +114,49 @@ def mitigation_summary(record: RunRecord) -> str:
     return "\n\n".join(lines)
 
 
+def mitigation_config(handle: ModelHandle, method: str, prompt_text: object, seed_count: object,
+                      sparsity_percent: object, refine_nemo: bool, step_count: object,
+                      eval_count: object) -> tuple[str, dict]:
+    """The task kind and settings of a mitigation `method` (a `METHODS` value but None), from the fields, checked:
+    "localize" (NeMo, Wanda), "wen", or "replicate" for the fine-tuned comparison (`finetuned_comparison`)."""
+    prompt_text = check_prompt(handle, prompt_text)
+    seeds = list(range(check_whole_number("Localizer seeds", seed_count, 2, MAX_SEEDS)))
+    schedule = check_setting("Schedule steps", step_count, Sampling, "steps")
+    evaluation_seeds = list(range(check_setting("Seeds before/after", eval_count, LocalizeSettings,
+                                                "evaluation_seeds")))
+    parameters = dict(steps=schedule)
+    if method == "wanda":
+        sparsity_percent = check_number("Wanda sparsity (%)", sparsity_percent, 0, 50, low_open=True)
+        parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
+    elif method == "nemo":
+        parameters.update(NEMO_PARAMETERS, refine=bool(refine_nemo))
+    captions = [m.caption for m in handle.memorized]
+    image = captions.index(prompt_text) if prompt_text in captions else None
+    if method in ("finetuned", "wen"):
+        # Wen's mitigation is checked against a training image, and leaves the weights (and no mask) behind.
+        return ("replicate" if method == "finetuned" else "wen",
+                dict(image=image, prompt=prompt_text, seeds=evaluation_seeds, steps=schedule))
+    return "localize", dict(image=image, prompt=prompt_text, method=method, parameters=parameters, seeds=seeds,
+                            evaluation_seeds=evaluation_seeds)
+
+
+def finetuned_comparison(models: ModelChoices, config: dict, state: Session, progress) -> tuple[list, str]:
+    """The base and the fine-tuned model of the session's Fine-tune run, generating `config` ("replicate"
+    settings): their records, and the comparison in words. Switches the session to the tuned model."""
+    if state.finetuned is None:
+        raise gr.Error("No adversarially fine-tuned model in this session yet: fine-tune one in the Fine-tune "
+                       "tab, then compare it here.")
+    base_name, tuned_name = state.finetuned
+    records = [run_or_error(session_model(models, state, name), "replicate", config, {}, state, report_to(progress))
+               for name in (base_name, tuned_name)]
+    # Perturb attacks what Mitigate produced: here the tuned model.
+    state.model, state.mask, state.records[VIEW] = tuned_name, None, records[1]
+    text = (f"**Adversarially fine-tuned** model {tuned_name} against its base {base_name}, prompt "
+            f"“{config['prompt']}”.\n\n" + replication_line("Base", records[0], "") + " "
+            + replication_line("Fine-tuned", records[1], ""))
+    return records, text
+
+
 def build_mitigate_tab(context: AppContext) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`."""
     handle = context.models.get(context.models.first)
@@ -131,10 +177,10 @@ def build_mitigate_tab(context: AppContext) -> None:
             refine = gr.Checkbox(True, label="NeMo refinement (fewer neurons; one criterion check per neuron)",
                                  elem_id="mitigate-refine")
             with gr.Row():
-                steps = gr.Number(handle.default_steps, label=f"Schedule steps (1–{MAX_STEPS})",
-                                  precision=None, elem_id="mitigate-steps")
-                eval_seeds = gr.Number(4, label=f"Seeds before/after (1–{MAX_SEEDS})", precision=None,
-                                       elem_id="mitigate-eval-seeds")
+                steps = setting_field("Schedule steps ({range})", Sampling, "steps", "mitigate-steps",
+                                      handle.default_steps)
+                eval_seeds = setting_field("Seeds before/after ({range})", LocalizeSettings, "evaluation_seeds",
+                                           "mitigate-eval-seeds")
             run_button, stop_button = run_and_stop_buttons("Mitigate", "mitigate-run", "mitigate-stop")
     gr.Markdown(EXPLANATION)
     log = gr.Textbox(label="Progress", lines=4, max_lines=LOG_LINES, interactive=False, elem_id="mitigate-log")
@@ -158,79 +204,47 @@ def build_mitigate_tab(context: AppContext) -> None:
         if chosen is None:
             state.mask = None
             state.records.pop(VIEW, None)
-            yield "Mitigation removed.", "No mitigation: the session uses the model as it is.", None, [], [], \
-                describe_model(model, state), state
+            yield {log: "Mitigation removed.", summary: "No mitigation: the session uses the model as it is.",
+                   counts: None, before: [], after: [], context.header: describe_model(model, state),
+                   context.session: state}
             return
-        prompt_text = check_prompt(model, prompt_text)
-        seeds = list(range(check_whole_number("Localizer seeds", seed_count, 2, MAX_SEEDS)))
-        schedule = check_whole_number("Schedule steps", step_count, 1, MAX_STEPS)
-        evaluation_seeds = list(range(check_whole_number("Seeds before/after", eval_count, 1, MAX_SEEDS)))
-        parameters = dict(steps=schedule)
-        if chosen == "wanda":
-            sparsity_percent = check_number("Wanda sparsity (%)", sparsity_percent, 0, 50, low_open=True)
-            parameters.update(sparsity=sparsity_percent / 100, record_steps=min(5, schedule))
-        elif chosen == "nemo":
-            parameters.update(NEMO_PARAMETERS, refine=bool(refine_nemo))
-        captions = [m.caption for m in model.memorized]
-        image = captions.index(prompt_text) if prompt_text in captions else None
-        if chosen == "finetuned":
-            yield from compare_finetuned(dict(image=image, prompt=prompt_text, seeds=evaluation_seeds, steps=schedule),
-                                         state, progress)
+        kind, config = mitigation_config(model, chosen, prompt_text, seed_count, sparsity_percent, refine_nemo,
+                                         step_count, eval_count)
+        if kind == "replicate":
+            records, text = finetuned_comparison(context.models, config, state, progress)
+            yield {log: "Done.", summary: text, counts: None, before: stage_gallery(records[0], ""),
+                   after: stage_gallery(records[1], ""), context.header: describe_model(
+                       session_model(context.models, state, state.model), state), context.session: state}
             return
-        if chosen == "wen":
-            # Wen's mitigation is checked against a training image, and leaves the weights (and no mask) behind.
-            kind, config = "wen", dict(image=image, prompt=prompt_text, seeds=evaluation_seeds, steps=schedule)
-        else:
-            kind, config = "localize", dict(image=image, prompt=prompt_text, method=chosen, parameters=parameters,
-                                            seeds=seeds, evaluation_seeds=evaluation_seeds)
         # A stopped or failed run leaves nothing to export, not the run before it.
         state.records.pop(VIEW, None)
         lines: list[str] = []
+        report = report_to(progress)
         for event in stream_task(model, kind, config, {}, state):
-            if (shown := progress_of(event)) is not None:
-                done_total, description, unit = shown
-                progress(done_total, desc=description, unit=unit)
+            report(event)
             if isinstance(event, TaskProgress):
                 lines = [*lines, event.message][-LOG_LINES:]
-                yield "\n".join(lines), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
+                yield {log: "\n".join(lines), context.session: state}
             elif isinstance(event, Stopped):
-                yield "\n".join([*lines, "Stopped."]), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
+                yield {log: "\n".join([*lines, "Stopped."]), context.session: state}
             elif isinstance(event, RunRecord):
                 state.mask = record_mask(event) if kind == "localize" else None
                 state.records[VIEW] = event
-                figure = counts_figure(event) if kind == "localize" else wen_figure(event)
-                yield ("\n".join([*lines, "Done."]), mitigation_summary(event), figure,
-                       stage_gallery(event, "before_"), stage_gallery(event, "after_"), describe_model(model, state),
-                       state)
-
-    def compare_finetuned(config: dict, state: Session, progress):
-        if state.finetuned is None:
-            raise gr.Error("No adversarially fine-tuned model in this session yet: fine-tune one in the Fine-tune "
-                           "tab, then compare it here.")
-        base_name, tuned_name = state.finetuned
-        records = [run_or_error(session_model(context.models, state, name), "replicate", config, {}, state,
-                                report_to(progress))
-                   for name in (base_name, tuned_name)]
-        # Perturb attacks what Mitigate produced: here the tuned model.
-        state.model, state.mask, state.records[VIEW] = tuned_name, None, records[1]
-        summary_text = (f"**Adversarially fine-tuned** model {tuned_name} against its base {base_name}, prompt "
-                        f"“{config['prompt']}”.\n\n" + replication_line("Base", records[0], "") + " "
-                        + replication_line("Fine-tuned", records[1], ""))
-        yield ("Done.", summary_text, None, stage_gallery(records[0], ""), stage_gallery(records[1], ""),
-               describe_model(session_model(context.models, state, tuned_name), state), state)
+                yield {log: "\n".join([*lines, "Done."]), summary: mitigation_summary(event),
+                       counts: counts_figure(event) if kind == "localize" else wen_figure(event),
+                       before: stage_gallery(event, "before_"), after: stage_gallery(event, "after_"),
+                       context.header: describe_model(model, state), context.session: state}
 
     on_model(run_button.click, run, context,
              inputs=[prompt, method, n_seeds, sparsity, refine, steps, eval_seeds, context.session],
              outputs=[log, summary, counts, before, after, context.header, context.session], api_name="mitigate")
 
-    # Not on the model's concurrency id: it must run while the localizer holds the model.
-    stop_button.click(request_stop, inputs=context.session, outputs=log, api_name="mitigate_stop",
-                      concurrency_limit=None)
+    on_stop(stop_button, context, log, VIEW)
 
-    def refresh(state: Session):
+    def refresh(state: Session) -> dict:
         model = session_handle(context.models, state)
         names = [m.caption for m in model.memorized]
-        return (gr.update(choices=names, value=names[0] if names else None), model.default_steps, "", "", None,
-                [], [])
+        return {prompt: gr.update(choices=names, value=names[0] if names else None), steps: model.default_steps,
+                log: "", summary: "", counts: None, before: [], after: []}
 
-    context.on_model_change[VIEW] = (refresh, [prompt, steps, log, summary, counts, before, after])
+    context.refresh_on_model_change(VIEW, refresh, [prompt, steps, log, summary, counts, before, after])

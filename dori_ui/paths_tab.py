@@ -146,7 +146,8 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
         record = run_or_error(model, "discrepancy", dict(image=state.image, layers=kind),
                               {"triggers": state.trigger_set.embeddings[:chosen]}, session, report_to(progress))
         session.records[VIEW] = record
-        return discrepancy_summary_text(record), discrepancy_figure(record), session
+        return {discrepancy_summary: discrepancy_summary_text(record), discrepancy_plot: discrepancy_figure(record),
+                context.session: session}
 
     on_model(discrepancy_button.click, compare_paths, context, inputs=[layers, n_triggers, map_state, context.session],
              outputs=[discrepancy_summary, discrepancy_plot, context.session], api_name="paths_discrepancy")
@@ -162,14 +163,15 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
         record = run_or_error(model, "agreement", config, {"triggers": state.trigger_set.embeddings[:chosen]},
                               session, report_to(progress))
         session.records[MASKS_VIEW] = record
-        status = (f"NeMo and Wanda fitted on {chosen} triggers of “{record.config['prompt']}” "
-                  f"with {len(seeds)} seeds each.")
-        return status, heatmaps_figure(record), counts_table(record), session
+        return {masks_status: f"NeMo and Wanda fitted on {chosen} triggers of “{record.config['prompt']}” "
+                              f"with {len(seeds)} seeds each.",
+                heatmaps: heatmaps_figure(record), counts: counts_table(record), context.session: session}
 
     on_model(masks_button.click, compare_masks, context, inputs=[mask_triggers, mask_seeds, map_state, context.session],
              outputs=[masks_status, heatmaps, counts, context.session], api_name="paths_masks")
 
-    def refresh(session: Session):
-        return "", None, "", None, None
+    def refresh(session: Session) -> dict:
+        return {discrepancy_summary: "", discrepancy_plot: None, masks_status: "", heatmaps: None, counts: None}
 
-    context.on_model_change[VIEW] = (refresh, [discrepancy_summary, discrepancy_plot, masks_status, heatmaps, counts])
+    context.refresh_on_model_change(VIEW, refresh, [discrepancy_summary, discrepancy_plot, masks_status, heatmaps,
+                                                    counts])

@@ -25,15 +25,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from analysis.dori import DoriPreview, DoriSearch, DoriStep
+from analysis.dori_tasks import AttackSettings
 from analysis.export import RunRecord
-from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
-from analysis.limits import MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
+from analysis.limits import MAX_SEED
 from analysis.images import to_display
 from analysis.model import ModelHandle
+from analysis.replication_tasks import SweepSettings
+from analysis.settings import Sampling
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number,
-                             mitigation_settings, record_similarity, session_handle, verdict_gallery)
-from dori_ui.streaming import (Stopped, on_model, progress_of, request_stop, run_and_stop_buttons, run_or_error,
+from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_setting, check_whole_number,
+                             mitigation_settings, setting_field, record_similarity, session_handle, verdict_gallery)
+from dori_ui.streaming import (Stopped, on_model, on_stop, report_to, run_and_stop_buttons, run_or_error,
                                stream_task)
 
 VIEW = "perturb"
@@ -108,12 +110,31 @@ def read_embedding(path: str | None, handle: ModelHandle) -> torch.Tensor:
     return embedding.float()
 
 
+def start_setting(handle: ModelHandle, kind: str, seed: object, other_text: object,
+                  upload_path: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The search's start (an "attack" `starts` entry) of a `STARTS` kind, and the inputs it names."""
+    if kind == "random":
+        return dict(kind="random", seed=check_whole_number("Random start seed", seed, 0, MAX_SEED)), {}
+    if kind == "other":
+        return dict(kind="prompt", text=check_prompt(handle, other_text)), {}
+    if kind == "upload":
+        return dict(kind="embedding", input="start"), {"start": read_embedding(upload_path, handle)}
+    return dict(kind="prompt"), {}
+
+
 def loss_figure(losses: list[float], total: int) -> go.Figure:
     figure = go.Figure(go.Scatter(x=list(range(1, len(losses) + 1)), y=losses, mode="lines"))
     figure.update_layout(title=f"Denoising loss toward the image (step {len(losses)} of {total})",
                          xaxis_title="search step", yaxis_title="loss", xaxis_range=[1, max(total, 2)], height=320,
                          margin=dict(t=50, b=40))
     return figure
+
+
+def preview_gallery(preview: DoriPreview, handle: ModelHandle) -> list:
+    """What the search's current embedding generates, each with its step and similarity to the target."""
+    captions = [f"step {preview.step} · {handle.replication_metric.label()} {similarity:.2f}"
+                for similarity in preview.similarities]
+    return list(zip(to_display(preview.images), captions))
 
 
 def distances_figure(record: RunRecord) -> go.Figure:
@@ -194,17 +215,16 @@ def build_perturb_tab(context: AppContext) -> None:
                              elem_id="perturb-upload")
         with gr.Column(scale=2):
             with gr.Row():
-                steps = gr.Number(DoriSearch.steps, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
-                                  elem_id="perturb-steps")
-                lr = gr.Number(DoriSearch.lr, label="Learning rate (Adam)", elem_id="perturb-lr")
+                steps = setting_field("Search steps ({range})", DoriSearch, "steps", "perturb-steps")
+                lr = setting_field("Learning rate (Adam)", DoriSearch, "lr", "perturb-lr")
             with gr.Row():
-                batch = gr.Number(DoriSearch.batch_size, label=f"Batch (ε, t pairs per step, 1–{MAX_SEARCH_BATCH})",
-                                  precision=None, elem_id="perturb-batch")
-                eval_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=None,
-                                       elem_id="perturb-eval-seeds")
+                batch = setting_field("Batch (ε, t pairs per step, {range})", DoriSearch, "batch_size",
+                                      "perturb-batch")
+                eval_seeds = setting_field("Seeds to generate ({range})", AttackSettings, "evaluation_seeds",
+                                           "perturb-eval-seeds")
             with gr.Row():
-                generation_steps = gr.Number(handle.default_steps, label=f"Generation steps (1–{MAX_STEPS})",
-                                             precision=None, elem_id="perturb-generation-steps")
+                generation_steps = setting_field("Generation steps ({range})", Sampling, "steps",
+                                                 "perturb-generation-steps", handle.default_steps)
                 preview_every = gr.Number(PREVIEW_EVERY, label="Preview every n search steps (0: never)",
                                           precision=None, elem_id="perturb-preview-every")
             run_button, stop_button = run_and_stop_buttons("Run Dori", "perturb-run", "perturb-stop")
@@ -229,24 +249,15 @@ def build_perturb_tab(context: AppContext) -> None:
         target_config, target_inputs = target_settings(model, target_label)
         if start_label not in STARTS:
             raise gr.Error(f"Unknown start {start_label!r}; choose one of {list(STARTS)}.")
-        total = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
+        total = check_setting("Search steps", step_count, DoriSearch, "steps")
         search = dict(steps=total, lr=check_number("The learning rate", rate, 0, 10, low_open=True),
-                      batch_size=check_whole_number("Batch", batch_size, 1, MAX_SEARCH_BATCH))
-        seeds = list(range(check_whole_number("Seeds to generate", eval_count, 1, MAX_SEEDS)))
-        every = check_whole_number("Preview every", every, 0, MAX_SEARCH_STEPS)
-        sampling_steps = check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS)
+                      batch_size=check_setting("Batch", batch_size, DoriSearch, "batch_size"))
+        seeds = list(range(check_setting("Seeds to generate", eval_count, AttackSettings, "evaluation_seeds")))
+        every = check_setting("Preview every", every, AttackSettings, "preview_every")
+        sampling_steps = check_setting("Generation steps", sampling_steps, Sampling, "steps")
         mitigation, inputs = mitigation_settings(state)
-        config, inputs = dict(target_config), {**inputs, **target_inputs}
-        kind = STARTS[start_label]
-        if kind == "random":
-            start_spec = dict(kind="random", seed=check_whole_number("Random start seed", seed, 0, MAX_SEED))
-        elif kind == "other":
-            start_spec = dict(kind="prompt", text=check_prompt(model, other_text))
-        elif kind == "upload":
-            inputs["start"] = read_embedding(upload_path, model)
-            start_spec = dict(kind="embedding", input="start")
-        else:
-            start_spec = dict(kind="prompt")
+        start_spec, start_inputs = start_setting(model, STARTS[start_label], seed, other_text, upload_path)
+        config, inputs = dict(target_config), {**inputs, **target_inputs, **start_inputs}
         config.update(starts=[start_spec], search=search, evaluation_seeds=seeds, steps=sampling_steps,
                       mitigation=mitigation, preview_every=every, preview_seeds=min(2, len(seeds)))
 
@@ -254,49 +265,44 @@ def build_perturb_tab(context: AppContext) -> None:
         state.records.pop(VIEW, None)
         losses: list[float] = []
         sent = 0.0
-        yield "Starting the search…", None, [], [], [], None, state
+        report = report_to(progress)
+        yield {status: "Starting the search…", loss_plot: None, preview: [], target_view: [], after: [],
+               distances: None, context.session: state}
         for event in stream_task(model, "attack", config, inputs, state):
-            if (shown := progress_of(event)) is not None:
-                done_total, description, unit = shown
-                progress(done_total, desc=description, unit=unit)
+            report(event)
             if isinstance(event, DoriStep):
                 losses.append(event.loss[0].item())
                 if time.monotonic() - sent < STREAM_INTERVAL_S and event.index + 1 != event.total:
                     continue
                 sent = time.monotonic()
-                yield (f"Step {event.index + 1} of {event.total}: loss {losses[-1]:.4f}, distance from the start "
-                       f"{event.distance[0].item():.1f}", loss_figure(losses, total), *[gr.skip()] * 4, state)
+                yield {status: f"Step {event.index + 1} of {event.total}: loss {losses[-1]:.4f}, distance from the "
+                               f"start {event.distance[0].item():.1f}",
+                       loss_plot: loss_figure(losses, total), context.session: state}
             elif isinstance(event, DoriPreview):
-                captions = [f"step {event.step} · {model.replication_metric.label()} {s:.2f}"
-                            for s in event.similarities]
-                yield gr.skip(), gr.skip(), list(zip(to_display(event.images), captions)), *[gr.skip()] * 3, state
+                yield {preview: preview_gallery(event, model), context.session: state}
             elif isinstance(event, Stopped):
-                yield (f"Stopped after step {len(losses)} of {total}.", loss_figure(losses, total),
-                       *[gr.skip()] * 4, state)
+                yield {status: f"Stopped after step {len(losses)} of {total}.", loss_plot: loss_figure(losses, total),
+                       context.session: state}
             elif isinstance(event, RunRecord):
                 state.records[VIEW] = event
-                yield (attack_summary(event), loss_figure(losses, total), gr.skip(),
-                       [(to_display(event.images["target"][None])[0], "target")], trigger_gallery(event),
-                       distances_figure(event), state)
+                yield {status: attack_summary(event), loss_plot: loss_figure(losses, total),
+                       target_view: [(to_display(event.images["target"][None])[0], "target")],
+                       after: trigger_gallery(event), distances: distances_figure(event), context.session: state}
 
     on_model(run_button.click, attack, context,
              inputs=[target, start, other_prompt, random_seed, upload, steps, lr, batch, eval_seeds, generation_steps,
                      preview_every, context.session],
              outputs=[status, loss_plot, preview, target_view, after, distances, context.session], api_name="perturb")
 
-    # Not on the model's concurrency id: it must run while the search holds the model.
-    stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="perturb_stop",
-                      concurrency_limit=None)
+    on_stop(stop_button, context, status, VIEW)
 
     with gr.Accordion("Random perturbation sweep", open=True):
         gr.Markdown(SWEEP_EXPLANATION)
         with gr.Row():
             radii = gr.Textbox("0, 5, 10, 20, 40", label="Radii (L2 distances, comma-separated)",
                                elem_id="sweep-radii")
-            directions = gr.Number(4, label=f"Directions (1–{MAX_STARTS})", precision=None,
-                                   elem_id="sweep-directions")
-            sweep_seeds = gr.Number(2, label=f"Seeds per direction (1–{MAX_SEEDS})", precision=None,
-                                    elem_id="sweep-seeds")
+            directions = setting_field("Directions ({range})", SweepSettings, "directions", "sweep-directions")
+            sweep_seeds = setting_field("Seeds per direction ({range})", SweepSettings, "seeds", "sweep-seeds", 2)
             sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
         sweep_plot = gr.Plot(label="Replication vs radius", elem_id="sweep-plot")
         sweep_summary = gr.Markdown(elem_id="sweep-summary")
@@ -308,30 +314,26 @@ def build_perturb_tab(context: AppContext) -> None:
         target_config, target_inputs = target_settings(model, target_label)
         mitigation, inputs = mitigation_settings(state)
         config = dict(**target_config, radii=parse_radii(radii_text),
-                      directions=check_whole_number("Directions", direction_count, 1, MAX_STARTS),
-                      seeds=list(range(check_whole_number("Seeds per direction", seed_count, 1, MAX_SEEDS))),
-                      steps=check_whole_number("Generation steps", sampling_steps, 1, MAX_STEPS), mitigation=mitigation)
+                      directions=check_setting("Directions", direction_count, SweepSettings, "directions"),
+                      seeds=list(range(check_setting("Seeds per direction", seed_count, SweepSettings, "seeds"))),
+                      steps=check_setting("Generation steps", sampling_steps, Sampling, "steps"), mitigation=mitigation)
         inputs.update(target_inputs)
-
-        def report(event: object) -> None:
-            if (shown := progress_of(event)) is not None:
-                done_total, description, unit = shown
-                progress(done_total, desc=description, unit=unit)
-
-        record = run_or_error(model, "sweep", config, inputs, state, report)
+        record = run_or_error(model, "sweep", config, inputs, state, report_to(progress))
         state.records[SWEEP_VIEW] = record
         rates = ", ".join(f"{row['radius']:g}: {row['rate']:.0%}" for row in record.table)
-        return sweep_figure(record), f"Replication rate per radius: {rates}.", state
+        return {sweep_plot: sweep_figure(record), sweep_summary: f"Replication rate per radius: {rates}.",
+                context.session: state}
 
     on_model(sweep_button.click, sweep, context,
              inputs=[target, radii, directions, sweep_seeds, generation_steps, context.session],
              outputs=[sweep_plot, sweep_summary, context.session], api_name="sweep")
 
-    def refresh(state: Session):
+    def refresh(state: Session) -> dict:
         model = session_handle(context.models, state)
         names = target_choices(model)
-        return (gr.update(choices=names, value=names[0] if names else None), model.default_steps, "", None, [], [], [],
-                None, None, "")
+        return {target: gr.update(choices=names, value=names[0] if names else None),
+                generation_steps: model.default_steps, status: "", loss_plot: None, preview: [], target_view: [],
+                after: [], distances: None, sweep_plot: None, sweep_summary: ""}
 
-    context.on_model_change[VIEW] = (refresh, [target, generation_steps, status, loss_plot, preview, target_view,
-                                               after, distances, sweep_plot, sweep_summary])
+    context.refresh_on_model_change(VIEW, refresh, [target, generation_steps, status, loss_plot, preview,
+                                                    target_view, after, distances, sweep_plot, sweep_summary])

@@ -18,17 +18,17 @@ import torch
 
 from analysis.export import RunRecord
 from analysis.images import to_display
-from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
-from analysis.limits import MAX_SEED, MAX_SEEDS
+from analysis.limits import MAX_SEED
 from analysis.model import REPO_ROOT, ModelHandle
 from analysis.replicate import training_images
+from analysis.replication_tasks import ReplicateSettings
+from analysis.settings import Sampling
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_whole_number,
-                             mitigation_settings, record_similarity, session_handle)
+from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_setting, check_whole_number,
+                             mitigation_settings, record_similarity, session_handle, setting_field)
 from dori_ui.streaming import on_model, report_to, run_or_error
 
 VIEW = "replicate"
-DEFAULT_SEEDS = 4
 MAX_GUIDANCE = 50
 # Wen et al. read the gap in the first steps, where it tells memorized prompts apart.
 PLOTTED_STEPS = 10
@@ -119,6 +119,10 @@ def training_picture(handle: ModelHandle, prompt: object):
     return to_display(handle.memorized[captions.index(prompt.strip())].image[None])[0]
 
 
+def pick_sd14_prompt(selection: gr.SelectData) -> str:
+    return sd14_prompts()[selection.index[0]][0]
+
+
 def build_replicate_tab(context: AppContext) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`."""
     handle = context.models.get(context.models.first)
@@ -135,12 +139,10 @@ def build_replicate_tab(context: AppContext) -> None:
             prompt = gr.Textbox(label="Prompt", value=handle.memorized[0].caption if handle.memorized else "",
                                 placeholder="select a training image or type a prompt", elem_id="replicate-prompt")
             with gr.Row():
-                n_seeds = gr.Number(DEFAULT_SEEDS, label=f"Seeds (1–{MAX_SEEDS})", precision=None,
-                                    elem_id="replicate-seeds")
+                n_seeds = setting_field("Seeds ({range})", ReplicateSettings, "seeds", "replicate-seeds")
                 first_seed = gr.Number(0, label="First seed", precision=None, elem_id="replicate-first-seed")
             with gr.Row():
-                steps = gr.Number(handle.default_steps, label=f"Steps (1–{MAX_STEPS})", precision=None,
-                                  elem_id="replicate-steps")
+                steps = setting_field("Steps ({range})", Sampling, "steps", "replicate-steps", handle.default_steps)
                 guidance = gr.Number(handle.default_guidance, label=f"Guidance (0–{MAX_GUIDANCE})", step=0.5,
                                      elem_id="replicate-guidance")
             run_button = gr.Button("Replicate", variant="primary", elem_id="replicate-run")
@@ -159,8 +161,8 @@ def build_replicate_tab(context: AppContext) -> None:
             guidance_scale: float, state: Session, progress=gr.Progress()):
         model = session_handle(context.models, state)
         prompt_text = check_prompt(model, prompt_text)
-        seed_count = check_whole_number("Seeds", seed_count, 1, MAX_SEEDS)
-        step_count = check_whole_number("Steps", step_count, 1, MAX_STEPS)
+        seed_count = check_setting("Seeds", seed_count, ReplicateSettings, "seeds")
+        step_count = check_setting("Steps", step_count, Sampling, "steps")
         seed_start = check_whole_number("First seed", seed_start, 0, MAX_SEED + 1 - seed_count)
         captions = [m.caption for m in model.memorized]
         mitigation, inputs = mitigation_settings(state)
@@ -176,7 +178,8 @@ def build_replicate_tab(context: AppContext) -> None:
                                      state, report_to(progress))
         images = [record.images[f"seed{seed}"] for seed in config["seeds"]]
         gallery = list(zip(to_display(torch.stack(images)), (row["caption"] for row in record.table)))
-        return gallery, replication_summary(record), noise_gap_figure(record, reference), state
+        return {replicas: gallery, summary: replication_summary(record),
+                noise_gap_plot: noise_gap_figure(record, reference), context.session: state}
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
              outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
@@ -193,17 +196,14 @@ def build_replicate_tab(context: AppContext) -> None:
     prompt.change(show_training_image, inputs=[prompt, context.session], outputs=training_image,
                   api_name="replicate_training_image")
 
-    def pick_sd14_prompt(selection: gr.SelectData) -> str:
-        return sd14_prompts()[selection.index[0]][0]
-
     sd14_table.select(pick_sd14_prompt, inputs=None, outputs=prompt, api_name="pick_sd14_prompt")
 
-    def refresh(state: Session):
+    def refresh(state: Session) -> dict:
         model = session_handle(context.models, state)
-        return (gr.update(value=memorized_gallery(model), visible=bool(model.memorized)),
-                gr.update(visible=lists_sd14_prompts(model)),
-                model.memorized[0].caption if model.memorized else "", model.default_steps, model.default_guidance,
-                [], "", None)
+        return {training_gallery: gr.update(value=memorized_gallery(model), visible=bool(model.memorized)),
+                sd14_table: gr.update(visible=lists_sd14_prompts(model)),
+                prompt: model.memorized[0].caption if model.memorized else "", steps: model.default_steps,
+                guidance: model.default_guidance, replicas: [], summary: "", noise_gap_plot: None}
 
-    context.on_model_change[VIEW] = (refresh, [training_gallery, sd14_table, prompt, steps, guidance, replicas,
-                                               summary, noise_gap_plot])
+    context.refresh_on_model_change(VIEW, refresh, [training_gallery, sd14_table, prompt, steps, guidance, replicas,
+                                                    summary, noise_gap_plot])

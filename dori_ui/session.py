@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from analysis.masks import Mask
 from analysis.metrics import similarity_label
 from analysis.memorized import METADATA_FILES, load_memorized_set, readable_tokens, token_count
 from analysis.model import ModelHandle, ModelLoadError, load_model
+from analysis.settings import setting_of
 from analysis.task_settings import mask_tensors
 
 # Subfolders a diffusers Stable Diffusion pipeline folder has (see analysis.model.load_model).
@@ -249,6 +250,24 @@ def check_whole_number(name: str, value: object, low: int, high: int) -> int:
     return int(value)
 
 
+def setting_field(label: str, settings: type, name: str, elem_id: str, value: float | None = None,
+                  low: int | None = None) -> gr.Number:
+    """A field for setting `name` of an analysis's settings class (`analysis.settings`). It opens with the
+    setting's default (for a list of seeds: how many) unless given a `value`; "{range}" in `label` shows the
+    setting's range (from `low` where the view asks for more, e.g. two seeds to compare)."""
+    found = setting_of(settings, name)
+    default = len(found.default) if found.check == "seeds" else found.default
+    return gr.Number(default if value is None else value, elem_id=elem_id,
+                     label=label.format(range=f"{found.low if low is None else low}–{found.high}"),
+                     precision=None)
+
+
+def check_setting(label: str, value: object, settings: type, name: str, low: int | None = None) -> int:
+    """A field of `setting_field` checked against its setting's range: a whole number (a count, for seeds)."""
+    found = setting_of(settings, name)
+    return check_whole_number(label, value, found.low if low is None else low, found.high)
+
+
 def check_number(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
     """`value` as a float; a gr.Error unless it is a number in [low, high] ((low, high] when `low_open`)."""
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
@@ -273,3 +292,15 @@ class AppContext:
     # view name -> (fn(session) -> updates, outputs), run after the session switches model.
     on_model_change: dict = field(default_factory=dict)
     max_run_seconds: float = MAX_RUN_SECONDS  # a model event running longer is stopped (dori_ui.streaming)
+
+    def refresh_on_model_change(self, view: str, refresh: Callable[[Session], dict], outputs: list) -> None:
+        """After the session switches model, `refresh(session)` updates `outputs` of `view` (a dict of updates by
+        component: the new model's images and defaults, the previous model's results cleared)."""
+        self.on_model_change[view] = (refresh, outputs)
+
+    def refresh_views(self, event, endpoints: bool = False) -> None:
+        """`event` (a model switch) followed, on success, by every registered view's refresh, one after another;
+        `endpoints`: each refresh is also the endpoint `refresh_{view}`."""
+        for view, (refresh, outputs) in self.on_model_change.items():
+            event = event.success(refresh, inputs=self.session, outputs=outputs,
+                                  api_name=f"refresh_{view}" if endpoints else False)

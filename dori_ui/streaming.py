@@ -245,7 +245,14 @@ def _raise_if_timed_out(session: Session, deadline: float, context: AppContext) 
 
 
 def run_and_stop_buttons(label: str, run_id: str, stop_id: str) -> tuple[gr.Button, gr.Button]:
-    """A long run's primary button with its Stop button beside it (Stop calls the view's `request_stop`)."""
+    """A long run's primary button with its Stop button beside it (`on_stop` registers what Stop does)."""
     with gr.Row():
         return (gr.Button(label, variant="primary", elem_id=run_id),
                 gr.Button("Stop", variant="stop", elem_id=stop_id))
+
+
+def on_stop(stop_button: gr.Button, context: AppContext, status: gr.components.Component, view: str) -> None:
+    """Stop ends the session's running computation after its current step and says so in `status` (endpoint
+    `{view}_stop`). Not on the model's concurrency id: it must run while the computation holds the model."""
+    stop_button.click(request_stop, inputs=context.session, outputs=status, api_name=f"{view}_stop",
+                      concurrency_limit=None)

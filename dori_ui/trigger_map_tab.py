@@ -26,18 +26,19 @@ import plotly.graph_objects as go
 import torch
 
 from analysis.dori import DoriSearch
-from analysis.limits import MAX_SEARCH_STEPS, MAX_SEEDS, MAX_STARTS
+from analysis.limits import MAX_SEEDS, MAX_STARTS
 from analysis.localize import cache_key
-from analysis.model import REPO_ROOT, ModelHandle
+from analysis.model import ModelHandle
+from analysis.paths import RUNS_DIR
 from analysis.projection import METHODS, warm_up
 from analysis.sampling import SamplingCancelled
 from analysis.tasks import record_map
 from analysis.trigger_map import TRIGGERS, TriggerMap, map_settings
 from analysis.triggers import METADATA_FILE, TriggerProgress, TriggerSet, build_trigger_set, shipped_set_folder
 from dori_ui.export import build_export
-from dori_ui.session import (AppContext, Session, check_whole_number, mitigation_settings, record_similarity,
-                             session_handle, verdict_gallery)
-from dori_ui.streaming import check_stop, holding_model, on_model, request_stop, run_and_stop_buttons, run_or_error
+from dori_ui.session import (AppContext, Session, check_setting, check_whole_number, mitigation_settings,
+                             record_similarity, session_handle, setting_field, verdict_gallery)
+from dori_ui.streaming import check_stop, holding_model, on_model, on_stop, run_and_stop_buttons, run_or_error
 
 VIEW = "trigger_map"
 SELECTED_VIEW = "trigger_map_selected"  # the selected trigger's generations, exported on their own
@@ -45,7 +46,7 @@ SHIPPED = "shipped set (assets/triggers)"
 BUILD = "build a new set here"
 COLOURS = ("replication", "set and start")
 # Sets built in the app; one folder per model, image and settings, so that a rerun resumes.
-BUILT_SETS = REPO_ROOT / "runs" / "trigger_sets"
+BUILT_SETS = RUNS_DIR / "trigger_sets"
 TABLE_COLUMNS = ["trigger", "start", "replication", "final loss", "distance from start", "distance from prompt"]
 REFERENCE_STYLE = {"memorized prompts": ("#d62728", "star"), "held-out prompts": ("#7f7f7f", "circle-open"),
                    "random starts": ("#bcbd22", "x")}
@@ -148,6 +149,70 @@ def generations(handle: ModelHandle, session: Session, state: MapState, index: i
     return record, gallery, summary
 
 
+def shipped_set(image: int, caption: str) -> TriggerSet:
+    """The shipped trigger set of the memorized image `image` (captioned `caption`); a gr.Error if none ships."""
+    folder = shipped_set_folder(image)
+    if not (folder / METADATA_FILE).is_file():
+        raise gr.Error(f"No shipped trigger set for “{caption}” (looked in {folder}): build one here.")
+    return TriggerSet.load(folder)
+
+
+def built_set(handle: ModelHandle, image: int, trigger_count: object, step_count: object, seed_count: object,
+              session: Session, progress) -> TriggerSet | None:
+    """A trigger set of the memorized image `image` built (or resumed) in `built_folder`, as the app's model
+    computation; None when the session's run was stopped (the finished triggers stay saved)."""
+    total = check_whole_number("Triggers to build", trigger_count, 1, MAX_STARTS)
+    search_steps = check_setting("Search steps", step_count, DoriSearch, "steps")
+    seeds = check_whole_number("Seeds per trigger", seed_count, 1, MAX_SEEDS)
+
+    def report(event: TriggerProgress) -> None:
+        check_stop(session)
+        done = event.finished * event.step.total + event.step.index + 1
+        progress((done, event.total * event.step.total), desc=f"Searching (triggers done: {event.finished})",
+                 unit="steps")
+
+    # Batch 2 per start, as the shipped sets (analysis.experiments.trigger_assets): sized for a laptop CPU.
+    try:
+        with holding_model(session):
+            return build_trigger_set(
+                handle, built_folder(handle, image, total, search_steps, seeds), handle.memorized[image],
+                count=total, search=DoriSearch(steps=search_steps, batch_size=2),
+                starts_per_batch=min(total, 8), evaluation_seeds=range(seeds), callback=report)
+    except SamplingCancelled:
+        return None
+
+
+def prepare(method_name: str) -> None:
+    """UMAP's first use in a process imports and compiles numba code (a minute of CPU on a busy laptop): start
+    it when UMAP is picked, not at start-up, so that the app and its tests never pay for it unasked."""
+    if method_name == "umap":
+        start_umap_warm_up()
+
+
+def recolour(colour_name: str, state: MapState | None):
+    if state is None:
+        return gr.skip()
+    return map_figure(state.trigger_map, colour_name, state.selected)
+
+
+def pick_row(selection: gr.SelectData) -> int:
+    return selection.index[0]
+
+
+def loaded(state: MapState | None) -> MapState:
+    if state is None:
+        raise gr.Error("Load or build a trigger set first.")
+    return state
+
+
+def pin(state: MapState | None):
+    """The selected trigger's gallery, titled by its summary, for a pinned gallery."""
+    if loaded(state).shown is None:
+        raise gr.Error("Select a trigger first (a row of the table).")
+    gallery, summary = state.shown
+    return gr.update(value=gallery, label=summary)
+
+
 def build_trigger_map_tab(context: AppContext) -> gr.State:
     """The tab's components and events, inside the caller's `gr.Tab`. Returns the session's loaded set
     (a `MapState`, None before one is loaded), which the Paths & masks view analyses."""
@@ -167,8 +232,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
             with gr.Row():
                 count = gr.Number(8, label=f"Triggers to build (1–{MAX_STARTS})", precision=None,
                                   elem_id="trigger-map-count")
-                steps = gr.Number(DoriSearch.steps, label=f"Search steps (1–{MAX_SEARCH_STEPS})", precision=None,
-                                  elem_id="trigger-map-steps")
+                steps = setting_field("Search steps ({range})", DoriSearch, "steps", "trigger-map-steps")
                 eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=None,
                                        elem_id="trigger-map-eval-seeds")
             load_button, stop_button = run_and_stop_buttons("Load / build and map", "trigger-map-load", "trigger-map-stop")
@@ -205,30 +269,11 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
             raise gr.Error(f"Choose a map among {list(METHODS)} and a colouring among {list(COLOURS)}.")
         chosen = names.index(caption)
         if source_label == SHIPPED:
-            folder = shipped_set_folder(chosen)
-            if not (folder / METADATA_FILE).is_file():
-                raise gr.Error(f"No shipped trigger set for “{caption}” (looked in {folder}): build one here.")
-            trigger_set = TriggerSet.load(folder)
+            trigger_set = shipped_set(chosen, caption)
         elif source_label == BUILD:
-            total = check_whole_number("Triggers to build", trigger_count, 1, MAX_STARTS)
-            search_steps = check_whole_number("Search steps", step_count, 1, MAX_SEARCH_STEPS)
-            seeds = check_whole_number("Seeds per trigger", seed_count, 1, MAX_SEEDS)
-
-            def report(event: TriggerProgress) -> None:
-                check_stop(session)
-                done = event.finished * event.step.total + event.step.index + 1
-                progress((done, event.total * event.step.total), desc=f"Searching (triggers done: {event.finished})",
-                         unit="steps")
-
-            # Batch 2 per start, as the shipped sets (analysis.experiments.trigger_assets): sized for a laptop CPU.
-            try:
-                with holding_model(session):
-                    trigger_set = build_trigger_set(
-                        model, built_folder(model, chosen, total, search_steps, seeds), model.memorized[chosen],
-                        count=total, search=DoriSearch(steps=search_steps, batch_size=2),
-                        starts_per_batch=min(total, 8), evaluation_seeds=range(seeds), callback=report)
-            except SamplingCancelled:
-                return "Stopped. The triggers finished so far are saved: build again to resume.", *[gr.skip()] * 4
+            trigger_set = built_set(model, chosen, trigger_count, step_count, seed_count, session, progress)
+            if trigger_set is None:
+                return {status: "Stopped. The triggers finished so far are saved: build again to resume."}
         else:
             raise gr.Error(f"Unknown trigger set source {source_label!r}.")
         progress(None, desc="Projecting")
@@ -241,38 +286,18 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
         trigger_map = record_map(record)
         rate = record.metrics["mean_replication_rate"]
         replicated = f"; mean replication {rate:.2f}" if rate is not None else ""
-        summary = f"{len(trigger_set.triggers)} triggers of “{caption}”{replicated}."
-        state = MapState(trigger_set, trigger_map, chosen)
-        return summary, map_figure(trigger_map, colour_name, None), trigger_table(trigger_set), state, session
+        return {status: f"{len(trigger_set.triggers)} triggers of “{caption}”{replicated}.",
+                plot: map_figure(trigger_map, colour_name, None), table: trigger_table(trigger_set),
+                map_state: MapState(trigger_set, trigger_map, chosen), context.session: session}
 
     on_model(load_button.click, load, context,
              inputs=[image, source, method, colour, count, steps, eval_seeds, context.session],
              outputs=[status, plot, table, map_state, context.session], api_name="trigger_map_load")
 
-    def prepare(method_name: str) -> None:
-        # UMAP's first use in a process imports and compiles numba code (a minute of CPU on a busy laptop): start
-        # it when UMAP is picked, not at start-up, so that the app and its tests never pay for it unasked.
-        if method_name == "umap":
-            start_umap_warm_up()
-
     method.change(prepare, inputs=method, outputs=None, api_name="trigger_map_prepare")
 
-    stop_button.click(request_stop, inputs=context.session, outputs=status, api_name="trigger_map_stop")
-
-    def recolour(colour_name: str, state: MapState | None):
-        if state is None:
-            return gr.skip()
-        return map_figure(state.trigger_map, colour_name, state.selected)
-
+    on_stop(stop_button, context, status, VIEW)
     colour.change(recolour, inputs=[colour, map_state], outputs=plot, api_name="trigger_map_recolour")
-
-    def pick_row(selection: gr.SelectData) -> int:
-        return selection.index[0]
-
-    def loaded(state: MapState | None) -> MapState:
-        if state is None:
-            raise gr.Error("Load or build a trigger set first.")
-        return state
 
     def show(trigger: float | None, seed_count: float | None, colour_name: str, state: MapState | None,
              session: Session):
@@ -282,7 +307,8 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
         record, gallery, summary = generations(session_handle(context.models, session), session, state, chosen, seeds)
         session.records[SELECTED_VIEW] = record
         state.selected, state.shown = chosen, (gallery, summary)
-        return gallery, summary, map_figure(state.trigger_map, colour_name, chosen), state
+        return {selected: gallery, selected_summary: summary, plot: map_figure(state.trigger_map, colour_name, chosen),
+                map_state: state}
 
     show_inputs = [index, show_seeds, colour, map_state, context.session]
     show_outputs = [selected, selected_summary, plot, map_state]
@@ -290,20 +316,15 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
              outputs=show_outputs)
     on_model(show_button.click, show, context, inputs=show_inputs, outputs=show_outputs, api_name="trigger_map_show")
 
-    def pin(state: MapState | None):
-        if loaded(state).shown is None:
-            raise gr.Error("Select a trigger first (a row of the table).")
-        gallery, summary = state.shown
-        return gr.update(value=gallery, label=summary)
-
     pin_a.click(pin, inputs=map_state, outputs=pinned_a, api_name="trigger_map_pin_a")
     pin_b.click(pin, inputs=map_state, outputs=pinned_b, api_name="trigger_map_pin_b")
 
-    def refresh(session: Session):
+    def refresh(session: Session) -> dict:
         model = session_handle(context.models, session)
         names = [m.caption for m in model.memorized]
-        return gr.update(choices=names, value=names[0] if names else None), None, "", None, None, [], "", [], [], None
+        return {image: gr.update(choices=names, value=names[0] if names else None), map_state: None, status: "",
+                plot: None, table: None, selected: [], selected_summary: "", pinned_a: [], pinned_b: [], index: None}
 
-    context.on_model_change[VIEW] = (refresh, [image, map_state, status, plot, table, selected, selected_summary,
-                                               pinned_a, pinned_b, index])
+    context.refresh_on_model_change(VIEW, refresh, [image, map_state, status, plot, table, selected,
+                                                    selected_summary, pinned_a, pinned_b, index])
     return map_state

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import gradio as gr
 
-from analysis.bench.startup import free_port
+from analysis.bench import free_port
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
 
-from analysis.bench.startup import free_port
+from analysis.bench import free_port
 from analysis.export import RunRecord, compare_metrics, load_export
 from analysis.tasks import run_task
 from dori_ui import mitigate_tab

@@ -5,7 +5,7 @@ import json
 import pytest
 from gradio_client import Client
 
-from analysis.bench.startup import free_port
+from analysis.bench import free_port
 from analysis.export import compare_metrics
 from analysis.rerun import rerun
 from analysis.model import load_model

@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
-from analysis.bench.startup import free_port
+from analysis.bench import free_port
 from dori_ui.app import build_app, launch_options
 from dori_ui.session import ModelChoices
 from served import served

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from analysis.model import REPO_ROOT
 
-FRONT_ENDS = ("analysis.experiments", "analysis.bench", "analysis.demo", "analysis.cli", "analysis.__main__")
+FRONT_ENDS = ("analysis.experiments", "analysis.bench", "analysis.demo", "analysis.cli", "analysis.cli_parser",
+              "analysis.__main__")
 
 
 def module_name(path: Path) -> str:

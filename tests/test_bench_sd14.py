@@ -6,7 +6,8 @@ encoder, the latent target, the Dori search on it and the rows of the report.
 
 import torch
 
-from analysis.bench.__main__ import SD14_UNET_CONFIG, sd14_rows, sd14_unet_handle
+from analysis.bench import SD14_UNET_CONFIG
+from analysis.bench.__main__ import sd14_rows, sd14_unet_handle
 
 # SD v1.4's blocks, attention layout and cross-attention on 77 tokens, with few channels and a small latent.
 NARROW = dict(SD14_UNET_CONFIG, block_out_channels=(8, 8, 16, 16), norm_num_groups=4, attention_head_dim=2,

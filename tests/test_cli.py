@@ -11,9 +11,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from analysis.bench import SD14_UNET_CONFIG
 from analysis.bench import dori as dori_bench
 from analysis.bench import sampling as sampling_bench
-from analysis.bench.__main__ import SD14_UNET_CONFIG
 from analysis.cli import main, parse_seeds
 from analysis.dori import Start
 from analysis.export import load_export

@@ -1,8 +1,8 @@
-"""The mitigation experiment's saved masks are named by the weights they were fitted on."""
+"""Saved masks (those the mitigation experiment fits) are named by the weights they were fitted on."""
 
 import torch
 
-from analysis.experiments.mitigation import mask_file
+from analysis.localize.saved import mask_file
 from tiny_model import build_tiny_handle
 
 

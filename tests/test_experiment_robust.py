@@ -1,7 +1,7 @@
 """The robust-mitigation report's verdicts follow the measured figures, not fixed sentences."""
 
-from analysis.experiments.robust_mitigation import (FIDELITY_UNAFFECTED, HELD_OUT_UNAFFECTED, TARGET_DORI_REPLICATION,
-                                                    VARIANTS, variant_lines)
+from analysis.experiments.robust_mitigation_report import (FIDELITY_UNAFFECTED, HELD_OUT_UNAFFECTED,
+                                                           TARGET_DORI_REPLICATION, VARIANTS, variant_lines)
 
 
 def summary(dori: dict[str, float], similarity: dict[str, float], fidelity: dict[str, float]) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from gradio_client import Client
 
-from analysis.bench.startup import free_port
+from analysis.bench import free_port
 
 from analysis.export import RunRecord, compare_metrics, load_export, save_export
 from analysis.rerun import rerun

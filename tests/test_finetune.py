@@ -12,6 +12,7 @@ import torch
 from analysis import finetune
 from analysis.dori import DoriSearch
 from analysis.finetune import CHECKPOINT_FILE, AdversarialFineTuning, FineTuneProgress, trainable_parameters
+from analysis.finetune import surrogate, training  # modules whose names the monkeypatches replace
 from analysis.hooks import nemo_layers
 from analysis.model import load_model
 from analysis.sampling import SamplingCancelled, encode_prompts
@@ -147,7 +148,7 @@ def test_the_mitigated_surrogate_blocks_every_value_layer_when_no_single_layer_s
         image = torch.zeros_like(item.image) if mask.method == "every value layer" else item.image
         return image.expand(len(seeds), *item.image.shape).clone()
 
-    monkeypatch.setattr(finetune, "generate", fake_generate)
+    monkeypatch.setattr(surrogate, "generate", fake_generate)
     images, source = finetune.mitigated_surrogate(handle, item, "mitigated", seeds=[0, 1])
     assert source.startswith("every cross-attention value layer blocked")
     assert blocked.count("whole layer") == len(nemo_layers(handle.unet)) and blocked[-1] == "every value layer"
@@ -159,7 +160,7 @@ def test_the_denoising_loss_draws_noise_with_the_models_training_offset(handle, 
     images = torch.zeros(64, *handle.latent_shape)
     text = torch.zeros(64, 77, handle.text_encoder.config.hidden_size)
     drawn = []
-    monkeypatch.setattr(finetune, "predict_noise", lambda unet, x, t, y: (drawn.append(x) or torch.zeros_like(x), None))
+    monkeypatch.setattr(training, "predict_noise", lambda unet, x, t, y: (drawn.append(x) or torch.zeros_like(x), None))
     no_noise_schedule = lambda z0, noise, t: noise  # noqa: E731: x_t is the noise itself
     monkeypatch.setattr(handle.scheduler, "add_noise", no_noise_schedule)
     for offset in (0.0, 1.0):

@@ -105,10 +105,18 @@ def test_detectors_match_a_direct_computation(tiny_handle):
                                                                       GUIDANCE)[:, 0])
     direct = direct_attention(tiny_handle, prompts, seeds)
     token_means = torch.stack([torch.stack([layer.mean(dim=1) for layer in step]).mean(dim=0) for step in direct])
-    entropy = -(token_means * token_means.log()).sum(dim=-1)  # [steps, rows]
-    expected_entropy = entropy[entropy_steps(STEPS)].mean(dim=0).view(2, 2).mean(dim=1)
-    torch.testing.assert_close(scores["attention_entropy"].float(), expected_entropy, atol=1e-5, rtol=1e-5)
     ends = [end_token_index(tiny_handle, prompt) for prompt in prompts for _ in seeds]
+    # Ren et al.'s D (detect.py, mode "D"): the late steps' entropy, plus the growth of the end and padding tokens'
+    # part of it since the first step.
+    late = entropy_steps(STEPS)
+    expected_entropy = []
+    for row, end in enumerate(ends):
+        entropy = [-(a * a.log()).sum() for a in token_means[:, row]]
+        padding = [-(a[end:] * a[end:].log()).sum() for a in token_means[:, row]]
+        expected_entropy.append(sum(entropy[s] for s in late) / len(late) + sum(padding[s] for s in late) / len(late)
+                                - padding[0])
+    expected_entropy = torch.stack(expected_entropy).view(2, 2).mean(dim=1)
+    torch.testing.assert_close(scores["attention_entropy"].float(), expected_entropy, atol=1e-5, rtol=1e-5)
     expected_bright = token_means[-1][torch.arange(4), ends].view(2, 2).mean(dim=1)
     torch.testing.assert_close(scores["bright_ending"].float(), expected_bright, atol=1e-6, rtol=1e-5)
     assert entropy_steps(50) == list(range(40, 50))

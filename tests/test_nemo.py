@@ -5,9 +5,9 @@ import torch
 
 from analysis.hooks import nemo_layers
 from analysis.localize import nemo
-from analysis.localize.nemo import (SD14_THRESHOLD, DeltaReading, NeMo, delta_similarity, initial_selection,
-                                    max_ssim_with_other_seeds, noise_differences, refine, resolve_settings,
-                                    sd14_statistics, selected_neurons, selection_rounds)
+from analysis.localize.nemo import SD14_THRESHOLD, NeMo, resolve_settings, sd14_statistics
+from analysis.localize.nemo_delta import DeltaReading, delta_similarity, max_ssim_with_other_seeds, noise_differences
+from analysis.localize.nemo_selection import initial_selection, refine, selected_neurons, selection_rounds
 from analysis.metrics import ms_ssim
 from tiny_model import HELD_OUT_PROMPTS
 

@@ -8,7 +8,7 @@ import torch
 
 from analysis.dori import DoriSearch, Start
 from analysis.finetune import denoising_loss
-from analysis.localize.nemo import DeltaReading, noise_differences
+from analysis.localize.nemo_delta import DeltaReading, noise_differences
 from analysis.wen_score import wen_score
 from analysis.model import load_model
 from analysis.sampling import as_epsilon, encode_prompts, initial_noise, noise_generators, sample

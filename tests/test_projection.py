@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.projection import Projection, flatten_embeddings
+from analysis.projection import Projection, flatten_embeddings, import_umap, warm_up_in_background
 
 
 def clusters(n_per_cluster: int = 10, seed: int = 0) -> torch.Tensor:
@@ -85,3 +85,16 @@ def test_bad_settings_are_named():
     projection = Projection("pca", cache_dir=None).fit(clusters())
     with pytest.raises(ValueError, match="features"):
         projection.transform(torch.zeros(1, 4, 2))
+
+
+def test_umap_compiled_code_is_kept_on_disk():
+    # Every process would otherwise compile UMAP's fitting code again before its first map.
+    from numba.core.caching import NullCache
+
+    umap = import_umap()
+    assert not isinstance(umap.utils.fast_knn_indices._cache, NullCache)
+    assert not isinstance(umap.umap_.smooth_knn_dist._cache, NullCache)
+
+
+def test_the_background_warm_up_process_compiles_and_exits():
+    assert warm_up_in_background().wait(timeout=600) == 0

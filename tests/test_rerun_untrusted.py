@@ -15,6 +15,7 @@ import torch
 
 from analysis.cli import EXIT_BAD_INPUT, main
 from analysis.export import save_export
+from analysis.rerun import output_folder
 from analysis.tasks import run_task
 
 
@@ -68,12 +69,22 @@ def test_a_finetune_export_writes_only_inside_the_given_folder(tiny_model_folder
     outside = tmp_path / "elsewhere" / "run"
     zip_path = crafted(tmp_path / "ft.zip", {"config.json": json.dumps(dict(
         format=1, kind="finetune", model=str(tiny_model_folder),
-        config=dict(targets=[0], out_dir=str(outside)))).encode()})
+        config=dict(targets=[0], out_dir="../elsewhere/run"))).encode()})
     code, err = rerun_exit(capsys, zip_path, "--model", tiny_model_folder)
     assert_refused(code, err, "give a folder for its output")
     code, err = rerun_exit(capsys, zip_path, "--model", tiny_model_folder, "--out-dir", tmp_path / "mine")
     assert_refused(code, err, "outside the folder you gave")
     assert not outside.exists() and not (tmp_path / "mine").exists()
+
+
+def test_an_absolute_output_folder_of_another_machine_lands_inside_the_given_folder(tmp_path):
+    # An app's fine-tuning export names the app's own run folder.
+    mine = tmp_path / "mine"
+    assert output_folder(str(tmp_path / "server" / "runs" / "ab12"), mine) == mine.resolve() / "ab12"
+    assert output_folder(str(mine / "sub"), mine) == mine.resolve() / "sub"
+    assert output_folder("run", mine) == mine.resolve() / "run"
+    with pytest.raises(ValueError, match="outside the folder you gave"):
+        output_folder("/", mine)
 
 
 def test_too_many_seeds_are_refused_before_anything_runs(replicate_zip, tmp_path, capsys, tiny_model_folder):

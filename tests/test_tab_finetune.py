@@ -65,8 +65,8 @@ def test_finetune_then_switch_the_session_to_the_tuned_model(app_url, tiny_handl
 @pytest.mark.parametrize("arguments, message", [
     (([], *TINY_RUN), "Choose at least one image"),
     ((["not a memorized caption"], *TINY_RUN), "not in the list of choices"),
-    ((None, 0, 2, 2, 2, 2, 2, *SETTINGS), "Rounds must be a whole number from 1 to 10"),
-    ((None, 1, 2, 2, 2, 2, 17, *SETTINGS), "Evaluation seeds must be a whole number from 1 to 16"),
+    ((None, 0, 2, 2, 2, 2, 2, *SETTINGS), "Rounds must be a whole number from 1 to 100"),
+    ((None, 1, 2, 2, 2, 2, 65, *SETTINGS), "Evaluation seeds must be a whole number from 1 to 64"),
     ((None, *COUNTS, 0, *SETTINGS[1:]), "Learning rate must be a number in"),
     ((None, *COUNTS, *SETTINGS[:-1], 1), "decay \\(0 = off, else e.g. 0.99\\) must be a number in \\[0, 0.9999\\]"),
 ])

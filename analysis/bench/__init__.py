@@ -1,6 +1,7 @@
 """Timing benchmarks; each module runs as `python -m analysis.bench.NAME` and writes docs/results/bench_NAME.md.
 
-What they share: a stopwatch, target verdicts, and the markdown report with the machine and versions named.
+What they share: a stopwatch, target verdicts, the markdown report with the machine and versions named, the app
+started in its own process, and SD v1.4's UNet configuration.
 """
 
 from __future__ import annotations
@@ -8,13 +9,30 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
 import torch
 import transformers
+
+from analysis.model import REPO_ROOT
+
+START_TIMEOUT_S = 300
+# unet/config.json and scheduler/scheduler_config.json of CompVis/stable-diffusion-v1-4 (DDIM in place of PNDM).
+SD14_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, center_input_sample=False)
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -65,3 +83,48 @@ transformers {transformers.__version__}.
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report)
     print(f"\nwrote {path}")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_ready(url: str, server: subprocess.Popen) -> None:
+    """Poll `url` until it answers HTTP 200; RuntimeError if the app exits or takes longer than START_TIMEOUT_S."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the app exited with code {server.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the app did not answer at {url} within {START_TIMEOUT_S} s")
+
+
+@contextmanager
+def app_process(output=subprocess.DEVNULL, extra_args: Sequence[str] = (), env: dict | None = None) -> Iterator[str]:
+    """`python app.py` (on the bundled model unless `extra_args` name another) on a free port, until the block
+    ends: its URL, once it answers.
+
+    `output`: where the app's stdout and stderr go (a file, or DEVNULL); `env`: variables added to the app's.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu", *extra_args],
+                              cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    try:
+        wait_until_ready(url, server)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()

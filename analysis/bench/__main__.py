@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from analysis.bench import dori as dori_bench
 from analysis.bench import sampling as sampling_bench
-from analysis.bench import verdict, write_report
+from analysis.bench import SD14_UNET_CONFIG, verdict, write_report
 from analysis.dori import Start
 from analysis.model import ModelHandle, PassThroughCodec, load_model
 from analysis.sampling import encode_prompts
@@ -36,13 +36,7 @@ from analysis.sampling import encode_prompts
 GPU_SEARCH_SECONDS_TARGET = 4.0
 SEARCH_STEPS = 50
 
-# unet/config.json and scheduler/scheduler_config.json of CompVis/stable-diffusion-v1-4 (DDIM in place of PNDM).
-SD14_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, center_input_sample=False)
+# scheduler/scheduler_config.json of CompVis/stable-diffusion-v1-4 (DDIM in place of PNDM).
 SD14_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 SD14_TOKENS = 77

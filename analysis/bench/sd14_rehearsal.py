@@ -30,9 +30,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from analysis.bench import write_report
-from analysis.bench.__main__ import SD14_UNET_CONFIG
-from analysis.bench.startup import app_process
+from analysis.bench import SD14_UNET_CONFIG, app_process, write_report
 from analysis.hooks import nemo_layers
 from analysis.localize.nemo import reference_statistics
 from analysis.model import DEMO_MODEL_DIR, ModelHandle, load_model

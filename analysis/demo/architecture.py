@@ -30,8 +30,8 @@ UNET_CONFIG = dict(
     sample_size=RESOLUTION,
     in_channels=3,
     out_channels=3,
-    # One layer per block and no attention at full resolution keep a batch-8
-    # forward near 150 ms on 2 CPU cores (measured; 2 layers per block doubled it).
+    # One layer per block and no attention at full resolution keep the model
+    # interactive on a 2-core CPU (MODEL_CARD.md gives the measured costs).
     layers_per_block=1,
     block_out_channels=(32, 64, 128),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -28,9 +28,7 @@ import torch
 
 from analysis.detectors import DETECTORS, detector_scores, reference_scores
 from analysis.dispersion import reference_sets
-from analysis.experiments.dori import mask_of
-from analysis.experiments.mitigation import mask_file
-from analysis.masks import Mask
+from analysis.localize.saved import saved_mask
 from analysis.metrics import roc_auc
 from analysis.model import ModelHandle, load_model
 from analysis.timeline import denoising_timeline
@@ -48,16 +46,6 @@ def scores_of(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds
     parts = [detector_scores(handle, conditioning[start:start + CHUNK], seeds, handle.default_steps,
                              handle.default_guidance) for start in range(0, len(conditioning), CHUNK)]
     return {name: torch.cat([part[name] for part in parts]).tolist() for name in DETECTORS}
-
-
-def nemo_mask(handle: ModelHandle, index: int) -> Mask:
-    """The mitigation experiment's NeMo mask of image `index`, saved where that experiment keeps it."""
-    path = mask_file(handle, "nemo", index)
-    mask = mask_of(handle, "nemo", index)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mask.save(path)
-    return mask
 
 
 def aucs(positive: dict[str, list], negative: dict[str, list]) -> dict[str, float]:
@@ -157,7 +145,7 @@ def main(argv=None) -> None:
     for index, trigger_set in sets.items():
         count = len(trigger_set.embeddings)
         paired, offset = random[offset:offset + count], offset + count
-        with nemo_mask(handle, index).applied(handle):
+        with saved_mask(handle, "nemo", index, save=True).applied(handle):
             for collected, embeddings in ((under_nemo, trigger_set.embeddings), (random_under_nemo, paired)):
                 for name, values in scores_of(handle, embeddings, seeds).items():
                     collected[name] += values

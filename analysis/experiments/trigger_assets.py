@@ -5,11 +5,11 @@
 One folder per memorized image of the bundled model, `assets/triggers/image-{i}`
 (i: its position in `handle.memorized`), holding an `analysis.triggers`
 set: `--count` searches from `Start.random(i)`, each `--steps` Adam steps at
-lr 0.1 against the unmitigated model with `--batch-size` (ε, t) pairs per
+Dori's learning rate against the unmitigated model with `--batch-size` (ε, t) pairs per
 start and step, 16 starts batched per search; every trigger
 then generated with `--eval-seeds` seeds to store its replication rate. The
-defaults are sized for a shared 2-core CPU (about 20–30 minutes; the paper's
-per-start batch is 8) and keep the folder at a few MB. A rerun resumes what
+defaults are sized for a shared 2-core CPU (the paper's per-start batch is
+8) and keep the folder at a few MB. A rerun resumes what
 is there; `--count` larger than before needs a new folder (the set's config
 is part of its identity). `--image` limits the run to some images, e.g.
 `--image 0 --count 100` for the dispersion experiment's 100-trigger set.

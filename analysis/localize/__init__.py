@@ -2,6 +2,7 @@
 
 * `nemo.NeMo`: output neurons of cross-attention value projections (Hintersdorf et al. 2024).
 * `wanda.Wanda`: single feed-forward weights by Wanda importance (Chavhan et al. 2024).
+* `saved`: their masks of a model's memorized images, kept on disk per set of weights.
 
 Both follow one contract (`Localizer`), in the scikit-learn style: every
 setting, the reference prompts included, is an argument of `__init__`;
@@ -23,10 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.masks import Mask
-from analysis.model import REPO_ROOT, ModelHandle
+from analysis.model import ModelHandle
+from analysis.paths import RUNS_DIR
 from analysis.progress import Callback
 
-DEFAULT_CACHE_DIR = REPO_ROOT / "runs" / "localize_cache"
+DEFAULT_CACHE_DIR = RUNS_DIR / "localize_cache"
 
 
 class Localizer(Protocol):

@@ -22,12 +22,15 @@ Two groups of settings (`SETTINGS`), chosen per model by `settings="auto"`:
 "authors" (the authors' code; the default for latent Stable Diffusion models)
 and "pixel" (the bundled pixel-space demo model, where the authors' δ does not
 separate memorized from other captions). Any setting given explicitly wins.
+
+Here: the settings, the reference statistics and the estimator `NeMo`; δ and
+τ (step 2) are in `nemo_delta`, the selection and refinement (steps 3–4) in
+`nemo_selection`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,16 +39,15 @@ from torch import nn
 
 from analysis.hooks import MeanAbsOutput, hooked, nemo_layers, resolve_layers, zero_outputs
 from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, localizer_target, weights_checksum
+from analysis.localize.nemo_delta import (SCALES, DeltaReading, calibrate_threshold, delta_similarity,
+                                          max_ssim_with_other_seeds, noise_differences)
+from analysis.localize.nemo_selection import Blocked, SelectionRound, initial_selection, neuron_masks, refine
 from analysis.masks import Mask
-from analysis.metrics import ms_ssim
 from analysis.model import REPO_ROOT, ModelHandle
 from analysis.progress import Callback, report
-from analysis.sampling import (as_embeddings, as_epsilon, ddim_schedule, denoising_steps, encode_prompts,
-                               guided_noise, initial_noise, noise_generators, predict_noise)
+from analysis.sampling import as_embeddings, denoising_steps
 
 DEFAULT_SEEDS = tuple(range(10))
-SCALES = 3  # MS-SSIM scales, as in the authors' code
-DATA_RANGE = 1.0  # δ is min-max normalised to [0, 1]
 SETTINGS = {
     # The authors' code: x_T fed at the schedule's second timestep (t = 961 of SD's 50 DDIM steps), torchmetrics'
     # 11x11 Gaussian window, τ calibrated with guidance 7.
@@ -61,94 +63,6 @@ SD14_THRESHOLD = 0.428
 SD14_STATISTICS = REPO_ROOT / "assets" / "sd14_memorization" / "nemo_statistics_v1_4.safetensors"
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (μ, σ), each [out]
-Blocked = dict[str, list[int]]  # layer -> blocked neurons, in the order refinement visits them
-BlockedSimilarity = Callable[[Blocked], float]  # the criterion with these neurons blocked
-
-
-@dataclass(frozen=True)
-class DeltaReading:
-    """Where NeMo reads its noise difference δ = ε(x, t, y) − x."""
-
-    steps: int  # of the DDIM schedule
-    step_index: int  # t is the schedule's timestep number `step_index` (0-based)
-    advance_latents: bool  # x: the latents after `step_index` DDIM steps (True) or x_T itself (False, the authors')
-    guidance: float = 1.0  # 1: the text branch alone (the authors' "guidance 0")
-
-    def unet_rows(self, seeds: int) -> int:
-        """UNet rows one reading of one prompt with `seeds` seeds costs."""
-        return seeds * (self.step_index + 1 if self.advance_latents else 1) * (1 if self.guidance == 1.0 else 2)
-
-
-@torch.no_grad()
-def noise_differences(handle: ModelHandle, conditioning: list[str] | torch.Tensor, seeds: Sequence[int],
-                      reading: DeltaReading, batch_size: int | None = None) -> torch.Tensor:
-    """NeMo's δ for every (prompt, seed), item-major: `[n * len(seeds), C, h, w]` float32 in [0, 1].
-
-    Min–max normalised per image and channel, as the authors do. Forward hooks
-    active around the call act on every UNet evaluation it makes.
-    """
-    if not 0 <= reading.step_index < reading.steps:
-        raise ValueError(f"step_index must be in [0, {reading.steps}), got {reading.step_index}")
-    # δ compares the noise ε with x whatever the model predicts: a v-prediction model's output is converted.
-    if reading.advance_latents:
-        for step in denoising_steps(handle, conditioning, seeds, reading.steps, reading.guidance,
-                                    batch_size=batch_size):
-            if step.index == reading.step_index:  # the step's noise predictions are ε already
-                delta = guided_noise(step.noise_text, step.noise_uncond, reading.guidance) - step.latents
-                break
-    else:
-        text = as_embeddings(handle, conditioning)
-        scheduler = ddim_schedule(handle, reading.steps)
-        timestep = scheduler.timesteps[reading.step_index]
-        noise = initial_noise(handle, noise_generators([seed for _ in range(len(text)) for seed in seeds]))
-        x = noise * scheduler.init_noise_sigma
-        uncond = None if reading.guidance == 1.0 else encode_prompts(handle, [""])
-        noise_text, noise_uncond = predict_noise(handle.unet, scheduler.scale_model_input(x, timestep), timestep,
-                                                 text.repeat_interleave(len(seeds), dim=0), uncond, batch_size)
-        noise_text = as_epsilon(scheduler, noise_text, x, timestep)
-        noise_uncond = None if noise_uncond is None else as_epsilon(scheduler, noise_uncond, x, timestep)
-        delta = guided_noise(noise_text, noise_uncond, reading.guidance) - x
-    delta = delta.float()
-    low, high = delta.amin(dim=(2, 3), keepdim=True), delta.amax(dim=(2, 3), keepdim=True)
-    # A channel that is constant (never seen in practice) maps to 0 instead of 0/0.
-    return (delta - low) / (high - low).clamp_min(1e-12)
-
-
-def delta_similarity(a: torch.Tensor, b: torch.Tensor, window: int, scales: int = SCALES) -> torch.Tensor:
-    """MS-SSIM of δ pairs `[n, C, h, w]` each (in [0, 1], so data range 1): `[n]`."""
-    return ms_ssim(a, b, scales, window, data_range=DATA_RANGE)
-
-
-def max_ssim_with_other_seeds(deltas: torch.Tensor, window: int, scales: int = SCALES) -> torch.Tensor:
-    """For each δ of `[n, C, h, w]` (one prompt, n seeds), its highest MS-SSIM with any other: `[n]`."""
-    pairs = torch.combinations(torch.arange(len(deltas)), r=2)
-    similarities = delta_similarity(deltas[pairs[:, 0]], deltas[pairs[:, 1]], window, scales)
-    best = torch.full((len(deltas),), -1.0)
-    for column in (0, 1):
-        best = best.scatter_reduce(0, pairs[:, column], similarities, reduce="amax")
-    return best
-
-
-def calibrate_threshold(handle: ModelHandle, prompts: Sequence[str], seeds: Sequence[int], reading: DeltaReading,
-                        window: int, scales: int = SCALES, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                        batch_size: int | None = None) -> float:
-    """τ = mean + 1 std of the pairwise MS-SSIM between the δ of different seeds of each non-memorized prompt.
-
-    Cached per model weights, prompts, seeds, reading and similarity.
-    """
-    seeds = [int(seed) for seed in seeds]
-
-    def compute() -> dict[str, torch.Tensor]:
-        deltas = noise_differences(handle, list(prompts), seeds, reading, batch_size)
-        pairs = torch.combinations(torch.arange(len(seeds)), r=2)
-        similarities = torch.cat([delta_similarity(per_prompt[pairs[:, 0]], per_prompt[pairs[:, 1]], window, scales)
-                                  for per_prompt in deltas.split(len(seeds))])
-        return {"threshold": similarities.mean() + similarities.std()}
-
-    key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(prompts), seeds,
-                    [reading.steps, reading.step_index, reading.advance_latents, reading.guidance],
-                    f"ms_ssim-{scales}-{window}-range{DATA_RANGE}")
-    return cached(cache_dir, "nemo-threshold", key, compute)["threshold"].item()
 
 
 def reference_statistics(handle: ModelHandle, layers: dict[str, nn.Linear], prompts: Sequence[str],
@@ -198,17 +112,6 @@ def resolve_settings(handle: ModelHandle, settings: str, **given) -> dict:
         settings = "pixel" if handle.pixel_space else "authors"
     return dict(SETTINGS[settings], **{key: value for key, value in given.items() if value is not None},
                 name=settings)
-
-
-@dataclass
-class SelectionRound:
-    """One round of NeMo's initial selection."""
-
-    theta: float
-    k: int
-    similarity: float  # max over memorized seeds of MS-SSIM(δ unblocked, δ blocked)
-    neurons: dict[str, int]  # blocked neurons per layer
-
 
 class NeMo:
     """Find the value-layer neurons whose blocking stops a prompt's memorization.
@@ -355,89 +258,3 @@ class NeMo:
         return Mask(neuron_masks(blocked, layers), method="nemo", prompt=label, model=handle.name,
                     parameters=parameters)
 
-
-def neuron_masks(blocked: Blocked, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """Blocked neuron lists -> bool `[out]` per layer, True where blocked."""
-    masks = {}
-    for name, layer in layers.items():
-        masks[name] = torch.zeros(layer.out_features, dtype=torch.bool)
-        masks[name][blocked[name]] = True
-    return masks
-
-
-def selection_rounds(theta_start: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0) -> list[float]:
-    """θ of each round of the initial selection: θ_start, θ_start − step, … while above θ_min (at least one).
-
-    The authors' loop lowers θ after a round that misses τ and stops once θ
-    reaches θ_min, before evaluating it: from 5 by 0.25 that is 16 rounds, the
-    last at θ = 1.25.
-    """
-    if theta_step <= 0:
-        raise ValueError(f"theta_step must be positive, got {theta_step}")
-    rounds = [theta_start]
-    # A small tolerance so that 5 − 16·0.25 counts as reaching 1 despite rounding.
-    while theta_start - len(rounds) * theta_step > theta_min + 1e-9:
-        rounds.append(theta_start - len(rounds) * theta_step)
-    return rounds
-
-
-def selected_neurons(activations: torch.Tensor, z_scores: torch.Tensor, theta: float, k: int) -> list[int]:
-    """One layer's neurons blocked in a round, in the order of the authors' list: the outliers (z > θ) by index,
-    then the k most active from the most active down.
-
-    A neuron that is both is listed at its top-k place: the authors' list
-    holds it twice, and their refinement's first visit to it (removing one of
-    the two copies) leaves it blocked.
-    """
-    top = activations.topk(min(k, len(activations))).indices.tolist()
-    outliers = [i for i in (z_scores > theta).nonzero().flatten().tolist() if i not in top]
-    return outliers + top
-
-
-def initial_selection(activations: dict[str, torch.Tensor], z_scores: dict[str, torch.Tensor],
-                      similarity_when_blocked: BlockedSimilarity, threshold: float, theta_start: float = 5.0,
-                      theta_step: float = 0.25, theta_min: float = 1.0, callback: Callback | None = None,
-                      ) -> tuple[Blocked, float, list[SelectionRound]]:
-    """NeMo's initial selection: block outliers (z > θ) and the k most active neurons per layer, widening each round.
-
-    Round r (from 0) uses θ = `selection_rounds(...)`[r] and k = r; the
-    selection ends at the first round whose similarity (`similarity_when_blocked(blocked)`)
-    is ≤ `threshold`, or after the last round. Returns the last round's
-    blocked neurons per layer (in refinement's order), its similarity and every round.
-    """
-    thetas = selection_rounds(theta_start, theta_step, theta_min)
-    trace = []
-    for k, theta in enumerate(thetas):
-        blocked = {name: selected_neurons(activations[name], z_scores[name], theta, k) for name in activations}
-        similarity = similarity_when_blocked(blocked)
-        trace.append(SelectionRound(theta, k, similarity, {name: len(found) for name, found in blocked.items()}))
-        report(callback, "NeMo initial selection", k + 1, len(thetas),
-               f"θ={theta:.2f} k={k}: {sum(trace[-1].neurons.values())} neurons, MS-SSIM {similarity:.3f} "
-               f"(τ {threshold:.3f})")
-        if similarity <= threshold:
-            break
-    return blocked, similarity, trace
-
-
-def refine(blocked: Blocked, similarity: float, similarity_when_blocked: BlockedSimilarity, criterion: float,
-           callback: Callback | None = None) -> tuple[Blocked, float]:
-    """NeMo's refinement: unblock whole layers (last first), then single neurons (last layer first, each layer's in
-    its list order). A change is kept when the similarity is strictly below `criterion`."""
-    trials = 0
-
-    def keep_if_below(trial: Blocked, stage: str) -> None:
-        nonlocal blocked, similarity, trials
-        trial_similarity = similarity_when_blocked(trial)
-        if trial_similarity < criterion:
-            blocked, similarity = trial, trial_similarity
-        trials += 1
-        report(callback, "NeMo refinement", trials, None,
-               f"{stage}: {sum(map(len, blocked.values()))} neurons, MS-SSIM {similarity:.3f}")
-
-    for name in reversed(blocked):
-        if blocked[name]:
-            keep_if_below({**blocked, name: []}, "layers")
-    for name in reversed(blocked):
-        for neuron in list(blocked[name]):
-            keep_if_below({**blocked, name: [n for n in blocked[name] if n != neuron]}, "neurons")
-    return blocked, similarity

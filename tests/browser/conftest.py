@@ -7,12 +7,13 @@ DORI_REQUIRE_BROWSER=1 (set by `.ci/run`) makes that a failure.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
-from analysis.bench.startup import app_process
+from analysis.bench import app_process
 
 CHROMIUM = Path(os.environ.get("DORI_CHROMIUM", "/usr/bin/chromium"))
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -20,9 +21,7 @@ SCREENSHOTS = REPOSITORY / "docs" / "screenshots"
 
 
 def _missing_browser_reason() -> str | None:
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         return "the playwright package is not installed (pip install -e '.[test]')"
     if not CHROMIUM.is_file():
         return f"no chromium at {CHROMIUM} (apt-get install chromium, or set DORI_CHROMIUM)"
