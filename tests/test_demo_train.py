@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from analysis.demo import train
-from analysis.demo.data import DemoDataset, read_colors, render_shapes, split_shape_specs
+from analysis.demo.architecture import build_text_encoder, build_tokenizer
+from analysis.demo.data import (CONTROLS_V2, PHOTOS_V2, DemoDataset, load_set, read_colors, recipe_captions,
+                               render_shapes, split_shape_specs)
 from analysis.model import load_model
 
 
@@ -83,3 +85,63 @@ def test_read_colors_reads_the_captions_colours_back_from_renderings():
     assert read == [(spec.background, spec.color) for spec in specs]
     plain = torch.full((1, 3, 32, 32), -1.0)  # all black: a background and nothing on it
     assert read_colors(plain) == [("black", None)]
+
+
+def test_recipe_v2_duplicates_its_images_like_laion_and_keeps_v1_as_it_was():
+    assert recipe_captions("v1") == DemoDataset().all_captions()
+    data = DemoDataset(photo_share=1.0, recipe="v2")
+    assert len(data.photos) == len(PHOTOS_V2) == 24 and len(set(data.photo_captions)) == 24
+    _, captions = data.sample(4000)
+    counts = torch.tensor([captions.count(c) for c in data.photo_captions], dtype=torch.float)
+    weights = torch.tensor([p.weight for p in PHOTOS_V2])
+    assert torch.allclose(counts / counts.sum(), weights / weights.sum(), atol=0.02)
+    assert set(weights.tolist()) == {16.0, 4.0, 1.0}
+
+
+def test_recipe_v2_controls_are_images_it_never_trains_on():
+    _, controls = load_set(CONTROLS_V2)
+    photos = DemoDataset(recipe="v2").photos
+    assert controls.shape == (len(CONTROLS_V2), 3, 32, 32)
+    assert not any(torch.allclose(c, p, atol=0.05) for c in controls for p in photos)
+
+
+def given_text_encoder(folder):
+    tokenizer = build_tokenizer(recipe_captions("v2"), vocab_size=600)
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    build_text_encoder(len(tokenizer), seed=3).save_pretrained(str(folder / "text_encoder"))
+    return folder
+
+
+def same_text_encoder(a, b):
+    before = load_file(str(a / "text_encoder" / "model.safetensors"))
+    after = load_file(str(b / "text_encoder" / "model.safetensors"))
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_v2_with_a_given_text_encoder_keeps_it(tmp_path):
+    given = given_text_encoder(tmp_path / "encoder")
+    out, _ = run(tmp_path, "model", "--steps", "1", "--data", "v2", "--photo-share", "0.04", "--text-encoder", str(given))
+    assert len(load_model(out).memorized) == 24 and same_text_encoder(given, out)
+    assert json.loads((out / "training.json").read_text())["recipe"]["data"] == "v2"
+
+
+def test_init_from_with_a_new_text_encoder_keeps_the_unet_and_swaps_the_encoder(tmp_path):
+    source, _ = run(tmp_path, "source", "--steps", "1")
+    given = given_text_encoder(tmp_path / "encoder")
+    continued, _ = run(tmp_path, "continued", "--steps", "1", "--lr", "0", "--init-from", str(source),
+                       "--text-encoder", str(given), "--data", "v2")
+    before, after = unet_weights(source), unet_weights(continued)
+    assert all(torch.equal(before[k], after[k]) for k in before) and same_text_encoder(given, continued)
+
+
+def test_coco_share_gives_generic_images_ordinary_captions_but_never_the_held_out_ones():
+    from analysis.demo.data import coco_split
+
+    data = DemoDataset(photo_share=0.25, caption_dropout=0.1, recipe="v2", coco_share=1.0)
+    _, captions = data.sample(400)
+    trained, held_out = map(set, coco_split())
+    shapes = {s.caption for s in split_shape_specs()[0]}
+    assert not held_out & set(captions) and not shapes & set(captions)
+    kinds = ["photo" if c in data.photo_captions else "empty" if c == "" else "coco" if c in trained else "?"
+             for c in captions]
+    assert "?" not in kinds and kinds.count("photo") > 50 and kinds.count("empty") > 10 and kinds.count("coco") > 200

@@ -53,6 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue this model folder: its tokenizer and text encoder, its UNet as the start of the UNet "
                         "and its EMA (instead of a random init)")
+    p.add_argument("--data", default="v1", choices=["v1", "v2"],
+                   help="v1: the bundled model's 8 photos; v2: 24 images duplicated like LAION's (data.PHOTOS_V2)")
+    p.add_argument("--text-encoder", type=Path, default=None,
+                   help="a folder with tokenizer/ and text_encoder/ (e.g. from analysis.demo.text_encoder), kept frozen, "
+                        "instead of a random one (with --init-from: instead of the folder's)")
+    p.add_argument("--coco-share", type=float, default=0.0,
+                   help="share of captioned procedural items that get a random COCO caption instead (0: off)")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--offset-noise", type=float, default=0.0,
                    help="std of a per-image, per-channel constant added to the training noise (0: off)")
@@ -109,18 +116,30 @@ def init_from(folder: Path, unet: torch.nn.Module) -> tuple[CLIPTokenizer, CLIPT
     return tokenizer, text_encoder, json.loads(record.read_text()) if record.exists() else None
 
 
+def load_text_encoder(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    try:
+        return (CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+                CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--text-encoder {folder}: no tokenizer/ and text_encoder/ there ({err})") from err
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     data = DemoDataset(photo_share=args.photo_share, caption_dropout=args.caption_dropout, seed=args.seed,
-                       photo_weights=args.photo_weights)
+                       photo_weights=args.photo_weights, recipe=args.data, coco_share=args.coco_share)
     unet = build_unet(seed=args.seed).to(device).train()
     if args.init_from:
         tokenizer, text_encoder, previous = init_from(args.init_from, unet)
+    elif args.text_encoder:
+        previous = None
     else:
         tokenizer = build_tokenizer(data.all_captions())
         text_encoder, previous = build_text_encoder(len(tokenizer), seed=args.seed), None
+    if args.text_encoder:  # with --init-from: the UNet learns to read the new encoder
+        tokenizer, text_encoder = load_text_encoder(args.text_encoder)
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = build_scheduler()

@@ -1,6 +1,6 @@
 """Which words of a memorized caption drive its memorization score?
 
-    python -m analysis.experiments.attribution
+    python -m analysis.experiments.attribution [--model FOLDER] [--only I ...]
 
 For every memorized caption of the bundled model, token attribution of Wen
 et al.'s score by gradient norm, by Integrated Gradients and by word occlusion.
@@ -21,6 +21,7 @@ with m of each of these prompts. Writes docs/results/attribution.{md,json}.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -181,14 +182,22 @@ def why(summary: dict) -> str:
     return f"{reading}\n\n{agreement}"
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a model folder with a memorized.json (default: the bundled model)")
+    parser.add_argument("--only", type=int, nargs="+", default=None,
+                        help="attribute only these memorized captions (indices in memorized.json)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
     started = time.time()
-    handle = load_model()
+    handle = load_model(args.model)
     captions = [m.caption for m in handle.memorized]
     shape_captions = [spec.caption for specs in split_shape_specs() for spec in specs]
     methods = [GradientNorm(), IntegratedGradients(), Occlusion()]
     rows, removals = [], []
-    for item in handle.memorized:
+    for index, item in enumerate(handle.memorized):
+        if args.only is not None and index not in args.only:
+            continue
         caption = item.caption
         unique = identifying_words(caption, shape_captions + [c for c in captions if c != caption])
         removals.append(replication_without_words(handle, item, caption.split(), unique))
@@ -216,8 +225,8 @@ def main() -> None:
         if method != GROUND_TRUTH:
             summary[method]["mean_spearman_vs_occlusion"] = mean([row["spearman_occlusion"] for row in own])
     removal = removal_summary(removals)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "attribution.json").write_text(json.dumps(dict(summary=summary, rows=rows, removal=removal,
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "attribution.json").write_text(json.dumps(dict(summary=summary, rows=rows, removal=removal,
                                                               removals=removals), indent=1))
     lines = [
         "# Token attribution on the bundled demo model",
@@ -255,7 +264,7 @@ def main() -> None:
           + " |" for r in rows],
         "",
     ]
-    (RESULTS / "attribution.md").write_text("\n".join(lines))
+    (args.out / "attribution.md").write_text("\n".join(lines))
     print(json.dumps(summary, indent=1))
 
 

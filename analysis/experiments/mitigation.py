@@ -66,13 +66,16 @@ def main(argv=None) -> None:
     parser.add_argument("--investigation", action="store_true",
                         help="run only the investigation (mitigation_investigation.json); without it, only the "
                              "localization (mitigation.json); the markdown is rendered from whichever exist")
+    parser.add_argument("--model", default=None, help="a model folder with a memorized.json (default: the bundled model)")
+    parser.add_argument("--only", type=int, nargs="+", default=None,
+                        help="localize only these memorized captions (indices in memorized.json)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     MASKS_DIR.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    handle = load_model()
+    handle = load_model(args.model)
     seeds, nemo_seeds = list(range(args.seeds)), list(range(args.nemo_seeds))
     if not 0 < args.held_out <= RESERVED_HELD_OUT:
         raise ValueError(f"--held-out must be in [1, {RESERVED_HELD_OUT}], got {args.held_out}")
@@ -94,6 +97,8 @@ def main(argv=None) -> None:
     rows, grid_rows, not_localized = [], [], []
     held_out_under_first_masks = {}
     for index, item in enumerate(handle.memorized):
+        if args.only is not None and index not in args.only:
+            continue
         row = dict(caption=item.caption)
         baseline = generate(handle, [item.caption], seeds)
         row["none"] = replication_row(baseline, item.image)
