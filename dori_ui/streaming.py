@@ -186,6 +186,9 @@ def model_event(handler: Callable, context: AppContext) -> Callable:
             try:
                 while (item := await _until_stopped(session, deadline, next, steps, _END)) is not _END:
                     yield item
+            except SamplingCancelled:
+                _raise_if_timed_out(session, deadline, context)
+                raise gr.Error("Stopped.") from None
             finally:
                 await asyncio.to_thread(steps.close)  # runs its `finally`s (stream_task joins its worker there)
             _raise_if_timed_out(session, deadline, context)
