@@ -26,9 +26,12 @@ NEMO = dict(scales=1, window=7, steps=3, step_index=1, calibration_seeds=[0, 1])
 
 
 @pytest.fixture(scope="module")
-def handle(tiny_sd_folder, memorized_set_dir, reference_prompts_file, sscd_file):
+def handle(tiny_sd_folder, memorized_set_dir, reference_prompts_file, sscd_file, tmp_path_factory):
+    # A normal set, as a researcher passes with --normal: otherwise fine-tuning first generates 64 normal pairs at
+    # 50 steps (tests/test_normal.py covers that road).
+    normal = write_memorized_set(tmp_path_factory.mktemp("normal"), captions=["a field", "a street"])
     return open_model(str(tiny_sd_folder), memorized=str(memorized_set_dir),
-                      reference_prompts=str(reference_prompts_file), sscd=str(sscd_file))
+                      reference_prompts=str(reference_prompts_file), sscd=str(sscd_file), normal=str(normal))
 
 
 @pytest.fixture(scope="module")
