@@ -20,10 +20,12 @@ from analysis.settings import (DEFAULT_SEEDS, Mitigated, Sampling, Target, as_js
                                seeds_setting, setting, whole, whole_number)
 from analysis.task_settings import mitigated, mitigation_config, sampling_settings, target_settings
 
+RANDOM_START = {"kind": "random", "seed": 0, "scale": None}  # scale None: the empty prompt's spread (Start.random)
+
 
 @dataclass
 class AttackSettings(Mitigated, Sampling, Target):
-    starts: list[dict] = setting(({"kind": "random", "seed": 0},),
+    starts: list[dict] = setting((RANDOM_START,),
                                  "where the searches start: {'kind': 'random', 'seed', 'scale'}, "
                                  "{'kind': 'prompt', 'text'} or {'kind': 'embedding', 'input'}")
     search: dict | None = setting(None, "`DoriSearch`'s settings (null: its defaults)")
@@ -48,7 +50,7 @@ def _starts(specs, prompt: str, inputs: dict[str, torch.Tensor]) -> tuple[list[d
     for spec in specs:
         kind = spec.get("kind") if isinstance(spec, dict) else None
         if kind == "random":
-            spec = fill("random start", dict(kind="random", seed=0, scale=None), spec)
+            spec = fill("random start", dict(RANDOM_START), spec)
             scale = None if spec["scale"] is None else number("start scale", spec["scale"], 0)
             starts.append(Start.random(whole_number("start seed", spec["seed"]), scale))
         elif kind == "prompt":

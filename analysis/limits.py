@@ -19,5 +19,6 @@ MAX_PROMPT_CHARS = 1000  # a longer prompt is refused before it is tokenized
 # An embedding or image input beyond this magnitude is refused: CLIP token embeddings stay below a few hundred,
 # and a search from a start of 1e30 only returns NaN.
 MAX_INPUT_MAGNITUDE = 1e4
+MAX_GUIDANCE = 50  # the app's guidance fields (far above any useful scale)
 MAX_RUN_SECONDS = 1800  # the app's default limit on one request's run time (`app.py --max-run-seconds`)
 MAX_UPLOAD_BYTES = 64 * 2**20  # the app's limit on one uploaded file

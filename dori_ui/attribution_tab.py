@@ -10,6 +10,8 @@ from __future__ import annotations
 import gradio as gr
 import plotly.graph_objects as go
 
+from analysis.attribution import IntegratedGradients
+from analysis.attribution.common import OBJECTIVE_SEEDS
 from analysis.export import RunRecord
 from analysis.limits import MAX_DENOISING_STEPS as MAX_STEPS
 from analysis.limits import MAX_SEEDS
@@ -89,10 +91,10 @@ def build_attribution_tab(context: AppContext) -> None:
         method = gr.Radio(list(METHODS), value=next(iter(METHODS)), label="Method", scale=2,
                           elem_id="attribution-method")
     with gr.Row():
-        n_seeds = gr.Number(4, label=f"Seeds m(y) is averaged over (1–{MAX_SEEDS})", precision=None,
-                            elem_id="attribution-seeds")
-        ig_steps = gr.Number(32, label=f"Integrated Gradients steps (2–{MAX_STEPS})", precision=None,
-                             elem_id="attribution-ig-steps")
+        n_seeds = gr.Number(len(OBJECTIVE_SEEDS), label=f"Seeds m(y) is averaged over (1–{MAX_SEEDS})",
+                            precision=None, elem_id="attribution-seeds")
+        ig_steps = gr.Number(IntegratedGradients().n_steps, label=f"Integrated Gradients steps (2–{MAX_STEPS})",
+                             precision=None, elem_id="attribution-ig-steps")
         run_button = gr.Button("Attribute", variant="primary", elem_id="attribution-run")
     gr.Markdown(EXPLANATION)
     words = gr.HighlightedText(label="Words coloured by their score", show_legend=False,

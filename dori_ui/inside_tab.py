@@ -21,7 +21,7 @@ from analysis.export import RunRecord
 from analysis.hooks import cross_attention_layers
 from analysis.images import to_display
 from analysis.inside_tasks import DetectSettings
-from analysis.limits import MAX_SEED
+from analysis.limits import MAX_GUIDANCE, MAX_SEED
 from analysis.model import ModelHandle
 from analysis.settings import Sampling
 from analysis.triggers import METADATA_FILE, TriggerSet, shipped_set_folder
@@ -31,7 +31,6 @@ from dori_ui.session import (AppContext, Session, check_number, check_setting, c
 from dori_ui.streaming import on_model, report_to, run_or_error
 
 VIEW = "inside"
-MAX_GUIDANCE = 50
 CAPTION, TRIGGER, MITIGATED, HELD_OUT = "caption", "trigger", "caption under the mitigation", "held-out prompt"
 DETECTOR_NAMES = {"noise_gap": "Wen et al.'s noise gap", "attention_entropy": "attention entropy (Ren et al.)",
                   "bright_ending": "bright ending (Chen et al.)"}

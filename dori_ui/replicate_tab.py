@@ -18,7 +18,7 @@ import torch
 
 from analysis.export import RunRecord
 from analysis.images import to_display
-from analysis.limits import MAX_SEED
+from analysis.limits import MAX_GUIDANCE, MAX_SEED
 from analysis.model import REPO_ROOT, ModelHandle
 from analysis.replicate import training_images
 from analysis.replication_tasks import ReplicateSettings
@@ -29,7 +29,6 @@ from dori_ui.session import (AppContext, Session, check_number, check_prompt, ch
 from dori_ui.streaming import on_model, report_to, run_or_error
 
 VIEW = "replicate"
-MAX_GUIDANCE = 50
 # Wen et al. read the gap in the first steps, where it tells memorized prompts apart.
 PLOTTED_STEPS = 10
 SD14_PROMPTS = REPO_ROOT / "assets" / "sd14_memorization" / "memorized_laion_prompts.csv"

@@ -12,6 +12,7 @@ from analysis.wen_score import wen_magnitude
 from analysis.model import ModelHandle
 from analysis.sampling import encode_prompts, initial_noise, noise_generators
 
+OBJECTIVE_SEEDS = (0, 1, 2, 3)  # every method's default seeds for m(y)
 WORD_END = "</w>"  # CLIP's BPE marks the last piece of every word
 
 

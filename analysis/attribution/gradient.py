@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from analysis.attribution.common import TokenAttribution, memorization_objective, prompt_tokens, to_words
+from analysis.attribution.common import (OBJECTIVE_SEEDS, TokenAttribution, memorization_objective, prompt_tokens,
+                                         to_words)
 from analysis.model import ModelHandle
 from analysis.sampling import encode_prompts
 
@@ -17,7 +18,7 @@ class GradientNorm:
     docs/methods.md §3.
     """
 
-    def __init__(self, seeds: Sequence[int] = (0, 1, 2, 3)):
+    def __init__(self, seeds: Sequence[int] = OBJECTIVE_SEEDS):
         self.seeds = list(seeds)
 
     def attribute(self, handle: ModelHandle, prompt: str) -> TokenAttribution:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from captum.attr import LayerIntegratedGradients
 
-from analysis.attribution.common import TokenAttribution, memorization_objective, prompt_tokens, to_words
+from analysis.attribution.common import (OBJECTIVE_SEEDS, TokenAttribution, memorization_objective, prompt_tokens,
+                                         to_words)
 from analysis.model import ModelHandle
 
 
@@ -26,7 +27,7 @@ class IntegratedGradients:
     is from that. Scores are signed: a negative token lowers m.
     """
 
-    def __init__(self, seeds: Sequence[int] = (0, 1, 2, 3), n_steps: int = 32, internal_batch_size: int = 8):
+    def __init__(self, seeds: Sequence[int] = OBJECTIVE_SEEDS, n_steps: int = 32, internal_batch_size: int = 8):
         self.seeds = list(seeds)
         self.n_steps = n_steps
         self.internal_batch_size = internal_batch_size

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from analysis.attribution.common import TokenAttribution, memorization_objective, prompt_tokens
+from analysis.attribution.common import OBJECTIVE_SEEDS, TokenAttribution, memorization_objective, prompt_tokens
 from analysis.model import ModelHandle
 from analysis.sampling import encode_prompts
 
@@ -24,7 +24,7 @@ class Occlusion:
     one measurement rather than splitting it.
     """
 
-    def __init__(self, seeds: Sequence[int] = (0, 1, 2, 3)):
+    def __init__(self, seeds: Sequence[int] = OBJECTIVE_SEEDS):
         self.seeds = list(seeds)
 
     def attribute(self, handle: ModelHandle, prompt: str) -> TokenAttribution:
