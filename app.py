@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: the app computes in worker threads
-    from dori_ui.worker_threads import prepare_for_worker_threads
+    from analysis.worker_threads import prepare_for_worker_threads
 
     prepare_for_worker_threads()
 

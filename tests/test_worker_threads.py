@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from analysis.model import REPO_ROOT
-from dori_ui.worker_threads import OPENMP_SETTINGS, prepare_for_worker_threads
+from analysis.worker_threads import OPENMP_SETTINGS, prepare_for_worker_threads
 
 
 def test_the_openmp_settings_are_set_and_a_users_own_are_kept(monkeypatch):
@@ -32,7 +32,7 @@ def test_app_py_prepares_the_process_before_torch_loads():
     # app.py, run as `python app.py --help`, with the function wrapped to note whether torch was loaded by then.
     script = """
 import runpy, sys
-import dori_ui.worker_threads as worker_threads
+import analysis.worker_threads as worker_threads
 prepare = worker_threads.prepare_for_worker_threads
 def noting():
     print("torch loaded:", "torch" in sys.modules)

@@ -1,8 +1,8 @@
 """Process settings for running torch in worker threads on the CPU; `python app.py` applies them before torch loads.
 
 The app runs every computation in a worker thread (`dori_ui.streaming`), not in the main thread as the command
-line does. On glibc and libgomp (Linux) two process-wide defaults then slow torch on the CPU (measured in
-docs/results/bench_startup.md):
+line does. On glibc and libgomp (Linux) two process-wide defaults then slow torch on the CPU (measured by
+`python -m analysis.bench.worker_thread`, docs/results/bench_worker_thread.md):
 
 - glibc gives each thread its own malloc arena, whose heaps it trims and refills for every large tensor;
 - each thread that runs a parallel torch op gets its own OpenMP team. Once the teams hold more threads than
