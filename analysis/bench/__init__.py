@@ -6,6 +6,7 @@ started in its own process, and SD v1.4's UNet configuration.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -58,6 +59,17 @@ def cpu_model() -> str:
 
 def verdict(value: float, target: float, unit: str = "") -> str:
     return f"≤ {target:g}{unit}: {'met' if value <= target else 'NOT met'}"
+
+
+def parse_bench_args(argv, description: str, out: str, repeats_help: str) -> argparse.Namespace:
+    """A benchmark's command line: --repeats (default 5, the fewest for a recorded result) and --out (`out`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help=f"{repeats_help} (at least 5 for a recorded result)")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    return args
 
 
 def write_report(path: Path, title: str, command: str, setup: str, rows: list[tuple[str, str, str]],

@@ -24,14 +24,12 @@ Run it on a quiet machine: other processes on the cores change the numbers.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-from analysis.bench import app_process, seconds, verdict, write_report
+from analysis.bench import app_process, parse_bench_args, seconds, verdict, write_report
 from analysis.export import load_export
 from analysis.model import ModelHandle, load_model
 from analysis.tasks import run_task
@@ -75,12 +73,7 @@ def one_start(handle: ModelHandle, numba_cache: str) -> tuple[float, ...]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="app starts (at least 5 for a recorded result)")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/bench_startup.md"))
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    args = parse_bench_args(argv, __doc__, "docs/results/bench_startup.md", "app starts")
     # The prompt and settings the app starts with, and the engine's run of the app's search.
     handle = load_model()
     prompt, steps, guidance = handle.memorized[0].caption, handle.default_steps, handle.default_guidance

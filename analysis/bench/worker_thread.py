@@ -5,23 +5,21 @@ the search in the main thread (as the command line runs it); in a worker thread 
 thread (as the app leaves its threads); the same with `analysis.worker_threads.prepare_for_worker_threads`
 (what `python app.py` does).
 
-    python -m analysis.bench.worker_thread --repeats 3
+    python -m analysis.bench.worker_thread --repeats 5
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import torch
 
-from analysis.bench import seconds, write_report
+from analysis.bench import parse_bench_args, seconds, write_report
 from analysis.model import load_model
 from analysis.tasks import run_task
 
@@ -66,12 +64,8 @@ def run_case(case: str, repeats: int) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="searches per case, each case in its own process")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/bench_worker_thread.md"))
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    args = parse_bench_args(argv, __doc__, "docs/results/bench_worker_thread.md",
+                            "searches per case, each case in its own process")
     environment = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                                                                     "MALLOC_ARENA_MAX")}
     load_before = os.getloadavg()[0]
