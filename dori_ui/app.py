@@ -28,6 +28,11 @@ from dori_ui.trigger_map_tab import build_trigger_map_tab
 # Requests that may wait for the model; more are turned away with a "queue full" message.
 QUEUE_SIZE = 16
 CACHE_CLEANUP = (3600, 86400)  # (every, older than) in seconds: Gradio's copies of uploads and exports
+# How often Gradio's queue looks for a new event and for progress to send, in seconds. Gradio's own values (1 ms and
+# 10 ms; 50 ms and 100 ms on Windows) keep its event loop waking all the time, which took CPU from the model's
+# computations (docs/results/bench_queue_polling.md); these are its Windows values.
+QUEUE_POLL_S = 0.05
+PROGRESS_POLL_S = 0.1
 
 INTRODUCTION = """
 A text-to-image diffusion model can **memorize** some of its training images:
@@ -144,7 +149,18 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
                                        inputs=[memorized_choice, session], outputs=[session, header],
                                        api_name="switch_memorized"))
     app.queue(max_size=QUEUE_SIZE)
+    set_queue_polling(app, QUEUE_POLL_S, PROGRESS_POLL_S)
     return app
+
+
+def set_queue_polling(app: gr.Blocks, event_seconds: float, progress_seconds: float) -> None:
+    """Set how often `app`'s queue looks for a new event and for progress to send. Gradio has no setting for
+    these: they are attributes of its queue, so a Gradio that renamed them is refused here, not silently ignored."""
+    queue = app._queue
+    for name in ("sleep_when_free", "progress_update_sleep_when_free"):
+        if not isinstance(getattr(queue, name, None), float):
+            raise RuntimeError(f"Gradio {gr.__version__}'s queue has no {name}: update set_queue_polling")
+    queue.sleep_when_free, queue.progress_update_sleep_when_free = event_seconds, progress_seconds
 
 
 def launch_options(max_upload_bytes: int = MAX_UPLOAD_BYTES) -> dict:

@@ -21,7 +21,7 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
 from analysis.bench import free_port
-from dori_ui.app import build_app, launch_options
+from dori_ui.app import PROGRESS_POLL_S, QUEUE_POLL_S, build_app, launch_options, set_queue_polling
 from dori_ui.session import ModelChoices
 from served import served
 
@@ -297,3 +297,23 @@ def test_out_of_memory_in_a_view_is_a_message_and_the_app_stays_usable(app_url, 
         client.predict(*arguments, api_name=endpoint)
     monkeypatch.setattr(dori_ui.streaming, "run_task", real_run_task)
     assert len(replicate(client, caption, seeds=1)[0]) == 1
+
+
+def test_the_queue_polls_at_the_apps_intervals_which_are_what_gradios_loops_read(tiny_handle):
+    import inspect
+
+    from gradio.queueing import Queue
+
+    queue = build_app(tiny_handle)._queue
+    assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) == (QUEUE_POLL_S, PROGRESS_POLL_S)
+    # The attributes set are the ones Gradio's event and progress loops sleep on.
+    assert "asyncio.sleep(self.sleep_when_free)" in inspect.getsource(Queue.start_processing)
+    assert "asyncio.sleep(self.progress_update_sleep_when_free)" in inspect.getsource(Queue.start_progress_updates)
+
+
+def test_a_gradio_without_the_polling_attributes_is_refused():
+    class Blocks:
+        _queue = type("Queue", (), {})()
+
+    with pytest.raises(RuntimeError, match="has no sleep_when_free: update set_queue_polling"):
+        set_queue_polling(Blocks(), QUEUE_POLL_S, PROGRESS_POLL_S)
