@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from analysis.masks import Mask
 from analysis.model import ModelHandle
-from analysis.paths import RUNS_DIR
+from analysis.paths import RUNS_DIR, SHIPPED_CACHE_DIR
 from analysis.progress import Callback
 
 DEFAULT_CACHE_DIR = RUNS_DIR / "localize_cache"
@@ -42,10 +42,14 @@ class Localizer(Protocol):
 
 
 def weights_checksum(parameters: Iterable[torch.Tensor]) -> list[float]:
-    """Sum and sum of squares of the parameters: cheap, and changes when the weights do (e.g. after fine-tuning)."""
+    """Sum and sum of squares of the parameters: cheap, and changes when the weights do (e.g. after fine-tuning).
+
+    Rounded to 12 significant digits: the order of a sum's additions differs between CPUs (vector widths), and a
+    key must not, for the shipped caches to be found.
+    """
     with torch.no_grad():
         sums = [(p.double().sum().item(), p.double().square().sum().item()) for p in parameters]
-    return [sum(s for s, _ in sums), sum(q for _, q in sums)]
+    return [float(f"{total:.12g}") for total in (sum(s for s, _ in sums), sum(q for _, q in sums))]
 
 
 def cache_key(*parts) -> str:
@@ -55,15 +59,17 @@ def cache_key(*parts) -> str:
 
 def cached(cache_dir: str | Path | None, name: str, key: str,
            compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """`compute()`'s tensors, read from `{cache_dir}/{name}-{key}.safetensors` when present, else computed and written.
+    """`compute()`'s tensors, read from `{cache_dir}/{name}-{key}.safetensors` or from the same file among the bundled
+    model's shipped caches (`SHIPPED_CACHE_DIR`) when present, else computed and written to `cache_dir`.
 
     `cache_dir=None` disables the cache.
     """
     if cache_dir is None:
         return compute()
     path = Path(cache_dir) / f"{name}-{key}.safetensors"
-    if path.is_file():
-        return load_file(str(path))
+    for found in (path, SHIPPED_CACHE_DIR / path.name):
+        if found.is_file():
+            return load_file(str(found))
     tensors = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
