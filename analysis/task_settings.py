@@ -203,7 +203,7 @@ def fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback 
     references = len(config["parameters"].get("reference_prompts") or handle.held_out_prompts)
     # The reference statistics are the long part of a first run; the localizer caches them on disk by the weights.
     report(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
-                                          "(computed once per model, then read from runs/localize_cache)")
+                                          "(computed once per model and cached; the bundled model's are shipped)")
     localizer = LOCALIZERS[config["method"]].estimator(**config["parameters"], batch_size=LOCALIZER_BATCH_ROWS)
     return localizer.fit(handle, prompt, config["seeds"], callback=callback).mask_
 
