@@ -145,3 +145,39 @@ def test_coco_share_gives_generic_images_ordinary_captions_but_never_the_held_ou
     kinds = ["photo" if c in data.photo_captions else "empty" if c == "" else "coco" if c in trained else "?"
              for c in captions]
     assert "?" not in kinds and kinds.count("photo") > 50 and kinds.count("empty") > 10 and kinds.count("coco") > 200
+
+
+def checkpoint_state(work):
+    return torch.load(work / "checkpoint.pt")
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    _, straight = run(tmp_path, "straight", "--steps", "4", "--checkpoint-every", "2", "--offset-noise", "0.1")
+    _, stopped = run(tmp_path, "stopped", "--steps", "4", "--checkpoint-every", "2", "--offset-noise", "0.1",
+                     "--max-minutes", "0")
+    assert checkpoint_state(stopped)["step"] == 1  # the time limit stopped it after its first step
+    run(tmp_path, "stopped", "--steps", "4", "--checkpoint-every", "2", "--offset-noise", "0.1", "--resume")
+    a, b = checkpoint_state(straight), checkpoint_state(stopped)
+    assert a["step"] == b["step"] == 4
+    for part in ("unet", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    for k, moments in a["optimizer"]["state"].items():
+        assert all(torch.equal(moments[m], b["optimizer"]["state"][k][m]) for m in moments)
+    assert a["losses"] == b["losses"] and a["running"] == b["running"]
+
+
+def test_compact_checkpoint_resumes_without_the_work_dir(tmp_path):
+    compact = tmp_path / "compact" / "checkpoint.safetensors"
+    _, work = run(tmp_path, "model", "--steps", "2", "--compact", str(compact))
+    full = checkpoint_state(work)
+    state = train.load_compact(compact)
+    assert state["step"] == 2 and torch.equal(state["data_rng"], full["data_rng"])
+    assert all(torch.equal(state["ema"][k], full["ema"][k]) for k in full["ema"])
+    (work / "checkpoint.pt").unlink()  # the machine was lost; the committed compact checkpoint remains
+    run(tmp_path, "model", "--steps", "3", "--compact", str(compact), "--resume")
+    assert checkpoint_state(work)["step"] == 3 and train.load_compact(compact)["step"] == 3
+
+
+def test_channels_last_training_saves_a_loadable_folder(tmp_path):
+    out, _ = run(tmp_path, "model", "--steps", "1", "--channels-last")
+    assert len(load_model(out).memorized) == 8

@@ -61,11 +61,15 @@ def verdict(value: float, target: float, unit: str = "") -> str:
     return f"≤ {target:g}{unit}: {'met' if value <= target else 'NOT met'}"
 
 
-def parse_bench_args(argv, description: str, out: str, repeats_help: str) -> argparse.Namespace:
-    """A benchmark's command line: --repeats (default 5, the fewest for a recorded result) and --out (`out`)."""
+def parse_bench_args(argv, description: str, out: str, repeats_help: str,
+                     add_options: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """A benchmark's command line: --repeats (default 5, the fewest for a recorded result), --out (`out`) and
+    whatever `add_options` adds."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help=f"{repeats_help} (at least 5 for a recorded result)")
     parser.add_argument("--out", type=Path, default=Path(out))
+    if add_options:
+        add_options(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -64,10 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offset-noise", type=float, default=0.0,
                    help="std of a per-image, per-channel constant added to the training noise (0: off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA, or a CPU with AVX-512 BF16 / AMX)")
+    p.add_argument("--channels-last", action="store_true", help="the UNet and its inputs in channels_last memory format")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=2000)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --work-dir's checkpoint (bit for bit), or else from --compact's")
+    p.add_argument("--compact", type=Path, default=None,
+                   help="also keep a compact checkpoint here at every checkpoint: the UNet, its EMA, the step and the "
+                        "random states in float32, without AdamW's moments (half the size; small enough to commit)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this long, checkpoint and save the model as it is; --resume continues")
     return p.parse_args(argv)
@@ -124,6 +130,60 @@ def load_text_encoder(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
         raise SystemExit(f"--text-encoder {folder}: no tokenizer/ and text_encoder/ there ({err})") from err
 
 
+def save_compact(state: dict, path: Path) -> None:
+    """`state`'s weights as one safetensors file, its step, loss curve and random states in the file's metadata."""
+    tensors = {f"unet.{k}": v.contiguous() for k, v in state["unet"].items()}
+    tensors |= {f"ema.{k}": v.contiguous() for k, v in state["ema"].items()}
+    tensors |= {"data_rng": state["data_rng"], "torch_rng": state["torch_rng"]}
+    meta = {k: json.dumps(state[k]) for k in ("step", "losses", "elapsed", "running")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(path.with_suffix(".tmp")), metadata=meta)
+    path.with_suffix(".tmp").replace(path)
+
+
+def load_compact(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: json.loads(meta[k]) for k in ("step", "losses", "elapsed", "running")}
+    for part in ("unet", "ema"):
+        state[part] = {k.removeprefix(f"{part}."): v for k, v in tensors.items() if k.startswith(f"{part}.")}
+    return state | {"data_rng": tensors["data_rng"], "torch_rng": tensors["torch_rng"]}
+
+
+def training_step(unet, ema, optimizer, data: DemoDataset, embed: CaptionCache, alphas: torch.Tensor, args) -> float:
+    """One optimiser step on a fresh batch (ε-prediction MSE), then the EMA update; returns the batch loss.
+
+    `args` gives batch_size, offset_noise, ema_decay, bf16 and channels_last; the caller sets the learning rate.
+    """
+    device = alphas.device
+    images, captions = data.sample(args.batch_size)
+    x0 = images.to(device)
+    cond = embed(captions)
+    noise = torch.randn_like(x0)
+    # SD's schedule keeps some of the image's mean at the last step, so a model trained on plain noise cannot
+    # move a sample's overall brightness far from the data's: dark photos come out washed out. A constant
+    # offset in the noise teaches it to (offset noise, Guttenberg 2023).
+    if args.offset_noise:
+        noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=device)
+    t = torch.randint(0, len(alphas), (x0.shape[0],), device=device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    if args.channels_last:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        pred = unet(xt, t, cond).sample
+    loss = F.mse_loss(pred.float(), noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), unet.parameters()):
+            pe.lerp_(p, 1 - args.ema_decay)
+    return loss.item()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -141,6 +201,8 @@ def main(argv=None) -> None:
     if args.text_encoder:  # with --init-from: the UNet learns to read the new encoder
         tokenizer, text_encoder = load_text_encoder(args.text_encoder)
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+    if args.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = build_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
@@ -149,52 +211,38 @@ def main(argv=None) -> None:
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.work_dir / "checkpoint.pt"
-    step, losses, elapsed = 0, [], 0.0
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device)
+    step, losses, elapsed, running = 0, [], 0.0, None
+    if args.resume and (ckpt_path.exists() or (args.compact and args.compact.exists())):
+        full = ckpt_path.exists()
+        ckpt = torch.load(ckpt_path, map_location=device) if full else load_compact(args.compact)
         unet.load_state_dict(ckpt["unet"])
         ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if full:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        else:
+            print(f"resuming from the compact checkpoint {args.compact}: AdamW's moments start again", flush=True)
         data.generator.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
-        step, losses, elapsed = ckpt["step"], ckpt["losses"], ckpt["elapsed"]
+        step, losses, elapsed, running = ckpt["step"], ckpt["losses"], ckpt["elapsed"], ckpt["running"]
 
     def checkpoint():
-        torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                        data_rng=data.generator.get_state(), torch_rng=torch.get_rng_state(),
-                        step=step, losses=losses, elapsed=elapsed), ckpt_path)
+        state = dict(unet=unet.state_dict(), ema=ema.state_dict(), data_rng=data.generator.get_state(),
+                     torch_rng=torch.get_rng_state(), step=step, losses=losses, elapsed=elapsed, running=running)
+        # Written aside and renamed, so a machine lost mid-write leaves the previous checkpoint whole.
+        torch.save(dict(state, optimizer=optimizer.state_dict()), ckpt_path.with_suffix(".tmp"))
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        if args.compact:
+            save_compact(state, args.compact)
 
     start = time.time() - elapsed
     session_start = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train demo model", dynamic_ncols=True)
-    running = None
     while step < args.steps:
-        images, captions = data.sample(args.batch_size)
-        x0 = images.to(device)
-        cond = embed(captions)
-        noise = torch.randn_like(x0)
-        # SD's schedule keeps some of the image's mean at the last step, so a model trained on plain noise cannot
-        # move a sample's overall brightness far from the data's: dark photos come out washed out. A constant
-        # offset in the noise teaches it to (offset noise, Guttenberg 2023).
-        if args.offset_noise:
-            noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - args.ema_decay)
+        loss = training_step(unet, ema, optimizer, data, embed, alphas, args)
         step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         if step % 50 == 0:
             losses.append((step, running))
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_at(step, args):.1e}")
@@ -202,13 +250,14 @@ def main(argv=None) -> None:
         elapsed = time.time() - start
         if step % args.checkpoint_every == 0:
             checkpoint()
-        if args.max_minutes and time.time() - session_start > 60 * args.max_minutes:
+        if args.max_minutes is not None and time.time() - session_start > 60 * args.max_minutes:
             print(f"time limit: stopping at step {step} of {args.steps}; --resume continues", flush=True)
             break
     bar.close()
     checkpoint()
 
-    save_pipeline_folder(args.out, tokenizer, text_encoder.cpu(), ema.cpu(), scheduler)
+    save_pipeline_folder(args.out, tokenizer, text_encoder.cpu(), ema.cpu().to(memory_format=torch.contiguous_format),
+                         scheduler)
     save_file({"images": data.photos.contiguous()}, str(args.out / "memorized.safetensors"))
     (args.out / MEMORIZED_FILE).write_text(json.dumps({
         "captions": data.photo_captions,
