@@ -3,6 +3,7 @@
 import pytest
 
 from analysis.demo import probes, train
+from analysis.demo.data import CONTROLS_V2, load_photos, load_set
 from analysis.model import load_model
 
 
@@ -14,9 +15,12 @@ def v2_model(tmp_path_factory):
     return load_model(root / "model")
 
 
-def test_dori_toward_a_control_reports_before_and_after(v2_model):
-    rows = probes.dori_controls(v2_model, [6], steps=1)
-    (row,) = rows.values()
+@pytest.mark.parametrize("images", [load_set(CONTROLS_V2), load_photos(recipe="v1")], ids=["control", "v1 photo"])
+def test_dori_toward_an_image_reports_before_and_after(v2_model, images):
+    captions, tensors = images
+    rows = probes.dori_toward(v2_model, captions, tensors, [1], steps=1)
+    assert list(rows) == [captions[1]]
+    row = rows[captions[1]]
     assert set(row) == {"rate_before", "similarity_before", "rate", "similarity"} and 0 <= row["rate"] <= 1
 
 

@@ -3,6 +3,8 @@
     python -m analysis.demo.probes --model runs/demo_v2_warm --out runs/demo_v2_warm_results [--wanda 3 9]
 
 * controls: a 50-step Dori search from each chosen v2 control's caption toward that never-trained image;
+* v1 photos (`--v1-photos`): the same toward the bundled v1 model's photos with their v1 captions, to tell whether
+  a UNet warm-started from v1 and trained without them has forgotten them (reached like a control: forgotten);
 * Wanda + Dori: for memorized images `--wanda`, the Wanda mask the mitigation experiment saved for them on these
   weights, then a 50-step Dori search under it;
 * generic captions: the last 20 COCO captions and a few short prompts, replication of the nearest memorized image.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.demo.data import CONTROLS_V2, coco_split, load_set
+from analysis.demo.data import CONTROLS_V2, coco_split, load_photos, load_set
 from analysis.dori import DoriSearch, Start, evaluate
 from analysis.experiments.mitigation import mask_file
 from analysis.masks import Mask
@@ -30,8 +32,9 @@ SEEDS = [0, 1, 2, 3]
 SHORT_PROMPTS = ["a photo of the", "a photo of a man", "a close up of a cat", "a black background"]
 
 
-def dori_controls(handle: ModelHandle, indices: list[int], steps: int) -> dict:
-    captions, images = load_set(CONTROLS_V2)
+def dori_toward(handle: ModelHandle, captions: list[str], images: torch.Tensor, indices: list[int],
+                steps: int) -> dict:
+    """A Dori search from each chosen caption's embedding toward its image: replication before and after."""
     rows = {}
     for i in indices:
         result = DoriSearch(steps=steps).fit(handle, images[i], [Start.prompt(captions[i])], prompt=captions[i])
@@ -80,12 +83,14 @@ def main(argv=None) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--controls", type=int, nargs="*", default=[0, 1, 6], help="indices in data.CONTROLS_V2")
+    parser.add_argument("--v1-photos", type=int, nargs="*", default=[], help="indices of the v1 recipe's photos")
     parser.add_argument("--wanda", type=int, nargs="*", default=[], help="memorized images for Wanda + Dori")
     parser.add_argument("--steps", type=int, default=50, help="Dori steps")
     args = parser.parse_args(argv)
     handle = load_model(args.model)
     result = dict(model=args.model, seeds=SEEDS, dori_steps=args.steps,
-                  controls=dori_controls(handle, args.controls, args.steps),
+                  controls=dori_toward(handle, *load_set(CONTROLS_V2), args.controls, args.steps),
+                  v1_photos=dori_toward(handle, *load_photos(recipe="v1"), args.v1_photos, args.steps),
                   wanda_dori=wanda_dori(handle, args.wanda, args.steps), generic=generic_captions(handle))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "probes.json").write_text(json.dumps(result, indent=1))
