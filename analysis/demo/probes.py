@@ -22,7 +22,7 @@ import torch
 
 from analysis.demo.data import CONTROLS_V2, coco_split, load_photos, load_set
 from analysis.dori import DoriSearch, Start, evaluate
-from analysis.experiments.mitigation import mask_file
+from analysis.localize.saved import mask_file
 from analysis.masks import Mask
 from analysis.metrics import REPLICATION_THRESHOLD, similarity_matrix
 from analysis.model import ModelHandle, load_model
