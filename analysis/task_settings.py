@@ -8,6 +8,7 @@ Every function raises ValueError naming the bad value.
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ def method_parameters(what: str, methods: dict[str, Method], config: dict) -> di
     if method not in methods:
         raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(methods)}")
     return dict(method=method, parameters=as_json(fill(f"{method} parameter", methods[method].defaults(),
-                                                       config.get("parameters"))))
+                                                       config.get("parameters"), typed=True)))
 
 
 def sampling_settings(handle: ModelHandle, config: dict) -> dict:
@@ -135,6 +136,9 @@ def target_settings(handle: ModelHandle, config: dict, inputs: dict[str, torch.T
         raise ValueError(f"the prompt must be a non-empty string, got {shown(prompt)}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    if config["prompt"] is not None and any(unicodedata.category(character) == "Cc" for character in prompt):
+        # As the app refuses it; a set's caption is the set's to check (`analysis.memorized`).
+        raise ValueError(f"the prompt holds control characters (such as a newline, tab or NUL): {shown(prompt)}")
     if need_image and image is None:
         raise ValueError("this analysis needs a target image: give 'image' (a training image's index) "
                          "or a 'target' input")

@@ -53,7 +53,7 @@ def run_trigger_map(handle: ModelHandle, config: dict, inputs: dict, callback: C
     target, prompt, image = target_settings(handle, config, inputs, need_image=False)
     triggers = embeddings_input(handle, inputs, "triggers", 1)
     count = len(triggers)
-    parameters = as_json(fill("projection parameter", PROJECTION.defaults(), config["parameters"]))
+    parameters = as_json(fill("projection parameter", PROJECTION.defaults(), config["parameters"], typed=True))
     whole_number("the projection's seed", parameters["seed"])
     projection = Projection(config["method"], **parameters)
     start_kinds = ["random"] * count if config["start_kinds"] is None else config["start_kinds"]
