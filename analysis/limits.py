@@ -2,7 +2,7 @@
 `dori rerun` of an export all share them (the app's fields show the same ranges).
 
 They bound what a single request can cost, not what the engine's Python API can do: experiments call the
-analyses directly, without them.
+analyses directly, without them. README's "Limits" table lists them all.
 """
 
 MAX_SEEDS = 64  # seeds of one generation, evaluation or localizer criterion
