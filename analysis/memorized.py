@@ -103,6 +103,14 @@ def _text(path: Path) -> str:
         raise MemorizedSetError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
+def _json(path: Path, error: type[ValueError]):
+    """The JSON value in `path`; `error` naming the file when it is not readable JSON (or nested too deeply)."""
+    try:
+        return json.loads(_text(path))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise error(f"{path}: not readable JSON ({type(err).__name__})") from None
+
+
 def _too_many(path: Path, count: int) -> None:
     if count > MAX_SET_ROWS:
         raise MemorizedSetError(f"{path}: more than {MAX_SET_ROWS} rows; a memorized set holds at most {MAX_SET_ROWS} "
@@ -192,10 +200,7 @@ def read_sidecar(folder: Path) -> tuple[Path, dict]:
     """A model folder's `memorized.json` as a JSON object, read only when it lies inside `folder`; MemorizedSetError
     naming the file otherwise."""
     path = set_file(folder, MEMORIZED_FILE, str(folder), "sidecar")
-    try:
-        meta = json.loads(_text(path))
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise MemorizedSetError(f"{path}: not readable JSON ({type(err).__name__})") from None
+    meta = _json(path, MemorizedSetError)
     if not isinstance(meta, dict):
         raise MemorizedSetError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
     return folder / MEMORIZED_FILE, meta
@@ -260,10 +265,7 @@ def read_table(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no prompt list at {path}")
     if path.suffix == ".json":
-        try:
-            rows = json.loads(_text(path))
-        except (json.JSONDecodeError, RecursionError) as err:
-            raise ValueError(f"{path}: not readable JSON ({type(err).__name__})") from None
+        rows = _json(path, ValueError)
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a JSON prompt list is a list of prompts or of objects")
         return [row if isinstance(row, dict) else dict(prompt=row) for row in rows]

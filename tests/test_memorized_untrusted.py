@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from tiny_sd import write_metadata_csv
 
 from analysis import memorized
 from analysis.cli import main
@@ -19,19 +20,12 @@ from dori_ui.session import ModelChoices
 SECRET = "secret-words-from-outside-the-set"
 
 
-def write_rows(folder, rows, columns=("file_name", "text")):
-    with open(folder / "metadata.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(columns)
-        writer.writerows(rows)
-
-
 def imagefolder_case(tmp_path, memorized_set_dir, case):
     folder = tmp_path / "set"
     shutil.copytree(memorized_set_dir, folder)
     (tmp_path / "outside.csv").write_text(f"file_name,text\nimage0.png,{SECRET}\n")
     if case == "field over the CSV limit":
-        write_rows(folder, [["image0.png", "fine"], ["image1.png", "x" * (csv.field_size_limit() + 1)]])
+        write_metadata_csv(folder, [["image0.png", "fine"], ["image1.png", "x" * (csv.field_size_limit() + 1)]])
     elif case == "deeply nested JSONL":
         (folder / "metadata.csv").unlink()
         (folder / "metadata.jsonl").write_text(json.dumps(dict(file_name="image0.png", text="fine")) + "\n"
@@ -39,17 +33,17 @@ def imagefolder_case(tmp_path, memorized_set_dir, case):
     elif case == "non-UTF-8 metadata":
         (folder / "metadata.csv").write_bytes(b"file_name,text\nimage0.png,caf\xe9\n")
     elif case == "NUL in a caption":
-        write_rows(folder, [["image0.png", "fine"], ["image1.png", "a photo\x00of a dog"]])
+        write_metadata_csv(folder, [["image0.png", "fine"], ["image1.png", "a photo\x00of a dog"]])
     elif case == "too many rows":
-        write_rows(folder, [["image0.png", f"caption {i}"] for i in range(MAX_SET_ROWS + 1)])
+        write_metadata_csv(folder, [["image0.png", f"caption {i}"] for i in range(MAX_SET_ROWS + 1)])
     elif case == "more fields than columns":
-        write_rows(folder, [["image0.png", "fine"], ["image1.png", "a dog", "extra"]])
+        write_metadata_csv(folder, [["image0.png", "fine"], ["image1.png", "a dog", "extra"]])
     elif case == "symlinked metadata":
         (folder / "metadata.csv").unlink()
         (folder / "metadata.csv").symlink_to(tmp_path / "outside.csv")
     elif case == "image outside":
         shutil.copy(memorized_set_dir / "image0.png", tmp_path / "outside.png")
-        write_rows(folder, [["../outside.png", "fine"]])
+        write_metadata_csv(folder, [["../outside.png", "fine"]])
     return folder
 
 
