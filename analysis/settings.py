@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 
 from analysis.limits import MAX_DENOISING_STEPS, MAX_SEED, MAX_SEEDS
@@ -116,10 +115,8 @@ def as_json(value):
     return json.loads(json.dumps(value))
 
 
-def fill(what: str, defaults: dict, given: dict | None, typed: bool = False) -> dict:
-    """The defaults updated with what was given; unknown settings refused. `typed`: a setting whose default is a
-    number must be given a finite number, one whose default is true or false a boolean (an estimator's
-    parameters, which its constructor takes unchecked)."""
+def fill(what: str, defaults: dict, given: dict | None) -> dict:
+    """The defaults updated with what was given; unknown settings refused."""
     if given is None:
         given = {}
     if not isinstance(given, dict):
@@ -127,13 +124,6 @@ def fill(what: str, defaults: dict, given: dict | None, typed: bool = False) -> 
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(defaults)}")
-    for key, value in given.items() if typed else ():
-        default = defaults[key]
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{what} {key} must be true or false, got {shown(value)}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise ValueError(f"{what} {key} must be a finite number, got {shown(value)}")
     return {**defaults, **given}
 
 
