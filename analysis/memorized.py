@@ -16,8 +16,13 @@ Every image is converted to RGB, centre-cropped to a square and resized
 that need a latent target (Dori, fine-tuning) encode it with the model's VAE
 once per run (`ModelHandle.encode_images`). A set with a missing metadata file
 or column, a missing or undecodable image, an empty caption, a caption longer
-than the tokenizer reads, or no rows raises `MemorizedSetError` naming the
-file and row; nothing is returned half-loaded.
+than the tokenizer reads or holding a NUL, no rows, an unreadable file (not
+UTF-8, a CSV field over csv's limit, JSON nested too deeply, a sidecar missing
+keys or of the wrong type), more than `MAX_SET_ROWS` rows or an image over
+`MAX_SET_IMAGE_PIXELS` raises `MemorizedSetError` naming the file and row;
+nothing is returned half-loaded. A set is not trusted: every file it names
+(`file_name`, the sidecar's `images_file`) and its metadata file itself must
+lie inside its folder, symlinks followed, before anything is read from them.
 
 `read_prompt_list(path)` reads a prompt list (CSV or JSON); `REFERENCE_PROMPTS_FILE`, the 500 LAION prompts
 SD v1.4 does not memorize, is every model's non-memorized reference set unless it has its own.
