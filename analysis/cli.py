@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -180,8 +182,6 @@ def trigger_set_settings(args, handle: ModelHandle) -> tuple[dict, dict[str, tor
     config, inputs = map_settings(handle, TriggerSet.load(args.folder))
     if args.command == "map":
         return config, inputs
-    if args.count is not None and args.count < 2:
-        raise BadInput(f"--count must be at least 2, got {args.count}")
     return dict(image=config["image"]), {"triggers": inputs["triggers"][:args.count]}
 
 
@@ -259,8 +259,6 @@ def cmd_triggers(args, progress: ProgressBars) -> int:
     handle = _load(args)
     if not 0 <= args.image < len(handle.memorized):
         raise BadInput(f"--image {args.image} does not exist: the model has {len(handle.memorized)} memorized images")
-    if args.count < 1 or args.starts_per_batch < 1:
-        raise BadInput(f"--count and --starts-per-batch must be at least 1, got {args.count}, {args.starts_per_batch}")
 
     def report(event) -> None:
         progress(TaskProgress("triggers", event.finished + event.step.index / event.step.total, event.total))
@@ -292,10 +290,9 @@ def cmd_campaign(args, progress: ProgressBars) -> int:
 
 
 def cmd_memorized(args, progress: ProgressBars) -> int:
-    if args.limit is not None and args.limit < 1 or args.retries < 0 or args.timeout <= 0 or args.max_mb <= 0:
-        raise BadInput("--limit, --timeout and --max-mb must be positive and --retries at least 0")
     report = fetch_memorized(args.prompts, args.folder, verbatim_only=args.verbatim_only, limit=args.limit,
                              timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 2**20),
+                             deadline=args.deadline,
                              callback=lambda event: progress(TaskProgress("fetch", event.done, event.total,
                                                                           event.failure or "")))
     progress.close()
@@ -307,10 +304,50 @@ def cmd_memorized(args, progress: ProgressBars) -> int:
 COMMANDS = {"rerun": cmd_rerun, "triggers": cmd_triggers, "campaign": cmd_campaign, "memorized": cmd_memorized}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    progress = ProgressBars(enabled=not args.quiet)
+# Where a command writes: a file (--out, --export, --save-mask) or a folder it fills (--folder of `triggers` and
+# `memorized fetch`, --out-dir of `finetune` and `campaign`).
+OUTPUT_FILES = ("out", "export", "save_mask")
+OUTPUT_FOLDERS = {"triggers": "folder", "memorized": "folder", "finetune": "out_dir", "campaign": "out_dir"}
+
+
+def writable_folder(folder: Path, flag: str) -> None:
+    """BadInput unless `folder` is (or can be made) a folder this process can write in: checked before a model
+    loads, so that an unwritable place does not fail a run at its end."""
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise BadInput(f"{flag} {folder}: cannot write there ({err.strerror or type(err).__name__})") from None
+
+
+def check_outputs(args) -> None:
+    """BadInput for an output file that is a folder or lies under a file, and for an unwritable output folder."""
+    for name in OUTPUT_FILES:
+        path = getattr(args, name, None)
+        flag = "--" + name.replace("_", "-")
+        if path is not None and (path.is_dir() or any(parent.exists() and not parent.is_dir()
+                                                      for parent in path.parents)):
+            raise BadInput(f"{flag} {path}: give a file name (a folder, or a path under a file, cannot be written)")
+    folder = OUTPUT_FOLDERS.get(args.command)
+    if folder is not None:
+        writable_folder(getattr(args, folder), "--" + folder.replace("_", "-"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0), or an argument error whose one line argparse printed (2)
+        return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
+    progress = ProgressBars(enabled=not args.quiet)
+    if args.quiet:  # also the bars transformers and diffusers show while loading weights
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+    try:
+        check_outputs(args)
         return COMMANDS.get(args.command, cmd_task)(args, progress)
     except (ValueError, FileNotFoundError, ModelLoadError) as err:
         progress.close()

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from analysis.dori import DoriSearch
 from analysis.dori_tasks import AttackSettings, FinetuneSettings
-from analysis.fetch import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
+from analysis.fetch import DEFAULT_DEADLINE_S, DEFAULT_MAX_BYTES, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
 from analysis.hooks import KINDS
 from analysis.inside_tasks import AttentionSettings, DetectSettings, TimelineSettings
-from analysis.limits import MAX_SEED, MAX_SEEDS
+from analysis.limits import (MAX_FETCH_BYTES, MAX_FETCH_RETRIES, MAX_FETCH_SECONDS, MAX_LOCALIZED_TRIGGERS, MAX_SEED,
+                             MAX_SEEDS, MAX_STARTS)
 from analysis.memorized import SD14_MEMORIZED_FILE
 from analysis.metrics import SSCD_THRESHOLD
 from analysis.projection import METHODS
@@ -73,21 +75,33 @@ def parse_parameter(text: str) -> tuple[str, object]:
 
 
 class Bounded:
-    """An argparse type: a whole number (`int`) or a number (`float`) within a setting's range."""
+    """An argparse type: a whole number (`int`) or a finite number (`float`) within a setting's range (above `low`,
+    not at it, when `above`)."""
 
-    def __init__(self, kind: type, low: float | None, high: float | None):
-        self.kind, self.low, self.high = kind, low, high
+    def __init__(self, kind: type, low: float | None, high: float | None, above: bool = False):
+        self.kind, self.low, self.high, self.above = kind, low, high, above
 
     def __call__(self, text: str):
         try:
             value = self.kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {self.kind.__name__}, got {text!r}") from None
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            bound = f"from {self.low} to {self.high}" if self.high is not None else f"of at least {self.low}"
+        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
+        if not math.isfinite(value) or not low_ok or (self.high is not None and value > self.high):
+            if self.high is None:
+                bound = f"above {self.low}" if self.above else f"of at least {self.low}"
+            else:
+                bound = f"above {self.low} and at most {self.high}" if self.above else f"from {self.low} to {self.high}"
             what = "a whole number" if self.kind is int else "a number"
             raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text}")
         return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but an error is one line on stderr (the usage block is for --help) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class SeedList:
@@ -184,25 +198,27 @@ def _mitigation_options(parser: argparse.ArgumentParser) -> None:
                        help="a parameter of the localizer or attribution method (repeatable; JSON values)")
 
 
-def _trigger_set_options(parser: argparse.ArgumentParser, count: bool, default_count: int | None = None) -> None:
+def _trigger_set_options(parser: argparse.ArgumentParser, count: int | None = None,
+                         default_count: int | None = None) -> None:
+    """--folder, and with `count` (the most triggers the command takes) --count."""
     group = parser.add_argument_group("trigger set")
     group.add_argument("--folder", type=Path, required=True, help="a trigger set's folder (from `dori triggers`)")
     if count:
-        group.add_argument("--count", type=int, default=default_count,
-                           help=f"use the first N triggers (default: {default_count or 'all'})")
+        group.add_argument("--count", type=Bounded(int, 2, count), default=default_count,
+                           help=f"use the first N triggers, 2 to {count} (default: {default_count or 'all'})")
 
 
 def _inside_options(parser: argparse.ArgumentParser) -> None:
     """A trigger of a set to analyse instead of the prompt, sampling options and a mitigation."""
     group = parser.add_argument_group("trigger (instead of the prompt)")
     group.add_argument("--folder", type=Path, help="a trigger set's folder (from `dori triggers`, or assets/triggers/...)")
-    group.add_argument("--trigger", type=int, help="the index of the trigger in --folder")
+    group.add_argument("--trigger", type=Bounded(int, 0, None), help="the index of the trigger in --folder")
     _sampling_options(parser)
     _mitigation_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dori", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="dori", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, target: bool = True, export: bool = True) -> argparse.ArgumentParser:
@@ -230,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--save-mask", type=Path, help="also write the mask as a safetensors file")
 
     sub = command("attack", "Dori: search text embeddings that make the model draw a training image again")
-    sub.add_argument("--random-starts", type=int, default=1,
+    sub.add_argument("--random-starts", type=Bounded(int, 0, MAX_STARTS), default=1,
                      help="random starts, seeds S..S+N-1 with S = --start-seed (default 1)")
-    sub.add_argument("--start-seed", type=int, default=0, help="seed of the first random start (default 0)")
+    sub.add_argument("--start-seed", type=Bounded(int, 0, MAX_SEED - MAX_STARTS), default=0,
+                     help="seed of the first random start (default 0)")
     sub.add_argument("--prompt-start", action="store_true", help="also start from the prompt's own embedding")
     add_setting(sub, "--search-steps", DoriSearch, "steps")
     add_setting(sub, "--lr", DoriSearch, "lr")
@@ -265,24 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("triggers", "build (or resume) a set of Dori triggers from random starts for one training image",
                   target=False, export=False)
-    sub.add_argument("--image", type=int, required=True, help="index of the memorized training image")
+    sub.add_argument("--image", type=Bounded(int, 0, None), required=True, help="index of the memorized training image")
     sub.add_argument("--folder", type=Path, required=True, help="where the set is kept (resumed if present)")
-    sub.add_argument("--count", type=int, default=100)
-    sub.add_argument("--starts-per-batch", type=int, default=10)
-    sub.add_argument("--seed", type=int, default=0, help="trigger i starts from random seed SEED + i")
+    sub.add_argument("--count", type=Bounded(int, 1, MAX_STARTS), default=100, help="triggers (default %(default)s)")
+    sub.add_argument("--starts-per-batch", type=Bounded(int, 1, MAX_STARTS), default=10)
+    sub.add_argument("--seed", type=Bounded(int, 0, MAX_SEED - MAX_STARTS), default=0,
+                     help="trigger i starts from random seed SEED + i")
     add_setting(sub, "--search-steps", DoriSearch, "steps")
     sub.add_argument("--evaluation-seeds", type=SeedList(), help="also generate each trigger with these seeds")
 
     sub = command("map", "a trigger set on a 2-D map beside prompts and random starts; the dispersion of each set",
                   target=False)
-    _trigger_set_options(sub, count=False)
+    _trigger_set_options(sub)
     add_setting(sub, "--method", TriggerMapSettings, "method", choices=METHODS)
     sub.add_argument("--param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
                      help="a projection parameter, e.g. n_neighbors=10 or seed=1 (repeatable; JSON values)")
 
     sub = command("discrepancy", "activation discrepancy per layer: a trigger set's triggers vs the memorized captions",
                   target=False)
-    _trigger_set_options(sub, count=True)
+    _trigger_set_options(sub, count=MAX_STARTS)
     add_setting(sub, "--layers", DiscrepancySettings, "layers", choices=KINDS)
     add_setting(sub, "--seed", DiscrepancySettings, "seed")
     add_setting(sub, "--steps", DiscrepancySettings, "steps",
@@ -290,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("agreement", "NeMo and Wanda fitted on each trigger of a trigger set; per-layer IoU of the masks",
                   target=False)
-    _trigger_set_options(sub, count=True, default_count=3)
+    _trigger_set_options(sub, count=MAX_LOCALIZED_TRIGGERS, default_count=3)
     add_setting(sub, "--seeds", AgreementSettings, "seeds", type=SeedList())
     sub.add_argument("--nemo-param", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
                      help="a NeMo parameter, e.g. scales=3 (repeatable; JSON values)")
@@ -326,10 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "('sd14-memorized', 'sd14-unmemorized')")
     sub.add_argument("--method", default="replicate", help="replicate, attack, localize or sweep (default replicate)")
     sub.add_argument("--out-dir", type=Path, required=True, help="one JSON per item is written here")
-    sub.add_argument("--limit", type=int, help="only the first N items")
+    sub.add_argument("--limit", type=Bounded(int, 1, None), help="only the first N items")
     sub.add_argument("--executor", choices=["local", "ray"], default="local")
     sub.add_argument("--address", help="Ray cluster address (default: a local Ray)")
-    sub.add_argument("--workers", type=int, help="CPUs of a local Ray (default: all)")
+    sub.add_argument("--workers", type=Bounded(int, 1, None), help="CPUs of a local Ray (default: all)")
     sub.add_argument("--set", type=parse_parameter, action="append", default=[], metavar="KEY=VALUE",
                      help="a setting of the analysis, e.g. seeds=[0,1] (repeatable; JSON values)")
 
@@ -345,12 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--prompts", type=Path, default=SD14_MEMORIZED_FILE, metavar="CSV",
                        help="the prompt list (default: the shipped memorized_laion_prompts.csv)")
     fetch.add_argument("--verbatim-only", action="store_true", help="only the verbatim (VM) rows")
-    fetch.add_argument("--limit", type=int, help="at most the first N rows (verbatim ones first)")
-    fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per try (default %(default)s)")
-    fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+    fetch.add_argument("--limit", type=Bounded(int, 1, None), help="at most the first N rows (verbatim ones first)")
+    fetch.add_argument("--timeout", type=Bounded(float, 0, MAX_FETCH_SECONDS, above=True), default=DEFAULT_TIMEOUT_S,
+                       help="seconds a read may wait (default %(default)s)")
+    fetch.add_argument("--deadline", type=Bounded(float, 0, MAX_FETCH_SECONDS, above=True), default=DEFAULT_DEADLINE_S,
+                       help="seconds one image may take, all tries together (default %(default)s)")
+    fetch.add_argument("--retries", type=Bounded(int, 0, MAX_FETCH_RETRIES), default=DEFAULT_RETRIES,
                        help="tries after a timeout, connection or server error (default %(default)s)")
-    fetch.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20,
-                       help="largest image accepted, in MB (default %(default)s)")
+    fetch.add_argument("--max-mb", type=Bounded(float, 0, MAX_FETCH_BYTES / 2**20, above=True),
+                       default=DEFAULT_MAX_BYTES / 2**20, help="largest image accepted, in MB (default %(default)s)")
     _output_options(fetch, export=False)
 
     sub = commands.add_parser("rerun", help="run an exported ZIP again and compare its numbers",

@@ -22,6 +22,7 @@ import json
 import math
 import platform
 import re
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from analysis.images import to_uint8
+from analysis.limits import MAX_EXPORT_DECODED_BYTES
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -175,14 +177,36 @@ def _check_depth(value, what: str, depth: int = 0) -> None:
         _check_depth(item, what, depth + 1)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_pixels(archive: zipfile.ZipFile, name: str) -> int:
+    """Width × height from a PNG member's header (its first 24 bytes), without decompressing its pixels;
+    ValueError above MAX_IMAGE_PIXELS."""
+    with archive.open(name) as member:
+        head = member.read(24)
+    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise ValueError(f"{name} is not a readable PNG (no PNG header)")
+    width, height = struct.unpack(">II", head[16:24])
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{name} is {width}×{height} pixels; an export's images may have at most {MAX_IMAGE_PIXELS:,}")
+    return width * height
+
+
+def _check_decoded_size(path: Path, archive: zipfile.ZipFile, images: list[str], names: set[str]) -> None:
+    """ValueError when the export's images (as the float32 tensors they become) and tensors would take more than
+    MAX_EXPORT_DECODED_BYTES together: each member is bounded on its own, but many can add up."""
+    decoded = sum(_png_pixels(archive, name) for name in images) * 3 * 4
+    decoded += archive.getinfo(TENSORS_FILE).file_size if TENSORS_FILE in names else 0  # safetensors: raw bytes
+    if decoded > MAX_EXPORT_DECODED_BYTES:
+        raise ValueError(f"{path}: its images and tensors take {decoded:,} bytes once decoded; an export may take "
+                         f"at most {MAX_EXPORT_DECODED_BYTES:,}")
+
+
 def _image_member(archive: zipfile.ZipFile, name: str) -> torch.Tensor:
     data = _read_member(archive, name, MAX_IMAGE_BYTES)
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            width, height = image.size  # read from the header, before any pixel is decompressed
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{name} is {width}×{height} pixels; an export's images may have at most "
-                                 f"{MAX_IMAGE_PIXELS:,}")
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:  # its size checked by `_png_pixels`
             array = np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
         raise ValueError(f"{name} is not a readable PNG ({err})") from err
@@ -193,7 +217,8 @@ def load_export(path: str | Path) -> RunRecord:
     """Read a ZIP written by `save_export`. Raises ValueError for anything else, naming what is wrong.
 
     Nothing in the file is trusted: every member's unpacked size is checked
-    before it is read, JSON nesting and image sizes are bounded, and a corrupt
+    before it is read, JSON nesting and image sizes are bounded, so is the size
+    of all images and tensors once decoded (`analysis.limits`), and a corrupt
     member (bad CRC, broken tensors or PNG) is a ValueError, not a crash.
     """
     path = Path(path)
@@ -230,8 +255,9 @@ def _read_archive(path: Path, archive: zipfile.ZipFile) -> RunRecord:
             table = _rows_from_csv(_read_member(archive, TABLE_FILE, MAX_JSON_BYTES).decode())
         except (UnicodeDecodeError, csv.Error) as err:
             raise ValueError(f"{TABLE_FILE} is not a readable table ({err})") from err
-    images = {name[len(IMAGES_FOLDER):-len(".png")]: _image_member(archive, name)
-              for name in sorted(names) if name.startswith(IMAGES_FOLDER) and name.endswith(".png")}
+    image_names = sorted(name for name in names if name.startswith(IMAGES_FOLDER) and name.endswith(".png"))
+    _check_decoded_size(path, archive, image_names, names)  # before anything is decoded
+    images = {name[len(IMAGES_FOLDER):-len(".png")]: _image_member(archive, name) for name in image_names}
     tensors = {}
     if TENSORS_FILE in names:
         try:

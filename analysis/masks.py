@@ -59,10 +59,15 @@ class Mask:
 
     @classmethod
     def load(cls, path: str | Path) -> Mask:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = json.loads(file.metadata()[METADATA_KEY])
-            removed = {name: file.get_tensor(name) for name in metadata["layers"]}
-        return cls(removed, metadata["method"], metadata["prompt"], metadata["model"], metadata["parameters"])
+        """The mask `save` wrote to `path`; ValueError for any other file."""
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = json.loads(file.metadata()[METADATA_KEY])
+                removed = {name: file.get_tensor(name) for name in metadata["layers"]}
+            return cls(removed, metadata["method"], metadata["prompt"], metadata["model"], metadata["parameters"])
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own errors; a foreign file, any key error
+            raise ValueError(f"{path} is not a mask file written by Dori Lab (`dori localize --save-mask`): "
+                             f"{type(err).__name__}") from err
 
     @contextmanager
     def applied(self, target: ModelHandle | UNet2DConditionModel) -> Iterator[None]:

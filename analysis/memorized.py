@@ -16,8 +16,13 @@ Every image is converted to RGB, centre-cropped to a square and resized
 that need a latent target (Dori, fine-tuning) encode it with the model's VAE
 once per run (`ModelHandle.encode_images`). A set with a missing metadata file
 or column, a missing or undecodable image, an empty caption, a caption longer
-than the tokenizer reads, or no rows raises `MemorizedSetError` naming the
-file and row; nothing is returned half-loaded.
+than the tokenizer reads or holding a NUL, no rows, an unreadable file (not
+UTF-8, a CSV field over csv's limit, JSON nested too deeply, a sidecar missing
+keys or of the wrong type), more than `MAX_SET_ROWS` rows or an image over
+`MAX_SET_IMAGE_PIXELS` raises `MemorizedSetError` naming the file and row;
+nothing is returned half-loaded. A set is not trusted: every file it names
+(`file_name`, the sidecar's `images_file`) and its metadata file itself must
+lie inside its folder, symlinks followed, before anything is read from them.
 
 `read_prompt_list(path)` reads a prompt list (CSV or JSON); `REFERENCE_PROMPTS_FILE`, the 500 LAION prompts
 SD v1.4 does not memorize, is every model's non-memorized reference set unless it has its own.
@@ -26,6 +31,7 @@ SD v1.4 does not memorize, is every model's non-memorized reference set unless i
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
+from analysis.limits import MAX_PROMPT_CHARS, MAX_SET_IMAGE_PIXELS, MAX_SET_ROWS
 from analysis.paths import REPO_ROOT
 
 MEMORIZED_FILE = "memorized.json"  # a model folder's sidecar: its memorized images, prompts and settings
@@ -77,38 +84,89 @@ def fit_image(picture: Image.Image, size: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
+def set_file(folder: Path, name: object, where: str, what: str) -> Path:
+    """`folder / name` resolved, when it is a file inside `folder` (symlinks followed); MemorizedSetError otherwise,
+    before anything is read from it."""
+    path = (folder / str(name)).resolve() if isinstance(name, str) and name else None
+    if path is None or not path.is_relative_to(folder.resolve()):
+        raise MemorizedSetError(f"{where}: {what} {shown_name(name)} is not a file inside {folder}")
+    if not path.is_file():
+        raise MemorizedSetError(f"{where}: no {what} {path}")
+    return path
+
+
+def shown_name(value: object) -> str:
+    """A value of a set's file for a message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise MemorizedSetError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
+def _json(path: Path, error: type[ValueError]):
+    """The JSON value in `path`; `error` naming the file when it is not readable JSON (or nested too deeply)."""
+    try:
+        return json.loads(_text(path))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise error(f"{path}: not readable JSON ({type(err).__name__})") from None
+
+
+def _too_many(path: Path, count: int) -> None:
+    if count > MAX_SET_ROWS:
+        raise MemorizedSetError(f"{path}: more than {MAX_SET_ROWS} rows; a memorized set holds at most {MAX_SET_ROWS} "
+                                "images")
+
+
+def _csv_rows(path: Path) -> tuple[list[dict], list[str]]:
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    rows = []
+    try:
+        for row in reader:
+            rows.append(row)
+            _too_many(path, len(rows))
+    except csv.Error as err:  # e.g. a field larger than csv's field size limit
+        raise MemorizedSetError(f"{path} row {len(rows) + 1}: not a readable CSV row ({err})") from None
+    return rows, list(reader.fieldnames or [])
+
+
+def _jsonl_rows(path: Path) -> tuple[list[dict], list[str]]:
+    rows = []
+    for number, line in enumerate(_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise MemorizedSetError(f"{path} line {number}: not a JSON object: {reason}") from None
+        if not isinstance(row, dict):
+            raise MemorizedSetError(f"{path} line {number}: not a JSON object")
+        rows.append(row)
+        _too_many(path, len(rows))
+    return rows, list(dict.fromkeys(key for row in rows for key in row))
+
+
 def _metadata_rows(folder: Path) -> tuple[Path, list[dict]]:
-    found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    found = [name for name in METADATA_FILES if (folder / name).is_file()]
     if not found:
         raise MemorizedSetError(f"{folder}: no {' or '.join(METADATA_FILES)} (an imagefolder memorized set lists its "
                                 f"images there, with columns file_name and {' or '.join(CAPTION_COLUMNS)})")
     if len(found) > 1:
         raise MemorizedSetError(f"{folder}: both {' and '.join(METADATA_FILES)}; keep one")
-    path = found[0]
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as file:
-            reader = csv.DictReader(file)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    else:
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MemorizedSetError(f"{path} line {number}: not a JSON object: {err}") from err
-            if not isinstance(row, dict):
-                raise MemorizedSetError(f"{path} line {number}: not a JSON object")
-            rows.append(row)
-        columns = list(dict.fromkeys(key for row in rows for key in row))
+    set_file(folder, found[0], str(folder), "metadata file")  # a symlink to a file elsewhere is refused
+    path = folder / found[0]
+    rows, columns = _csv_rows(path) if path.suffix == ".csv" else _jsonl_rows(path)
     if not rows:
         raise MemorizedSetError(f"{path}: no rows")
     captions = [name for name in CAPTION_COLUMNS if name in columns]
     if "file_name" not in columns or not captions:
         raise MemorizedSetError(f"{path}: needs the columns file_name and {' or '.join(CAPTION_COLUMNS)}; "
-                                f"it has {columns}")
+                                f"it has {shown_name(columns)}")
     return path, [dict(row, caption=row.get(captions[0])) for row in rows]
 
 
@@ -123,14 +181,16 @@ def _imagefolder(folder: Path, size: int) -> list[tuple[str, str, torch.Tensor, 
     items = []
     for number, row in enumerate(rows, start=1):
         where = f"{path} row {number}"
+        if None in row:  # csv.DictReader's key for the fields beyond the header's
+            raise MemorizedSetError(f"{where}: more fields than the header has columns")
         name = row.get("file_name")
-        image_path = (folder / str(name)).resolve()
-        if not name or not image_path.is_relative_to(folder.resolve()):
-            raise MemorizedSetError(f"{where}: file_name {name!r} is not a file inside {folder}")
-        if not image_path.is_file():
-            raise MemorizedSetError(f"{where}: no image file {image_path}")
+        image_path = set_file(folder, name, where, "image file")
         try:
             with Image.open(image_path) as picture:
+                width, height = picture.size  # from the header, before any pixel is decoded
+                if width * height > MAX_SET_IMAGE_PIXELS:
+                    raise MemorizedSetError(f"{where}: {image_path.name} is {width}×{height} pixels; a memorized "
+                                            f"set's images may have at most {MAX_SET_IMAGE_PIXELS:,}")
                 picture.load()
                 image = fit_image(picture, size)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -141,17 +201,35 @@ def _imagefolder(folder: Path, size: int) -> list[tuple[str, str, torch.Tensor, 
     return items
 
 
+def read_sidecar(folder: Path) -> tuple[Path, dict]:
+    """A model folder's `memorized.json` as a JSON object, read only when it lies inside `folder`; MemorizedSetError
+    naming the file otherwise."""
+    path = set_file(folder, MEMORIZED_FILE, str(folder), "sidecar")
+    meta = _json(path, MemorizedSetError)
+    if not isinstance(meta, dict):
+        raise MemorizedSetError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
+    return folder / MEMORIZED_FILE, meta
+
+
 def _sidecar(folder: Path, size: int) -> list[tuple[str, str, torch.Tensor, dict]]:
     """(where, caption, image, metadata) per caption of a `memorized.json` sidecar."""
     from safetensors.torch import load_file
 
-    path = folder / MEMORIZED_FILE
-    meta = json.loads(path.read_text())
-    images = load_file(str(folder / meta["images_file"]))["images"]
-    if len(images) != len(meta["captions"]):
-        raise MemorizedSetError(f"{path}: {len(meta['captions'])} captions but {len(images)} images")
+    path, meta = read_sidecar(folder)
+    captions = meta.get("captions")
+    if not isinstance(captions, list) or not isinstance(meta.get("images_file"), str):
+        raise MemorizedSetError(f"{path}: needs captions (a list of texts) and images_file (a file name)")
+    _too_many(path, len(captions))
+    images_path = set_file(folder, meta["images_file"], str(path), "images_file")
+    try:
+        images = load_file(str(images_path))["images"]
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own errors; no "images" tensor
+        raise MemorizedSetError(f"{images_path}: not a safetensors file with an 'images' tensor "
+                                f"({type(err).__name__})") from None
+    if len(images) != len(captions):
+        raise MemorizedSetError(f"{path}: {len(captions)} captions but {len(images)} images")
     items = []
-    for number, (caption, image) in enumerate(zip(meta["captions"], images), start=1):
+    for number, (caption, image) in enumerate(zip(captions, images), start=1):
         where = f"{path} caption {number}"
         if tuple(image.shape) != (3, size, size):
             raise MemorizedSetError(f"{where}: image of shape {tuple(image.shape)}, the model makes [3, {size}, {size}]")
@@ -171,8 +249,12 @@ def load_memorized_set(folder: str | Path, tokenizer: PreTrainedTokenizerBase, i
         raise MemorizedSetError(f"{folder}: no memorized images")
     memorized = []
     for where, caption, image, metadata in items:
-        if not isinstance(caption, str) or not caption.strip():
+        if caption is not None and not isinstance(caption, str):
+            raise MemorizedSetError(f"{where}: the caption must be text, got {type(caption).__name__}")
+        if not caption or not caption.strip():
             raise MemorizedSetError(f"{where}: the caption is empty")
+        if "\x00" in caption:
+            raise MemorizedSetError(f"{where}: the caption holds a NUL character")
         tokens = token_count(tokenizer, caption)
         if tokens > readable_tokens(tokenizer):
             raise MemorizedSetError(f"{where}: the caption has {tokens} tokens; the text encoder reads at most "
@@ -182,22 +264,27 @@ def load_memorized_set(folder: str | Path, tokenizer: PreTrainedTokenizerBase, i
 
 
 def read_table(path: str | Path) -> list[dict]:
-    """The rows of a CSV (',' or ';' separated, with a header) or JSON file (a list of values or of objects)."""
+    """The rows of a CSV (',' or ';' separated, with a header) or JSON file (a list of values or of objects);
+    ValueError naming the file (and line) for one that is not readable as such."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no prompt list at {path}")
     if path.suffix == ".json":
-        rows = json.loads(path.read_text())
+        rows = _json(path, ValueError)
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a JSON prompt list is a list of prompts or of objects")
         return [row if isinstance(row, dict) else dict(prompt=row) for row in rows]
     if path.suffix == ".csv":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _text(path).splitlines()
         if not lines:
             raise ValueError(f"{path}: the file is empty")
         delimiter = ";" if lines[0].count(";") > lines[0].count(",") else ","
-        return [{key.strip(): value for key, value in row.items() if key}
-                for row in csv.DictReader(lines, delimiter=delimiter)]
+        reader = csv.DictReader(lines, delimiter=delimiter)
+        try:
+            return [{key.strip(): value for key, value in row.items() if isinstance(key, str) and key}
+                    for row in reader]
+        except csv.Error as err:  # e.g. a field larger than csv's field size limit
+            raise ValueError(f"{path} line {reader.line_num}: not a readable CSV row ({err})") from None
     raise ValueError(f"{path}: a prompt list is a .csv or .json file")
 
 
@@ -214,6 +301,9 @@ def read_prompt_list(path: str | Path) -> list[str]:
         prompt = row_prompt(row)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{path} row {number}: no prompt (a column {' or '.join(PROMPT_COLUMNS)})")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{path} row {number}: the prompt has {len(prompt)} characters; at most "
+                             f"{MAX_PROMPT_CHARS} are accepted")
         prompts.append(prompt.strip())
     if not prompts:
         raise ValueError(f"{path}: no prompts")

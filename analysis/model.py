@@ -19,7 +19,6 @@ SD's VAE and for the demo model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from analysis.memorized import (MEMORIZED_FILE, METADATA_FILES, REFERENCE_PROMPTS_FILE, MemorizedImage,
-                                load_memorized_set, read_prompt_list)
+                                MemorizedSetError, load_memorized_set, read_prompt_list, read_sidecar, shown_name)
 from analysis.metrics import PIXEL_CORRELATION, ReplicationMetric, replication_metric
 from analysis.paths import REPO_ROOT
 
@@ -139,24 +138,55 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+    if not isinstance(dtype, str) or dtype not in table:  # a recorded configuration may hold any JSON value
+        raise ValueError(f"unknown dtype {repr(dtype)[:80]}; choose one of {sorted(table)}")
     return table[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that exists on this machine; ModelLoadError saying why not (an unknown name, no
+    CUDA, a CUDA index beyond the devices there are), before anything is loaded onto it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {repr(device)[:80]}; e.g. cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(f"device {device}: this machine (or this torch build) has no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise ModelLoadError(f"device {device}: there are {count} CUDA devices (cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {device}: Dori Lab runs on cpu, cuda or mps")
+    return device
 
 
 def _read_sidecar(folder: Path) -> dict:
     """What `memorized.json` beside a model says besides its images: held-out prompts, sampling and training settings."""
-    path = folder / MEMORIZED_FILE
-    if not path.is_file():
+    if not (folder / MEMORIZED_FILE).is_file():
         return {}
-    meta = json.loads(path.read_text())
-    found = dict(held_out_prompts=list(meta.get("held_out_prompts", [])),
-                 train_prompts=list(meta.get("train_prompts", [])))
-    if "sampling" in meta:
-        found.update(default_steps=int(meta["sampling"]["steps"]), default_guidance=float(meta["sampling"]["guidance"]))
-    if "training" in meta:
-        found.update(training_offset_noise=float(meta["training"]["offset_noise"]))
+    path, meta = read_sidecar(folder)
+    try:
+        found = dict(held_out_prompts=_texts(meta.get("held_out_prompts", [])),
+                     train_prompts=_texts(meta.get("train_prompts", [])))
+        if "sampling" in meta:
+            found.update(default_steps=int(meta["sampling"]["steps"]),
+                         default_guidance=float(meta["sampling"]["guidance"]))
+        if "training" in meta:
+            found.update(training_offset_noise=float(meta["training"]["offset_noise"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise MemorizedSetError(f"{path}: held_out_prompts and train_prompts must be lists of texts, sampling "
+                                f"{{steps, guidance}} and training {{offset_noise}} numbers ({type(err).__name__}: "
+                                f"{shown_name(err.args[0] if err.args else '')})") from None
     return found
+
+
+def _texts(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError("not a list of texts")
+    return value
 
 
 def _refuse_pickled_weights(folder: Path) -> None:
@@ -187,7 +217,7 @@ def load_model(source: str | Path | None = None, device: str | torch.device = "c
     Raises `ModelLoadError` naming what was tried when it cannot be loaded, and
     `analysis.memorized.MemorizedSetError` (a ValueError) for a bad memorized set.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     dtype = _resolve_dtype(dtype)
     source = DEMO_MODEL_DIR if source is None else source
     folder = Path(source).expanduser()
@@ -257,6 +287,7 @@ def open_model(model: str | Path | None = None, device: str | torch.device = "cp
     metric when `sscd` is given. ValueError for a threshold without SSCD or a bad SSCD file."""
     if sscd is None and sscd_threshold is not None:
         raise ValueError("--sscd-threshold needs --sscd (the SSCD TorchScript file)")
+    device, dtype = resolve_device(device), _resolve_dtype(dtype)
     metric = replication_metric(sscd, sscd_threshold, device) if sscd is not None else None
     return load_model(model, device=device, dtype=dtype, memorized=memorized, reference_prompts=reference_prompts,
                       replication_metric=metric, normal=normal)

@@ -120,7 +120,7 @@ def fill(what: str, defaults: dict, given: dict | None) -> dict:
     if given is None:
         given = {}
     if not isinstance(given, dict):
-        raise ValueError(f"the {what} configuration must be a JSON object, got {given!r}")
+        raise ValueError(f"the {what} configuration must be a JSON object, got {shown(given)}")
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(defaults)}")

@@ -7,10 +7,15 @@ Every function raises ValueError naming the bad value.
 
 from __future__ import annotations
 
+import collections.abc
 import math
+import types
+import typing
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,6 +47,51 @@ class Method:
     def defaults(self) -> dict:
         instance = self.estimator()
         return as_json({name: getattr(instance, name) for name in self.parameters})
+
+    def checked(self, what: str, parameters: dict) -> dict:
+        """`parameters` (JSON values) when each is of its constructor argument's annotated type, else ValueError: an
+        estimator's constructor takes them unchecked, and a string where a number belongs fails only mid-run."""
+        hints = typing.get_type_hints(self.estimator.__init__)
+        for name, value in parameters.items():
+            if name in hints and not _of_type(value, hints[name]):
+                raise ValueError(f"{what} {name} must be {_type_name(hints[name])}, got {shown(value)}")
+        return as_json(parameters)
+
+
+def _of_type(value, hint) -> bool:
+    """Whether a JSON value is of a constructor's annotated type (a finite number for float, a list for a
+    sequence); an annotation of another kind lets anything through."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_of_type(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, list) and all(_of_type(item, args[0]) for item in value) if args else True
+    return True
+
+
+def _type_name(hint) -> str:
+    """'a finite number or null', 'a list of whole numbers', ... for a message."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    names = {type(None): "null", bool: "true or false", int: "a whole number", float: "a finite number",
+             str: "a text", Path: "a path"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple, collections.abc.Sequence) and args:
+        plural = {int: "whole numbers", float: "numbers", str: "texts", bool: "booleans"}
+        return f"a list of {plural.get(args[0], args[0])}"
+    return str(hint)
 
 
 LOCALIZERS = {
@@ -104,8 +154,8 @@ def method_parameters(what: str, methods: dict[str, Method], config: dict) -> di
     method = config.get("method")
     if method not in methods:
         raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(methods)}")
-    return dict(method=method, parameters=as_json(fill(f"{method} parameter", methods[method].defaults(),
-                                                       config.get("parameters"))))
+    parameters = fill(f"{method} parameter", methods[method].defaults(), config.get("parameters"))
+    return dict(method=method, parameters=methods[method].checked(f"{method} parameter", parameters))
 
 
 def sampling_settings(handle: ModelHandle, config: dict) -> dict:
@@ -135,6 +185,9 @@ def target_settings(handle: ModelHandle, config: dict, inputs: dict[str, torch.T
         raise ValueError(f"the prompt must be a non-empty string, got {shown(prompt)}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    if config["prompt"] is not None and any(unicodedata.category(character) == "Cc" for character in prompt):
+        # As the app refuses it; a set's caption is the set's to check (`analysis.memorized`).
+        raise ValueError(f"the prompt holds control characters (such as a newline, tab or NUL): {shown(prompt)}")
     if need_image and image is None:
         raise ValueError("this analysis needs a target image: give 'image' (a training image's index) "
                          "or a 'target' input")

@@ -19,7 +19,7 @@ from analysis.model import ModelHandle
 from analysis.progress import Callback, report
 from analysis.projection import Projection
 from analysis.sampling import encode_prompts
-from analysis.settings import Steps, Target, as_json, check, fill, number, setting, whole, whole_number
+from analysis.settings import Steps, Target, check, fill, number, setting, whole, whole_number
 from analysis.task_settings import (LOCALIZER_BATCH_ROWS, PROJECTION, START_KINDS, embeddings_input,
                                     localizer_config, target_settings)
 from analysis.trigger_map import REFERENCE_NAMES, TRIGGERS, MapPoint, TriggerMap, map_triggers
@@ -53,7 +53,8 @@ def run_trigger_map(handle: ModelHandle, config: dict, inputs: dict, callback: C
     target, prompt, image = target_settings(handle, config, inputs, need_image=False)
     triggers = embeddings_input(handle, inputs, "triggers", 1)
     count = len(triggers)
-    parameters = as_json(fill("projection parameter", PROJECTION.defaults(), config["parameters"]))
+    parameters = PROJECTION.checked("projection parameter", fill("projection parameter", PROJECTION.defaults(),
+                                                                 config["parameters"]))
     whole_number("the projection's seed", parameters["seed"])
     projection = Projection(config["method"], **parameters)
     start_kinds = ["random"] * count if config["start_kinds"] is None else config["start_kinds"]

@@ -64,12 +64,17 @@ class TriggerSet:
 
     @classmethod
     def load(cls, folder: str | Path) -> TriggerSet:
+        """The set `save` wrote to `folder`; ValueError for a folder that holds anything else."""
         folder = Path(folder)
-        metadata = json.loads((folder / METADATA_FILE).read_text())
-        tensors = load_file(str(folder / EMBEDDINGS_FILE))
-        # The embeddings file is written first, so it may hold a batch the JSON does not list yet.
-        count = len(metadata["triggers"])
-        return cls(metadata["config"], metadata["triggers"], tensors["embeddings"][:count], tensors["target"])
+        try:
+            metadata = json.loads((folder / METADATA_FILE).read_text())
+            tensors = load_file(str(folder / EMBEDDINGS_FILE))
+            # The embeddings file is written first, so it may hold a batch the JSON does not list yet.
+            count = len(metadata["triggers"])
+            return cls(metadata["config"], metadata["triggers"], tensors["embeddings"][:count], tensors["target"])
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own errors; a foreign file, any key error
+            raise ValueError(f"{folder} does not hold a trigger set written by `dori triggers` ({METADATA_FILE} "
+                             f"and {EMBEDDINGS_FILE}): {type(err).__name__}") from err
 
     def save(self, folder: str | Path) -> None:
         """Write both files, each atomically; the JSON last."""

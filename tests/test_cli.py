@@ -132,10 +132,12 @@ def test_bad_model_and_bad_export(dori, tmp_path, capsys):
     assert code == 2 and "not a ZIP" in err
 
 
-def test_argument_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as stopped:
-        main(["replicate", "--seeds", "zero"])
-    assert stopped.value.code == 2 and "seeds must look like" in capsys.readouterr().err
+def test_argument_errors_are_one_line_and_help_keeps_the_usage(capsys):
+    assert main(["replicate", "--seeds", "zero"]) == 2
+    err = capsys.readouterr().err
+    assert "seeds must look like" in err and len(err.splitlines()) == 1 and "usage:" not in err
+    assert main(["replicate", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: dori replicate")
 
 
 def test_python_dash_m_analysis_is_the_command_line(tiny_model_folder, monkeypatch, capsys):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 
 import pytest
 import torch
 from PIL import Image
-from tiny_sd import IMAGE_SIZE, REFERENCE_PROMPTS, SET_CAPTIONS
+from tiny_sd import IMAGE_SIZE, REFERENCE_PROMPTS, SET_CAPTIONS, write_metadata_csv
 
 from analysis.memorized import (REFERENCE_PROMPTS_FILE, MemorizedSetError, fit_image, load_memorized_set,
                                 read_prompt_list)
@@ -68,30 +67,23 @@ def test_models_without_reference_prompts_get_the_shipped_ones(tiny_sd_folder):
     assert handle.memorized == [] and handle.data_settings()["reference_prompts"] is None
 
 
-def _write_csv(folder, rows, columns=("file_name", "text")):
-    with open(folder / "metadata.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(columns)
-        writer.writerows(rows)
-
-
 def _bad_set(tmp_path, memorized_set_dir, case):
     folder = tmp_path / "set"
     shutil.copytree(memorized_set_dir, folder)
     if case == "no metadata":
         (folder / "metadata.csv").unlink()
     elif case == "no caption column":
-        _write_csv(folder, [["image0.png", "x"]], columns=("file_name", "title"))
+        write_metadata_csv(folder, [["image0.png", "x"]], columns=("file_name", "title"))
     elif case == "missing image":
-        _write_csv(folder, [["image0.png", "fine"], ["gone.png", "a caption"]])
+        write_metadata_csv(folder, [["image0.png", "fine"], ["gone.png", "a caption"]])
     elif case == "undecodable image":
         (folder / "image1.png").write_bytes(b"not an image at all")
     elif case == "empty caption":
-        _write_csv(folder, [["image0.png", "fine"], ["image1.png", "  "]])
+        write_metadata_csv(folder, [["image0.png", "fine"], ["image1.png", "  "]])
     elif case == "caption too long":
-        _write_csv(folder, [["image0.png", "fine"], ["image1.png", "red " * 100]])
+        write_metadata_csv(folder, [["image0.png", "fine"], ["image1.png", "red " * 100]])
     elif case == "no rows":
-        _write_csv(folder, [])
+        write_metadata_csv(folder, [])
     return folder
 
 

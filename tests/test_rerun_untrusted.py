@@ -15,6 +15,7 @@ import torch
 
 from analysis.cli import EXIT_BAD_INPUT, main
 from analysis.export import save_export
+from analysis.limits import MAX_EXPORT_DECODED_BYTES
 from analysis.rerun import output_folder
 from analysis.tasks import run_task
 
@@ -210,3 +211,25 @@ def test_an_export_that_asks_a_huge_embedding_search_is_refused(replicate_zip, t
     files["tensors.safetensors"] = save_safetensors({"input.start": torch.full((77, 32), 1e30)})
     code, err = rerun_exit(capsys, crafted(tmp_path / "huge-embedding.zip", files), "--model", tiny_model_folder)
     assert_refused(code, err, "accepted up to")
+
+
+def test_images_that_add_up_past_the_decoded_limit_are_refused_before_decoding(replicate_zip, tiny_model_folder,
+                                                                              tmp_path, capsys, monkeypatch):
+    import analysis.export
+
+    def no_decoding(*args):
+        raise AssertionError("an image was decoded before the export's total size was checked")
+
+    monkeypatch.setattr(analysis.export, "_image_member", no_decoding)
+    files = members(replicate_zip)
+    # Each image within the per-image limit (4096 × 4096), 12 of them over the total once decoded.
+    files.update({f"images/big{i}.png": png_header_only(4096, 4096) for i in range(12)})
+    code, err = rerun_exit(capsys, crafted(tmp_path / "many-big.zip", files), "--model", tiny_model_folder)
+    assert_refused(code, err, f"once decoded; an export may take at most {MAX_EXPORT_DECODED_BYTES:,}")
+
+
+@pytest.mark.parametrize("dtype", [["x"], {"a": 1}, 3, "float64"])
+def test_a_recorded_dtype_that_is_not_one_is_refused(replicate_zip, tiny_model_folder, tmp_path, capsys, dtype):
+    code, err = rerun_exit(capsys, with_config(replicate_zip, tmp_path / "dtype.zip", dtype=dtype),
+                           "--model", tiny_model_folder)
+    assert_refused(code, err, "unknown dtype")

@@ -91,3 +91,11 @@ def write_sscd_standin(path: Path) -> Path:
     """A TorchScript file shaped like SSCD's (images in, descriptors out), written with `torch.jit.script`."""
     torch.jit.script(PooledPixels()).save(str(path))
     return path
+
+
+def write_metadata_csv(folder: Path, rows: list[list[str]], columns: tuple[str, ...] = ("file_name", "text")) -> None:
+    """An imagefolder set's `metadata.csv` with these rows (to craft good and bad sets)."""
+    with open(folder / "metadata.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(columns)
+        writer.writerows(rows)

@@ -34,15 +34,28 @@ def save_checkpoint(path: Path, params: dict, selected: list[MemorizedImage], st
 def load_checkpoint(path: Path, params: dict, targets: list[str], unet: torch.nn.Module, average: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict:
     """Restore `save_checkpoint`'s weights, optimiser and generator in place; returns the rest of its state."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload["params"] != resumable(params) or payload["targets"] != targets:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        same = payload["params"] == resumable(params) and payload["targets"] == targets
+    except Exception as err:  # noqa: BLE001 - torch.load's errors (and a missing key) for a file that is not ours
+        raise _not_a_checkpoint(path, err) from err
+    if not same:
         raise ValueError(f"{path} holds a run with other parameters or targets ({payload['targets']}, "
                          f"{payload['params']}); use another out_dir or resume=False")
-    unet.load_state_dict(payload["unet"], strict=False)
-    average.load_state_dict(payload["average"], strict=False)  # the same tensors when there is no average
-    optimizer.load_state_dict(payload["optimizer"])
-    generator.set_state(payload["generator"])
-    return {key: payload[key] for key in ("rounds_done", "history", "seconds", "triggers", "surrogates", "sources")}
+    try:
+        unet.load_state_dict(payload["unet"], strict=False)
+        average.load_state_dict(payload["average"], strict=False)  # the same tensors when there is no average
+        optimizer.load_state_dict(payload["optimizer"])
+        generator.set_state(payload["generator"])
+        return {key: payload[key] for key in ("rounds_done", "history", "seconds", "triggers", "surrogates",
+                                              "sources")}
+    except Exception as err:  # noqa: BLE001 - weights of another shape, a missing key
+        raise _not_a_checkpoint(path, err) from err
+
+
+def _not_a_checkpoint(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} is not a checkpoint this fine-tuning can resume ({type(err).__name__}); use another "
+                      "out_dir or resume=False")
 
 
 def resumable(params: dict) -> str:
