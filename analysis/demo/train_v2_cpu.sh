@@ -3,9 +3,10 @@
 #
 #   bash analysis/demo/train_v2_cpu.sh            # start or continue; run it in the background from the repo root
 #
-# Work folder: $DEMO_V2_DIR (default ~/demo_v2), outside the work tree: the full checkpoints (bit-for-bit resume)
-# and every phase's model folder. The compact checkpoint and the distilled text encoder are kept in
-# assets/demo_v2_training/ (committed), so a lost machine resumes phase B from the last committed checkpoint.
+# Work folder: $DEMO_V2_DIR (default ~/demo_v2), outside the work tree: the full checkpoints (bit-for-bit resume),
+# the compact one and every phase's model folder. The distilled text encoder and a copy of the compact checkpoint
+# are kept in assets/demo_v2_training/ (copy $DEMO_V2_DIR/checkpoint.safetensors there before a commit), so a lost
+# machine resumes phase B from the last committed checkpoint.
 # One thread: on a 2-core machine with other jobs, two OpenMP threads run several times slower (bench_training.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,10 +14,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 D=${DEMO_V2_DIR:-$HOME/demo_v2}
 KEEP=assets/demo_v2_training
 ENCODER=$KEEP/encoder
-COMPACT=$KEEP/checkpoint.safetensors
+COMPACT=$D/checkpoint.safetensors
 COMMON=(--data v2 --coco-share 0.3 --offset-noise 0.1 --batch-size 32 --device cpu --checkpoint-every 250)
 PHASE_B_STEPS=24000
 mkdir -p "$D"
+[ -f "$COMPACT" ] || [ ! -f "$KEEP/checkpoint.safetensors" ] || cp "$KEEP/checkpoint.safetensors" "$COMPACT"
 
 # The distilled text encoder (15 min on one thread), unless kept.
 [ -f "$ENCODER/text_encoder/model.safetensors" ] ||
