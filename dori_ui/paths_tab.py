@@ -31,7 +31,7 @@ from analysis.limits import MAX_LOCALIZED_TRIGGERS, MAX_SEEDS, MAX_STARTS
 from dori_ui.export import build_export
 from dori_ui.session import AppContext, Session, check_whole_number, session_handle
 from dori_ui.streaming import on_model, report_to, run_or_error
-from dori_ui.trigger_map_tab import MapState
+from dori_ui.trigger_map_tab import SET_SIZE, MapState
 
 VIEW = "paths"
 MASKS_VIEW = "paths_masks"
@@ -118,7 +118,7 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
     with gr.Row():
         layers = gr.Radio(list(KINDS), value="value", label="Layers (value projections or feed-forward)",
                           elem_id="paths-layers")
-        n_triggers = gr.Number(16, label=f"Triggers compared (2–{MAX_STARTS})", precision=None,
+        n_triggers = gr.Number(SET_SIZE, label=f"Triggers compared (2–{MAX_STARTS}, at most the set's)", precision=None,
                                elem_id="paths-triggers")
         discrepancy_button = gr.Button("Compare activation paths", variant="primary",
                                        elem_id="paths-discrepancy-run")

@@ -48,6 +48,8 @@ COLOURS = ("replication", "set and start")
 # Sets built in the app; one folder per model, image and settings, so that a rerun resumes.
 BUILT_SETS = RUNS_DIR / "trigger_sets"
 TABLE_COLUMNS = ["trigger", "start", "replication", "final loss", "distance from start", "distance from prompt"]
+# Triggers built by default: as many as each shipped set holds, so that the views reading a set show one default.
+SET_SIZE = 8
 REFERENCE_STYLE = {"memorized prompts": ("#d62728", "star"), "held-out prompts": ("#7f7f7f", "circle-open"),
                    "random starts": ("#bcbd22", "x")}
 
@@ -230,7 +232,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                                   elem_id="trigger-map-colour")
         with gr.Column(scale=2):
             with gr.Row():
-                count = gr.Number(8, label=f"Triggers to build (1–{MAX_STARTS})", precision=None,
+                count = gr.Number(SET_SIZE, label=f"Triggers to build (1–{MAX_STARTS})", precision=None,
                                   elem_id="trigger-map-count")
                 steps = setting_field("Search steps ({range})", DoriSearch, "steps", "trigger-map-steps")
                 eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=None,
@@ -243,7 +245,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                          elem_id="trigger-map-table")
     build_export(context, VIEW, "“Load / build and map”")
     with gr.Row():
-        index = gr.Number(None, label="Trigger", precision=None, elem_id="trigger-map-index")
+        index = gr.Number(0, label="Trigger", precision=None, elem_id="trigger-map-index")
         show_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=None,
                                elem_id="trigger-map-seeds")
         show_button = gr.Button("Generate trigger", elem_id="trigger-map-show")
@@ -323,7 +325,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
         model = session_handle(context.models, session)
         names = [m.caption for m in model.memorized]
         return {image: gr.update(choices=names, value=names[0] if names else None), map_state: None, status: "",
-                plot: None, table: None, selected: [], selected_summary: "", pinned_a: [], pinned_b: [], index: None}
+                plot: None, table: None, selected: [], selected_summary: "", pinned_a: [], pinned_b: [], index: 0}
 
     context.refresh_on_model_change(VIEW, refresh, [image, map_state, status, plot, table, selected,
                                                     selected_summary, pinned_a, pinned_b, index])
