@@ -2,8 +2,8 @@
 
 Element ids: `replicate-training` (gallery of memorized images), `replicate-sd14` (SD v1.4 prompt table, shown
 for latent SD models), `replicate-prompt`, `replicate-seeds`, `replicate-first-seed`, `replicate-steps`,
-`replicate-guidance`, `replicate-run`, `replicate-training-image` (the caption's training image, beside the
-generations), `replicate-gallery`, `replicate-summary`, `replicate-plot`,
+`replicate-guidance`, `replicate-run`, `replicate-stop`, `replicate-training-image` (the caption's training image,
+beside the generations), `replicate-gallery`, `replicate-summary`, `replicate-plot`,
 `replicate-export`, `replicate-export-file`.
 """
 
@@ -26,7 +26,7 @@ from analysis.settings import Sampling
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_setting, check_whole_number,
                              mitigation_settings, record_similarity, session_handle, setting_field)
-from dori_ui.streaming import on_model, report_to, run_or_error
+from dori_ui.streaming import on_model, on_stop, report_to, run_and_stop_buttons, run_or_error
 
 VIEW = "replicate"
 # Wen et al. read the gap in the first steps, where it tells memorized prompts apart.
@@ -144,7 +144,7 @@ def build_replicate_tab(context: AppContext) -> None:
                 steps = setting_field("Steps ({range})", Sampling, "steps", "replicate-steps", handle.default_steps)
                 guidance = gr.Number(handle.default_guidance, label=f"Guidance (0–{MAX_GUIDANCE})", step=0.5,
                                      elem_id="replicate-guidance")
-            run_button = gr.Button("Replicate", variant="primary", elem_id="replicate-run")
+            run_button, stop_button = run_and_stop_buttons("Replicate", "replicate-run", "replicate-stop")
     gr.Markdown(EXPLANATION)
     with gr.Row():
         training_image = gr.Image(training_picture(handle, prompt.value), label="Training image of this caption",
@@ -185,6 +185,7 @@ def build_replicate_tab(context: AppContext) -> None:
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
              outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
+    on_stop(stop_button, context, summary, VIEW)
 
     def pick_training_image(state: Session, selection: gr.SelectData) -> str:
         return session_handle(context.models, state).memorized[selection.index].caption

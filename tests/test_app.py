@@ -334,3 +334,16 @@ def test_the_perturb_export_holds_the_previews_and_distances_and_reruns(client, 
     reproduced = run_task(dataclasses.replace(tiny_handle, default_steps=STEPS), recorded.kind, recorded.config,
                           inputs=recorded.inputs())
     assert all(row["match"] for row in compare_metrics(recorded.metrics, reproduced.metrics))
+
+
+def test_stop_ends_a_replicate_run(client, tiny_handle):
+    job = client.submit(tiny_handle.memorized[0].caption, 64, 0, 400, 4.0, api_name="/replicate")
+    deadline = time.monotonic() + 60
+    while not (job.status().progress_data or []):
+        assert time.monotonic() < deadline, "the run never reported a step"
+        time.sleep(0.05)
+    (shown,) = job.status().progress_data
+    assert shown.unit == "steps" and shown.length == 400  # the run's total, not one seed's
+    assert client.predict(api_name="/replicate_stop").startswith("Stopping")
+    with pytest.raises(AppError, match="Stopped"):
+        job.result(timeout=60)
