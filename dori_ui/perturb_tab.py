@@ -10,7 +10,7 @@ Element ids: `perturb-target`, `perturb-start`, `perturb-other-prompt`, `perturb
 `perturb-preview-every`, `perturb-run`,
 `perturb-stop`, `perturb-status`, `perturb-loss`, `perturb-preview`, `perturb-target-image`, `perturb-after`,
 `perturb-distances`, `perturb-export`, `perturb-export-file`; sweep: `sweep-radii`, `sweep-directions`,
-`sweep-seeds`, `sweep-run`, `sweep-plot`, `sweep-summary`, `sweep-export`, `sweep-export-file`.
+`sweep-seeds`, `sweep-model`, `sweep-run`, `sweep-plot`, `sweep-summary`, `sweep-export`, `sweep-export-file`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ CONTROL = "held-out control: "  # prefix of the targets that are the model's con
 STARTS = {"the prompt's own embedding": "prompt", "random embedding": "random", "another prompt": "other",
           "uploaded embedding (.safetensors)": "upload"}
 MAX_RADII = 12
+# What the sweep runs on: with a mitigation on, every radius may fail, the unperturbed prompt too (radius 0).
+SESSION_MODEL = "the session's model, with its mitigation if any"
+UNMITIGATED = "the unmitigated model"
 # Search steps between previews: each generates 2 seeds (about 1 s on the bundled model, on this project's CPU),
 # and a 50-step search then shows one halfway; the finished run generates the trigger itself.
 PREVIEW_EVERY = 25
@@ -171,17 +174,29 @@ def attack_summary(record: RunRecord) -> str:
             f"{metrics['distance_from_start'][0]:.1f}.")
 
 
-def sweep_figure(record: RunRecord) -> go.Figure:
+def sweep_model(record: RunRecord, session: Session) -> str:
+    """Which model a sweep ran on, as its plot and summary name it."""
+    name = session.model_labels.get(record.model, record.model)
+    if record.config["mitigation"] is None:
+        return f"{name}, unmitigated"
+    return f"{name} with the session's mitigation ({session.mask.method}, for “{session.mask.prompt}”)"
+
+
+def sweep_figure(record: RunRecord, model: str) -> go.Figure:
     radii = [row["radius"] for row in record.table]
+    similarities = [row["mean_similarity"] for row in record.table]
     figure = go.Figure([go.Scatter(x=radii, y=[row["rate"] for row in record.table], name="replication rate",
                                    mode="lines+markers"),
-                        go.Scatter(x=radii, y=[row["mean_similarity"] for row in record.table],
-                                   name=f"mean {record_similarity(record)}", mode="lines+markers",
-                                   line=dict(dash="dot"))])
-    figure.update_layout(title=f"Replication vs perturbation radius (‖y‖ = {record.metrics['embedding_norm']:.1f})",
+                        go.Scatter(x=radii, y=similarities, name=f"mean {record_similarity(record)}",
+                                   mode="lines+markers", line=dict(dash="dot"))])
+    # Rates lie in [0, 1]; a similarity such as pixel correlation may fall below 0, and must stay on the plot.
+    low, high = min(0.0, *similarities), max(1.0, *similarities)
+    margin = 0.05 * (high - low)
+    figure.update_layout(title=f"Replication vs perturbation radius (‖y‖ = {record.metrics['embedding_norm']:.1f})"
+                               f"<br><sup>on {model}</sup>",
                          xaxis_title="radius (L2 distance from the prompt's embedding)",
                          yaxis_title=f"rate / {record_similarity(record)}",
-                         yaxis_range=[0, 1.05], height=340, margin=dict(t=50, b=40))
+                         yaxis_range=[low - margin, high + margin], height=360, margin=dict(t=70, b=40))
     return figure
 
 
@@ -303,16 +318,20 @@ def build_perturb_tab(context: AppContext) -> None:
                                elem_id="sweep-radii")
             directions = setting_field("Directions ({range})", SweepSettings, "directions", "sweep-directions")
             sweep_seeds = setting_field("Seeds per direction ({range})", SweepSettings, "seeds", "sweep-seeds", 2)
+            sweep_on = gr.Radio([SESSION_MODEL, UNMITIGATED], value=SESSION_MODEL, label="Run on",
+                                elem_id="sweep-model")
             sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
         sweep_plot = gr.Plot(label="Replication vs radius", elem_id="sweep-plot")
         sweep_summary = gr.Markdown(elem_id="sweep-summary")
         build_export(context, SWEEP_VIEW)
 
     def sweep(target_label: str | None, radii_text: str, direction_count: float | None, seed_count: float | None,
-              sampling_steps: float | None, state: Session, progress=gr.Progress()):
+              sampling_steps: float | None, run_on: str, state: Session, progress=gr.Progress()):
         model = session_handle(context.models, state)
         target_config, target_inputs = target_settings(model, target_label)
-        mitigation, inputs = mitigation_settings(state)
+        if run_on not in (SESSION_MODEL, UNMITIGATED):
+            raise gr.Error(f"Run the sweep on {SESSION_MODEL!r} or {UNMITIGATED!r}, got {run_on!r}.")
+        mitigation, inputs = mitigation_settings(state) if run_on == SESSION_MODEL else (None, {})
         config = dict(**target_config, radii=parse_radii(radii_text),
                       directions=check_setting("Directions", direction_count, SweepSettings, "directions"),
                       seeds=list(range(check_setting("Seeds per direction", seed_count, SweepSettings, "seeds"))),
@@ -321,11 +340,12 @@ def build_perturb_tab(context: AppContext) -> None:
         record = run_or_error(model, "sweep", config, inputs, state, report_to(progress))
         state.records[SWEEP_VIEW] = record
         rates = ", ".join(f"{row['radius']:g}: {row['rate']:.0%}" for row in record.table)
-        return {sweep_plot: sweep_figure(record), sweep_summary: f"Replication rate per radius: {rates}.",
+        on = sweep_model(record, state)
+        return {sweep_plot: sweep_figure(record, on), sweep_summary: f"On {on}: replication rate per radius: {rates}.",
                 context.session: state}
 
     on_model(sweep_button.click, sweep, context,
-             inputs=[target, radii, directions, sweep_seeds, generation_steps, context.session],
+             inputs=[target, radii, directions, sweep_seeds, generation_steps, sweep_on, context.session],
              outputs=[sweep_plot, sweep_summary, context.session], api_name="sweep")
 
     def refresh(state: Session) -> dict:
