@@ -241,7 +241,8 @@ def cmd_task(args, progress: ProgressBars) -> int:
 def cmd_rerun(args, progress: ProgressBars) -> int:
     recorded, reproduced = rerun(args.export_file, device=args.device, model=args.model, out_dir=args.out_dir,
                                  memorized=args.memorized, reference_prompts=args.reference_prompts, sscd=args.sscd,
-                                 sscd_threshold=args.sscd_threshold, normal=args.normal)
+                                 sscd_threshold=args.sscd_threshold, normal=args.normal, callback=progress)
+    progress.close()
     rows = compare_metrics(recorded.metrics, reproduced.metrics)
     if args.export:
         save_export(reproduced, args.export)

@@ -10,6 +10,7 @@ beside the generations), `replicate-gallery`, `replicate-summary`, `replicate-pl
 from __future__ import annotations
 
 import csv
+import re
 from functools import cache
 
 import gradio as gr
@@ -56,6 +57,20 @@ def sd14_prompts() -> list[list]:
         rows = [[row["Caption"], row["type"], round(float(row["max_sscd"]), 3) if row["max_sscd"] else None]
                 for row in csv.DictReader(file, delimiter=";")]
     return sorted(rows, key=lambda row: (row[1] != "VM", -(row[2] or 0.0)))
+
+
+def readable_prompt(prompt: str) -> str:
+    """A LAION caption as a reader should see it in the table: without the HTML tags some carry (`<i>`) and
+    without the CSV quoting a few kept, once or twice over (`"…""Lifted Up""…"`). Selecting a row still gives the
+    exact prompt."""
+    while len(prompt) > 1 and prompt.startswith('"') and prompt.endswith('"'):
+        prompt = prompt[1:-1].replace('""', '"')
+    return re.sub(r"</?[a-zA-Z]+>", "", prompt)
+
+
+def sd14_rows() -> list[list]:
+    """`sd14_prompts` as the table shows them."""
+    return [[readable_prompt(prompt), *rest] for prompt, *rest in sd14_prompts()]
 
 
 def lists_sd14_prompts(handle: ModelHandle) -> bool:
@@ -131,8 +146,9 @@ def build_replicate_tab(context: AppContext) -> None:
                 memorized_gallery(handle), label="Memorized training images (select one)", columns=4, format="png",
                 allow_preview=False, height="auto", visible=bool(handle.memorized), elem_id="replicate-training")
             sd14_table = gr.Dataframe(
-                sd14_prompts(), headers=SD14_COLUMNS, label="Stable Diffusion v1.4's memorized LAION prompts "
-                "(NeMo's list, MIT licence; select one)", interactive=False, max_height=320,
+                sd14_rows(), headers=SD14_COLUMNS, label="Stable Diffusion v1.4's memorized LAION prompts "
+                "(NeMo's list, MIT licence; select one: the Prompt box gets it exactly, HTML tags included)",
+                interactive=False, max_height=320, wrap=True, column_widths=["76%", "10%", "14%"],
                 visible=lists_sd14_prompts(handle), elem_id="replicate-sd14")
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", value=handle.memorized[0].caption if handle.memorized else "",

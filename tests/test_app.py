@@ -19,7 +19,7 @@ from analysis.export import RunRecord, compare_metrics, load_export
 from analysis.tasks import run_task
 from dori_ui import mitigate_tab
 from dori_ui.app import build_app
-from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
+from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts, sd14_rows
 from dori_ui.session import ModelChoices, describe_model, session_model, use_finetuned
 
 STEPS = 3
@@ -318,6 +318,15 @@ def test_sd14_prompt_list_is_offered_for_latent_models_only(tiny_handle):
     latent = dataclasses.replace(tiny_handle, codec=vae, memorized=[])
     assert lists_sd14_prompts(latent) and not lists_sd14_prompts(tiny_handle)
     assert sd14_table_visible(build_app(latent)) and not sd14_table_visible(build_app(tiny_handle))
+
+
+def test_the_sd14_table_reads_as_text_and_a_row_gives_the_exact_prompt():
+    shown = {row[0] for row in sd14_rows()}
+    assert "Sony Won't Release The Interview on VOD" in shown
+    assert "Watch: Passion Pit's New Video, \"Lifted Up (1985)\"" in shown
+    assert not any("<i>" in text or '""' in text for text in shown)
+    assert [row[1:] for row in sd14_rows()] == [row[1:] for row in sd14_prompts()]
+    assert "Sony Won't Release <i>The Interview</i> on VOD" in {row[0] for row in sd14_prompts()}
 
 
 

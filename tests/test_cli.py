@@ -65,6 +65,7 @@ def test_localize_saves_a_mask_that_attack_and_rerun_use(dori, tmp_path):
     assert printed["metrics"]["mitigation_removed"] == sum(mask.counts().values())
     code, out, err = dori("rerun", str(tmp_path / "a.zip"), "--json")
     assert code == 0, err
+    assert "Dori search" in err and "sampling" in err  # the rerun's progress, on stderr as every command's
     assert json.loads(out)["reproduced"] is True
 
 
