@@ -45,6 +45,11 @@ class ProgressBars:
         if not self.enabled:
             return
         kind = type(event).__name__
+        if kind == "FineTuneRound":  # a finished round: a line that stays, not a bar
+            self.close()
+            tqdm.write(f"round {event.round + 1}/{event.rounds} finished in {event.record['seconds']} s",
+                       file=sys.stderr)
+            return
         if isinstance(event, TaskProgress):
             label, done, total = event.stage, event.done, event.total
         elif kind == "DoriStep":

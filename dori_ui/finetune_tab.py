@@ -19,7 +19,7 @@ import torch
 from analysis.dori import DoriSearch
 from analysis.export import RunRecord
 from analysis.images import to_display
-from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
+from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress, FineTuneRound
 from analysis.localize import cache_key, weights_checksum
 from analysis.model import ModelHandle
 from analysis.paths import RUNS_DIR
@@ -97,9 +97,10 @@ def table_columns(similarity: str) -> list[str]:
             f"Dori {similarity}"]
 
 
-def round_rows(record: RunRecord) -> list[list]:
+def round_rows(rows: list[dict]) -> list[list]:
+    """Table rows of evaluated targets: a finished run's `record.table`, or one round's as it lands."""
     return [[row["round"] + 1, row["caption"], f"{row['prompt_replication']:.0%}", round(row["prompt_similarity"], 3),
-             f"{row['dori_replication']:.0%}", round(row["dori_similarity"], 3)] for row in record.table]
+             f"{row['dori_replication']:.0%}", round(row["dori_similarity"], 3)] for row in rows]
 
 
 def training_parameters(round_count, step_count, trigger_count, search_steps, search_batch, seed_count,
@@ -183,12 +184,18 @@ def build_finetune_tab(context: AppContext) -> None:
         seeds = list(range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"]))
         progress(None, desc="Replication before fine-tuning")
         before = [run_or_error(model, "replicate", dict(image=i, seeds=seeds), {}, session).metrics for i in indices]
-        rows = dict(headers=table_columns(model.replication_metric.label()), data=before_rows(before, chosen))
+        before = before_rows(before, chosen)
+        rows = dict(headers=table_columns(model.replication_metric.label()), data=before)
         config = dict(targets=indices, parameters=parameters, resume=True)
         config["out_dir"] = str(run_folder(model, config))
         yield {status: "Fine-tuning…", table: rows, side_table: [], held_out: [], context.session: session}
         for event in stream_task(model, "finetune", config, {}, session):
-            if isinstance(event, FineTuneProgress):
+            if isinstance(event, FineTuneRound):
+                landed = [dict(target, round=event.round) for target in event.record["targets"]]
+                rows = dict(rows, data=rows["data"] + round_rows(landed))
+                yield {status: f"Round {event.round + 1} of {event.rounds} finished in {event.record['seconds']:g} s.",
+                       table: rows, context.session: session}
+            elif isinstance(event, FineTuneProgress):
                 progress((event.step + 1, event.total), unit="steps",
                          desc=f"Round {event.round + 1} of {event.rounds}: {event.stage}")
             elif isinstance(event, Stopped):
@@ -198,7 +205,7 @@ def build_finetune_tab(context: AppContext) -> None:
                 session.records[VIEW] = event
                 yield {status: f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is "
                                f"in `{event.metrics['model_dir']}`. Switch to it below.",
-                       table: dict(rows, data=rows["data"] + round_rows(event)), side_table: side_effect_rows(event),
+                       table: dict(rows, data=before + round_rows(event.table)), side_table: side_effect_rows(event),
                        held_out: held_out_gallery(event), context.session: session}
 
     on_model(run_button.click, run, context,

@@ -155,6 +155,7 @@ def test_finetune_exports_and_reruns(dori, tmp_path):
                           "--param", "eval_seeds=1", "--param", "normal_batch=2", "--param", "adversarial_batch=2",
                           "--json", "--export", str(tmp_path / "ft.zip"))
     assert code == 0, err
+    assert "round 1/1 finished in" in err  # each finished round is a line of its own
     printed = json.loads(out)
     assert printed["metrics"]["model_dir"] == str(tmp_path / "ft" / "model")
     assert (tmp_path / "ft" / "model" / "unet").is_dir()

@@ -84,3 +84,15 @@ def test_the_training_settings_reach_the_saved_model(app_url, tiny_handle):
     params = json.loads((model_dir / "memorized.json").read_text())["adversarial_finetuning"]["params"]
     assert (params["lr"], params["optimizer"], params["trainable"], params["utility_loss"], params["ema_decay"]) == (
         3e-4, "sgd", "attn2", "distillation", 0.9)
+
+
+def test_each_finished_round_lands_in_the_table_as_it_finishes(app_url, tiny_handle):
+    caption = tiny_handle.memorized[0].caption
+    job = Client(app_url, verbose=False).submit([caption], 2, *COUNTS[1:], *SETTINGS, api_name="/finetune")
+    job.result()
+    statuses = [output[0] for output in job.outputs()]
+    # The first round's rows are shown while the second runs, then the finished run's.
+    landed = next(i for i, status in enumerate(statuses) if status.startswith("Round 1 of 2 finished"))
+    assert [row[:2] for row in job.outputs()[landed][1]["data"]] == [["before", caption], [1, caption]]
+    assert any(status.startswith("Round 2 of 2 finished") for status in statuses[landed + 1:])
+    assert statuses[-1].startswith("Fine-tuned 1 image(s) in 2 round(s)")

@@ -40,6 +40,16 @@ class FineTuneProgress:
 
 
 @dataclass
+class FineTuneRound:
+    """What a `fit` callback receives when a round has finished and is saved: its history record (the same as
+    `FineTuneResult.history`'s), so that a caller can show each round as it lands."""
+
+    round: int  # 0-based
+    rounds: int
+    record: dict
+
+
+@dataclass
 class FineTuneResult:
     model_dir: Path  # a pipeline folder that `analysis.model.load_model` opens
     targets: list[str]  # captions of the selected images
@@ -263,6 +273,8 @@ class AdversarialFineTuning:
             state["rounds_done"] = round_index + 1
             state["seconds"] += record["seconds"]
             save_checkpoint(checkpoint, params, selected, state, trained, averaged, optimizer, generator)
+            if callback is not None:
+                callback(FineTuneRound(round_index, self.rounds, record))
 
         model_dir = out_dir / MODEL_SUBFOLDER
         save_model_folder(tuned, model_dir, dict(params=params, targets=[item.caption for item in selected],
