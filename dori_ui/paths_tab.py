@@ -98,12 +98,14 @@ def heatmaps_figure(record: RunRecord) -> go.Figure:
             values = matrices[compared.index(layer)]
             figure.add_trace(go.Heatmap(
                 z=[[None if math.isnan(v) else v for v in line] for line in values], zmin=0, zmax=1,
-                colorscale="Viridis", showscale=row == 1 and column == len(layers),
+                colorscale="Viridis", showscale=row == 1 and column == len(layers), colorbar=dict(title="IoU"),
                 text=[["∅" if math.isnan(v) else f"{v:.2f}" for v in line] for line in values],
                 texttemplate="%{text}", hovertemplate="trigger %{y} vs %{x}: %{text}<extra></extra>"),
                 row=row, col=column)
     figure.update_xaxes(showticklabels=False)
     figure.update_yaxes(showticklabels=False, autorange="reversed")
+    figure.update_xaxes(title_text="trigger", row=len(COMPARISONS))
+    figure.update_yaxes(title_text="trigger", col=1)
     figure.update_layout(title="Per-layer IoU of the masks of different triggers (∅: both masks empty)",
                          height=260 * len(COMPARISONS) + 60, margin=dict(t=80, b=20), font=dict(size=10))
     return figure

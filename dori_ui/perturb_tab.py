@@ -307,7 +307,8 @@ def build_perturb_tab(context: AppContext) -> None:
     on_model(run_button.click, attack, context,
              inputs=[target, start, other_prompt, random_seed, upload, steps, lr, batch, eval_seeds, generation_steps,
                      preview_every, context.session],
-             outputs=[status, loss_plot, preview, target_view, after, distances, context.session], api_name="perturb")
+             outputs=[status, loss_plot, preview, target_view, after, distances, context.session], api_name="perturb",
+             show_progress_on=status)  # the loss plot and previews stream: no overlay over them
 
     on_stop(stop_button, context, status, VIEW)
 

@@ -200,7 +200,8 @@ def build_replicate_tab(context: AppContext) -> None:
             yield {**shown, noise_gap_plot: noise_gap_figure(record, reference)}
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
-             outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
+             outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate",
+             show_progress_on=summary)  # the gallery lands before the reference band: no overlay over it
     on_stop(stop_button, context, summary, VIEW)
 
     def pick_training_image(state: Session, selection: gr.SelectData) -> str:

@@ -1,0 +1,25 @@
+"""Linked views in a real browser on the bundled model: a trigger clicked on the map is the selected trigger
+everywhere it is used. No screenshots (the story's `test_story.py` takes those)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+expect = pytest.importorskip("playwright.sync_api").expect
+
+
+def test_clicking_a_trigger_on_the_map_selects_it_in_the_map_and_inside(page: Page):
+    page.get_by_role("tab", name="Trigger map").click()
+    page.locator("#trigger-map-load").click()  # the shipped set of the first image, the shown defaults
+    points = page.locator("#trigger-map-plot .scatterlayer .trace").first.locator("path.point")
+    expect(points).to_have_count(8, timeout=120_000)
+    points.nth(2).click(force=True)  # plotly's hover layer lies above the points
+    expect(page.locator("#trigger-map-index input")).to_have_value("2")
+    expect(page.locator("#trigger-map-selected-summary")).to_contain_text("Trigger 2 replicates", timeout=120_000)
+    page.get_by_role("tab", name="Inside").click()
+    expect(page.locator("#inside-trigger input")).to_have_value("2")
