@@ -159,6 +159,11 @@ def scrub(step, state: Session):
     return _pictures(records, f"frame{check_whole_number('Step', step, 0, steps_run - 1)}")
 
 
+def follow_selection(index):
+    """The Trigger map view's selected trigger, as this view's; an emptied selection leaves the field as it is."""
+    return gr.skip() if index is None else index
+
+
 def choose(label, state: Session) -> str:
     if label not in state.inside_results:
         raise gr.Error(f"Choose one of this session's results, got {label!r}.")
@@ -176,8 +181,9 @@ def _pinned_view(state: Session, name: str) -> tuple:
             f"{describe(label, record)}\n\n(on {record.model})")
 
 
-def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
-    """The tab's components and events, inside the caller's `gr.Tab`; `map_state` is the Trigger map view's set."""
+def build_inside_tab(context: AppContext, map_state: gr.State, selected_trigger: gr.Number) -> None:
+    """The tab's components and events, inside the caller's `gr.Tab`; `map_state` is the Trigger map view's set,
+    `selected_trigger` the trigger selected there (on the map or in its table), which this view's trigger follows."""
     handle = context.models.get(context.models.first)
     captions = [m.caption for m in handle.memorized]
     gr.Markdown(EXPLANATION)
@@ -293,6 +299,8 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
              inputs=[image, trigger, held_out, seed, seeds, steps, guidance, session, trigger_map],
              outputs=[detect_plot, summary, result, session], api_name="inside_detect")
     result.input(choose, inputs=[result, session], outputs=summary, api_name="inside_result")
+    selected_trigger.change(follow_selection, inputs=selected_trigger, outputs=trigger,
+                            api_name="inside_follow_selection")
     pin_outputs = [*pinned["A"], *pinned["B"], session]
     pin_a.click(pin("A"), inputs=[result, session], outputs=pin_outputs, api_name="inside_pin_a")
     pin_b.click(pin("B"), inputs=[result, session], outputs=pin_outputs, api_name="inside_pin_b")

@@ -68,8 +68,8 @@ any); pin two to compare.
 """
 
 
-# A click on a trigger's point (its `customdata` is the trigger's index) selects it as a table row does, and picks it
-# in the Inside view too. Plotly's click event is only reachable in the page, hence a script.
+# A click on a trigger's point (its `customdata` is the trigger's index) selects it as a table row does (the Inside
+# view follows the selected trigger). Plotly's click event is only reachable in the page, hence a script.
 SELECT_ON_CLICK = """
 const pick = (selector, value) => {
   const field = document.querySelector(selector);
@@ -86,7 +86,6 @@ const attach = () => {
     const trigger = data.points[0].customdata;
     if (trigger === undefined || trigger === null) return;
     pick("#trigger-map-index input", trigger);
-    pick("#inside-trigger input", trigger);
     setTimeout(() => document.querySelector("#trigger-map-show").click(), 100);
   });
 };
@@ -257,9 +256,10 @@ def pin(state: MapState | None):
     return gr.update(value=gallery, label=summary)
 
 
-def build_trigger_map_tab(context: AppContext) -> gr.State:
+def build_trigger_map_tab(context: AppContext) -> tuple[gr.State, gr.Number]:
     """The tab's components and events, inside the caller's `gr.Tab`. Returns the session's loaded set
-    (a `MapState`, None before one is loaded), which the Paths & masks view analyses."""
+    (a `MapState`, None before one is loaded), which the Paths & masks and Inside views analyse, and the field of
+    the selected trigger, which the Inside view follows."""
     handle = context.models.get(context.models.first)
     captions = [m.caption for m in handle.memorized]
     map_state = gr.State(None)
@@ -373,4 +373,4 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
 
     context.refresh_on_model_change(VIEW, refresh, [image, map_state, status, plot, table, selected,
                                                     selected_summary, pinned_a, pinned_b, index])
-    return map_state
+    return map_state, index

@@ -69,7 +69,9 @@ def test_the_trigger_maps_points_carry_their_trigger_for_a_click(client, tiny_ha
         traces = [trace for trace in json.loads(plot["plot"])["data"] if trace["name"].startswith("triggers")]
         assert sorted(i for trace in traces for i in trace["customdata"]) == [0, 1]
     scripts = [c["props"] for c in client.config["components"] if c["props"].get("elem_id") == "trigger-map-click"]
-    assert "plotly_click" in scripts[0]["js_on_load"] and "#inside-trigger input" in scripts[0]["js_on_load"]
+    assert "plotly_click" in scripts[0]["js_on_load"] and "#trigger-map-index input" in scripts[0]["js_on_load"]
+    # The Inside view's trigger follows the selection.
+    assert client.predict(5, api_name="/inside_follow_selection") == 5
 
 
 def test_streamed_outputs_carry_no_progress_overlay(client):
