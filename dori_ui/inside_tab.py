@@ -12,6 +12,8 @@ Element ids: `inside-image`, `inside-trigger`, `inside-held-out`, `inside-seed`,
 
 from __future__ import annotations
 
+import math
+
 import gradio as gr
 import torch
 
@@ -19,7 +21,7 @@ from analysis.export import RunRecord
 from analysis.hooks import cross_attention_layers
 from analysis.images import to_display
 from analysis.inside_tasks import DetectSettings
-from analysis.limits import MAX_GUIDANCE, MAX_SEED
+from analysis.limits import MAX_GUIDANCE, MAX_SEED, MAX_STARTS
 from analysis.model import ModelHandle
 from analysis.settings import Sampling
 from analysis.triggers import METADATA_FILE, TriggerSet, shipped_set_folder
@@ -160,8 +162,10 @@ def scrub(step, state: Session):
 
 
 def follow_selection(index):
-    """The Trigger map view's selected trigger, as this view's; an emptied selection leaves the field as it is."""
-    return gr.skip() if index is None else index
+    """The Trigger map view's selected trigger, as this view's. Anything but a trigger index there (an emptied
+    field, a typo that view's own run reports) leaves this field as it is."""
+    whole = isinstance(index, (int, float)) and math.isfinite(index) and index == int(index)
+    return int(index) if whole and 0 <= index < MAX_STARTS else gr.skip()
 
 
 def choose(label, state: Session) -> str:

@@ -37,12 +37,13 @@ from dori_ui.session import (AppContext, Session, check_number, check_prompt, ch
                              mitigation_settings, setting_field, record_similarity, session_handle, verdict_gallery)
 from dori_ui.streaming import (Stopped, on_model, on_stop, report_to, run_and_stop_buttons, run_or_error,
                                stream_task)
+from dori_ui.trigger_map_tab import SELECTED_VIEW
 
 VIEW = "perturb"
 SWEEP_VIEW = "sweep"
 CONTROL = "held-out control: "  # prefix of the targets that are the model's control images
 STARTS = {"the prompt's own embedding": "prompt", "random embedding": "random", "another prompt": "other",
-          "uploaded embedding (.safetensors)": "upload"}
+          "uploaded embedding (.safetensors)": "upload", "the Trigger map's selected trigger": "selected"}
 MAX_RADII = 12
 # What the sweep runs on: with a mitigation on, every radius may fail, the unperturbed prompt too (radius 0).
 SESSION_MODEL = "the session's model, with its mitigation if any"
@@ -113,8 +114,19 @@ def read_embedding(path: str | None, handle: ModelHandle) -> torch.Tensor:
     return embedding.float()
 
 
-def start_setting(handle: ModelHandle, kind: str, seed: object, other_text: object,
-                  upload_path: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+def selected_trigger(handle: ModelHandle, session: Session) -> torch.Tensor:
+    """The embedding of the trigger last selected in the Trigger map view (what its "Generate trigger" ran)."""
+    record = session.records.get(SELECTED_VIEW)
+    if record is None:
+        raise gr.Error("Select a trigger in the Trigger map view first (click its point or its row).")
+    if record.model != handle.name:
+        raise gr.Error(f"The selected trigger was generated on {record.model!r}, not this session's model: select "
+                       "one again in the Trigger map view.")
+    return record.inputs()["embedding"]
+
+
+def start_setting(handle: ModelHandle, kind: str, seed: object, other_text: object, upload_path: str | None,
+                  session: Session) -> tuple[dict, dict[str, torch.Tensor]]:
     """The search's start (an "attack" `starts` entry) of a `STARTS` kind, and the inputs it names."""
     if kind == "random":
         return dict(kind="random", seed=check_whole_number("Random start seed", seed, 0, MAX_SEED)), {}
@@ -122,6 +134,8 @@ def start_setting(handle: ModelHandle, kind: str, seed: object, other_text: obje
         return dict(kind="prompt", text=check_prompt(handle, other_text)), {}
     if kind == "upload":
         return dict(kind="embedding", input="start"), {"start": read_embedding(upload_path, handle)}
+    if kind == "selected":
+        return dict(kind="embedding", input="start"), {"start": selected_trigger(handle, session)}
     return dict(kind="prompt"), {}
 
 
@@ -271,7 +285,7 @@ def build_perturb_tab(context: AppContext) -> None:
         every = check_setting("Preview every", every, AttackSettings, "preview_every")
         sampling_steps = check_setting("Generation steps", sampling_steps, Sampling, "steps")
         mitigation, inputs = mitigation_settings(state)
-        start_spec, start_inputs = start_setting(model, STARTS[start_label], seed, other_text, upload_path)
+        start_spec, start_inputs = start_setting(model, STARTS[start_label], seed, other_text, upload_path, state)
         config, inputs = dict(target_config), {**inputs, **target_inputs, **start_inputs}
         config.update(starts=[start_spec], search=search, evaluation_seeds=seeds, steps=sampling_steps,
                       mitigation=mitigation, preview_every=every, preview_seeds=min(2, len(seeds)))

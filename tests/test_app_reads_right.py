@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
-from analysis.export import RunRecord
+from analysis.export import RunRecord, load_export
 from dori_ui import trigger_map_tab
 from dori_ui.app import build_app
 from dori_ui.paths_tab import COMPARISONS, heatmaps_figure
@@ -92,3 +93,19 @@ def test_heatmaps_and_highlighting_have_their_scales(client):
     figure = heatmaps_figure(record)
     assert [trace.colorbar.title.text for trace in figure.data if trace.showscale] == ["IoU"]
     assert figure.layout.xaxis3.title.text == "trigger" and figure.layout.yaxis.title.text == "trigger"
+
+
+def test_perturb_starts_from_the_trigger_selected_on_the_map(client, tiny_handle, tmp_path, monkeypatch):
+    monkeypatch.setattr(trigger_map_tab, "BUILT_SETS", tmp_path)
+    caption = tiny_handle.memorized[0].caption
+    start = "the Trigger map's selected trigger"
+    arguments = (caption, start, "", 0, None, 1, 0.1, 1, 1, STEPS, 0)
+    with pytest.raises(AppError, match="Select a trigger in the Trigger map view first"):
+        client.predict(*arguments, api_name="/perturb")
+    client.predict(caption, BUILD, "pca", "replication", 2, 2, 1, api_name="/trigger_map_load")
+    client.predict(1, 1, "replication", api_name="/trigger_map_show")
+    selected = load_export(client.predict(api_name="/export_trigger_map_selected")).inputs()["embedding"]
+    client.predict(*arguments, api_name="/perturb")
+    attack = load_export(client.predict(api_name="/export_perturb"))
+    assert attack.config["starts"] == [{"kind": "embedding", "input": "start"}]
+    assert torch.equal(attack.inputs()["start"], selected)
