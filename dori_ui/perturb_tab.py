@@ -10,7 +10,8 @@ Element ids: `perturb-target`, `perturb-start`, `perturb-other-prompt`, `perturb
 `perturb-preview-every`, `perturb-run`,
 `perturb-stop`, `perturb-status`, `perturb-loss`, `perturb-preview`, `perturb-target-image`, `perturb-after`,
 `perturb-distances`, `perturb-export`, `perturb-export-file`; sweep: `sweep-radii`, `sweep-directions`,
-`sweep-seeds`, `sweep-model`, `sweep-run`, `sweep-plot`, `sweep-summary`, `sweep-export`, `sweep-export-file`.
+`sweep-seeds`, `sweep-model`, `sweep-run`, `sweep-stop`, `sweep-plot`, `sweep-summary`, `sweep-export`,
+`sweep-export-file`.
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ def build_perturb_tab(context: AppContext) -> None:
             sweep_seeds = setting_field("Seeds per direction ({range})", SweepSettings, "seeds", "sweep-seeds", 2)
             sweep_on = gr.Radio([SESSION_MODEL, UNMITIGATED], value=SESSION_MODEL, label="Run on",
                                 elem_id="sweep-model")
-            sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
+            sweep_button, sweep_stop = run_and_stop_buttons("Run sweep", "sweep-run", "sweep-stop")
         sweep_plot = gr.Plot(label="Replication vs radius", elem_id="sweep-plot")
         sweep_summary = gr.Markdown(elem_id="sweep-summary")
         build_export(context, SWEEP_VIEW)
@@ -362,6 +363,7 @@ def build_perturb_tab(context: AppContext) -> None:
     on_model(sweep_button.click, sweep, context,
              inputs=[target, radii, directions, sweep_seeds, generation_steps, sweep_on, context.session],
              outputs=[sweep_plot, sweep_summary, context.session], api_name="sweep")
+    on_stop(sweep_stop, context, sweep_summary, SWEEP_VIEW)
 
     def refresh(state: Session) -> dict:
         model = session_handle(context.models, state)

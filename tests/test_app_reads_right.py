@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
 
 from analysis.export import RunRecord, load_export
 from dori_ui import trigger_map_tab
@@ -109,3 +111,14 @@ def test_perturb_starts_from_the_trigger_selected_on_the_map(client, tiny_handle
     attack = load_export(client.predict(api_name="/export_perturb"))
     assert attack.config["starts"] == [{"kind": "embedding", "input": "start"}]
     assert torch.equal(attack.inputs()["start"], selected)
+
+
+def test_stop_ends_a_sweep(client, tiny_handle):
+    job = client.submit(tiny_handle.memorized[0].caption, "0, 5", 256, 64, 400, api_name="/sweep")
+    deadline = time.monotonic() + 60
+    while job.status().code != Status.PROCESSING:
+        assert time.monotonic() < deadline, "the sweep never started"
+        time.sleep(0.05)
+    assert client.predict(api_name="/sweep_stop").startswith("Stopping")
+    with pytest.raises(AppError, match="Stopped"):
+        job.result(timeout=120)

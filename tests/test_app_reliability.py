@@ -121,7 +121,7 @@ def base_arguments(tiny_handle) -> dict[str, list]:
         "/replicate": [caption, 1, 0, STEPS, 4.0],
         "/mitigate": [caption, WANDA, 2, 1.0, True, STEPS, 1],
         "/perturb": [caption, "random embedding", "", 0, None, 1, 0.1, 1, 1, STEPS, 0],
-        "/sweep": [caption, "0, 5", 1, 1, STEPS],
+        "/sweep": [caption, "0, 5", 1, 1, STEPS, "the session's model, with its mitigation if any"],
         "/attribute": [caption, "Gradient norm (Wen et al.)", 1, 4],
         "/trigger_map_load": [caption, "build a new set here", "pca", "replication", 1, 1, 1],
         "/trigger_map_show": [0, 1, "replication"],
