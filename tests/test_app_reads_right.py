@@ -114,7 +114,7 @@ def test_perturb_starts_from_the_trigger_selected_on_the_map(client, tiny_handle
 
 
 def test_stop_ends_a_sweep(client, tiny_handle):
-    job = client.submit(tiny_handle.memorized[0].caption, "0, 5", 256, 64, 400, api_name="/sweep")
+    job = client.submit(tiny_handle.memorized[0].caption, "0, 5, 10", 64, 8, 400, api_name="/sweep")
     deadline = time.monotonic() + 60
     while job.status().code != Status.PROCESSING:
         assert time.monotonic() < deadline, "the sweep never started"
