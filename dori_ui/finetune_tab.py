@@ -269,8 +269,9 @@ def build_finetune_tab(context: AppContext) -> None:
                 session.records[VIEW] = event
                 yield {status: f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is "
                                f"in `{event.metrics['model_dir']}`. Switch to it below.",
-                       table: dict(rows, data=before + round_rows(event.table)), side_table: side_effect_rows(event),
-                       held_out: held_out_gallery(event), context.session: session}
+                       table: dict(rows, data=before + round_rows(event.table)),
+                       side_table: side_effect_rows(event), held_out: held_out_gallery(event),
+                       context.session: session}
 
     on_model(run_button.click, run, context,
              inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds, lr, optimizer, trainable,
