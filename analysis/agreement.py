@@ -20,13 +20,29 @@ import torch
 from analysis.localize import Localizer
 from analysis.masks import Mask, iou
 from analysis.model import ModelHandle
+from analysis.progress import Callback, report
 
 LEVELS = ("units", "neurons")
 
 
-def localize_each(localizer: Localizer, handle: ModelHandle, embeddings: torch.Tensor, **fit_arguments) -> list[Mask]:
-    """One mask per embedding of `[n, 77, d]`: `localizer.fit(handle, embedding, **fit_arguments).mask_`."""
-    return [localizer.fit(handle, embedding, **fit_arguments).mask_ for embedding in embeddings]
+STAGE = "localizer fits"  # the stage of the `TaskProgress` that counts fits, beside each fit's own events
+
+
+def localize_each(localizer: Localizer, handle: ModelHandle, embeddings: torch.Tensor, callback: Callback | None = None,
+                  done: int = 0, total: int | None = None, **fit_arguments) -> list[Mask]:
+    """One mask per embedding of `[n, 77, d]`: `localizer.fit(handle, embedding, callback=callback,
+    **fit_arguments).mask_`.
+
+    Before each fit `callback` also receives `TaskProgress(STAGE, done + i, total)` (`total`: n unless given), so
+    that a caller fitting several localizers can show one count over all of them.
+    """
+    masks = []
+    for i, embedding in enumerate(embeddings):
+        report(callback, STAGE, done + i, total or len(embeddings),
+               f"{type(localizer).__name__} on trigger {i + 1} of {len(embeddings)}")
+        masks.append(localizer.fit(handle, embedding, callback=callback, **fit_arguments).mask_)
+    report(callback, STAGE, done + len(embeddings), total or len(embeddings))
+    return masks
 
 
 def as_neurons(mask: Mask) -> Mask:

@@ -47,6 +47,11 @@ class ProgressBars:
         if not self.enabled:
             return
         kind = type(event).__name__
+        if kind == "FineTuneRound":  # a finished round: a line that stays, not a bar
+            self.close()
+            tqdm.write(f"round {event.round + 1}/{event.rounds} finished in {event.record['seconds']} s",
+                       file=sys.stderr)
+            return
         if isinstance(event, TaskProgress):
             label, done, total = event.stage, event.done, event.total
         elif kind == "DoriStep":
@@ -241,7 +246,8 @@ def cmd_task(args, progress: ProgressBars) -> int:
 def cmd_rerun(args, progress: ProgressBars) -> int:
     recorded, reproduced = rerun(args.export_file, device=args.device, model=args.model, out_dir=args.out_dir,
                                  memorized=args.memorized, reference_prompts=args.reference_prompts, sscd=args.sscd,
-                                 sscd_threshold=args.sscd_threshold, normal=args.normal)
+                                 sscd_threshold=args.sscd_threshold, normal=args.normal, callback=progress)
+    progress.close()
     rows = compare_metrics(recorded.metrics, reproduced.metrics)
     if args.export:
         save_export(reproduced, args.export)

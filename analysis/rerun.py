@@ -14,6 +14,7 @@ import torch
 
 from analysis.export import RunRecord, load_export
 from analysis.model import open_model
+from analysis.progress import Callback
 from analysis.task_settings import BUNDLED_MODEL_NAME, check_limits
 from analysis.tasks import TASKS, run_task
 
@@ -21,7 +22,8 @@ from analysis.tasks import TASKS, run_task
 def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | None = None,
           out_dir: str | Path | None = None, memorized: str | Path | None = None,
           reference_prompts: str | Path | None = None, sscd: str | Path | None = None,
-          sscd_threshold: float | None = None, normal: str | Path | None = None) -> tuple[RunRecord, RunRecord]:
+          sscd_threshold: float | None = None, normal: str | Path | None = None,
+          callback: Callback | None = None) -> tuple[RunRecord, RunRecord]:
     """Load an export, load its model (on `device`, in the recorded dtype) and run it again.
 
     The export names a model, a memorized set, reference prompts, an SSCD file
@@ -34,7 +36,8 @@ def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | Non
     `out_dir` (`output_folder`). The configuration meets the same limits as every `run_task`
     call (`analysis.limits`).
 
-    Returns (recorded, reproduced); `compare_metrics` tells whether the numbers agree.
+    `callback` receives the run's progress events, as `run_task`'s does. Returns (recorded, reproduced);
+    `compare_metrics` tells whether the numbers agree.
     """
     recorded = load_export(path)
     if recorded.kind not in TASKS:
@@ -52,7 +55,7 @@ def rerun(path: str | Path, device: str | torch.device = "cpu", model: str | Non
     handle = open_model(model, device=device, dtype=config.get("dtype", "float32"), memorized=memorized,
                         reference_prompts=reference_prompts, sscd=sscd, sscd_threshold=sscd_threshold,
                         normal=normal)
-    reproduced = run_task(handle, recorded.kind, config, inputs=recorded.inputs())
+    reproduced = run_task(handle, recorded.kind, config, inputs=recorded.inputs(), callback=callback)
     return recorded, reproduced
 
 

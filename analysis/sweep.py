@@ -19,7 +19,7 @@ import torch
 from analysis.dori import evaluate
 from analysis.model import ModelHandle
 from analysis.progress import Callback, report
-from analysis.sampling import encode_prompts
+from analysis.sampling import DenoisingStep, encode_prompts
 
 
 @dataclass
@@ -57,7 +57,8 @@ def perturbation_sweep(handle: ModelHandle, conditioning: str | torch.Tensor, ta
 
     `seed` draws the directions; `seeds` are the generation seeds; `steps`,
     `guidance` default to the handle's. `callback` receives a `TaskProgress`
-    after each radius and may raise `analysis.sampling.SamplingCancelled` to stop.
+    after each radius and after each denoising step (counting radii, the step in its message), and may raise
+    `analysis.sampling.SamplingCancelled` to stop.
     """
     if not radii:
         raise ValueError("no radii given")
@@ -66,8 +67,12 @@ def perturbation_sweep(handle: ModelHandle, conditioning: str | torch.Tensor, ta
     rays = random_directions(directions, tuple(embedding.shape), seed).to(handle.device)
     similarities, replicated = [], []
     for done, radius in enumerate(radii, start=1):
+        def on_step(step: DenoisingStep, done: int = done, radius: float = radius) -> None:
+            report(callback, "sweep", done - 1, len(radii),
+                   f"radius {radius:g}: denoising step {step.index + 1} of {step.total}")
+
         generated = evaluate(handle, embedding + radius * rays, target_image, seeds, steps=steps, guidance=guidance,
-                             batch_size=batch_size)
+                             batch_size=batch_size, callback=on_step if callback is not None else None)
         similarities.append(generated.similarities)
         replicated.append(generated.replicated)
         report(callback, "sweep", done, len(radii), f"radius {radius:g}")

@@ -140,14 +140,12 @@ def run_agreement(handle: ModelHandle, config: dict, inputs: dict, callback: Cal
         wanda["layers"] = list(nemo_layers(handle.unet) if layers is None else resolve_layers(handle.unet, layers))
     filled = dict(**target, seeds=nemo["seeds"], nemo=nemo["parameters"], wanda=wanda)
     record = RunRecord("agreement", handle.name, filled)
-    report(callback, "agreement", 0, 2, f"NeMo on {len(triggers)} triggers")
+    fits = 2 * len(triggers)
     masks = {"nemo": localize_each(NeMo(**nemo["parameters"], batch_size=LOCALIZER_BATCH_ROWS), handle, triggers,
-                                   seeds=nemo["seeds"], callback=callback)}
-    report(callback, "agreement", 1, 2, f"Wanda on {len(triggers)} triggers")
+                                   seeds=nemo["seeds"], callback=callback, total=fits)}
     masks["wanda"] = [as_neurons(mask) for mask in localize_each(Wanda(**wanda, batch_size=LOCALIZER_BATCH_ROWS),
                                                                   handle, triggers, seeds=nemo["seeds"],
-                                                                  callback=callback)]
-    report(callback, "agreement", 2, 2, "IoU")
+                                                                  callback=callback, done=len(triggers), total=fits)]
     matrices = {"nemo_nemo": iou_matrix(masks["nemo"]), "wanda_wanda": iou_matrix(masks["wanda"]),
                 "nemo_wanda": iou_matrix(masks["nemo"], masks["wanda"])}
     layers = matrices["nemo_wanda"].layers  # every layer of either method

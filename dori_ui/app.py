@@ -34,6 +34,14 @@ CACHE_CLEANUP = (3600, 86400)  # (every, older than) in seconds: Gradio's copies
 QUEUE_POLL_S = 0.05
 PROGRESS_POLL_S = 0.1
 
+# Page style every server of the app uses (`launch_options`).
+STYLE = """
+/* A gallery caption (verdict, similarity, seed) in full, on as many lines as it needs. */
+.caption-label { white-space: normal !important; max-width: 100% !important; text-overflow: clip !important; }
+/* An empty gallery or plot (no run yet) takes one line, not a large placeholder, until it holds something. */
+.block .empty.large, .block .empty.unpadded_box { min-height: 3rem !important; height: 3rem !important; }
+"""
+
 INTRODUCTION = """
 A text-to-image diffusion model can **memorize** some of its training images:
 prompted with such an image's caption, it draws that image again, nearly
@@ -102,13 +110,13 @@ def build_app(handle: ModelHandle, sources: Sequence[str] = (), allowed_roots: S
             with gr.Tab("Perturb", id="perturb"):
                 build_perturb_tab(context)
             with gr.Tab("Trigger map", id="trigger_map"):
-                trigger_map = build_trigger_map_tab(context)
+                trigger_map, selected_trigger = build_trigger_map_tab(context)
             with gr.Tab("Paths & masks", id="paths"):
                 build_paths_tab(context, trigger_map)
             with gr.Tab("Attribution", id="attribution"):
                 build_attribution_tab(context)
             with gr.Tab("Inside", id="inside"):
-                build_inside_tab(context, trigger_map)
+                build_inside_tab(context, trigger_map, selected_trigger)
             # Last: its model switch refreshes the views registered before it.
             with gr.Tab("Fine-tune", id="finetune"):
                 build_finetune_tab(context)
@@ -164,5 +172,6 @@ def set_queue_polling(app: gr.Blocks, event_seconds: float, progress_seconds: fl
 
 
 def launch_options(max_upload_bytes: int = MAX_UPLOAD_BYTES) -> dict:
-    """`app.launch` settings every server of the app uses: the upload limit (Gradio refuses a larger file)."""
-    return dict(max_file_size=max_upload_bytes)
+    """`app.launch` settings every server of the app uses: the upload limit (Gradio refuses a larger file) and the
+    page's style."""
+    return dict(max_file_size=max_upload_bytes, css=STYLE)

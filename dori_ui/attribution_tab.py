@@ -97,7 +97,8 @@ def build_attribution_tab(context: AppContext) -> None:
                              precision=None, elem_id="attribution-ig-steps")
         run_button = gr.Button("Attribute", variant="primary", elem_id="attribution-run")
     gr.Markdown(EXPLANATION)
-    words = gr.HighlightedText(label="Words coloured by their score", show_legend=False,
+    # The legend is the colour scale: −1 (blue, lowers m) to +1 (red, raises m), the largest |score| being 1.
+    words = gr.HighlightedText(label="Words coloured by their score, scaled to the largest |score|", show_legend=True,
                                elem_id="attribution-words")
     summary = gr.Markdown(elem_id="attribution-summary")
     plot = gr.Plot(label="The methods run on this prompt, side by side", elem_id="attribution-plot")

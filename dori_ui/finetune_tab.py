@@ -13,16 +13,19 @@ Element ids: `finetune-targets`, `finetune-rounds`, `finetune-steps`, `finetune-
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 import torch
 
 from analysis.dori import DoriSearch
 from analysis.export import RunRecord
 from analysis.images import to_display
-from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress
+from analysis.finetune import EVALUATION_SEED_OFFSET, AdversarialFineTuning, FineTuneProgress, FineTuneRound
 from analysis.localize import cache_key, weights_checksum
 from analysis.model import ModelHandle
 from analysis.paths import RUNS_DIR
+from analysis.task_settings import BUNDLED_MODEL_NAME
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_setting, describe_model, session_handle,
                              setting_field, use_finetuned)
@@ -34,6 +37,16 @@ RUNS = RUNS_DIR / "finetune"
 SIDE_EFFECT_COLUMNS = ["outside the targets", "caption or prompt", "before → after"]
 DEFAULTS = AdversarialFineTuning()  # the fields open with the engine's defaults
 MAX_LR = 1e-2  # far above any rate that keeps the model; a typo guard
+# Seconds of one round's stages for one image with the engine's per-round settings on the bundled model, and of the
+# once-per-run surrogate generation: `python -m analysis.bench.finetune_round` on this project's 2-core CPU
+# (docs/results/bench_finetune_round.md). The view scales them by each stage's work to say how long a run will take.
+MEASURED_ROUND = {"triggers": 374.5, "train": 223.0, "evaluate": 125.2}
+MEASURED_ONCE = 81.2  # the surrogate images and the side-effect check
+# The share of the app's time limit the default run is planned to fill: the machine may be busier than measured.
+PLANNED_SHARE = 0.7
+# The view's own default triggers per image and round, half the engine's: two rounds then fit the app's limit with
+# a margin (the engine's four leave one).
+TRIGGERS_PER_ROUND = 2
 TRAINABLE = {"the whole UNet (the paper's)": "all", "attention layers": "attn", "cross-attention only": "attn2"}
 UTILITY_LOSSES = {"the model's default (latent: distillation; pixel: L_DM)": None,
                   "toward the noise (L_DM, the paper's)": "denoising",
@@ -57,6 +70,51 @@ ordinary captions toward the original model (distillation) or shipping a moving
 average of the weights changes ordinary captions less, and unlearns less too
 (docs/results/robust_mitigation.md).
 """
+
+
+def stage_work(parameters: dict, images: int) -> dict[str, float]:
+    """Each round stage's work relative to the measured run's (one image, the engine's defaults): the trigger
+    search and the evaluation's attack scale with the Dori passes, training with its steps."""
+    dori = parameters["dori"]
+    passes = dori["steps"] * dori["batch_size"] / (DEFAULTS.dori.steps * DEFAULTS.dori.batch_size)
+    return {"triggers": images * passes * parameters["triggers_per_image"] / DEFAULTS.triggers_per_image,
+            "train": parameters["steps_per_round"] / DEFAULTS.steps_per_round,
+            "evaluate": images * passes * parameters["eval_seeds"] / DEFAULTS.eval_seeds}
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def estimated_seconds(parameters: dict, images: int) -> float:
+    """How long a run of the bundled model takes with these settings, from the measured stage seconds."""
+    work = stage_work(parameters, images)
+    return images * MEASURED_ONCE + parameters["rounds"] * sum(MEASURED_ROUND[k] * work[k] for k in work)
+
+
+def default_rounds(max_run_seconds: float) -> int:
+    """The most rounds (at least 1, at most the engine's default) that one image's run with the view's other
+    defaults finishes in within `PLANNED_SHARE` of the app's time limit on the measured machine."""
+    one = dict(rounds=1, steps_per_round=DEFAULTS.steps_per_round, triggers_per_image=TRIGGERS_PER_ROUND,
+               eval_seeds=DEFAULTS.eval_seeds,
+               dori=dict(steps=DEFAULTS.dori.steps, batch_size=DEFAULTS.dori.batch_size))
+    per_round = estimated_seconds(one, 1) - MEASURED_ONCE
+    fits = int((PLANNED_SHARE * max_run_seconds - MEASURED_ONCE) // per_round)
+    return max(1, min(DEFAULTS.rounds, fits))
+
+
+def duration_note(model: ModelHandle, parameters: dict, images: int, max_run_seconds: float) -> str:
+    """What the status says before the run starts: its estimated length on the bundled model, and whether it fits
+    the app's limit; for another model, that each finished round tells the rest."""
+    if model.name != BUNDLED_MODEL_NAME:
+        return "How long a round takes on this model is known after the first one: each finished round says."
+    seconds = estimated_seconds(parameters, images)
+    note = (f"Estimated: about {duration(seconds)} ({parameters['rounds']} round(s), measured on this "
+            f"project's 2-core CPU; a busier machine takes longer).")
+    if seconds > max_run_seconds:
+        note += (f" **That is more than the app's limit of {max_run_seconds:g} s per run**: the run stops there, "
+                 "and a second click resumes from the last finished round.")
+    return note
 
 
 def run_folder(model: ModelHandle, config: dict):
@@ -97,9 +155,10 @@ def table_columns(similarity: str) -> list[str]:
             f"Dori {similarity}"]
 
 
-def round_rows(record: RunRecord) -> list[list]:
+def round_rows(rows: list[dict]) -> list[list]:
+    """Table rows of evaluated targets: a finished run's `record.table`, or one round's as it lands."""
     return [[row["round"] + 1, row["caption"], f"{row['prompt_replication']:.0%}", round(row["prompt_similarity"], 3),
-             f"{row['dori_replication']:.0%}", round(row["dori_similarity"], 3)] for row in record.table]
+             f"{row['dori_replication']:.0%}", round(row["dori_similarity"], 3)] for row in rows]
 
 
 def training_parameters(round_count, step_count, trigger_count, search_steps, search_batch, seed_count,
@@ -130,11 +189,12 @@ def build_finetune_tab(context: AppContext) -> None:
                                    elem_id="finetune-targets", scale=3)
         with gr.Column(scale=2):
             with gr.Row():
-                rounds = setting_field("Rounds ({range})", AdversarialFineTuning, "rounds", "finetune-rounds")
+                rounds = setting_field("Rounds ({range})", AdversarialFineTuning, "rounds", "finetune-rounds",
+                                       default_rounds(context.max_run_seconds))
                 steps = setting_field("Training steps per round ({range})", AdversarialFineTuning, "steps_per_round",
                                       "finetune-steps")
                 triggers = setting_field("Triggers per image and round ({range})", AdversarialFineTuning,
-                                         "triggers_per_image", "finetune-triggers")
+                                         "triggers_per_image", "finetune-triggers", TRIGGERS_PER_ROUND)
             with gr.Row():
                 dori_steps = setting_field("Dori steps ({range})", DoriSearch, "steps", "finetune-dori-steps")
                 dori_batch = setting_field("Dori batch ({range})", DoriSearch, "batch_size", "finetune-dori-batch")
@@ -183,12 +243,23 @@ def build_finetune_tab(context: AppContext) -> None:
         seeds = list(range(EVALUATION_SEED_OFFSET, EVALUATION_SEED_OFFSET + parameters["eval_seeds"]))
         progress(None, desc="Replication before fine-tuning")
         before = [run_or_error(model, "replicate", dict(image=i, seeds=seeds), {}, session).metrics for i in indices]
-        rows = dict(headers=table_columns(model.replication_metric.label()), data=before_rows(before, chosen))
+        before = before_rows(before, chosen)
+        rows = dict(headers=table_columns(model.replication_metric.label()), data=before)
         config = dict(targets=indices, parameters=parameters, resume=True)
         config["out_dir"] = str(run_folder(model, config))
-        yield {status: "Fine-tuning…", table: rows, side_table: [], held_out: [], context.session: session}
+        started, finished_here = time.monotonic(), 0  # a resumed run lands only its remaining rounds
+        yield {status: "Fine-tuning… " + duration_note(model, parameters, len(indices), context.max_run_seconds),
+               table: rows, side_table: [], held_out: [], context.session: session}
         for event in stream_task(model, "finetune", config, {}, session):
-            if isinstance(event, FineTuneProgress):
+            if isinstance(event, FineTuneRound):
+                landed = [dict(target, round=event.round) for target in event.record["targets"]]
+                rows = dict(rows, data=rows["data"] + round_rows(landed))
+                done, finished_here = event.round + 1, finished_here + 1
+                left = (time.monotonic() - started) / finished_here * (event.rounds - done)
+                yield {status: f"Round {done} of {event.rounds} finished in {event.record['seconds']:g} s"
+                               + (f"; about {duration(left)} left." if done < event.rounds else "."),
+                       table: rows, context.session: session}
+            elif isinstance(event, FineTuneProgress):
                 progress((event.step + 1, event.total), unit="steps",
                          desc=f"Round {event.round + 1} of {event.rounds}: {event.stage}")
             elif isinstance(event, Stopped):
@@ -198,13 +269,15 @@ def build_finetune_tab(context: AppContext) -> None:
                 session.records[VIEW] = event
                 yield {status: f"Fine-tuned {len(indices)} image(s) in {parameters['rounds']} round(s); the model is "
                                f"in `{event.metrics['model_dir']}`. Switch to it below.",
-                       table: dict(rows, data=rows["data"] + round_rows(event)), side_table: side_effect_rows(event),
-                       held_out: held_out_gallery(event), context.session: session}
+                       table: dict(rows, data=before + round_rows(event.table)),
+                       side_table: side_effect_rows(event), held_out: held_out_gallery(event),
+                       context.session: session}
 
     on_model(run_button.click, run, context,
              inputs=[targets, rounds, steps, triggers, dori_steps, dori_batch, eval_seeds, lr, optimizer, trainable,
                      utility, ema, context.session],
-             outputs=[status, table, side_table, held_out, context.session], api_name="finetune")
+             outputs=[status, table, side_table, held_out, context.session], api_name="finetune",
+             show_progress_on=status)  # finished rounds land in the table: no overlay over it
     on_stop(stop_button, context, status, VIEW)
 
     def use(session: Session):

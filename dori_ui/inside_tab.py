@@ -4,36 +4,35 @@ the caption under the session's mitigation and a held-out prompt, with the same 
 Every number comes from `run_task` ("attention", "timeline", "detect"); the view only lays the records out.
 Element ids: `inside-image`, `inside-trigger`, `inside-held-out`, `inside-seed`, `inside-seeds`, `inside-steps`,
 `inside-guidance`, `inside-layers`, `inside-first-step`, `inside-last-step`, `inside-attention-run`,
-`inside-token`, `inside-maps`, `inside-timeline-run`, `inside-timeline-plot`, `inside-scrubber`,
-`inside-frames`, `inside-detect-run`, `inside-detect-plot`, `inside-summary`, `inside-result`, `inside-pin-a`,
-`inside-pin-b`, `inside-pinned-a`, `inside-pinned-b` (and `-image`), `inside-export`, `inside-export-file`.
+`inside-token`, `inside-maps`, `inside-maps-scale`, `inside-grid`, `inside-timeline-run`, `inside-timeline-plot`,
+`inside-scrubber`, `inside-frames`, `inside-detect-run`, `inside-detect-plot`, `inside-summary`, `inside-result`,
+`inside-pin-a`, `inside-pin-b`, `inside-pinned-a`, `inside-pinned-b` (and `-image`), `inside-export`,
+`inside-export-file`.
 """
 
 from __future__ import annotations
 
-import gradio as gr
-import plotly.graph_objects as go
-import torch
-from plotly.subplots import make_subplots
+import math
 
-from analysis.detectors import DETECTORS
+import gradio as gr
+import torch
+
 from analysis.export import RunRecord
 from analysis.hooks import cross_attention_layers
 from analysis.images import to_display
 from analysis.inside_tasks import DetectSettings
-from analysis.limits import MAX_GUIDANCE, MAX_SEED
+from analysis.limits import MAX_GUIDANCE, MAX_SEED, MAX_STARTS
 from analysis.model import ModelHandle
 from analysis.settings import Sampling
 from analysis.triggers import METADATA_FILE, TriggerSet, shipped_set_folder
 from dori_ui.export import build_export
+from dori_ui.inside_figures import MAPS_SCALE, describe, detector_figure, timeline_figure, token_choices, token_word
 from dori_ui.session import (AppContext, Session, check_number, check_setting, check_whole_number, mitigation_settings,
                              session_handle, setting_field)
 from dori_ui.streaming import on_model, report_to, run_or_error
 
 VIEW = "inside"
 CAPTION, TRIGGER, MITIGATED, HELD_OUT = "caption", "trigger", "caption under the mitigation", "held-out prompt"
-DETECTOR_NAMES = {"noise_gap": "Wen et al.'s noise gap", "attention_entropy": "attention entropy (Ren et al.)",
-                  "bright_ending": "bright ending (Chen et al.)"}
 
 EXPLANATION = """
 **What am I looking at?** The same seed under a memorized image's caption, one of its Dori triggers (from the
@@ -91,6 +90,8 @@ def _run_all(model, state, kind, runs, settings, progress) -> dict[str, RunRecor
     records = {}
     for label, config, inputs in runs:
         records[label] = run_or_error(model, kind, {**config, **settings}, inputs, state, report_to(progress))
+        # Re-inserted, so that the result list ends with the latest run.
+        state.inside_results.pop(f"{kind} · {label}", None)
         state.inside_results[f"{kind} · {label}"] = records[label]
     # What Export saves: the last result, the one the result list then shows.
     state.records[VIEW] = records[label]
@@ -123,12 +124,33 @@ def _summary(records: dict[str, RunRecord], notes: list[str]) -> str:
     return "\n\n".join([describe(label, record) for label, record in records.items()] + notes)
 
 
+def _token_pictures(records: dict[str, RunRecord], index: int) -> list:
+    """Every condition's map of token `index`, named by the condition and that token in its prompt."""
+    return [(to_display(record.images[f"overlay{index}"][None])[0],
+             f"{label} · {token_word(record.metrics['tokens'][index])}") for label, record in records.items()]
+
+
+def _token_grid(records: dict[str, RunRecord]) -> list:
+    """Every condition's maps of all its tokens but padding (a trigger's positions as far as the caption's end)."""
+    shown = sum(t["kind"] != "padding" for t in records[CAPTION].metrics["tokens"])
+    grid = []
+    for label, record in records.items():
+        tokens = record.metrics["tokens"]
+        positions = range(shown) if tokens[0]["kind"] == "position" else [
+            i for i, t in enumerate(tokens) if t["kind"] != "padding"]
+        grid += [(to_display(record.images[f"overlay{i}"][None])[0], f"{label} · {i}: {token_word(tokens[i])}")
+                 for i in positions]
+    return grid
+
+
 def pick_token(index, state: Session):
+    if index is None:  # the list emptied by a model switch or a run that has not filled it yet
+        return gr.skip()
     records = _latest(state, "attention")
     if not records:
         raise gr.Error("Run “Attention maps” first.")
     length = len(records[CAPTION].metrics["tokens"])
-    return _pictures(records, f"overlay{check_whole_number('Token', index, 0, length - 1)}")
+    return _token_pictures(records, check_whole_number("Token", index, 0, length - 1))
 
 
 def scrub(step, state: Session):
@@ -137,6 +159,13 @@ def scrub(step, state: Session):
         raise gr.Error("Run “Timeline” first.")
     steps_run = next(iter(records.values())).config["steps"]
     return _pictures(records, f"frame{check_whole_number('Step', step, 0, steps_run - 1)}")
+
+
+def follow_selection(index):
+    """The Trigger map view's selected trigger, as this view's. Anything but a trigger index there (an emptied
+    field, a typo that view's own run reports) leaves this field as it is."""
+    whole = isinstance(index, (int, float)) and math.isfinite(index) and index == int(index)
+    return int(index) if whole and 0 <= index < MAX_STARTS else gr.skip()
 
 
 def choose(label, state: Session) -> str:
@@ -156,54 +185,9 @@ def _pinned_view(state: Session, name: str) -> tuple:
             f"{describe(label, record)}\n\n(on {record.model})")
 
 
-def timeline_figure(records: dict[str, RunRecord]) -> go.Figure:
-    figure = go.Figure()
-    for label, record in records.items():
-        if "similarities" in record.metrics:
-            figure.add_trace(go.Scatter(y=record.metrics["similarities"], mode="lines+markers", name=label))
-    first = next(iter(records.values()))
-    figure.add_hline(y=first.metrics["threshold"], line_dash="dash",
-                     annotation_text=f"replica: {first.metrics['metric']} > {first.metrics['threshold']:g}")
-    figure.update_layout(title="Similarity of x̂₀ to the training image, step by step", xaxis_title="denoising step",
-                         yaxis_title=f"similarity ({first.metrics['metric']})", height=360, margin=dict(t=50, b=40))
-    return figure
-
-
-def detector_figure(records: dict[str, RunRecord]) -> go.Figure:
-    """One panel per detector: the reference prompts' scores as a box, each condition's score as a point."""
-    figure = make_subplots(rows=1, cols=len(DETECTORS), subplot_titles=[DETECTOR_NAMES[n] for n in DETECTORS])
-    first = next(iter(records.values()))
-    for column, name in enumerate(DETECTORS, start=1):
-        figure.add_trace(go.Box(y=first.tensors[f"reference.{name}"].tolist(), name="reference prompts",
-                                boxpoints="all", marker_color="#7f7f7f", showlegend=column == 1), row=1, col=column)
-        for k, (label, record) in enumerate(records.items()):
-            figure.add_trace(go.Scatter(x=["reference prompts"], y=[record.metrics["scores"][name]], mode="markers",
-                                        marker=dict(size=12, symbol="diamond", color=k), name=label,
-                                        showlegend=column == 1), row=1, col=column)
-    figure.update_layout(height=380, margin=dict(t=60, b=40))
-    return figure
-
-
-def describe(label: str, record: RunRecord) -> str:
-    """A result in words, for the summary and the pins."""
-    lines = [f"**{record.kind} · {label}** (seed {record.config.get('seed', record.config.get('seeds'))}, "
-             f"{record.config['steps']} steps, guidance {record.config['guidance']:g})"]
-    metrics = record.metrics
-    if record.kind == "attention":
-        shares = sorted(zip(metrics["token_shares"], metrics["tokens"]), key=lambda pair: -pair[0])[:5]
-        lines.append("most attended: " + ", ".join(f"{t['text']} ({t['kind']}) {s:.1%}" for s, t in shares))
-    elif record.kind == "timeline" and "similarities" in metrics:
-        lock = metrics["lock_in_step"]
-        lines.append(f"final similarity {metrics['final_similarity']:.3f}; "
-                     + ("never locks in" if lock is None else f"locks in at step {lock}"))
-    elif record.kind == "detect":
-        lines += [f"{DETECTOR_NAMES[n]}: {metrics['scores'][n]:.4g} (above {metrics['percentiles'][n]:.0%} of the "
-                  f"{metrics['reference_prompts']} reference prompts)" for n in DETECTORS]
-    return "\n\n".join(lines)
-
-
-def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
-    """The tab's components and events, inside the caller's `gr.Tab`; `map_state` is the Trigger map view's set."""
+def build_inside_tab(context: AppContext, map_state: gr.State, selected_trigger: gr.Number) -> None:
+    """The tab's components and events, inside the caller's `gr.Tab`; `map_state` is the Trigger map view's set,
+    `selected_trigger` the trigger selected there (on the map or in its table), which this view's trigger follows."""
     handle = context.models.get(context.models.first)
     captions = [m.caption for m in handle.memorized]
     gr.Markdown(EXPLANATION)
@@ -230,8 +214,12 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
         detect_button = gr.Button("Detectors", variant="primary", elem_id="inside-detect-run")
     summary = gr.Markdown(elem_id="inside-summary")
     token = gr.Dropdown([], type="index", label="Token (or trigger position)", elem_id="inside-token")
-    maps = gr.Gallery(label="Attention of the chosen token, over the image", columns=3, format="png", height="auto",
+    maps = gr.Gallery(label="Attention of the chosen token, over the image", columns=4, format="png", height="auto",
                       interactive=False, elem_id="inside-maps")
+    gr.HTML(MAPS_SCALE, elem_id="inside-maps-scale")
+    with gr.Accordion("Every token's map at once", open=False):
+        grid = gr.Gallery(label="All tokens of each prompt (padding left out), over the image", columns=8,
+                          format="png", height="auto", interactive=False, elem_id="inside-grid")
     timeline_plot = gr.Plot(label="Denoising timeline", elem_id="inside-timeline-plot")
     scrubber = gr.Slider(0, max(handle.default_steps - 1, 1), value=0, step=1, label="Step (x̂₀ below)",
                          elem_id="inside-scrubber")
@@ -252,20 +240,20 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
     build_export(context, VIEW, "a result of the Inside view")
 
     def attention(caption, trigger_index, seed_value, step_count, guidance_scale, chosen_layers, first, last,
-                  state: Session, trigger_map, progress=gr.Progress()):
+                  held_out_prompt, state: Session, trigger_map, progress=gr.Progress()):
         model = session_handle(context.models, state)
         chosen = _sampling_settings(seed_value, step_count, guidance_scale)
         first = check_whole_number("Maps from step", first, 0, chosen["steps"] - 1)
         last = check_whole_number("to step", last, first, chosen["steps"] - 1)
         if not isinstance(chosen_layers, list) or not all(isinstance(name, str) for name in chosen_layers):
             raise gr.Error(f"Layers must be a list of layer names, got {chosen_layers!r}.")
-        _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, None)
-        records = _run_all(model, state, "attention", runs[:3], dict(
+        _, runs, notes = _conditions(model, state, trigger_map, caption, trigger_index, held_out_prompt)
+        records = _run_all(model, state, "attention", runs, dict(
             chosen, layers=chosen_layers or None, denoising_steps=list(range(first, last + 1))), progress)
-        tokens = records[CAPTION].metrics["tokens"]
-        choices = [(f"{i}: {t['text']} ({t['kind']})", i) for i, t in enumerate(tokens)]
-        return {token: gr.update(choices=choices, value=1), maps: _pictures(records, "overlay1"),
-                summary: _summary(records, notes), result: _results_choice(state), context.session: state}
+        choices = token_choices(records[CAPTION].metrics["tokens"])
+        return {token: gr.update(choices=choices, value=1), maps: _token_pictures(records, 1),
+                grid: _token_grid(records), summary: _summary(records, notes), result: _results_choice(state),
+                context.session: state}
 
     def timeline(caption, trigger_index, held_out_prompt, seed_value, step_count, guidance_scale, state: Session,
                  trigger_map, progress=gr.Progress()):
@@ -303,8 +291,9 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
 
     session, trigger_map = context.session, map_state
     on_model(attention_button.click, attention, context,
-             inputs=[image, trigger, seed, steps, guidance, layers, first_step, last_step, session, trigger_map],
-             outputs=[token, maps, summary, result, session], api_name="inside_attention")
+             inputs=[image, trigger, seed, steps, guidance, layers, first_step, last_step, held_out, session,
+                     trigger_map],
+             outputs=[token, maps, grid, summary, result, session], api_name="inside_attention")
     token.change(pick_token, inputs=[token, session], outputs=maps, api_name="inside_token")
     on_model(timeline_button.click, timeline, context,
              inputs=[image, trigger, held_out, seed, steps, guidance, session, trigger_map],
@@ -314,6 +303,8 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
              inputs=[image, trigger, held_out, seed, seeds, steps, guidance, session, trigger_map],
              outputs=[detect_plot, summary, result, session], api_name="inside_detect")
     result.input(choose, inputs=[result, session], outputs=summary, api_name="inside_result")
+    selected_trigger.change(follow_selection, inputs=selected_trigger, outputs=trigger,
+                            api_name="inside_follow_selection")
     pin_outputs = [*pinned["A"], *pinned["B"], session]
     pin_a.click(pin("A"), inputs=[result, session], outputs=pin_outputs, api_name="inside_pin_a")
     pin_b.click(pin("B"), inputs=[result, session], outputs=pin_outputs, api_name="inside_pin_b")
@@ -327,8 +318,8 @@ def build_inside_tab(context: AppContext, map_state: gr.State) -> None:
                 held_out: gr.update(choices=model.held_out_prompts, value=(model.held_out_prompts or [None])[0]),
                 layers: gr.update(choices=list(cross_attention_layers(model.unet)), value=[]),
                 steps: model.default_steps, guidance: model.default_guidance, last_step: model.default_steps - 1,
-                token: gr.update(choices=[], value=None), maps: [], timeline_plot: None, frames: [],
+                token: gr.update(choices=[], value=None), maps: [], grid: [], timeline_plot: None, frames: [],
                 detect_plot: None}
 
     context.refresh_on_model_change(VIEW, refresh, [image, held_out, layers, steps, guidance, last_step, token, maps,
-                                                    timeline_plot, frames, detect_plot])
+                                                    grid, timeline_plot, frames, detect_plot])

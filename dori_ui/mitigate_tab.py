@@ -237,7 +237,8 @@ def build_mitigate_tab(context: AppContext) -> None:
 
     on_model(run_button.click, run, context,
              inputs=[prompt, method, n_seeds, sparsity, refine, steps, eval_seeds, context.session],
-             outputs=[log, summary, counts, before, after, context.header, context.session], api_name="mitigate")
+             outputs=[log, summary, counts, before, after, context.header, context.session], api_name="mitigate",
+             show_progress_on=summary)  # the log streams: no overlay over it, nor over the header
 
     on_stop(stop_button, context, log, VIEW)
 

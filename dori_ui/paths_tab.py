@@ -13,25 +13,28 @@ discrepancy run, `paths_masks` the last mask agreement run.
 
 Element ids: `paths-layers`, `paths-triggers`, `paths-discrepancy-run`, `paths-discrepancy-plot`,
 `paths-discrepancy-summary`, `paths-export`, `paths-export-file`, `paths-mask-triggers`, `paths-mask-seeds`,
-`paths-masks-run`, `paths-masks-status`, `paths-heatmaps`, `paths-counts`, `paths_masks-export`,
+`paths-masks-run`, `paths-masks-stop`, `paths-masks-status`, `paths-heatmaps`, `paths-counts`, `paths_masks-export`,
 `paths_masks-export-file`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import gradio as gr
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analysis.agreement import STAGE as FITS
 from analysis.export import RunRecord
 from analysis.hooks import KINDS
+from analysis.progress import TaskProgress
 from analysis.limits import MAX_LOCALIZED_TRIGGERS, MAX_SEEDS, MAX_STARTS
 from dori_ui.export import build_export
 from dori_ui.session import AppContext, Session, check_whole_number, session_handle
-from dori_ui.streaming import on_model, report_to, run_or_error
-from dori_ui.trigger_map_tab import MapState
+from dori_ui.streaming import on_model, on_stop, progress_of, report_to, run_and_stop_buttons, run_or_error
+from dori_ui.trigger_map_tab import SET_SIZE, MapState
 
 VIEW = "paths"
 MASKS_VIEW = "paths_masks"
@@ -95,12 +98,14 @@ def heatmaps_figure(record: RunRecord) -> go.Figure:
             values = matrices[compared.index(layer)]
             figure.add_trace(go.Heatmap(
                 z=[[None if math.isnan(v) else v for v in line] for line in values], zmin=0, zmax=1,
-                colorscale="Viridis", showscale=row == 1 and column == len(layers),
+                colorscale="Viridis", showscale=row == 1 and column == len(layers), colorbar=dict(title="IoU"),
                 text=[["∅" if math.isnan(v) else f"{v:.2f}" for v in line] for line in values],
                 texttemplate="%{text}", hovertemplate="trigger %{y} vs %{x}: %{text}<extra></extra>"),
                 row=row, col=column)
     figure.update_xaxes(showticklabels=False)
     figure.update_yaxes(showticklabels=False, autorange="reversed")
+    figure.update_xaxes(title_text="trigger", row=len(COMPARISONS))
+    figure.update_yaxes(title_text="trigger", col=1)
     figure.update_layout(title="Per-layer IoU of the masks of different triggers (∅: both masks empty)",
                          height=260 * len(COMPARISONS) + 60, margin=dict(t=80, b=20), font=dict(size=10))
     return figure
@@ -112,14 +117,30 @@ def counts_table(record: RunRecord) -> list[list]:
              f"{row['nemo_nemo_undefined']:.0%}"] for row in record.table]
 
 
+def fits_progress(progress) -> Callable[[object], None]:
+    """A `run_task` callback for "agreement": the bar counts localizer fits over all triggers (NeMo's and Wanda's),
+    and names the current fit's own step beside it, which would otherwise replace the total."""
+    fit = {"count": (0, None), "name": ""}
+
+    def callback(event: object) -> None:
+        if isinstance(event, TaskProgress) and event.stage == FITS:
+            fit.update(count=(event.done, event.total), name=event.message)
+            progress(fit["count"], desc=f"Localizer fits: {event.message}".rstrip(": "), unit="fits")
+        elif (shown := progress_of(event)) is not None:
+            (done, total), description, _ = shown
+            progress(fit["count"], desc=f"{fit['name']} · {description} {done}/{total or '?'}", unit="fits")
+
+    return callback
+
+
 def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`; `map_state` is the Trigger map view's set."""
     gr.Markdown(EXPLANATION)
     with gr.Row():
         layers = gr.Radio(list(KINDS), value="value", label="Layers (value projections or feed-forward)",
                           elem_id="paths-layers")
-        n_triggers = gr.Number(16, label=f"Triggers compared (2–{MAX_STARTS})", precision=None,
-                               elem_id="paths-triggers")
+        n_triggers = gr.Number(SET_SIZE, label=f"Triggers compared (2–{MAX_STARTS}, at most the set's)",
+                               precision=None, elem_id="paths-triggers")
         discrepancy_button = gr.Button("Compare activation paths", variant="primary",
                                        elem_id="paths-discrepancy-run")
     discrepancy_summary = gr.Markdown(elem_id="paths-discrepancy-summary")
@@ -129,7 +150,8 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
         mask_triggers = gr.Number(3, label=f"Triggers to localize (2–{MAX_LOCALIZED_TRIGGERS}; NeMo takes ~30 s each "
                                   "on a laptop CPU)", precision=None, elem_id="paths-mask-triggers")
         mask_seeds = gr.Number(2, label=f"Localizer seeds (2–{MAX_SEEDS})", precision=None, elem_id="paths-mask-seeds")
-        masks_button = gr.Button("Localize each trigger", variant="primary", elem_id="paths-masks-run")
+        masks_button, masks_stop = run_and_stop_buttons("Localize each trigger", "paths-masks-run",
+                                                        "paths-masks-stop")
     masks_status = gr.Markdown(elem_id="paths-masks-status")
     heatmaps = gr.Plot(label="Mask agreement", elem_id="paths-heatmaps")
     counts = gr.Dataframe(headers=COUNT_COLUMNS, label="Per layer: units removed and mean IoU", interactive=False,
@@ -161,7 +183,7 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
         model = session_handle(context.models, session)
         config = dict(image=state.image, seeds=seeds, nemo=NEMO_PARAMETERS, wanda=WANDA_PARAMETERS)
         record = run_or_error(model, "agreement", config, {"triggers": state.trigger_set.embeddings[:chosen]},
-                              session, report_to(progress))
+                              session, fits_progress(progress))
         session.records[MASKS_VIEW] = record
         return {masks_status: f"NeMo and Wanda fitted on {chosen} triggers of “{record.config['prompt']}” "
                               f"with {len(seeds)} seeds each.",
@@ -169,6 +191,7 @@ def build_paths_tab(context: AppContext, map_state: gr.State) -> None:
 
     on_model(masks_button.click, compare_masks, context, inputs=[mask_triggers, mask_seeds, map_state, context.session],
              outputs=[masks_status, heatmaps, counts, context.session], api_name="paths_masks")
+    on_stop(masks_stop, context, masks_status, MASKS_VIEW)
 
     def refresh(session: Session) -> dict:
         return {discrepancy_summary: "", discrepancy_plot: None, masks_status: "", heatmaps: None, counts: None}

@@ -10,7 +10,8 @@ Element ids: `perturb-target`, `perturb-start`, `perturb-other-prompt`, `perturb
 `perturb-preview-every`, `perturb-run`,
 `perturb-stop`, `perturb-status`, `perturb-loss`, `perturb-preview`, `perturb-target-image`, `perturb-after`,
 `perturb-distances`, `perturb-export`, `perturb-export-file`; sweep: `sweep-radii`, `sweep-directions`,
-`sweep-seeds`, `sweep-run`, `sweep-plot`, `sweep-summary`, `sweep-export`, `sweep-export-file`.
+`sweep-seeds`, `sweep-model`, `sweep-run`, `sweep-stop`, `sweep-plot`, `sweep-summary`, `sweep-export`,
+`sweep-export-file`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ from dori_ui.session import (AppContext, Session, check_number, check_prompt, ch
                              mitigation_settings, setting_field, record_similarity, session_handle, verdict_gallery)
 from dori_ui.streaming import (Stopped, on_model, on_stop, report_to, run_and_stop_buttons, run_or_error,
                                stream_task)
+from dori_ui.trigger_map_tab import SELECTED_VIEW
 
 VIEW = "perturb"
 SWEEP_VIEW = "sweep"
 CONTROL = "held-out control: "  # prefix of the targets that are the model's control images
 STARTS = {"the prompt's own embedding": "prompt", "random embedding": "random", "another prompt": "other",
-          "uploaded embedding (.safetensors)": "upload"}
+          "uploaded embedding (.safetensors)": "upload", "the Trigger map's selected trigger": "selected"}
 MAX_RADII = 12
+# What the sweep runs on: with a mitigation on, every radius may fail, the unperturbed prompt too (radius 0).
+SESSION_MODEL = "the session's model, with its mitigation if any"
+UNMITIGATED = "the unmitigated model"
 # Search steps between previews: each generates 2 seeds (about 1 s on the bundled model, on this project's CPU),
 # and a 50-step search then shows one halfway; the finished run generates the trigger itself.
 PREVIEW_EVERY = 25
@@ -110,8 +115,19 @@ def read_embedding(path: str | None, handle: ModelHandle) -> torch.Tensor:
     return embedding.float()
 
 
-def start_setting(handle: ModelHandle, kind: str, seed: object, other_text: object,
-                  upload_path: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+def selected_trigger(handle: ModelHandle, session: Session) -> torch.Tensor:
+    """The embedding of the trigger last selected in the Trigger map view (what its "Generate trigger" ran)."""
+    record = session.records.get(SELECTED_VIEW)
+    if record is None:
+        raise gr.Error("Select a trigger in the Trigger map view first (click its point or its row).")
+    if record.model != handle.name:
+        raise gr.Error(f"The selected trigger was generated on {record.model!r}, not this session's model: select "
+                       "one again in the Trigger map view.")
+    return record.inputs()["embedding"]
+
+
+def start_setting(handle: ModelHandle, kind: str, seed: object, other_text: object, upload_path: str | None,
+                  session: Session) -> tuple[dict, dict[str, torch.Tensor]]:
     """The search's start (an "attack" `starts` entry) of a `STARTS` kind, and the inputs it names."""
     if kind == "random":
         return dict(kind="random", seed=check_whole_number("Random start seed", seed, 0, MAX_SEED)), {}
@@ -119,6 +135,8 @@ def start_setting(handle: ModelHandle, kind: str, seed: object, other_text: obje
         return dict(kind="prompt", text=check_prompt(handle, other_text)), {}
     if kind == "upload":
         return dict(kind="embedding", input="start"), {"start": read_embedding(upload_path, handle)}
+    if kind == "selected":
+        return dict(kind="embedding", input="start"), {"start": selected_trigger(handle, session)}
     return dict(kind="prompt"), {}
 
 
@@ -171,17 +189,29 @@ def attack_summary(record: RunRecord) -> str:
             f"{metrics['distance_from_start'][0]:.1f}.")
 
 
-def sweep_figure(record: RunRecord) -> go.Figure:
+def sweep_model(record: RunRecord, session: Session) -> str:
+    """Which model a sweep ran on, as its plot and summary name it."""
+    name = session.model_labels.get(record.model, record.model)
+    if record.config["mitigation"] is None:
+        return f"{name}, unmitigated"
+    return f"{name} with the session's mitigation ({session.mask.method}, for “{session.mask.prompt}”)"
+
+
+def sweep_figure(record: RunRecord, model: str) -> go.Figure:
     radii = [row["radius"] for row in record.table]
+    similarities = [row["mean_similarity"] for row in record.table]
     figure = go.Figure([go.Scatter(x=radii, y=[row["rate"] for row in record.table], name="replication rate",
                                    mode="lines+markers"),
-                        go.Scatter(x=radii, y=[row["mean_similarity"] for row in record.table],
-                                   name=f"mean {record_similarity(record)}", mode="lines+markers",
-                                   line=dict(dash="dot"))])
-    figure.update_layout(title=f"Replication vs perturbation radius (‖y‖ = {record.metrics['embedding_norm']:.1f})",
+                        go.Scatter(x=radii, y=similarities, name=f"mean {record_similarity(record)}",
+                                   mode="lines+markers", line=dict(dash="dot"))])
+    # Rates lie in [0, 1]; a similarity such as pixel correlation may fall below 0, and must stay on the plot.
+    low, high = min(0.0, *similarities), max(1.0, *similarities)
+    margin = 0.05 * (high - low)
+    figure.update_layout(title=f"Replication vs perturbation radius (‖y‖ = {record.metrics['embedding_norm']:.1f})"
+                               f"<br><sup>on {model}</sup>",
                          xaxis_title="radius (L2 distance from the prompt's embedding)",
                          yaxis_title=f"rate / {record_similarity(record)}",
-                         yaxis_range=[0, 1.05], height=340, margin=dict(t=50, b=40))
+                         yaxis_range=[low - margin, high + margin], height=360, margin=dict(t=70, b=40))
     return figure
 
 
@@ -256,7 +286,7 @@ def build_perturb_tab(context: AppContext) -> None:
         every = check_setting("Preview every", every, AttackSettings, "preview_every")
         sampling_steps = check_setting("Generation steps", sampling_steps, Sampling, "steps")
         mitigation, inputs = mitigation_settings(state)
-        start_spec, start_inputs = start_setting(model, STARTS[start_label], seed, other_text, upload_path)
+        start_spec, start_inputs = start_setting(model, STARTS[start_label], seed, other_text, upload_path, state)
         config, inputs = dict(target_config), {**inputs, **target_inputs, **start_inputs}
         config.update(starts=[start_spec], search=search, evaluation_seeds=seeds, steps=sampling_steps,
                       mitigation=mitigation, preview_every=every, preview_seeds=min(2, len(seeds)))
@@ -292,7 +322,8 @@ def build_perturb_tab(context: AppContext) -> None:
     on_model(run_button.click, attack, context,
              inputs=[target, start, other_prompt, random_seed, upload, steps, lr, batch, eval_seeds, generation_steps,
                      preview_every, context.session],
-             outputs=[status, loss_plot, preview, target_view, after, distances, context.session], api_name="perturb")
+             outputs=[status, loss_plot, preview, target_view, after, distances, context.session], api_name="perturb",
+             show_progress_on=status)  # the loss plot and previews stream: no overlay over them
 
     on_stop(stop_button, context, status, VIEW)
 
@@ -303,16 +334,20 @@ def build_perturb_tab(context: AppContext) -> None:
                                elem_id="sweep-radii")
             directions = setting_field("Directions ({range})", SweepSettings, "directions", "sweep-directions")
             sweep_seeds = setting_field("Seeds per direction ({range})", SweepSettings, "seeds", "sweep-seeds", 2)
-            sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
+            sweep_on = gr.Radio([SESSION_MODEL, UNMITIGATED], value=SESSION_MODEL, label="Run on",
+                                elem_id="sweep-model")
+            sweep_button, sweep_stop = run_and_stop_buttons("Run sweep", "sweep-run", "sweep-stop")
         sweep_plot = gr.Plot(label="Replication vs radius", elem_id="sweep-plot")
         sweep_summary = gr.Markdown(elem_id="sweep-summary")
         build_export(context, SWEEP_VIEW)
 
     def sweep(target_label: str | None, radii_text: str, direction_count: float | None, seed_count: float | None,
-              sampling_steps: float | None, state: Session, progress=gr.Progress()):
+              sampling_steps: float | None, run_on: str, state: Session, progress=gr.Progress()):
         model = session_handle(context.models, state)
         target_config, target_inputs = target_settings(model, target_label)
-        mitigation, inputs = mitigation_settings(state)
+        if run_on not in (SESSION_MODEL, UNMITIGATED):
+            raise gr.Error(f"Run the sweep on {SESSION_MODEL!r} or {UNMITIGATED!r}, got {run_on!r}.")
+        mitigation, inputs = mitigation_settings(state) if run_on == SESSION_MODEL else (None, {})
         config = dict(**target_config, radii=parse_radii(radii_text),
                       directions=check_setting("Directions", direction_count, SweepSettings, "directions"),
                       seeds=list(range(check_setting("Seeds per direction", seed_count, SweepSettings, "seeds"))),
@@ -321,12 +356,14 @@ def build_perturb_tab(context: AppContext) -> None:
         record = run_or_error(model, "sweep", config, inputs, state, report_to(progress))
         state.records[SWEEP_VIEW] = record
         rates = ", ".join(f"{row['radius']:g}: {row['rate']:.0%}" for row in record.table)
-        return {sweep_plot: sweep_figure(record), sweep_summary: f"Replication rate per radius: {rates}.",
+        on = sweep_model(record, state)
+        return {sweep_plot: sweep_figure(record, on), sweep_summary: f"On {on}: replication rate per radius: {rates}.",
                 context.session: state}
 
     on_model(sweep_button.click, sweep, context,
-             inputs=[target, radii, directions, sweep_seeds, generation_steps, context.session],
+             inputs=[target, radii, directions, sweep_seeds, generation_steps, sweep_on, context.session],
              outputs=[sweep_plot, sweep_summary, context.session], api_name="sweep")
+    on_stop(sweep_stop, context, sweep_summary, SWEEP_VIEW)
 
     def refresh(state: Session) -> dict:
         model = session_handle(context.models, state)

@@ -2,14 +2,15 @@
 
 Element ids: `replicate-training` (gallery of memorized images), `replicate-sd14` (SD v1.4 prompt table, shown
 for latent SD models), `replicate-prompt`, `replicate-seeds`, `replicate-first-seed`, `replicate-steps`,
-`replicate-guidance`, `replicate-run`, `replicate-training-image` (the caption's training image, beside the
-generations), `replicate-gallery`, `replicate-summary`, `replicate-plot`,
+`replicate-guidance`, `replicate-run`, `replicate-stop`, `replicate-training-image` (the caption's training image,
+beside the generations), `replicate-gallery`, `replicate-summary`, `replicate-plot`,
 `replicate-export`, `replicate-export-file`.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 from functools import cache
 
 import gradio as gr
@@ -26,7 +27,7 @@ from analysis.settings import Sampling
 from dori_ui.export import build_export
 from dori_ui.session import (AppContext, Session, check_number, check_prompt, check_setting, check_whole_number,
                              mitigation_settings, record_similarity, session_handle, setting_field)
-from dori_ui.streaming import on_model, report_to, run_or_error
+from dori_ui.streaming import on_model, on_stop, report_to, run_and_stop_buttons, run_or_error
 
 VIEW = "replicate"
 # Wen et al. read the gap in the first steps, where it tells memorized prompts apart.
@@ -56,6 +57,20 @@ def sd14_prompts() -> list[list]:
         rows = [[row["Caption"], row["type"], round(float(row["max_sscd"]), 3) if row["max_sscd"] else None]
                 for row in csv.DictReader(file, delimiter=";")]
     return sorted(rows, key=lambda row: (row[1] != "VM", -(row[2] or 0.0)))
+
+
+def readable_prompt(prompt: str) -> str:
+    """A LAION caption as a reader should see it in the table: without the HTML tags some carry (`<i>`) and
+    without the CSV quoting a few kept, once or twice over (`"…""Lifted Up""…"`). Selecting a row still gives the
+    exact prompt."""
+    while len(prompt) > 1 and prompt.startswith('"') and prompt.endswith('"'):
+        prompt = prompt[1:-1].replace('""', '"')
+    return re.sub(r"</?[a-zA-Z]+>", "", prompt)
+
+
+def sd14_rows() -> list[list]:
+    """`sd14_prompts` as the table shows them."""
+    return [[readable_prompt(prompt), *rest] for prompt, *rest in sd14_prompts()]
 
 
 def lists_sd14_prompts(handle: ModelHandle) -> bool:
@@ -131,8 +146,9 @@ def build_replicate_tab(context: AppContext) -> None:
                 memorized_gallery(handle), label="Memorized training images (select one)", columns=4, format="png",
                 allow_preview=False, height="auto", visible=bool(handle.memorized), elem_id="replicate-training")
             sd14_table = gr.Dataframe(
-                sd14_prompts(), headers=SD14_COLUMNS, label="Stable Diffusion v1.4's memorized LAION prompts "
-                "(NeMo's list, MIT licence; select one)", interactive=False, max_height=320,
+                sd14_rows(), headers=SD14_COLUMNS, label="Stable Diffusion v1.4's memorized LAION prompts "
+                "(NeMo's list, MIT licence; select one: the Prompt box gets it exactly, HTML tags included)",
+                interactive=False, max_height=320, wrap=True, column_widths=["76%", "10%", "14%"],
                 visible=lists_sd14_prompts(handle), elem_id="replicate-sd14")
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", value=handle.memorized[0].caption if handle.memorized else "",
@@ -144,7 +160,7 @@ def build_replicate_tab(context: AppContext) -> None:
                 steps = setting_field("Steps ({range})", Sampling, "steps", "replicate-steps", handle.default_steps)
                 guidance = gr.Number(handle.default_guidance, label=f"Guidance (0–{MAX_GUIDANCE})", step=0.5,
                                      elem_id="replicate-guidance")
-            run_button = gr.Button("Replicate", variant="primary", elem_id="replicate-run")
+            run_button, stop_button = run_and_stop_buttons("Replicate", "replicate-run", "replicate-stop")
     gr.Markdown(EXPLANATION)
     with gr.Row():
         training_image = gr.Image(training_picture(handle, prompt.value), label="Training image of this caption",
@@ -184,7 +200,9 @@ def build_replicate_tab(context: AppContext) -> None:
             yield {**shown, noise_gap_plot: noise_gap_figure(record, reference)}
 
     on_model(run_button.click, run, context, inputs=[prompt, n_seeds, first_seed, steps, guidance, context.session],
-             outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate")
+             outputs=[replicas, summary, noise_gap_plot, context.session], api_name="replicate",
+             show_progress_on=summary)  # the gallery lands before the reference band: no overlay over it
+    on_stop(stop_button, context, summary, VIEW)
 
     def pick_training_image(state: Session, selection: gr.SelectData) -> str:
         return session_handle(context.models, state).memorized[selection.index].caption

@@ -2,7 +2,8 @@
 
 A trigger set is loaded from assets/triggers/ (shipped for the bundled model)
 or built here (resumable: a stopped build continues where it stopped). Rows of
-the table are the map's triggers: selecting one generates it; two can be
+the table are the map's triggers: selecting one, or clicking its point on the map, generates it (and picks it as
+the Inside view's trigger); two can be
 pinned side by side. The map is one `run_task("trigger_map", ...)` (the
 projection and every set's dispersion); Export saves it.
 
@@ -47,7 +48,10 @@ BUILD = "build a new set here"
 COLOURS = ("replication", "set and start")
 # Sets built in the app; one folder per model, image and settings, so that a rerun resumes.
 BUILT_SETS = RUNS_DIR / "trigger_sets"
-TABLE_COLUMNS = ["trigger", "start", "replication", "final loss", "distance from start", "distance from prompt"]
+TABLE_COLUMNS = ["trigger", "start", "replication (unmitigated, when built)", "final loss", "distance from start",
+                 "distance from prompt"]
+# Triggers built by default: as many as each shipped set holds, so that the views reading a set show one default.
+SET_SIZE = 8
 REFERENCE_STYLE = {"memorized prompts": ("#d62728", "star"), "held-out prompts": ("#7f7f7f", "circle-open"),
                    "random starts": ("#bcbd22", "x")}
 
@@ -61,6 +65,31 @@ memorization were local, the triggers would gather in one small region near the
 caption; the paper finds them spread as widely as unrelated prompts. Select a
 row of the table to generate that trigger (with the session's mitigation, if
 any); pin two to compare.
+"""
+
+
+# A click on a trigger's point (its `customdata` is the trigger's index) selects it as a table row does (the Inside
+# view follows the selected trigger). Plotly's click event is only reachable in the page, hence a script.
+SELECT_ON_CLICK = """
+const pick = (selector, value) => {
+  const field = document.querySelector(selector);
+  if (!field) return;
+  field.value = value;
+  field.dispatchEvent(new Event("input", {bubbles: true}));
+  field.dispatchEvent(new Event("change", {bubbles: true}));
+};
+const attach = () => {
+  const plot = document.querySelector("#trigger-map-plot .js-plotly-plot");
+  if (!plot || !plot.on || plot.dataset.selectOnClick) return;
+  plot.dataset.selectOnClick = "yes";
+  plot.on("plotly_click", (data) => {
+    const trigger = data.points[0].customdata;
+    if (trigger === undefined || trigger === null) return;
+    pick("#trigger-map-index input", trigger);
+    setTimeout(() => document.querySelector("#trigger-map-show").click(), 100);
+  });
+};
+new MutationObserver(attach).observe(document.body, {childList: true, subtree: true});
 """
 
 
@@ -101,14 +130,15 @@ def map_figure(trigger_map: TriggerMap, colour: str, selected: int | None) -> go
         rates = [p.replication_rate if p.replication_rate is not None else float("nan") for p in triggers]
         figure.add_trace(go.Scatter(
             x=[p.x for p in triggers], y=[p.y for p in triggers], mode="markers", name=TRIGGERS, hovertext=hover,
+            customdata=[p.trigger for p in triggers],
             marker=dict(size=10, color=rates, cmin=0, cmax=1, colorscale="Viridis",
-                        colorbar=dict(title="replication", x=1.18))))
+                        colorbar=dict(title="replication<br>(unmitigated)", x=1.18))))
     else:
         for kind in dict.fromkeys(p.start_kind for p in triggers):
             chosen = [p for p in triggers if p.start_kind == kind]
             figure.add_trace(go.Scatter(x=[p.x for p in chosen], y=[p.y for p in chosen], mode="markers",
                                         name=f"triggers from {kind} starts", hovertext=[p.label for p in chosen],
-                                        marker=dict(size=10)))
+                                        customdata=[p.trigger for p in chosen], marker=dict(size=10)))
     for group, (color, symbol) in REFERENCE_STYLE.items():
         chosen = [p for p in trigger_map.points if p.group == group]
         figure.add_trace(go.Scatter(x=[p.x for p in chosen], y=[p.y for p in chosen], mode="markers", name=group,
@@ -121,6 +151,19 @@ def map_figure(trigger_map: TriggerMap, colour: str, selected: int | None) -> go
     figure.update_layout(title=f"{len(triggers)} triggers of “{trigger_map.caption}” ({trigger_map.method.upper()})",
                          height=520, margin=dict(t=50, b=40), legend=dict(orientation="h", y=-0.12))
     return figure
+
+
+def measured_on(trigger_set: TriggerSet, session: Session) -> str:
+    """Which model and settings the set's replication rates (table, map colours) were measured with, and whether
+    they hold for this session: they were measured unmitigated when the set was built."""
+    evaluation = trigger_set.config.get("evaluation") or {}
+    seeds, steps = len(evaluation.get("seeds", [])), evaluation.get("steps")
+    line = (f"Replication in the table and the map: measured when the set was built, on "
+            f"“{trigger_set.config['model']}” without mitigation ({seeds} seeds, {steps} steps each).")
+    if session.mask is not None:
+        line += (f" **This session has a mitigation** ({session.mask.method}, for “{session.mask.prompt}”): these "
+                 "rates are not under it. “Generate trigger” generates under it.")
+    return line
 
 
 def trigger_table(trigger_set: TriggerSet) -> list[list]:
@@ -213,9 +256,10 @@ def pin(state: MapState | None):
     return gr.update(value=gallery, label=summary)
 
 
-def build_trigger_map_tab(context: AppContext) -> gr.State:
+def build_trigger_map_tab(context: AppContext) -> tuple[gr.State, gr.Number]:
     """The tab's components and events, inside the caller's `gr.Tab`. Returns the session's loaded set
-    (a `MapState`, None before one is loaded), which the Paths & masks view analyses."""
+    (a `MapState`, None before one is loaded), which the Paths & masks and Inside views analyse, and the field of
+    the selected trigger, which the Inside view follows."""
     handle = context.models.get(context.models.first)
     captions = [m.caption for m in handle.memorized]
     map_state = gr.State(None)
@@ -230,7 +274,7 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
                                   elem_id="trigger-map-colour")
         with gr.Column(scale=2):
             with gr.Row():
-                count = gr.Number(8, label=f"Triggers to build (1–{MAX_STARTS})", precision=None,
+                count = gr.Number(SET_SIZE, label=f"Triggers to build (1–{MAX_STARTS})", precision=None,
                                   elem_id="trigger-map-count")
                 steps = setting_field("Search steps ({range})", DoriSearch, "steps", "trigger-map-steps")
                 eval_seeds = gr.Number(2, label=f"Seeds per trigger (1–{MAX_SEEDS})", precision=None,
@@ -238,12 +282,13 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
             load_button, stop_button = run_and_stop_buttons("Load / build and map", "trigger-map-load", "trigger-map-stop")
     gr.Markdown(EXPLANATION)
     status = gr.Markdown(elem_id="trigger-map-status")
-    plot = gr.Plot(label="Trigger map", elem_id="trigger-map-plot")
+    plot = gr.Plot(label="Trigger map (click a trigger to select it)", elem_id="trigger-map-plot")
+    gr.HTML("", js_on_load=SELECT_ON_CLICK, elem_id="trigger-map-click")
     table = gr.Dataframe(headers=TABLE_COLUMNS, label="Triggers (select a row to generate it)", interactive=False,
                          elem_id="trigger-map-table")
     build_export(context, VIEW, "“Load / build and map”")
     with gr.Row():
-        index = gr.Number(None, label="Trigger", precision=None, elem_id="trigger-map-index")
+        index = gr.Number(0, label="Trigger", precision=None, elem_id="trigger-map-index")
         show_seeds = gr.Number(4, label=f"Seeds to generate (1–{MAX_SEEDS})", precision=None,
                                elem_id="trigger-map-seeds")
         show_button = gr.Button("Generate trigger", elem_id="trigger-map-show")
@@ -286,7 +331,8 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
         trigger_map = record_map(record)
         rate = record.metrics["mean_replication_rate"]
         replicated = f"; mean replication {rate:.2f}" if rate is not None else ""
-        return {status: f"{len(trigger_set.triggers)} triggers of “{caption}”{replicated}.",
+        return {status: f"{len(trigger_set.triggers)} triggers of “{caption}”{replicated}.\n\n"
+                        + measured_on(trigger_set, session),
                 plot: map_figure(trigger_map, colour_name, None), table: trigger_table(trigger_set),
                 map_state: MapState(trigger_set, trigger_map, chosen), context.session: session}
 
@@ -323,8 +369,8 @@ def build_trigger_map_tab(context: AppContext) -> gr.State:
         model = session_handle(context.models, session)
         names = [m.caption for m in model.memorized]
         return {image: gr.update(choices=names, value=names[0] if names else None), map_state: None, status: "",
-                plot: None, table: None, selected: [], selected_summary: "", pinned_a: [], pinned_b: [], index: None}
+                plot: None, table: None, selected: [], selected_summary: "", pinned_a: [], pinned_b: [], index: 0}
 
     context.refresh_on_model_change(VIEW, refresh, [image, map_state, status, plot, table, selected,
                                                     selected_summary, pinned_a, pinned_b, index])
-    return map_state
+    return map_state, index

@@ -19,7 +19,7 @@ from analysis.export import RunRecord, compare_metrics, load_export
 from analysis.tasks import run_task
 from dori_ui import mitigate_tab
 from dori_ui.app import build_app
-from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts
+from dori_ui.replicate_tab import lists_sd14_prompts, sd14_prompts, sd14_rows
 from dori_ui.session import ModelChoices, describe_model, session_model, use_finetuned
 
 STEPS = 3
@@ -320,6 +320,15 @@ def test_sd14_prompt_list_is_offered_for_latent_models_only(tiny_handle):
     assert sd14_table_visible(build_app(latent)) and not sd14_table_visible(build_app(tiny_handle))
 
 
+def test_the_sd14_table_reads_as_text_and_a_row_gives_the_exact_prompt():
+    shown = {row[0] for row in sd14_rows()}
+    assert "Sony Won't Release The Interview on VOD" in shown
+    assert "Watch: Passion Pit's New Video, \"Lifted Up (1985)\"" in shown
+    assert not any("<i>" in text or '""' in text for text in shown)
+    assert [row[1:] for row in sd14_rows()] == [row[1:] for row in sd14_prompts()]
+    assert "Sony Won't Release <i>The Interview</i> on VOD" in {row[0] for row in sd14_prompts()}
+
+
 
 def test_the_perturb_export_holds_the_previews_and_distances_and_reruns(client, tiny_handle):
     """What Perturb shows beside the trigger (previews during the search, the per-token distances) is part of the
@@ -334,3 +343,16 @@ def test_the_perturb_export_holds_the_previews_and_distances_and_reruns(client, 
     reproduced = run_task(dataclasses.replace(tiny_handle, default_steps=STEPS), recorded.kind, recorded.config,
                           inputs=recorded.inputs())
     assert all(row["match"] for row in compare_metrics(recorded.metrics, reproduced.metrics))
+
+
+def test_stop_ends_a_replicate_run(client, tiny_handle):
+    job = client.submit(tiny_handle.memorized[0].caption, 64, 0, 400, 4.0, api_name="/replicate")
+    deadline = time.monotonic() + 60
+    while not (job.status().progress_data or []):
+        assert time.monotonic() < deadline, "the run never reported a step"
+        time.sleep(0.05)
+    (shown,) = job.status().progress_data
+    assert shown.unit == "steps" and shown.length == 400  # the run's total, not one seed's
+    assert client.predict(api_name="/replicate_stop").startswith("Stopping")
+    with pytest.raises(AppError, match="Stopped"):
+        job.result(timeout=60)

@@ -65,6 +65,7 @@ def test_localize_saves_a_mask_that_attack_and_rerun_use(dori, tmp_path):
     assert printed["metrics"]["mitigation_removed"] == sum(mask.counts().values())
     code, out, err = dori("rerun", str(tmp_path / "a.zip"), "--json")
     assert code == 0, err
+    assert "Dori search" in err and "sampling" in err  # the rerun's progress, on stderr as every command's
     assert json.loads(out)["reproduced"] is True
 
 
@@ -156,6 +157,7 @@ def test_finetune_exports_and_reruns(dori, tmp_path):
                           "--param", "eval_seeds=1", "--param", "normal_batch=2", "--param", "adversarial_batch=2",
                           "--json", "--export", str(tmp_path / "ft.zip"))
     assert code == 0, err
+    assert "round 1/1 finished in" in err  # each finished round is a line of its own
     printed = json.loads(out)
     assert printed["metrics"]["model_dir"] == str(tmp_path / "ft" / "model")
     assert (tmp_path / "ft" / "model" / "unet").is_dir()

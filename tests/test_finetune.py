@@ -40,9 +40,11 @@ def test_a_round_checkpoints_resumes_and_loads_back(handle, tmp_path):
     events: list[FineTuneProgress] = []
     result = tiny_finetuning().fit(handle, [0], tmp_path, callback=events.append)
 
-    assert {(0, "surrogate"), (0, "triggers"), (0, "train"), (0, "evaluate")} <= stages(events)
+    assert {(0, "surrogate"), (0, "triggers"), (0, "train"), (0, "evaluate"), (0, "finished")} <= stages(events)
     assert (tmp_path / CHECKPOINT_FILE).is_file()
     assert len(result.history) == 1
+    # The finished round is reported with its history record, after its last step.
+    assert events[-1].stage == "finished" and events[-1].record == result.history[0]
     record = result.history[0]
     assert len(record["normal_loss"]) == len(record["adversarial_loss"]) == 2
     assert set(record["targets"][0]) >= {"prompt_replication", "dori_replication"}
@@ -179,7 +181,8 @@ def test_the_training_offset_travels_with_a_saved_model(handle, tmp_path):
 def test_the_control_without_a_trigger_term_trains_on_normal_pairs_only(handle, tmp_path):
     events: list[FineTuneProgress] = []
     result = tiny_finetuning(adversarial_batch=0).fit(handle, [0], tmp_path, callback=events.append)
-    assert {stage for _, stage in stages(events)} == {"train", "evaluate"}  # no surrogate, no trigger search
+    # No surrogate, no trigger search.
+    assert {stage for _, stage in stages(events)} == {"train", "evaluate", "finished"}
     assert result.surrogate_sources == {}
     record = result.history[0]
     assert record["adversarial_loss"] == [0.0, 0.0] and all(loss > 0 for loss in record["normal_loss"])

@@ -19,8 +19,12 @@ def test_sweep_shapes_and_radius_zero_is_the_prompt(tiny_handle):
     done = []
     result = perturbation_sweep(tiny_handle, target.caption, target.image, radii=[0.0, 5.0, 50.0], directions=2,
                                 seeds=[0, 1], steps=STEPS, callback=done.append)
-    assert [(event.stage, event.done, event.total) for event in done] == [("sweep", 1, 3), ("sweep", 2, 3),
-                                                                           ("sweep", 3, 3)]
+    # Each radius's denoising steps, counted among the radii (the step in the message), then the radius done.
+    radii_done = [event.done for event in done if not event.message.split(": ")[-1].startswith("denoising")]
+    assert radii_done == [1, 2, 3] and {(event.stage, event.total) for event in done} == {("sweep", 3)}
+    assert [event.message for event in done[:STEPS]] == [f"radius 0: denoising step {i} of {STEPS}"
+                                                         for i in range(1, STEPS + 1)]
+    assert all(event.done == 0 for event in done[:STEPS])
     assert result.radii == [0.0, 5.0, 50.0] and result.seeds == [0, 1]
     assert result.similarities.shape == result.replicated.shape == (3, 2, 2)
     assert result.rates().shape == result.mean_similarities().shape == (3,)

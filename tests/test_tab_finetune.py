@@ -3,12 +3,15 @@
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from analysis.finetune import SIDE_EFFECT_PROMPTS
+from analysis.limits import MAX_RUN_SECONDS
+from analysis.task_settings import BUNDLED_MODEL_NAME
 from dori_ui import finetune_tab
 from dori_ui.app import build_app
 from served import served
@@ -84,3 +87,42 @@ def test_the_training_settings_reach_the_saved_model(app_url, tiny_handle):
     params = json.loads((model_dir / "memorized.json").read_text())["adversarial_finetuning"]["params"]
     assert (params["lr"], params["optimizer"], params["trainable"], params["utility_loss"], params["ema_decay"]) == (
         3e-4, "sgd", "attn2", "distillation", 0.9)
+
+
+def test_each_finished_round_lands_in_the_table_as_it_finishes(app_url, tiny_handle):
+    caption = tiny_handle.memorized[0].caption
+    job = Client(app_url, verbose=False).submit([caption], 2, *COUNTS[1:], *SETTINGS, api_name="/finetune")
+    job.result()
+    statuses = [output[0] for output in job.outputs()]
+    # The first round's rows are shown while the second runs, then the finished run's.
+    landed = next(i for i, status in enumerate(statuses) if status.startswith("Round 1 of 2 finished"))
+    assert [row[:2] for row in job.outputs()[landed][1]["data"]] == [["before", caption], [1, caption]]
+    assert any(status.startswith("Round 2 of 2 finished") for status in statuses[landed + 1:])
+    assert statuses[-1].startswith("Fine-tuned 1 image(s) in 2 round(s)")
+
+
+def test_the_default_run_fits_the_apps_time_limit_at_the_measured_cost(app_url):
+    """The fields open with settings whose estimate (from docs/results/bench_finetune_round.md) fits the limit,
+    and the status says how long a run will take before it starts, or that it will not fit."""
+    fields = {c["props"]["elem_id"]: c["props"].get("value") for c in Client(app_url, verbose=False).config["components"]
+              if str(c["props"].get("elem_id", "")).startswith("finetune-")}
+    shown = dict(rounds=fields["finetune-rounds"], steps_per_round=fields["finetune-steps"],
+                 triggers_per_image=fields["finetune-triggers"], eval_seeds=fields["finetune-eval-seeds"],
+                 dori=dict(steps=fields["finetune-dori-steps"], batch_size=fields["finetune-dori-batch"]))
+    assert shown["rounds"] >= 2
+    assert finetune_tab.estimated_seconds(shown, 1) <= finetune_tab.PLANNED_SHARE * MAX_RUN_SECONDS
+    bundled = SimpleNamespace(name=BUNDLED_MODEL_NAME)
+    note = finetune_tab.duration_note(bundled, shown, 1, MAX_RUN_SECONDS)
+    assert note.startswith("Estimated: about ") and "more than the app's limit" not in note
+    engine = dict(shown, rounds=6, triggers_per_image=4)  # the engine's defaults, the view's before
+    assert "more than the app's limit of 1800 s" in finetune_tab.duration_note(bundled, engine, 1, MAX_RUN_SECONDS)
+
+
+def test_a_run_says_how_long_it_takes_before_and_while_it_runs(app_url, tiny_handle):
+    settings = (2e-4, *SETTINGS[1:])  # not the settings of a finished run, which would resume with nothing to do
+    job = Client(app_url, verbose=False).submit([tiny_handle.memorized[0].caption], 2, *COUNTS[1:], *settings,
+                                                api_name="/finetune")
+    job.result()
+    statuses = [output[0] for output in job.outputs()]
+    assert statuses[0].startswith("Fine-tuning… How long a round takes on this model is known after the first one")
+    assert any(status.startswith("Round 1 of 2 finished") and " s left." in status for status in statuses)

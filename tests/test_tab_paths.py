@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import time
 import zipfile
 
 import pytest
@@ -95,3 +96,17 @@ def test_export_before_a_comparison_says_which_to_run(client):
         fresh.predict(api_name="/export_paths")
     with pytest.raises(AppError, match="Nothing to export yet: run “Localize each trigger” first"):
         fresh.predict(api_name="/export_paths_masks")
+
+
+def test_localizing_shows_the_total_of_fits_and_stops(client, monkeypatch):
+    monkeypatch.setattr(paths_tab, "NEMO_PARAMETERS", dict(scales=2, steps=200))  # long enough to stop midway
+    job = client.submit(3, 2, api_name="/paths_masks")
+    deadline = time.monotonic() + 120
+    while not (shown := job.status().progress_data or []):
+        assert time.monotonic() < deadline, "the run never reported progress"
+        time.sleep(0.05)
+    # Three triggers, NeMo and Wanda each: six fits, counted over all of them while each fit reports its own steps.
+    assert shown[0].unit == "fits" and shown[0].length == 6 and "trigger 1 of 3" in shown[0].desc
+    assert client.predict(api_name="/paths_masks_stop").startswith("Stopping")
+    with pytest.raises(AppError, match="Stopped"):
+        job.result(timeout=120)

@@ -53,7 +53,7 @@ loss and the trainable parameters), `surrogate`, `evaluation` (the attack and
 side effects), `saving` (checkpoints and the tuned model's folder).
 """
 
-from analysis.finetune.estimator import AdversarialFineTuning, FineTuneProgress, resolve_targets
+from analysis.finetune.estimator import AdversarialFineTuning, FineTuneProgress, FineTuneRound, resolve_targets
 from analysis.finetune.evaluation import EVALUATION_SEED_OFFSET, SIDE_EFFECT_PROMPTS, attack, json_ready, side_effects
 from analysis.finetune.saving import CHECKPOINT_FILE, save_model_folder
 from analysis.finetune.surrogate import mitigated_surrogate
@@ -61,6 +61,6 @@ from analysis.finetune.training import denoising_loss, trainable_parameters
 
 __all__ = [
     "CHECKPOINT_FILE", "EVALUATION_SEED_OFFSET", "SIDE_EFFECT_PROMPTS", "AdversarialFineTuning", "FineTuneProgress",
-    "attack", "denoising_loss", "json_ready", "mitigated_surrogate", "resolve_targets",
+    "FineTuneRound", "attack", "denoising_loss", "json_ready", "mitigated_surrogate", "resolve_targets",
     "save_model_folder", "side_effects", "trainable_parameters",
 ]

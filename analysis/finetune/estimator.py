@@ -33,10 +33,18 @@ class FineTuneProgress:
 
     round: int  # 0-based
     rounds: int
-    stage: str  # "surrogate", "normal pairs", "triggers", "train" or "evaluate"
+    stage: str  # "surrogate", "normal pairs", "triggers", "train", "evaluate" or (`FineTuneRound`) "finished"
     step: int
     total: int
     loss: float | None = None
+
+
+@dataclass
+class FineTuneRound(FineTuneProgress):
+    """What a `fit` callback receives when a round has finished and is saved (stage "finished"): its history
+    record (the same as `FineTuneResult.history`'s), so that a caller can show each round as it lands."""
+
+    record: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -263,6 +271,8 @@ class AdversarialFineTuning:
             state["rounds_done"] = round_index + 1
             state["seconds"] += record["seconds"]
             save_checkpoint(checkpoint, params, selected, state, trained, averaged, optimizer, generator)
+            if callback is not None:
+                callback(FineTuneRound(round_index, self.rounds, "finished", 0, 1, record=record))
 
         model_dir = out_dir / MODEL_SUBFOLDER
         save_model_folder(tuned, model_dir, dict(params=params, targets=[item.caption for item in selected],

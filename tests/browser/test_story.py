@@ -178,7 +178,7 @@ def test_inside_attention_timeline_and_detectors(page: Page, screenshot):
     expect(page.locator("#inside-image input")).to_have_value(ASTRONAUT)
     page.locator("#inside-attention-run").click()
     # The caption and a shipped trigger of the same image (and the caption under NeMo when the story set it).
-    expect(page.locator("#inside-maps .caption-label").first).to_have_text("caption", timeout=120_000)
+    expect(page.locator("#inside-maps .caption-label").first).to_have_text("caption · portrait", timeout=120_000)
     expect(page.locator("#inside-maps .caption-label").filter(has_text="trigger (trigger 0)")).to_have_count(1)
     expect(page.locator("#inside-summary")).to_contain_text("most attended")
     page.locator("#inside-timeline-run").click()
