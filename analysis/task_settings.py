@@ -18,7 +18,7 @@ from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion
 from analysis.export import RunRecord
 from analysis.limits import (MAX_DENOISING_STEPS, MAX_LIST, MAX_PROMPT_CHARS, MAX_SEARCH_BATCH, MAX_SEED,
                              MAX_SEEDS, MAX_STARTS)
-from analysis.localize import nemo, wanda
+from analysis.localize import ONCE_PER_MODEL, nemo, reference_sample, wanda
 from analysis.masks import Mask
 from analysis.model import ModelHandle
 from analysis.progress import Callback, report
@@ -200,10 +200,11 @@ def record_mask(record: RunRecord) -> Mask:
 
 def fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
     """Run the configured localizer (`{"method", "parameters", "seeds"}`) on `prompt`."""
-    references = len(config["parameters"].get("reference_prompts") or handle.held_out_prompts)
+    references = len(config["parameters"].get("reference_prompts")
+                     or (reference_sample(handle) if config["method"] == "wanda" else handle.held_out_prompts))
     # The reference statistics are the long part of a first run; the localizer caches them on disk by the weights.
     report(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
-                                          "(computed once per model and cached; the bundled model's are shipped)")
+                                          f"({ONCE_PER_MODEL}; the bundled model's are shipped)")
     localizer = LOCALIZERS[config["method"]].estimator(**config["parameters"], batch_size=LOCALIZER_BATCH_ROWS)
     return localizer.fit(handle, prompt, config["seeds"], callback=callback).mask_
 
