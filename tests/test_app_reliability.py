@@ -52,12 +52,37 @@ def mitigate(client: Client, prompt: str, sparsity: float = 1.0) -> str:
     return client.predict(prompt, WANDA, 2, sparsity, True, STEPS, 2, api_name="/mitigate")[5]
 
 
-def cancel_while_running(job, after_s: float) -> None:
-    deadline = time.monotonic() + 60
-    while job.status().code not in (Status.PROCESSING, Status.ITERATING):
-        assert time.monotonic() < deadline, "the run never started"
+# How long a wait may see nothing move (the job's state, its place in the queue, its progress) before it fails.
+# The waits themselves follow progress: under load, a queued run waits as long as the runs ahead of it move.
+STALL_S = 120
+
+
+def wait_for_steps(job, steps: int) -> bool:
+    """Wait until `job` has reported `steps` steps of progress (True) or has ended (False)."""
+    seen, last_change = None, time.monotonic()
+    while True:
+        status = job.status()
+        if job.done():
+            return False
+        done = max((unit.index or 0 for unit in status.progress_data or []), default=0)
+        if status.code in (Status.PROCESSING, Status.ITERATING, Status.PROGRESS) and done >= steps:
+            return True
+        state = (status.code, status.rank, done)
+        if state != seen:
+            seen, last_change = state, time.monotonic()
+        assert time.monotonic() - last_change < STALL_S, f"the run stalled in state {state} for {STALL_S} s"
         time.sleep(0.02)
-    time.sleep(after_s)
+
+
+def finished(job):
+    """`job`'s result once it has ended, failing if it stops moving for STALL_S."""
+    assert wait_for_steps(job, math.inf) is False
+    return job.result()
+
+
+def cancel_after_steps(job, steps: int) -> None:
+    """Cancel `job` once it has run `steps` denoising steps."""
+    assert wait_for_steps(job, steps), "the run ended before it could be cancelled"
     job.cancel()
 
 
@@ -69,13 +94,13 @@ def test_a_cancelled_run_leaks_no_mitigation_into_another_session(app_url, tiny_
     mitigated = replicate(a, caption)
     assert mitigated != unmitigated  # the mask changes what A's generations look like
     job = a.submit(caption, LONG_SEEDS, 0, LONG_STEPS, 4.0, api_name="/replicate")
-    cancel_while_running(job, 0.5)
+    cancel_after_steps(job, 10)
     assert replicate(b, caption) == unmitigated
     # A's own session still has its mask, and its next run is its own.
     assert replicate(a, caption) == mitigated
     # The same for a streaming view: a Dori search under A's mask, cancelled mid-way.
     search = a.submit(caption, "random embedding", "", 0, None, 1000, 0.1, 8, 2, STEPS, 0, api_name="/perturb")
-    cancel_while_running(search, 0.5)
+    cancel_after_steps(search, 10)
     assert replicate(b, caption) == unmitigated
 
 
@@ -90,15 +115,15 @@ def test_four_sessions_cancelling_at_random_each_get_their_own_results(app_url, 
         expected.append(replicate(client, caption))
     assert len({str(result) for result in expected}) > 1
     randomness = random.Random(0)
-    delays = [[randomness.uniform(0.0, 1.5) for _ in range(2)] for _ in clients]
+    cancel_steps = [[randomness.randint(1, LONG_STEPS // 2) for _ in range(2)] for _ in clients]
     results: dict[int, list] = {}
     failures: list[BaseException] = []
 
     def session(index: int) -> None:
         try:
-            for delay in delays[index]:
+            for steps in cancel_steps[index]:
                 job = clients[index].submit(caption, LONG_SEEDS, 0, LONG_STEPS, 4.0, api_name="/replicate")
-                cancel_while_running(job, delay)
+                cancel_after_steps(job, steps)
                 results.setdefault(index, []).append(replicate(clients[index], caption))
         except BaseException as err:  # noqa: BLE001 - reported by the main thread
             failures.append(err)
@@ -112,6 +137,18 @@ def test_four_sessions_cancelling_at_random_each_get_their_own_results(app_url, 
     for index, runs in results.items():
         assert runs == [expected[index]] * 2, f"session {index} (sparsity {sparsities[index]})"
     assert sorted(results) == [0, 1, 2, 3]
+
+
+def test_a_late_cancel_does_not_stop_the_sessions_next_run(app_url, tiny_handle):
+    client = new_client(app_url)
+    caption = tiny_handle.memorized[0].caption
+    first = client.submit(caption, 1, 0, STEPS, 4.0, api_name="/replicate")
+    first.result()
+    running = client.submit(caption, 2, 0, LONG_STEPS, 4.0, api_name="/replicate")
+    assert wait_for_steps(running, 1)
+    first.cancel()  # the cancel of the run that ended arrives while the session's next one runs
+    gallery, summary, _ = finished(running)
+    assert len(gallery) == 2 and "Stopped" not in summary
 
 
 # Cheap valid arguments of every endpoint with numeric or text inputs; the fuzz test replaces one at a time.
@@ -227,16 +264,79 @@ def test_a_symlink_out_of_the_allowed_root_is_not_offered(tiny_handle, tiny_mode
         models.allowed_source(str(root / "linked"))
 
 
+def join(url: str, session_hash: str, api_name: str, arguments: list) -> str:
+    """Queue `api_name` in session `session_hash` as the browser does (Gradio's queue protocol); its event id."""
+    client = new_client(url)
+    fn_index = client._infer_fn_index(api_name, None)
+    data = list(client.endpoints[fn_index].insert_empty_state(*arguments))  # the session's state: the server's
+    joined = httpx.post(f"{url}gradio_api/queue/join", timeout=60,
+                        json=dict(data=data, fn_index=fn_index, session_hash=session_hash, trigger_id=None))
+    assert joined.status_code == 200, joined.text[:200]
+    return joined.json()["event_id"]
+
+
+def session_messages(url: str, session_hash: str, api_name: str, arguments: list,
+                     on_message=lambda message: None) -> list[dict]:
+    """Run `api_name` in session `session_hash` and return every message of the event, its progress and warnings
+    included (gradio_client keeps only the latest); `on_message(message)` sees each as it comes."""
+    event_id, messages = join(url, session_hash, api_name, arguments), []
+    # The session's one stream: it carries the messages of every event of the session.
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params=dict(session_hash=session_hash),
+                      timeout=None) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            message = json.loads(line.removeprefix("data:"))
+            if message.get("event_id") != event_id:
+                continue
+            messages.append(message)
+            on_message(message)
+            if message["msg"] == "process_completed":
+                return messages
+    raise AssertionError(f"the stream of {api_name} ended before its run did: {messages[-3:]}")
+
+
+def left_as_they_were(completed: dict) -> bool:
+    """Whether a completed event left every visible output unchanged (the session's state is sent as None)."""
+    shown = [value for value in completed["output"]["data"] if value is not None]
+    return bool(shown) and all(value == {"__type__": "update"} for value in shown)
+
+
+def warnings_in(messages: list[dict]) -> list[str]:
+    return [message["log"] for message in messages if message["msg"] == "log" and message["level"] == "warning"]
+
+
 def test_a_run_past_the_time_limit_is_stopped_with_a_message(tiny_handle):
     app = build_app(dataclasses.replace(tiny_handle, default_steps=STEPS), max_run_seconds=1.0)
     with served(app) as url:
-        client = new_client(url)
-        started = time.monotonic()
-        with pytest.raises(AppError, match="limit of 1 s per request"):
-            client.predict(tiny_handle.memorized[0].caption, LONG_SEEDS, 0, LONG_STEPS, 4.0, api_name="/replicate")
-        assert time.monotonic() - started < 30
+        messages = session_messages(url, "time-limit", "/replicate",
+                                    [tiny_handle.memorized[0].caption, LONG_SEEDS, 0, LONG_STEPS, 4.0])
+        # A stop, not an error: the outputs stay as they were, and the message says why.
+        completed = messages[-1]
+        assert completed["success"], completed
+        assert left_as_they_were(completed), completed
+        assert any("limit of 1 s per request" in warning for warning in warnings_in(messages)), messages
         # The stopped run freed the model: the next one runs.
-        assert len(replicate(client, tiny_handle.memorized[0].caption, seeds=1)[0]) == 1
+        assert len(replicate(new_client(url), tiny_handle.memorized[0].caption, seeds=1)[0]) == 1
+
+
+def test_stopping_a_fine_tuning_run_is_a_stop_not_an_error(app_url, tiny_handle):
+    session = "stopped-finetune"
+    stopped = []
+
+    def stop_once_started(message: dict) -> None:
+        units = message.get("progress_data") or []
+        if not stopped and any("Replication before" in (unit.get("desc") or "") for unit in units):
+            stopped.append(join(app_url, session, "/finetune_stop", []))
+
+    arguments = [[tiny_handle.memorized[0].caption], 1, 1, 1, 1, 1, LONG_SEEDS, 1e-4, "adam",
+                 "the whole UNet (the paper's)", "toward the noise (L_DM, the paper's)", 0]
+    messages = session_messages(app_url, session, "/finetune", arguments, stop_once_started)
+    assert stopped, "the run ended before it could be stopped"
+    completed = messages[-1]
+    assert completed["success"], completed  # no output shows an error
+    assert left_as_they_were(completed), completed
+    assert warnings_in(messages) == ["Stopped."]
 
 
 def test_uploads_over_the_limit_are_refused(tiny_handle, tmp_path):
