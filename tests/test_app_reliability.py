@@ -82,7 +82,7 @@ def finished(job):
 
 def cancel_after_steps(job, steps: int) -> None:
     """Cancel `job` once it has run `steps` denoising steps."""
-    assert wait_for_steps(job, steps), "the run ended before it could be cancelled"
+    assert wait_for_steps(job, steps), f"the run ended before it could be cancelled: {job.exception()!r}"
     job.cancel()
 
 

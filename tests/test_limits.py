@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 from diffusers import DDIMScheduler
 
-from analysis.limits import MAX_DENOISING_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
+from analysis.limits import MAX_DENOISING_STEPS, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
 from analysis.model import load_model
 from analysis.sampling import ddim_schedule
+from analysis.task_settings import check_limits
 from analysis.tasks import run_task
 
 
@@ -51,3 +52,12 @@ def test_replicate_at_the_step_limit_on_sd_schedule(schedules):
 def test_seeds_and_starts_at_their_limits(tiny_handle, kind, config):
     record = run_task(tiny_handle, kind, dict(image=0, **config))
     assert record.config | config == record.config
+
+
+def test_search_steps_keep_their_own_limit_beside_denoising_steps():
+    check_limits({"search": {"steps": MAX_SEARCH_STEPS}, "steps": MAX_DENOISING_STEPS})
+    check_limits({"parameters": {"dori": {"steps": MAX_SEARCH_STEPS}}})
+    with pytest.raises(ValueError, match=f"steps must be at most {MAX_DENOISING_STEPS}"):
+        check_limits({"mitigation": {"parameters": {"steps": MAX_DENOISING_STEPS + 1}}})
+    with pytest.raises(ValueError, match=f"steps must be at most {MAX_SEARCH_STEPS}"):
+        check_limits({"search": {"steps": MAX_SEARCH_STEPS + 1}})
