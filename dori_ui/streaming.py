@@ -24,7 +24,7 @@ import inspect
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -177,13 +177,14 @@ def out_of_memory(handle: ModelHandle) -> gr.Error:
                     "batch or fewer triggers (or a smaller dtype, app.py --dtype float16).")
 
 
-def model_event(handler: Callable, context: AppContext) -> Callable:
+def model_event(handler: Callable, context: AppContext, outputs: Sequence = ()) -> Callable:
     """`handler` (a function or generator of a view that runs the model, taking the `Session` among its
     arguments) as Gradio should call it: in a worker thread, stopped when the event is cancelled or runs past
     `context.max_run_seconds`, and finished only when its computation has stopped.
 
-    Gradio reads the wrapper's signature through `functools.wraps`, so `gr.Progress` and other special
-    arguments reach the handler as before.
+    A stopped run is no error: its `outputs` stay as they were, but for a Stop button's status among them, which
+    says it stopped (else a warning does). Gradio reads the wrapper's signature through `functools.wraps`, so
+    `gr.Progress` and other special arguments reach the handler as before.
     """
     if inspect.isgeneratorfunction(handler):
         @functools.wraps(handler)
@@ -194,7 +195,7 @@ def model_event(handler: Callable, context: AppContext) -> Callable:
                 while (item := await _until_stopped(session, deadline, next, steps, _END)) is not _END:
                     yield item
             except SamplingCancelled:
-                yield _stopped(session, deadline, context)
+                yield _stopped(session, deadline, context, outputs)
                 return
             finally:
                 await asyncio.to_thread(steps.close)  # runs its `finally`s (stream_task joins its worker there)
@@ -208,7 +209,7 @@ def model_event(handler: Callable, context: AppContext) -> Callable:
         try:
             result = await _until_stopped(session, deadline, handler, *args, **kwargs)
         except SamplingCancelled:
-            return _stopped(session, deadline, context)
+            return _stopped(session, deadline, context, outputs)
         _warn_if_timed_out(session, deadline, context)
         return result
 
@@ -218,7 +219,8 @@ def model_event(handler: Callable, context: AppContext) -> Callable:
 def on_model(listener: Callable, handler: Callable, context: AppContext, **kwargs):
     """Register `handler` as a model event on `listener` (e.g. `button.click`): wrapped by `model_event` and
     queued behind the other model events, one at a time."""
-    return listener(model_event(handler, context), concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1, **kwargs)
+    return listener(model_event(handler, context, kwargs.get("outputs") or ()), concurrency_id=MODEL_CONCURRENCY_ID,
+                    concurrency_limit=1, **kwargs)
 
 
 _END = object()  # what `next` returns at a generator's end, in place of StopIteration (which a Future cannot raise)
@@ -247,12 +249,17 @@ async def _until_stopped(session: Session, deadline: float, function: Callable, 
         raise
 
 
-def _stopped(session: Session, deadline: float, context: AppContext):
-    """What a stopped event answers: its outputs left as they were (a stop is no error: no output shows one),
-    and the message as a warning."""
-    if not _warn_if_timed_out(session, deadline, context):
+def _stopped(session: Session, deadline: float, context: AppContext, outputs: Sequence):
+    """What a stopped event answers: its outputs left as they were (a stop is no error: no output shows one) but
+    for a Stop button's status among them, which says it stopped; without one, a warning says so."""
+    if _warn_if_timed_out(session, deadline, context):
+        return gr.skip()
+    # Looked up now: a view registers its Stop button after its run event.
+    status = next((output for output in outputs if any(output is shown for shown in context.stop_statuses)), None)
+    if status is None:
         gr.Warning("Stopped.")
-    return gr.skip()
+        return gr.skip()
+    return {status: "Stopped."}
 
 
 def _warn_if_timed_out(session: Session, deadline: float, context: AppContext) -> bool:
@@ -276,6 +283,7 @@ def run_and_stop_buttons(label: str, run_id: str, stop_id: str) -> tuple[gr.Butt
 def on_stop(stop_button: gr.Button, context: AppContext, status: gr.components.Component, view: str) -> None:
     """Stop ends the session's running computation after its current step and says so in `status` (endpoint
     `{view}_stop`). Not on the model's concurrency id: it must run while the computation holds the model."""
+    context.stop_statuses.append(status)
     stop_button.click(request_stop, inputs=context.session, outputs=status, api_name=f"{view}_stop",
                       concurrency_limit=None)
 
