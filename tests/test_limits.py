@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 from diffusers import DDIMScheduler
 
-from analysis.limits import MAX_DENOISING_STEPS, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS, MAX_STARTS
+from analysis.limits import (MAX_DENOISING_STEPS, MAX_SEARCH_BATCH, MAX_SEARCH_STEPS, MAX_SEED, MAX_SEEDS,
+                             MAX_STARTS)
 from analysis.model import load_model
 from analysis.sampling import ddim_schedule
 from analysis.task_settings import check_limits
@@ -48,10 +49,13 @@ def test_replicate_at_the_step_limit_on_sd_schedule(schedules):
 @pytest.mark.parametrize("kind, config", [
     ("replicate", dict(seeds=list(range(MAX_SEED - MAX_SEEDS + 1, MAX_SEED + 1)), steps=2)),
     ("sweep", dict(radii=[1.0], directions=MAX_STARTS, seeds=[MAX_SEED], steps=2)),
+    ("attack", dict(search=dict(steps=1, batch_size=MAX_SEARCH_BATCH), evaluation_seeds=list(range(MAX_SEEDS)),
+                    steps=2)),
 ])
-def test_seeds_and_starts_at_their_limits(tiny_handle, kind, config):
+def test_seeds_starts_and_batches_at_their_limits(tiny_handle, kind, config):
     record = run_task(tiny_handle, kind, dict(image=0, **config))
-    assert record.config | config == record.config
+    assert all(record.config[name] == value or record.config[name] | value == record.config[name]
+               for name, value in config.items())
 
 
 def test_search_steps_keep_their_own_limit_beside_denoising_steps():
