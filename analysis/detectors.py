@@ -11,9 +11,9 @@
 
 All three come from one sampling pass with the cross-attention captured
 (`analysis.attention.capture_attention`), each averaged over the seeds.
-`reference_scores` gives each score on the model's reference prompts
-(`ModelHandle.held_out_prompts`, at most `MAX_REFERENCE_PROMPTS`), computed
-once per weights and settings and cached on disk (`analysis.localize.cached`).
+`reference_scores` gives each score on a sample of the model's reference prompts
+(`analysis.localize.reference_sample`), computed once per weights and settings and cached on disk
+(`analysis.localize.cached`), batch by batch: a stopped run keeps the batches it finished, and the next resumes.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from analysis.attention import capture_attention, end_token_index
-from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, weights_checksum
+from analysis.localize import (DEFAULT_CACHE_DIR, ONCE_PER_MODEL, cache_key, cached, reference_sample,
+                               weights_checksum)
 from analysis.model import ModelHandle
+from analysis.progress import Callback, report
 from analysis.sampling import DenoisingStep, noise_gap
 
 DETECTORS = ("noise_gap", "attention_entropy", "bright_ending")
@@ -38,7 +40,6 @@ NOISE_GAP_PER_STEP = "noise_gap_per_step"
 REFERENCE_SEEDS = (0, 1, 2, 3)
 # Ren et al. read the entropy at steps 40-49 of 50: the last fifth.
 ENTROPY_SHARE_OF_STEPS = 0.2
-MAX_REFERENCE_PROMPTS = 100
 # Prompts per sampling pass of the reference set: bounds the memory of one pass.
 REFERENCE_BATCH = 16
 
@@ -83,31 +84,48 @@ def detector_scores(handle: ModelHandle, conditioning: list[str] | torch.Tensor,
 
 
 def reference_prompts(handle: ModelHandle) -> list[str]:
-    """The prompts the reference distributions are computed on: the model's first `MAX_REFERENCE_PROMPTS`."""
+    """The prompts the reference distributions are computed on (`analysis.localize.reference_sample`)."""
     if not handle.held_out_prompts:
         raise ValueError("the model has no reference prompts to compare the detectors with")
-    return handle.held_out_prompts[:MAX_REFERENCE_PROMPTS]
+    return reference_sample(handle)
 
 
 def reference_scores(handle: ModelHandle, steps: int, guidance: float, seeds: Sequence[int] = REFERENCE_SEEDS,
                      cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                     callback: Callable[[DenoisingStep], None] | None = None) -> dict[str, torch.Tensor]:
+                     callback: Callback | None = None) -> dict[str, torch.Tensor]:
     """`detector_scores` of the reference prompts (`reference_prompts`): name -> `[prompts]` (or `[prompts, steps]`).
 
     Cached per weights of the UNet and text encoder, prompts and settings; the scores are the unmitigated
     model's (a mitigation applied with hooks changes no weight and so no key: compute with `cache_dir=None`).
+    Each batch of `REFERENCE_BATCH` prompts is cached as it finishes (`detectors-part-KEY-N`, removed once the
+    whole is), so a run stopped part-way (the Stop button, the app's time limit) is resumed, not restarted.
+    `callback` receives a `TaskProgress` per denoising step, out of every batch's steps.
     """
     prompts = reference_prompts(handle)
     key = cache_key("detectors", DETECTOR_DEFINITIONS, handle.name, str(handle.dtype),
                     weights_checksum([*handle.unet.parameters(), *handle.text_encoder.parameters()]),
                     prompts, [int(s) for s in seeds], steps, guidance)
+    starts = range(0, len(prompts), REFERENCE_BATCH)
+    message = f"{len(prompts)} reference prompts × {len(seeds)} seeds ({ONCE_PER_MODEL})"
+
+    def batch(number: int) -> dict[str, torch.Tensor]:
+        def progress(step: DenoisingStep) -> None:
+            report(callback, "Reference band", number * steps + step.index + 1, len(starts) * steps, message,
+                   unit="steps")
+
+        return detector_scores(handle, prompts[starts[number]:starts[number] + REFERENCE_BATCH], seeds, steps,
+                               guidance, progress)
 
     def compute() -> dict[str, torch.Tensor]:
-        parts = [detector_scores(handle, prompts[start:start + REFERENCE_BATCH], seeds, steps, guidance, callback)
-                 for start in range(0, len(prompts), REFERENCE_BATCH)]
+        parts = [cached(cache_dir, "detectors-part", f"{key}-{number}", lambda number=number: batch(number))
+                 for number in range(len(starts))]
         return {name: torch.cat([part[name] for part in parts]) for name in (*DETECTORS, NOISE_GAP_PER_STEP)}
 
-    return {name: values.double() for name, values in cached(cache_dir, "detectors", key, compute).items()}
+    scores = cached(cache_dir, "detectors", key, compute)
+    if cache_dir is not None:
+        for part in Path(cache_dir).glob(f"detectors-part-{key}-*.safetensors"):
+            part.unlink()
+    return {name: values.double() for name, values in scores.items()}
 
 
 def summary(values: torch.Tensor) -> dict:

@@ -7,7 +7,9 @@ analyses directly, without them. README's "Limits" table lists them all.
 
 MAX_SEEDS = 64  # seeds of one generation, evaluation or localizer criterion
 MAX_SEED = 2**31 - 1  # largest seed value (what a gr.Number and most RNG front ends take)
-MAX_DENOISING_STEPS = 1000  # a scheduler's full training schedule
+# Denoising steps: far above any DDIM use (the paper samples with 50), and within SD's 1000-timestep schedule,
+# which with its steps_offset=1 has no room for 1000.
+MAX_DENOISING_STEPS = 500
 MAX_SEARCH_STEPS = 1000  # Dori search iterations
 MAX_SEARCH_BATCH = 64  # seeds per Dori search step
 MAX_STARTS = 256  # Dori search starts, triggers of a set, sweep directions

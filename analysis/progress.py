@@ -26,12 +26,14 @@ class TaskProgress:
     done: int
     total: int | None  # None: not known in advance
     message: str = ""
+    unit: str = "rounds"  # what `done` counts
 
 
 Callback = Callable[[object], None]
 
 
-def report(callback: Callback | None, stage: str, done: int, total: int | None, message: str = "") -> None:
+def report(callback: Callback | None, stage: str, done: int, total: int | None, message: str = "",
+           unit: str = "rounds") -> None:
     """`callback(TaskProgress(...))` when there is a callback."""
     if callback is not None:
-        callback(TaskProgress(stage, done, total, message))
+        callback(TaskProgress(stage, done, total, message, unit))

@@ -228,7 +228,14 @@ def ddim_schedule(handle: ModelHandle, steps: int) -> DDIMScheduler:
     A scheduler of our own: `set_timesteps` mutates it, and calls may run concurrently.
     """
     scheduler = DDIMScheduler.from_config(handle.scheduler.config)
+    trained = scheduler.config.num_train_timesteps
+    if steps > trained:
+        raise ValueError(f"{steps} denoising steps: this model's schedule has {trained} timesteps")
     scheduler.set_timesteps(steps, device=handle.device)
+    # With "leading" spacing and SD's steps_offset=1, as many steps as timesteps reach past the last one.
+    if scheduler.timesteps.max() >= trained:
+        raise ValueError(f"{steps} denoising steps: this model's schedule ({trained} timesteps, steps_offset "
+                         f"{scheduler.config.steps_offset}) takes at most {trained - 1}")
     return scheduler
 
 

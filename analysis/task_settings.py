@@ -21,9 +21,9 @@ import torch
 
 from analysis.attribution import GradientNorm, IntegratedGradients, Occlusion
 from analysis.export import RunRecord
-from analysis.limits import (MAX_DENOISING_STEPS, MAX_LIST, MAX_PROMPT_CHARS, MAX_SEARCH_BATCH, MAX_SEED,
-                             MAX_SEEDS, MAX_STARTS)
-from analysis.localize import nemo, wanda
+from analysis.limits import (MAX_DENOISING_STEPS, MAX_LIST, MAX_PROMPT_CHARS, MAX_SEARCH_BATCH, MAX_SEARCH_STEPS,
+                             MAX_SEED, MAX_SEEDS, MAX_STARTS)
+from analysis.localize import ONCE_PER_MODEL, nemo, reference_sample, wanda
 from analysis.masks import Mask
 from analysis.model import ModelHandle
 from analysis.progress import Callback, report
@@ -120,11 +120,13 @@ LOCALIZER_BATCH_ROWS = 64
 # `dori`, ...): a count of seeds, of denoising or search steps, of seeds per search step, of starts.
 COUNT_LIMITS = {"steps": MAX_DENOISING_STEPS, "n_steps": MAX_DENOISING_STEPS, "record_steps": MAX_DENOISING_STEPS,
                 "batch_size": MAX_SEARCH_BATCH, "directions": MAX_STARTS, "eval_seeds": MAX_SEEDS}
+# Inside a Dori search's settings (an attack's "search", fine-tuning's "dori"), "steps" counts search steps.
+SEARCH_SETTINGS = ("search", "dori")
 MAX_CONFIG_DEPTH = 8
 MAX_TEXT_CHARS = 10_000  # any string of a configuration (prompts are held to MAX_PROMPT_CHARS)
 
 
-def check_limits(value, name: str = "configuration", depth: int = 0) -> None:
+def check_limits(value, name: str = "configuration", depth: int = 0, parent: str = "") -> None:
     """ValueError if `value` (a configuration, read from JSON) is larger than one request may be
     (`analysis.limits`): too deep, a list or text too long, a non-finite number, too many seeds, steps or starts."""
     if depth > MAX_CONFIG_DEPTH:
@@ -138,11 +140,11 @@ def check_limits(value, name: str = "configuration", depth: int = 0) -> None:
         if len(value) > limit:
             raise ValueError(f"{name} lists {len(value)} values; at most {limit} are accepted")
         for item in value:
-            check_limits(item, name, depth + 1)
+            check_limits(item, name, depth + 1, parent)
     if isinstance(value, dict):
         for key, item in value.items():
-            check_limits(item, str(key), depth + 1)
-    limit = COUNT_LIMITS.get(name)
+            check_limits(item, str(key), depth + 1, name)
+    limit = MAX_SEARCH_STEPS if name == "steps" and parent in SEARCH_SETTINGS else COUNT_LIMITS.get(name)
     if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
         raise ValueError(f"{name} must be at most {limit}, got {value}")
     if name.endswith("seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED:
@@ -253,10 +255,11 @@ def record_mask(record: RunRecord) -> Mask:
 
 def fit_mask(handle: ModelHandle, config: dict, prompt: str, callback: Callback | None) -> Mask:
     """Run the configured localizer (`{"method", "parameters", "seeds"}`) on `prompt`."""
-    references = len(config["parameters"].get("reference_prompts") or handle.held_out_prompts)
+    references = len(config["parameters"].get("reference_prompts")
+                     or (reference_sample(handle) if config["method"] == "wanda" else handle.held_out_prompts))
     # The reference statistics are the long part of a first run; the localizer caches them on disk by the weights.
     report(callback, "localize", 0, None, f"{config['method']}: statistics of {references} reference prompts "
-                                          "(computed once per model and cached; the bundled model's are shipped)")
+                                          f"({ONCE_PER_MODEL}; the bundled model's are shipped)")
     localizer = LOCALIZERS[config["method"]].estimator(**config["parameters"], batch_size=LOCALIZER_BATCH_ROWS)
     return localizer.fit(handle, prompt, config["seeds"], callback=callback).mask_
 

@@ -22,7 +22,7 @@ from dori_ui.paths_tab import build_paths_tab
 from dori_ui.perturb_tab import build_perturb_tab
 from dori_ui.replicate_tab import build_replicate_tab
 from dori_ui.session import AppContext, ModelChoices, Session, describe_model, session_handle, session_model
-from dori_ui.streaming import on_model
+from dori_ui.streaming import cancel_route, on_model
 from dori_ui.trigger_map_tab import build_trigger_map_tab
 
 # Requests that may wait for the model; more are turned away with a "queue full" message.
@@ -172,6 +172,6 @@ def set_queue_polling(app: gr.Blocks, event_seconds: float, progress_seconds: fl
 
 
 def launch_options(max_upload_bytes: int = MAX_UPLOAD_BYTES) -> dict:
-    """`app.launch` settings every server of the app uses: the upload limit (Gradio refuses a larger file) and the
-    page's style."""
-    return dict(max_file_size=max_upload_bytes, css=STYLE)
+    """`app.launch` settings every server of the app uses: the upload limit (Gradio refuses a larger file), the
+    page's style and a cancel that stops only the event it names (`streaming.cancel_route`)."""
+    return dict(max_file_size=max_upload_bytes, css=STYLE, app_kwargs=dict(routes=[cancel_route()]))

@@ -292,6 +292,8 @@ class AppContext:
     # view name -> (fn(session) -> updates, outputs), run after the session switches model.
     on_model_change: dict = field(default_factory=dict)
     max_run_seconds: float = MAX_RUN_SECONDS  # a model event running longer is stopped (dori_ui.streaming)
+    # The components the Stop buttons write to (`dori_ui.streaming.on_stop`): a stopped run ends its message there.
+    stop_statuses: list = field(default_factory=list)
 
     def refresh_on_model_change(self, view: str, refresh: Callable[[Session], dict], outputs: list) -> None:
         """After the session switches model, `refresh(session)` updates `outputs` of `view` (a dict of updates by

@@ -12,7 +12,8 @@ and `holding_model` for the few direct ones. A mitigation is applied with
 hooks inside a computation, so no other computation ever sees it, even one
 that starts while a cancelled one is still finishing its step. Their callbacks
 raise `SamplingCancelled` once the stop flag is set, which ends a run within
-one step (Gradio's `cancels=` alone cannot interrupt torch).
+one step (Gradio's `cancels=` alone cannot interrupt torch). A cancel stops only the event it was sent for
+(`cancel_route`), never the session's next run.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ import inspect
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import fastapi
 import gradio as gr
 import torch
+from fastapi.routing import APIRoute
+from gradio.data_classes import CancelBody
+from gradio.route_utils import API_PREFIX
+from gradio.server_messages import ProcessCompletedMessage
+from gradio.utils import safe_aclose_iterator
 
 from analysis.dori import DoriStep
 from analysis.export import RunRecord
@@ -127,7 +134,7 @@ def progress_of(event: object) -> tuple[tuple[int, int | None], str, str] | None
     if isinstance(event, DoriStep):
         return (event.index + 1, event.total), "Dori search", "steps"
     if isinstance(event, TaskProgress):
-        return (event.done, event.total), f"{event.stage}: {event.message}".rstrip(": "), "rounds"
+        return (event.done, event.total), f"{event.stage}: {event.message}".rstrip(": "), event.unit
     return None
 
 
@@ -170,13 +177,14 @@ def out_of_memory(handle: ModelHandle) -> gr.Error:
                     "batch or fewer triggers (or a smaller dtype, app.py --dtype float16).")
 
 
-def model_event(handler: Callable, context: AppContext) -> Callable:
+def model_event(handler: Callable, context: AppContext, outputs: Sequence = ()) -> Callable:
     """`handler` (a function or generator of a view that runs the model, taking the `Session` among its
     arguments) as Gradio should call it: in a worker thread, stopped when the event is cancelled or runs past
     `context.max_run_seconds`, and finished only when its computation has stopped.
 
-    Gradio reads the wrapper's signature through `functools.wraps`, so `gr.Progress` and other special
-    arguments reach the handler as before.
+    A stopped run is no error: its `outputs` stay as they were, but for a Stop button's status among them, which
+    says it stopped (else a warning does). Gradio reads the wrapper's signature through `functools.wraps`, so
+    `gr.Progress` and other special arguments reach the handler as before.
     """
     if inspect.isgeneratorfunction(handler):
         @functools.wraps(handler)
@@ -187,11 +195,11 @@ def model_event(handler: Callable, context: AppContext) -> Callable:
                 while (item := await _until_stopped(session, deadline, next, steps, _END)) is not _END:
                     yield item
             except SamplingCancelled:
-                _raise_if_timed_out(session, deadline, context)
-                raise gr.Error("Stopped.") from None
+                yield _stopped(session, deadline, context, outputs)
+                return
             finally:
                 await asyncio.to_thread(steps.close)  # runs its `finally`s (stream_task joins its worker there)
-            _raise_if_timed_out(session, deadline, context)
+            _warn_if_timed_out(session, deadline, context)
 
         return stream
 
@@ -201,9 +209,8 @@ def model_event(handler: Callable, context: AppContext) -> Callable:
         try:
             result = await _until_stopped(session, deadline, handler, *args, **kwargs)
         except SamplingCancelled:
-            _raise_if_timed_out(session, deadline, context)
-            raise gr.Error("Stopped.") from None
-        _raise_if_timed_out(session, deadline, context)
+            return _stopped(session, deadline, context, outputs)
+        _warn_if_timed_out(session, deadline, context)
         return result
 
     return call
@@ -212,7 +219,8 @@ def model_event(handler: Callable, context: AppContext) -> Callable:
 def on_model(listener: Callable, handler: Callable, context: AppContext, **kwargs):
     """Register `handler` as a model event on `listener` (e.g. `button.click`): wrapped by `model_event` and
     queued behind the other model events, one at a time."""
-    return listener(model_event(handler, context), concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1, **kwargs)
+    return listener(model_event(handler, context, kwargs.get("outputs") or ()), concurrency_id=MODEL_CONCURRENCY_ID,
+                    concurrency_limit=1, **kwargs)
 
 
 _END = object()  # what `next` returns at a generator's end, in place of StopIteration (which a Future cannot raise)
@@ -241,10 +249,28 @@ async def _until_stopped(session: Session, deadline: float, function: Callable, 
         raise
 
 
-def _raise_if_timed_out(session: Session, deadline: float, context: AppContext) -> None:
-    if session.stop_requested and time.monotonic() >= deadline:
-        raise gr.Error(f"Stopped: this run took longer than the app's limit of {context.max_run_seconds:g} s per "
-                       "request (app.py --max-run-seconds). Choose fewer seeds or steps, or ask the app's host.")
+def _stopped(session: Session, deadline: float, context: AppContext, outputs: Sequence):
+    """What a stopped event answers: its outputs left as they were (a stop is no error: no output shows one) but
+    for a Stop button's status among them, which says it stopped; without one, a warning says so."""
+    if _warn_if_timed_out(session, deadline, context):
+        return gr.skip()
+    # Looked up now: a view registers its Stop button after its run event.
+    status = next((output for output in outputs if any(output is shown for shown in context.stop_statuses)), None)
+    if status is None:
+        gr.Warning("Stopped.")
+        return gr.skip()
+    return {status: "Stopped."}
+
+
+def _warn_if_timed_out(session: Session, deadline: float, context: AppContext) -> bool:
+    """Warn (a message that stays until closed) when the time limit stopped the run; a view that ended on its own
+    after the stop has said so in its outputs."""
+    timed_out = session.stop_requested and time.monotonic() >= deadline
+    if timed_out:
+        gr.Warning(f"Stopped: this run took longer than the app's limit of {context.max_run_seconds:g} s per "
+                   "request (app.py --max-run-seconds). Choose fewer seeds or steps, or ask the app's host.",
+                   duration=None)
+    return timed_out
 
 
 def run_and_stop_buttons(label: str, run_id: str, stop_id: str) -> tuple[gr.Button, gr.Button]:
@@ -257,5 +283,46 @@ def run_and_stop_buttons(label: str, run_id: str, stop_id: str) -> tuple[gr.Butt
 def on_stop(stop_button: gr.Button, context: AppContext, status: gr.components.Component, view: str) -> None:
     """Stop ends the session's running computation after its current step and says so in `status` (endpoint
     `{view}_stop`). Not on the model's concurrency id: it must run while the computation holds the model."""
+    context.stop_statuses.append(status)
     stop_button.click(request_stop, inputs=context.session, outputs=status, api_name=f"{view}_stop",
                       concurrency_limit=None)
+
+
+async def cancel_event(body: CancelBody, request: fastapi.Request) -> dict:
+    """Gradio's `/cancel`, cancelling only the running event whose id it names.
+
+    Gradio's own cancels every running event of the session's function: a cancel that arrived after its run had
+    ended (a slow network, a loaded server) stopped the session's next run of the same view. The rest is what
+    Gradio's does: the event leaves the queue, a waiting client is told it completed, a stream is closed."""
+    app = request.app
+    name = f"{body.session_hash}_{body.fn_index}{GRADIO_TASK_SEPARATOR}{body.event_id}"
+    tasks = [task for task in asyncio.all_tasks() if task.get_name() == name]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    queue = app.get_blocks()._queue
+    session_open = body.session_hash in queue.pending_messages_per_session
+    event_running = body.event_id in queue.pending_event_ids_session.get(body.session_hash, {})
+    await queue.remove_from_queue(body.event_id)
+    if session_open and event_running:
+        queue.pending_messages_per_session[body.session_hash].put_nowait(
+            ProcessCompletedMessage(output={}, success=True, event_id=body.event_id))
+    if body.event_id in app.iterators:
+        async with app.lock:
+            try:
+                await safe_aclose_iterator(app.iterators[body.event_id])
+            except Exception:  # noqa: BLE001 - a stream that fails to close is dropped all the same, as Gradio does
+                pass
+            del app.iterators[body.event_id]
+            app.iterators_to_reset.add(body.event_id)
+    return {"success": True}
+
+
+# How Gradio names an event's task (`gradio.utils.set_task_name`): "{session}_{fn_index}<gradio-sep>{event_id}".
+GRADIO_TASK_SEPARATOR = "<gradio-sep>"
+
+
+def cancel_route() -> APIRoute:
+    """`cancel_event` at Gradio's cancel path: given to the app's FastAPI constructor (`launch_options`), it is
+    matched before the route Gradio adds later."""
+    return APIRoute(f"{API_PREFIX}/cancel", cancel_event, methods=["POST"])

@@ -74,7 +74,7 @@ def test_bad_files_give_clear_errors(tmp_path):
     ({"image": 0, "seeds": []}, "list of 1 to 64 seeds"),
     ({"image": 0, "seeds": list(range(100_000))}, "at most 64"),
     ({"image": 0, "seeds": [2**70]}, "from 0 to 2147483647"),
-    ({"image": 0, "steps": 5000}, "at most 1000"),
+    ({"image": 0, "steps": 5000}, "at most 500"),
     ({"image": 0, "guidance": float("nan")}, "finite number"),
     ({"image": 0, "mitigation": {"method": "nemo", "parameters": {"steps": 10**6}}}, "steps must be at most"),
     ({"image": 0, "mitigation": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": 1}}}}}}}}}, "nested more than"),

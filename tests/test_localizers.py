@@ -163,7 +163,7 @@ ANALYSES = {
     "nemo": (lambda h, callback: LOCALIZERS["nemo"](REFERENCES).fit(h, PROMPT, seeds=[0, 1], callback=callback),
              TaskProgress),
     "wanda": (lambda h, callback: LOCALIZERS["wanda"](REFERENCES).fit(h, PROMPT, seeds=[0], callback=callback),
-              DenoisingStep),
+              TaskProgress),
     "wanda mask applied": (sample_under(lambda h: LOCALIZERS["wanda"](REFERENCES).fit(h, PROMPT, seeds=[0]).mask_),
                            DenoisingStep),
     "nemo mask applied": (sample_under(lambda h: LOCALIZERS["nemo"](REFERENCES).fit(h, PROMPT, seeds=[0, 1]).mask_),

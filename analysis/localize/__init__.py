@@ -29,6 +29,16 @@ from analysis.paths import RUNS_DIR, SHIPPED_CACHE_DIR
 from analysis.progress import Callback
 
 DEFAULT_CACHE_DIR = RUNS_DIR / "localize_cache"
+# How many of a model's own reference prompts (its held-out list, or SD v1.4's 500 LAION prompts) the statistics
+# computed once per model run over by default: the Wen band of the detectors and Wanda's reference norms. A list
+# given as the `reference_prompts` parameter is used in full.
+REFERENCE_SAMPLE = 100
+ONCE_PER_MODEL = "computed once per model and cached"  # what a first run's progress says of such statistics
+
+
+def reference_sample(handle: ModelHandle) -> list[str]:
+    """The first `REFERENCE_SAMPLE` of the model's reference prompts (its own order: a list fixed per model)."""
+    return list(handle.held_out_prompts[:REFERENCE_SAMPLE])
 
 
 class Localizer(Protocol):

@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from analysis.hooks import InputSquaredNorm, hooked, resolve_layers
-from analysis.localize import DEFAULT_CACHE_DIR, cache_key, cached, localizer_target, weights_checksum
+from analysis.localize import (DEFAULT_CACHE_DIR, ONCE_PER_MODEL, cache_key, cached, localizer_target,
+                               reference_sample, weights_checksum)
 from analysis.masks import Mask
 from analysis.model import ModelHandle
-from analysis.progress import Callback
+from analysis.progress import Callback, report
 from analysis.sampling import denoising_steps
 
 DEFAULT_SEEDS = tuple(range(4))
@@ -47,19 +48,19 @@ DEFAULT_SEEDS = tuple(range(4))
 
 def input_norms(handle: ModelHandle, layers: dict[str, nn.Linear], prompts: Sequence[str] | torch.Tensor,
                 seeds: Sequence[int], steps: int, record_steps: int, batch_size: int | None = None,
-                callback: Callback | None = None) -> dict[str, torch.Tensor]:
+                callback: Callback | None = None, what: str = "activations") -> dict[str, torch.Tensor]:
     """‖X_j‖₂ per input channel `[in]` of each layer, over the first `record_steps` steps of sampling `prompts` × `seeds`.
 
     Text branch only (guidance 1); every step when the schedule has fewer.
-    `callback` receives each `DenoisingStep`.
+    `callback` receives a `TaskProgress` per step recorded, out of the steps recorded, with `what` as its message.
     """
     if record_steps < 1:
         raise ValueError(f"record_steps must be at least 1, got {record_steps}")
     recorders = {name: InputSquaredNorm() for name in layers}
+    recorded = min(record_steps, steps)
     with hooked(handle.unet, forward_hooks=recorders):
         for step in denoising_steps(handle, prompts, seeds, steps, guidance=1.0, batch_size=batch_size):
-            if callback is not None:
-                callback(step)
+            report(callback, "Wanda", step.index + 1, recorded, what, unit="steps")
             if step.index + 1 == record_steps:
                 break
     return {name: recorder.norms() for name, recorder in recorders.items()}
@@ -110,26 +111,28 @@ class Wanda:
             callback: Callback | None = None) -> Wanda:
         """Localize `prompt` (a prompt or an embedding `[77, d]`, e.g. a Dori trigger); returns this estimator.
 
-        `callback` receives every `DenoisingStep` of the recording runs and may
-        raise `SamplingCancelled` to stop.
+        `callback` receives a `TaskProgress` per recorded step and may raise
+        `SamplingCancelled` to stop.
         """
         conditioning, label = localizer_target(prompt)
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
         seeds = [int(seed) for seed in seeds]
         steps = self.steps or handle.default_steps
-        reference_prompts = list(self.reference_prompts or handle.held_out_prompts)
+        reference_prompts = list(self.reference_prompts or reference_sample(handle))
         if not reference_prompts:
             raise ValueError("Wanda needs non-memorized reference prompts: pass reference_prompts")
         layers = resolve_layers(handle.unet, self.layers)
 
-        def norms_of(prompts: list[str] | torch.Tensor) -> dict[str, torch.Tensor]:
-            return input_norms(handle, layers, prompts, seeds, steps, self.record_steps, self.batch_size, callback)
+        def norms_of(prompts: list[str] | torch.Tensor, what: str) -> dict[str, torch.Tensor]:
+            return input_norms(handle, layers, prompts, seeds, steps, self.record_steps, self.batch_size, callback,
+                               what)
 
-        self.prompt_norms_ = norms_of(conditioning)
+        self.prompt_norms_ = norms_of(conditioning, "activations of the prompt")
         key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(layers), reference_prompts,
                         seeds, steps, self.record_steps)
-        self.reference_norms_ = cached(self.cache_dir, "wanda-norms", key, lambda: norms_of(reference_prompts))
+        what = f"norms of {len(reference_prompts)} reference prompts × {len(seeds)} seeds ({ONCE_PER_MODEL})"
+        self.reference_norms_ = cached(self.cache_dir, "wanda-norms", key, lambda: norms_of(reference_prompts, what))
 
         removed = {}
         for name, layer in layers.items():
