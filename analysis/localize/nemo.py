@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,6 +140,30 @@ def resolve_settings(handle: ModelHandle, settings: str, **given) -> dict:
     coarsest = size // 2 ** (scales - 1)
     raise ValueError(f"{scales} MS-SSIM scales of this model's {size}-pixel latents end at {coarsest}x{coarsest}, "
                      f"smaller than the {window}x{window} SSIM window: pass a smaller window or fewer scales")
+
+
+@dataclass
+class Criterion:
+    """NeMo's criterion for one prompt (step 7): with neurons blocked, the largest MS-SSIM over its memorized seeds
+    between the seed's δ unblocked and blocked. `unet_rows` counts the rows its evaluations spent."""
+
+    handle: ModelHandle
+    text: torch.Tensor  # [1, 77, d]
+    seeds: list[int]  # the memorized seeds
+    unblocked: torch.Tensor  # their δ, unblocked
+    reading: DeltaReading
+    similarity: DeltaSimilarity
+    layers: dict[str, nn.Linear]
+    batch_size: int | None = None
+    unet_rows: int = 0
+
+    def __call__(self, blocked: Blocked) -> float:
+        masks = neuron_masks(blocked, self.layers)
+        hooks = {name: zero_outputs(removed) for name, removed in masks.items() if removed.any()}
+        self.unet_rows += self.reading.unet_rows(len(self.seeds))
+        with hooked(self.handle.unet, forward_hooks=hooks):
+            blocked_deltas = noise_differences(self.handle, self.text, self.seeds, self.reading, self.batch_size)
+        return self.similarity(self.unblocked, blocked_deltas).max().item()
 
 
 class NeMo:
@@ -256,16 +281,10 @@ class NeMo:
         text = as_embeddings(handle, conditioning)
         activations = {name: rows[0] for name, rows in record_activations(handle, layers, text,
                                                                           self.batch_size).items()}
-        unet_rows = 1
         z_scores = {name: (activations[name] - mean).abs() / std.clamp_min(1e-12)
                     for name, (mean, std) in statistics.items()}
-
-        def deltas_of(chosen_seeds: list[int]) -> torch.Tensor:
-            nonlocal unet_rows
-            unet_rows += reading.unet_rows(len(chosen_seeds))
-            return noise_differences(handle, text, chosen_seeds, reading, self.batch_size)
-
-        unblocked = deltas_of(seeds)
+        unblocked = noise_differences(handle, text, seeds, reading, self.batch_size)
+        unet_rows = 1 + reading.unet_rows(len(seeds))
         memorized = similarity.max_with_other_seeds(unblocked) > self.threshold_
         memorized_seeds = [seed for seed, flag in zip(seeds, memorized.tolist()) if flag]
         blocked, reached, trace = {name: [] for name in layers}, None, []
@@ -273,22 +292,16 @@ class NeMo:
             report(callback, "NeMo", 1, 1, "no seed's δ resembles another's: the prompt does not look memorized, "
                                            "nothing blocked")
         else:
-            unblocked = unblocked[memorized]
-
-            def similarity_when_blocked(blocked: Blocked) -> float:
-                masks = neuron_masks(blocked, layers)
-                hooks = {name: zero_outputs(removed) for name, removed in masks.items() if removed.any()}
-                with hooked(handle.unet, forward_hooks=hooks):
-                    return similarity(unblocked, deltas_of(memorized_seeds)).max().item()
-
+            criterion = Criterion(handle, text, memorized_seeds, unblocked[memorized], reading, similarity, layers,
+                                  self.batch_size)
             blocked, reached, trace = initial_selection(
-                activations, z_scores, similarity_when_blocked, self.threshold_, self.theta_start, self.theta_step,
+                activations, z_scores, criterion, self.threshold_, self.theta_start, self.theta_step,
                 self.theta_min, self.settings_["duplicates"], callback)
             if self.refine:
                 # When the rounds ran out above τ, refinement keeps the similarity reached instead (as the authors
                 # do).
-                blocked, reached = refine(blocked, reached, similarity_when_blocked, max(self.threshold_, reached),
-                                          callback)
+                blocked, reached = refine(blocked, reached, criterion, max(self.threshold_, reached), callback)
+            unet_rows += criterion.unet_rows
         result = {f"mask:{name}": removed for name, removed in neuron_masks(blocked, layers).items()}
         return dict(result, memorized_seeds=torch.tensor(memorized_seeds, dtype=torch.int64),
                     similarity=torch.tensor(float("nan") if reached is None else reached, dtype=torch.float64),
