@@ -127,6 +127,8 @@ def resolve_settings(handle: ModelHandle, settings: str, **given) -> dict:
     given = {key: value for key, value in given.items() if value is not None}
     resolved = dict(SETTINGS[name], **given, name=name, fitted=None)
     size, window, scales = min(handle.latent_shape[1:]), resolved["window"], resolved["scales"]
+    if scales < 1:
+        raise ValueError(f"NeMo's MS-SSIM needs at least 1 scale, got {scales}")
     if size // 2 ** (scales - 1) >= window:
         return resolved
     if settings == "auto" and "window" not in given and "scales" not in given:
