@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--held-out", type=int, default=8)
     parser.add_argument("--no-fits", action="store_true", help="skip the refined masks with the authors' list")
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(arguments)
     started = time.perf_counter()
     handle = load_model()
     seeds = list(range(args.seeds))
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
 
     report = f"""# NeMo: the project's own settings against the authors' code, on the bundled model
 
-Written by `python -m analysis.experiments.nemo_differences{' ' + ' '.join(argv) if argv else ''}` \
+Written by `{' '.join(['python -m analysis.experiments.nemo_differences', *arguments])}` \
 ({time.perf_counter() - started:.0f} s). "pixel" settings (δ after two DDIM steps, 7x7 window), {len(seeds)} seeds; \
 docs/methods.md §4.2 says what each difference is.
 
