@@ -46,7 +46,7 @@ def _check_images(images: torch.Tensor, name: str) -> None:
 
 
 def _ssim_maps(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float,
-               data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+               data_range: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SSIM's luminance and contrast-structure maps of image pairs (valid region, per channel)."""
     _check_images(a, "a")
     _check_images(b, "b")
@@ -63,8 +63,9 @@ def _ssim_maps(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float,
         return F.conv2d(x, kernel, groups=channels)
 
     mu_a, mu_b = local_mean(a), local_mean(b)
-    var_a = local_mean(a * a) - mu_a**2
-    var_b = local_mean(b * b) - mu_b**2
+    # A variance is never negative; rounding can make the difference so where an image is flat.
+    var_a = (local_mean(a * a) - mu_a**2).clamp_min(0)
+    var_b = (local_mean(b * b) - mu_b**2).clamp_min(0)
     cov = local_mean(a * b) - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1), (2 * cov + c2) / (var_a + var_b + c2)
@@ -84,26 +85,34 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: flo
 
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, scales: int = 3, window: int = SSIM_WINDOW,
-            sigma: float = SSIM_SIGMA, data_range: float = 2.0) -> torch.Tensor:
+            sigma: float = SSIM_SIGMA, data_range: float | None = 2.0, exponent: float | None = None) -> torch.Tensor:
     """Multi-scale SSIM (Wang et al. 2003) of image pairs -> `[n]`, equal weight per scale.
 
     Contrast-structure at every scale, luminance at the coarsest, each scale
     averaged over pixels and channels, clamped at 0 and halved by 2x2 average
-    pooling, combined as a geometric mean. `data_range` as in `ssim`. NeMo's
-    code uses 3 scales with equal weights (torchmetrics, `normalize="relu"`);
-    3 scales of a 7x7 window fit 32x32 images (the coarsest is 8x8).
+    pooling, combined as the product of each scale's value to the power
+    `exponent` (None: 1/scales, the geometric mean). `data_range` as in
+    `ssim`; None infers it at each scale as torchmetrics'
+    `multiscale_structural_similarity_index_measure` does: the larger span
+    (max − min) of `a` and of `b`, each over the whole batch, so that a pair's
+    value depends on the pairs beside it. NeMo's code calls torchmetrics with
+    3 scales, exponents 0.33 and no data range; 3 scales of a 7x7 window fit
+    32x32 images (the coarsest is 8x8).
     """
     if scales < 1:
         raise ValueError(f"scales must be at least 1, got {scales}")
     per_scale = []
     for scale in range(scales):
-        luminance, contrast_structure = _ssim_maps(a, b, window, sigma, data_range)
+        scale_range = data_range
+        if data_range is None:
+            scale_range = torch.maximum(a.amax() - a.amin(), b.amax() - b.amin()).float()
+        luminance, contrast_structure = _ssim_maps(a, b, window, sigma, scale_range)
         coarsest = scale == scales - 1
         value = (luminance * contrast_structure if coarsest else contrast_structure).mean(dim=(1, 2, 3))
         per_scale.append(value.clamp_min(0))
         if not coarsest:
             a, b = F.avg_pool2d(a.float(), 2), F.avg_pool2d(b.float(), 2)
-    return torch.stack(per_scale).pow(1 / scales).prod(dim=0)
+    return torch.stack(per_scale).pow(1 / scales if exponent is None else exponent).prod(dim=0)
 
 
 def similarity_matrix(generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:

@@ -96,8 +96,9 @@ def _type_name(hint) -> str:
 
 LOCALIZERS = {
     "nemo": Method(nemo.NeMo, ("reference_prompts", "settings", "layers", "threshold", "calibration_seeds", "steps",
-                               "step_index", "advance_latents", "window", "threshold_guidance", "scales",
-                               "theta_start", "theta_step", "theta_min", "refine"), nemo.DEFAULT_SEEDS),
+                               "step_index", "advance_latents", "window", "scales", "ms_ssim", "duplicates",
+                               "threshold_guidance", "theta_start", "theta_step", "theta_min", "refine"),
+                   nemo.DEFAULT_SEEDS),
     "wanda": Method(wanda.Wanda, ("reference_prompts", "sparsity", "layers", "record_steps", "steps"),
                     wanda.DEFAULT_SEEDS),
 }

@@ -6,7 +6,7 @@ import torch
 from analysis.hooks import nemo_layers
 from analysis.localize import nemo
 from analysis.localize.nemo import SD14_THRESHOLD, NeMo, resolve_settings, sd14_statistics
-from analysis.localize.nemo_delta import DeltaReading, delta_similarity, max_ssim_with_other_seeds, noise_differences
+from analysis.localize.nemo_delta import DeltaReading, DeltaSimilarity, noise_differences
 from analysis.localize.nemo_selection import initial_selection, refine, selected_neurons, selection_rounds
 from analysis.metrics import ms_ssim
 from tiny_model import HELD_OUT_PROMPTS
@@ -105,25 +105,27 @@ def test_authors_reading_feeds_x_T_at_the_timestep_without_stepping(tiny_handle)
     torch.testing.assert_close(noise_differences(tiny_handle, [PROMPT], [0, 1], DeltaReading(4, 1, False)), expected)
 
 
-def test_delta_similarity_uses_data_range_1():
+def test_the_project_s_delta_similarity_uses_data_range_1():
     generator = torch.Generator().manual_seed(0)
     a, b = torch.rand(3, 3, 32, 32, generator=generator), torch.rand(3, 3, 32, 32, generator=generator)
-    torch.testing.assert_close(delta_similarity(a, b, WINDOW), ms_ssim(a, b, 3, WINDOW, data_range=1.0))
+    similarity = DeltaSimilarity(WINDOW)
+    torch.testing.assert_close(similarity(a, b), ms_ssim(a, b, 3, WINDOW, data_range=1.0))
     # The luminance term depends on the data range: a range of 2 scores the same pair higher.
-    assert (ms_ssim(a, b, 3, WINDOW, data_range=2.0) > delta_similarity(a, b, WINDOW)).all()
+    assert (ms_ssim(a, b, 3, WINDOW, data_range=2.0) > similarity(a, b)).all()
 
 
 def test_max_ssim_with_other_seeds():
     base = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     other = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    best = max_ssim_with_other_seeds(torch.cat([base, base, other]), WINDOW)
+    best = DeltaSimilarity(WINDOW).max_with_other_seeds(torch.cat([base, base, other]))
     assert best[0] == best[1] and abs(best[0] - 1) < 1e-5 and best[2] < 0.5
 
 
 def test_settings_follow_the_model_and_explicit_values_win(tiny_handle):
     assert resolve_settings(tiny_handle, "auto")["name"] == "pixel"  # the tiny model is pixel-space
-    authors = resolve_settings(tiny_handle, "authors", window=None, step_index=3)
-    assert authors == dict(nemo.SETTINGS["authors"], step_index=3, name="authors")
+    authors = resolve_settings(tiny_handle, "authors", window=5, scales=2, step_index=3)
+    assert authors == dict(nemo.SETTINGS["authors"], window=5, scales=2, step_index=3, name="authors", fitted=None)
+    authors = nemo.SETTINGS["authors"]
     assert authors["window"] == 11 and authors["advance_latents"] is False and authors["threshold_guidance"] == 7.0
     with pytest.raises(ValueError, match="unknown NeMo settings"):
         resolve_settings(tiny_handle, "paper")
@@ -212,3 +214,72 @@ def test_fit_without_refinement_returns_the_initial_selection(tiny_handle, tmp_p
     # The authors' reading: one UNet row per seed (x_T fed at step 1, never stepped).
     assert model.unet_evaluations_ == 1 + 2 + 2 * 2  # activations, unblocked δ, one δ per round
     assert model.mask_.parameters["refine"] is False and model.mask_.parameters["settings"]["name"] == "authors"
+
+
+def test_a_neuron_both_outlier_and_top_k_is_never_tested_by_the_authors_refinement_when_the_rounds_ran_out():
+    # Neuron 1 is an outlier in every round (z = 6) and, from k = 2 on, a top-k pick too. Blocking all four keeps
+    # the similarity at 0.9 > τ in every round, so the 16 rounds run out and refinement's threshold is 0.9.
+    # Unblocking neuron 1 alone would bring it to 0.8; unblocking any other neuron (or the layer) to 1.
+    activations, z_scores = {"a": torch.tensor([4.0, 3.0, 2.0, 1.0])}, {"a": torch.tensor([0.0, 6.0, 0.0, 0.0])}
+
+    def similarity(blocked):
+        evaluated.append(sorted(set(blocked["a"])))
+        if not {0, 2, 3} <= set(blocked["a"]):
+            return 1.0
+        return 0.9 if 1 in blocked["a"] else 0.8
+
+    results = {}
+    for duplicates in (True, False):
+        evaluated = []
+        blocked, reached, trace = initial_selection(activations, z_scores, similarity, threshold=0.5,
+                                                    duplicates=duplicates)
+        assert len(trace) == 16 and reached == 0.9 and trace[-1].neurons == {"a": 4}
+        rounds = len(evaluated)
+        results[duplicates] = blocked, *refine(blocked, reached, similarity, max(0.5, reached)), evaluated[rounds:]
+    # The authors' list holds neuron 1 twice: as an outlier first, then at its top-k place. Each visit removes one
+    # copy; with the other copy left the mask is unchanged and scores 0.9, not below 0.9: the neuron stays, untested,
+    # and neither visit costs a UNet evaluation.
+    listed, refined, reached, evaluated = results[True]
+    assert listed == {"a": [1, 0, 1, 2, 3]}
+    assert sorted(set(refined["a"])) == [0, 1, 2, 3] and reached == 0.9
+    assert evaluated == [[], [1, 2, 3], [0, 1, 3], [0, 1, 2]]  # the layer, then neurons 0, 2, 3
+    # The project's list holds it once, at its top-k place, and tests it: unblocked at 0.8.
+    listed, refined, reached, evaluated = results[False]
+    assert listed == {"a": [0, 1, 2, 3]}
+    assert refined == {"a": [0, 2, 3]} and reached == 0.8
+    assert evaluated == [[], [1, 2, 3], [0, 2, 3], [0, 3], [0, 2]]  # the layer, then neurons 0, 1, 2, 3
+
+
+def test_a_listed_twice_neuron_is_tested_at_its_second_copy_when_the_similarity_is_already_below():
+    # Below the threshold from the start: the first copy's visit drops that copy without a UNet call, and the
+    # visit of the second copy tests the neuron.
+    evaluated = []
+
+    def similarity(blocked):
+        evaluated.append(list(blocked["a"]))
+        return 0.2 if 0 in blocked["a"] else 0.6
+
+    refined, reached = refine({"a": [1, 0, 1]}, 0.2, similarity, criterion=0.4)
+    assert refined == {"a": [0]} and reached == 0.2
+    assert evaluated == [[], [1], [0]]  # the layer, neuron 0, then neuron 1's second copy
+
+
+def test_the_authors_ms_ssim_is_torchmetrics_as_they_call_it():
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    def min_max(x):
+        low, high = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+        return (x - low) / (high - low)
+
+    authors, project = DeltaSimilarity(11, 3, "torchmetrics"), DeltaSimilarity(11, 3, "range1")
+    generator = torch.Generator().manual_seed(0)
+    for pairs in (1, 3, 10):
+        # Random δ pairs of SD's 64x64 latents, normalised as NeMo does, sharing some structure.
+        shared = torch.randn(pairs, 4, 64, 64, generator=generator)
+        a = min_max(shared + torch.randn(pairs, 4, 64, 64, generator=generator))
+        b = min_max(shared + 2 * torch.randn(pairs, 4, 64, 64, generator=generator))
+        expected = multiscale_structural_similarity_index_measure(a, b, reduction="none", kernel_size=11,
+                                                                 betas=(0.33, 0.33, 0.33))
+        torch.testing.assert_close(authors(a, b), expected, rtol=0, atol=1e-5)
+        # Data range 1 at every scale is not what their call computes.
+        assert (project(a, b) - expected).abs().max() > 1e-4

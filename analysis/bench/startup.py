@@ -11,7 +11,8 @@ and guidance (target: at most 3 s). The client connects before (b) is timed.
 Then, through the same client and with the views' own defaults (read from the app's API): (c) a Dori search
 from the Perturb view (`/perturb`, 50 steps), (d) the first UMAP trigger map of the shipped set
 (`/trigger_map_prepare` as picking UMAP does, then `/trigger_map_load` at once; target: at most 5 s), and (e)
-NeMo's and Wanda's first mitigation of the first caption in the Mitigate view (`/mitigate`). Once the app is
+NeMo's and Wanda's first mitigation of the first caption in the Mitigate view (`/mitigate`; NeMo's target: at most
+3 s, its masks shipped). Once the app is
 closed, the search's export is run again in the benchmark's own process (`run_task`, same configuration: the
 search, its previews and its evaluation): what the app adds to the engine is the difference.
 
@@ -39,6 +40,7 @@ SEEDS = 4
 START_SECONDS_TARGET = 15.0
 GALLERY_SECONDS_TARGET = 3.0
 FIRST_UMAP_SECONDS_TARGET = 5.0
+FIRST_NEMO_SECONDS_TARGET = 3.0
 
 
 def first_output(job) -> object:
@@ -100,8 +102,8 @@ def main(argv=None) -> None:
             ("first UMAP map of the shipped set, later starts (median of the other runs)",
              f"{statistics.median(map_s[1:]):.2f} s" if len(map_s) > 1 else "not run",
              verdict(statistics.median(map_s[1:]), FIRST_UMAP_SECONDS_TARGET, " s") if len(map_s) > 1 else ""),
-            ("NeMo's first mitigation of the caption (`/mitigate`), its defaults", f"{statistics.median(nemo_s):.2f} s",
-             ""),
+            ("NeMo's first mitigation of the caption (`/mitigate`), its defaults (its masks shipped)",
+             f"{statistics.median(nemo_s):.2f} s", verdict(statistics.median(nemo_s), FIRST_NEMO_SECONDS_TARGET, " s")),
             ("Wanda's first mitigation of the caption (`/mitigate`), its defaults",
              f"{statistics.median(wanda_s):.2f} s", "")]
     write_report(

@@ -5,9 +5,11 @@
 The first runs of some views compute what depends only on the model and its reference prompts, and cache it
 (`analysis.localize.cached`): the detectors' reference distributions (the Replicate view's Wen band, the Inside
 view), NeMo's reference statistics and threshold, Wanda's reference norms, and the Fine-tune view's normal pairs.
-This runs those analyses with the views' default settings on the bundled model, in an empty runs folder, and ships
-what they cached; `cached` reads a shipped file when the runs folder has none. Rerun it when the bundled model or
-one of those defaults changes: tests/test_shipped_cache.py fails until then.
+NeMo also caches each prompt's mask: those of the bundled model's memorized captions at the Mitigate view's defaults
+are shipped too, so that the view's NeMo answers without its minute of criterion checks. This runs those analyses
+with the views' default settings on the bundled model, in an empty runs folder, and ships what they cached; `cached`
+reads a shipped file when the runs folder has none. Rerun it when the bundled model or one of those defaults
+changes: tests/test_shipped_cache.py fails until then.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 
 from analysis.paths import SHIPPED_CACHE_DIR
 
-# The Mitigate view's default localizer seeds.
+# The Mitigate view's default localizer seeds; its NeMo refines by default.
 LOCALIZER_SEEDS = [0, 1, 2, 3]
+NEMO_REFINE = True
 
 FIRST_RUNS_SCRIPT = """
 from analysis.experiments.cache_assets import first_runs
@@ -39,12 +42,14 @@ def first_runs() -> None:
     from analysis.tasks import run_task
 
     handle = load_model()
-    steps, caption = handle.default_steps, handle.memorized[0].caption
+    steps = handle.default_steps
     run_task(handle, "reference", dict(steps=steps, guidance=handle.default_guidance))
-    # NeMo's statistics and threshold come before its per-prompt refinement, which caches nothing.
-    for method, parameters in (("nemo", dict(steps=steps, refine=False)), ("wanda", dict(steps=steps))):
-        run_task(handle, "localize", dict(image=0, prompt=caption, method=method, parameters=parameters,
-                                          seeds=LOCALIZER_SEEDS, evaluation_seeds=[0]))
+    # Wanda caches its reference norms; NeMo its statistics and threshold, then each caption's mask.
+    localized = [("wanda", 0, dict(steps=steps))] + [("nemo", index, dict(steps=steps, refine=NEMO_REFINE))
+                                                     for index in range(len(handle.memorized))]
+    for method, index, parameters in localized:
+        run_task(handle, "localize", dict(image=index, prompt=handle.memorized[index].caption, method=method,
+                                          parameters=parameters, seeds=LOCALIZER_SEEDS, evaluation_seeds=[0]))
     generated_pairs(handle)
 
 

@@ -34,7 +34,7 @@ from analysis.experiments.mitigation_report import (INVESTIGATION_FILE, LOCALIZA
 from analysis.images import image_grid
 from analysis.localize import DEFAULT_CACHE_DIR
 from analysis.localize.nemo import NeMo
-from analysis.localize.nemo_delta import DeltaReading, max_ssim_with_other_seeds, noise_differences
+from analysis.localize.nemo_delta import DeltaReading, DeltaSimilarity, noise_differences
 from analysis.localize.saved import MASKS_DIR, mask_file
 from analysis.localize.wanda import Wanda
 from analysis.masks import generate
@@ -162,7 +162,8 @@ def held_out_detection(handle: ModelHandle, prompts: list[str], seeds: list[int]
     settings = nemo.settings_
     reading = DeltaReading(settings["steps"], settings["step_index"], settings["advance_latents"])
     deltas = noise_differences(handle, prompts, seeds, reading)
-    flagged = [(max_ssim_with_other_seeds(per_prompt, settings["window"], nemo.scales) > nemo.threshold_)
+    similarity = DeltaSimilarity(settings["window"], settings["scales"], settings["ms_ssim"])
+    flagged = [(similarity.max_with_other_seeds(per_prompt) > nemo.threshold_)
                .float().mean().item()
                for per_prompt in deltas.split(len(seeds))]
     return dict(threshold=nemo.threshold_, flagged_share_per_prompt=flagged,

@@ -13,7 +13,7 @@ from torch import nn
 from analysis.hooks import hook_points, nemo_layers, resolve_layers
 from analysis.localize import DEFAULT_CACHE_DIR
 from analysis.localize.nemo import SETTINGS, record_activations, reference_statistics
-from analysis.localize.nemo_delta import DeltaReading, calibrate_threshold, delta_similarity, noise_differences
+from analysis.localize.nemo_delta import DeltaReading, DeltaSimilarity, calibrate_threshold, noise_differences
 from analysis.localize.wanda import Wanda
 from analysis.masks import Mask, generate
 from analysis.metrics import paired_similarity, replication
@@ -74,20 +74,20 @@ def delta_signal(handle: ModelHandle, memorized: list[str], held_out: list[str],
     same-seed blocked-vs-unblocked criterion. The pixel settings' 7x7 window
     throughout: the authors' 11x11 does not fit the coarsest scale of 32x32.
     """
-    steps, window = handle.default_steps, SETTINGS["pixel"]["window"]
+    steps, similarity = handle.default_steps, DeltaSimilarity(SETTINGS["pixel"]["window"])
     pairs = torch.combinations(torch.arange(len(seeds)), r=2)
     rows = []
     for label, where in readings.items():
         reading = DeltaReading(steps, **where)
         thresholds = {f"threshold_guidance_{guidance:g}": calibrate_threshold(
-            handle, reference_prompts, seeds, DeltaReading(steps, **where, guidance=guidance), window)
+            handle, reference_prompts, seeds, DeltaReading(steps, **where, guidance=guidance), similarity)
             for guidance in INVESTIGATION_THRESHOLD_GUIDANCE}
         deltas = noise_differences(handle, memorized + held_out, seeds, reading)
         per_caption = deltas.view(-1, len(seeds), *deltas.shape[1:])
-        between = [delta_similarity(d[pairs[:, 0]], d[pairs[:, 1]], window).mean().item() for d in per_caption]
+        between = [similarity(d[pairs[:, 0]], d[pairs[:, 1]]).mean().item() for d in per_caption]
         held = per_caption[len(memorized):]
         caption_pairs = torch.combinations(torch.arange(len(held)), r=2)
-        floor = torch.cat([delta_similarity(held[caption_pairs[:, 0], s], held[caption_pairs[:, 1], s], window)
+        floor = torch.cat([similarity(held[caption_pairs[:, 0], s], held[caption_pairs[:, 1], s])
                            for s in range(len(seeds))]).mean().item()
         timestep = int(ddim_schedule(handle, steps).timesteps[where["step_index"]])
         rows.append(dict(reading=label, **where, timestep=timestep, **thresholds,

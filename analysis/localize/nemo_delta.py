@@ -1,8 +1,9 @@
 """NeMo's noise difference δ and its similarity between seeds, and the threshold τ calibrated on it.
 
 δ = ε(x, t, y) − x, min–max normalised to [0, 1] per image and channel; a
-seed counts as memorized when its δ has MS-SSIM (data range 1) > τ with
-another seed's (docs/methods.md §4).
+seed counts as memorized when its δ has MS-SSIM > τ with another seed's
+(docs/methods.md §4). `DeltaSimilarity` says which MS-SSIM: the authors'
+torchmetrics call, or data range 1 at every scale.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from analysis.sampling import (as_embeddings, as_epsilon, ddim_schedule, denoisi
                                guided_noise, initial_noise, noise_generators, predict_noise)
 
 SCALES = 3  # MS-SSIM scales, as in the authors' code
-DATA_RANGE = 1.0  # δ is min-max normalised to [0, 1]
+MS_SSIM_KINDS = ("torchmetrics", "range1")
+AUTHORS_EXPONENT = 0.33  # the authors' torchmetrics call: betas=(0.33, 0.33, 0.33)
 
 
 @dataclass(frozen=True)
@@ -72,38 +74,66 @@ def noise_differences(handle: ModelHandle, conditioning: list[str] | torch.Tenso
     return (delta - low) / (high - low).clamp_min(1e-12)
 
 
-def delta_similarity(a: torch.Tensor, b: torch.Tensor, window: int, scales: int = SCALES) -> torch.Tensor:
-    """MS-SSIM of δ pairs `[n, C, h, w]` each (in [0, 1], so data range 1): `[n]`."""
-    return ms_ssim(a, b, scales, window, data_range=DATA_RANGE)
+@dataclass(frozen=True)
+class DeltaSimilarity:
+    """The MS-SSIM NeMo compares δ with: `window`, `scales` and `kind`.
 
+    "torchmetrics": as the authors' call of torchmetrics'
+    `multiscale_structural_similarity_index_measure` computes it: the data
+    range inferred at each scale from the whole batch of pairs compared
+    together, exponents 0.33. "range1": data range 1 at every scale (δ is in
+    [0, 1]), exponents 1/scales.
+    """
 
-def max_ssim_with_other_seeds(deltas: torch.Tensor, window: int, scales: int = SCALES) -> torch.Tensor:
-    """For each δ of `[n, C, h, w]` (one prompt, n seeds), its highest MS-SSIM with any other: `[n]`."""
-    pairs = torch.combinations(torch.arange(len(deltas)), r=2)
-    similarities = delta_similarity(deltas[pairs[:, 0]], deltas[pairs[:, 1]], window, scales)
-    best = torch.full((len(deltas),), -1.0)
-    for column in (0, 1):
-        best = best.scatter_reduce(0, pairs[:, column], similarities, reduce="amax")
-    return best
+    window: int
+    scales: int = SCALES
+    kind: str = "range1"
+
+    def __post_init__(self):
+        if self.kind not in MS_SSIM_KINDS:
+            raise ValueError(f"unknown NeMo MS-SSIM {self.kind!r}; choose one of {MS_SSIM_KINDS}")
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """MS-SSIM of δ pairs `[n, C, h, w]` each: `[n]` (with "torchmetrics", of these n pairs together)."""
+        if self.kind == "torchmetrics":
+            return ms_ssim(a, b, self.scales, self.window, data_range=None, exponent=AUTHORS_EXPONENT)
+        return ms_ssim(a, b, self.scales, self.window, data_range=1.0)
+
+    def key(self) -> str:
+        """How this similarity is named in cache keys."""
+        return f"ms_ssim-{self.scales}-{self.window}-" + ("torchmetrics" if self.kind == "torchmetrics" else
+                                                          "range1.0")
+
+    def max_with_other_seeds(self, deltas: torch.Tensor) -> torch.Tensor:
+        """For each δ of `[n, C, h, w]` (one prompt, n seeds), its highest MS-SSIM with any other: `[n]`.
+
+        All pairs are compared in one batch, as the authors do.
+        """
+        pairs = torch.combinations(torch.arange(len(deltas)), r=2)
+        similarities = self(deltas[pairs[:, 0]], deltas[pairs[:, 1]])
+        best = torch.full((len(deltas),), -1.0)
+        for column in (0, 1):
+            best = best.scatter_reduce(0, pairs[:, column], similarities, reduce="amax")
+        return best
 
 
 def calibrate_threshold(handle: ModelHandle, prompts: Sequence[str], seeds: Sequence[int], reading: DeltaReading,
-                        window: int, scales: int = SCALES, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+                        similarity: DeltaSimilarity, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
                         batch_size: int | None = None) -> float:
     """τ = mean + 1 std of the pairwise MS-SSIM between the δ of different seeds of each non-memorized prompt.
 
-    Cached per model weights, prompts, seeds, reading and similarity.
+    A prompt's pairs are compared in one batch (the authors' 45 pairs of 10
+    seeds). Cached per model weights, prompts, seeds, reading and similarity.
     """
     seeds = [int(seed) for seed in seeds]
 
     def compute() -> dict[str, torch.Tensor]:
         deltas = noise_differences(handle, list(prompts), seeds, reading, batch_size)
         pairs = torch.combinations(torch.arange(len(seeds)), r=2)
-        similarities = torch.cat([delta_similarity(per_prompt[pairs[:, 0]], per_prompt[pairs[:, 1]], window, scales)
+        similarities = torch.cat([similarity(per_prompt[pairs[:, 0]], per_prompt[pairs[:, 1]])
                                   for per_prompt in deltas.split(len(seeds))])
         return {"threshold": similarities.mean() + similarities.std()}
 
     key = cache_key(handle.name, weights_checksum(handle.unet.parameters()), list(prompts), seeds,
-                    [reading.steps, reading.step_index, reading.advance_latents, reading.guidance],
-                    f"ms_ssim-{scales}-{window}-range{DATA_RANGE}")
+                    [reading.steps, reading.step_index, reading.advance_latents, reading.guidance], similarity.key())
     return cached(cache_dir, "nemo-threshold", key, compute)["threshold"].item()

@@ -50,36 +50,39 @@ def selection_rounds(theta_start: float = 5.0, theta_step: float = 0.25, theta_m
     return rounds
 
 
-def selected_neurons(activations: torch.Tensor, z_scores: torch.Tensor, theta: float, k: int) -> list[int]:
+def selected_neurons(activations: torch.Tensor, z_scores: torch.Tensor, theta: float, k: int,
+                     duplicates: bool = False) -> list[int]:
     """One layer's neurons blocked in a round, in the order of the authors' list: the outliers (z > θ) by index,
     then the k most active from the most active down.
 
-    A neuron that is both is listed at its top-k place: the authors' list
-    holds it twice, and their refinement's first visit to it (removing one of
-    the two copies) leaves it blocked.
+    A neuron that is both is listed twice with `duplicates`, as in the
+    authors' list, else once, at its top-k place (`refine` says what the
+    second copy changes).
     """
     top = activations.topk(min(k, len(activations))).indices.tolist()
-    outliers = [i for i in (z_scores > theta).nonzero().flatten().tolist() if i not in top]
+    outliers = [i for i in (z_scores > theta).nonzero().flatten().tolist() if duplicates or i not in top]
     return outliers + top
 
 
 def initial_selection(activations: dict[str, torch.Tensor], z_scores: dict[str, torch.Tensor],
                       similarity_when_blocked: BlockedSimilarity, threshold: float, theta_start: float = 5.0,
-                      theta_step: float = 0.25, theta_min: float = 1.0, callback: Callback | None = None,
-                      ) -> tuple[Blocked, float, list[SelectionRound]]:
+                      theta_step: float = 0.25, theta_min: float = 1.0, duplicates: bool = False,
+                      callback: Callback | None = None) -> tuple[Blocked, float, list[SelectionRound]]:
     """NeMo's initial selection: block outliers (z > θ) and the k most active neurons per layer, widening each round.
 
     Round r (from 0) uses θ = `selection_rounds(...)`[r] and k = r; the
     selection ends at the first round whose similarity (`similarity_when_blocked(blocked)`)
     is ≤ `threshold`, or after the last round. Returns the last round's
-    blocked neurons per layer (in refinement's order), its similarity and every round.
+    blocked neurons per layer (in refinement's order, listed twice where `selected_neurons` lists them so), its
+    similarity and every round.
     """
     thetas = selection_rounds(theta_start, theta_step, theta_min)
     trace = []
     for k, theta in enumerate(thetas):
-        blocked = {name: selected_neurons(activations[name], z_scores[name], theta, k) for name in activations}
+        blocked = {name: selected_neurons(activations[name], z_scores[name], theta, k, duplicates)
+                   for name in activations}
         similarity = similarity_when_blocked(blocked)
-        trace.append(SelectionRound(theta, k, similarity, {name: len(found) for name, found in blocked.items()}))
+        trace.append(SelectionRound(theta, k, similarity, {name: len(set(found)) for name, found in blocked.items()}))
         report(callback, "NeMo initial selection", k + 1, len(thetas),
                f"θ={theta:.2f} k={k}: {sum(trace[-1].neurons.values())} neurons, MS-SSIM {similarity:.3f} "
                f"(τ {threshold:.3f})")
@@ -91,22 +94,34 @@ def initial_selection(activations: dict[str, torch.Tensor], z_scores: dict[str, 
 def refine(blocked: Blocked, similarity: float, similarity_when_blocked: BlockedSimilarity, criterion: float,
            callback: Callback | None = None) -> tuple[Blocked, float]:
     """NeMo's refinement: unblock whole layers (last first), then single neurons (last layer first, each layer's in
-    its list order). A change is kept when the similarity is strictly below `criterion`."""
+    its list order). A change is kept when the similarity is strictly below `criterion`.
+
+    A neuron listed twice is visited twice, as in the authors' loop: each
+    visit removes one copy. While the other copy remains, the trial blocks
+    the same neurons as the current mask and so scores the current
+    similarity, which is used without a UNet call: the copy goes only when
+    the current similarity is already below `criterion`. When the first
+    visit is refused (the selection ran out of rounds and nothing has been
+    unblocked yet), the second removes the other copy only in the same way,
+    and the neuron is never tested.
+    """
     trials = 0
 
-    def keep_if_below(trial: Blocked, stage: str) -> None:
+    def keep_if_below(trial: Blocked, stage: str, unchanged: bool = False) -> None:
         nonlocal blocked, similarity, trials
-        trial_similarity = similarity_when_blocked(trial)
+        trial_similarity = similarity if unchanged else similarity_when_blocked(trial)
         if trial_similarity < criterion:
             blocked, similarity = trial, trial_similarity
         trials += 1
         report(callback, "NeMo refinement", trials, None,
-               f"{stage}: {sum(map(len, blocked.values()))} neurons, MS-SSIM {similarity:.3f}")
+               f"{stage}: {sum(len(set(found)) for found in blocked.values())} neurons, MS-SSIM {similarity:.3f}")
 
     for name in reversed(blocked):
         if blocked[name]:
             keep_if_below({**blocked, name: []}, "layers")
     for name in reversed(blocked):
         for neuron in list(blocked[name]):
-            keep_if_below({**blocked, name: [n for n in blocked[name] if n != neuron]}, "neurons")
+            remaining = list(blocked[name])
+            remaining.remove(neuron)  # the first copy, as list.remove does in the authors' loop
+            keep_if_below({**blocked, name: remaining}, "neurons", unchanged=neuron in remaining)
     return blocked, similarity
