@@ -355,5 +355,5 @@ def test_stop_ends_a_replicate_run(client, tiny_handle):
     (shown,) = job.status().progress_data
     assert shown.unit == "steps" and shown.length == 400  # the run's total, not one seed's
     assert client.predict(api_name="/replicate_stop").startswith("Stopping")
-    with pytest.raises(AppError, match="Stopped"):
-        job.result(timeout=60)
+    # A stop is no error: the outputs stay as they were but for the view's status, which says it stopped.
+    assert "Stopped." in job.result(timeout=60)

@@ -120,5 +120,5 @@ def test_stop_ends_a_sweep(client, tiny_handle):
         assert time.monotonic() < deadline, "the sweep never started"
         time.sleep(0.05)
     assert client.predict(api_name="/sweep_stop").startswith("Stopping")
-    with pytest.raises(AppError, match="Stopped"):
-        job.result(timeout=120)
+    # A stop is no error: the outputs stay as they were but for the view's status, which says it stopped.
+    assert "Stopped." in job.result(timeout=120)

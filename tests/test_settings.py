@@ -13,10 +13,12 @@ from analysis.dori import DoriSearch
 from analysis.dori_tasks import AttackSettings
 from analysis.finetune import AdversarialFineTuning
 from analysis.inside_tasks import DetectSettings
+from analysis.limits import MAX_RUN_SECONDS
 from analysis.model import REPO_ROOT
 from analysis.replication_tasks import LocalizeSettings, ReplicateSettings, SweepSettings
 from analysis.settings import Sampling, as_json, defaults, setting_of
 from analysis.tasks import TASKS
+from dori_ui import finetune_tab
 from dori_ui.app import build_app
 
 CLI_FLAGS = [
@@ -48,9 +50,10 @@ APP_FIELDS = {
     "inside-seeds": (DetectSettings, "seeds", None),
     "inside-steps": (Sampling, "steps", "model"),
     "trigger-map-steps": (DoriSearch, "steps", None),
-    "finetune-rounds": (AdversarialFineTuning, "rounds", None),
+    # The Fine-tune view opens with what fits the app's time limit on this CPU (its own named values).
+    "finetune-rounds": (AdversarialFineTuning, "rounds", finetune_tab.default_rounds(MAX_RUN_SECONDS)),
     "finetune-steps": (AdversarialFineTuning, "steps_per_round", None),
-    "finetune-triggers": (AdversarialFineTuning, "triggers_per_image", None),
+    "finetune-triggers": (AdversarialFineTuning, "triggers_per_image", finetune_tab.TRIGGERS_PER_ROUND),
     "finetune-dori-steps": (DoriSearch, "steps", None),
     "finetune-dori-batch": (DoriSearch, "batch_size", None),
     "finetune-eval-seeds": (AdversarialFineTuning, "eval_seeds", None),

@@ -108,5 +108,5 @@ def test_localizing_shows_the_total_of_fits_and_stops(client, monkeypatch):
     # Three triggers, NeMo and Wanda each: six fits, counted over all of them while each fit reports its own steps.
     assert shown[0].unit == "fits" and shown[0].length == 6 and "trigger 1 of 3" in shown[0].desc
     assert client.predict(api_name="/paths_masks_stop").startswith("Stopping")
-    with pytest.raises(AppError, match="Stopped"):
-        job.result(timeout=120)
+    # A stop is no error: the outputs stay as they were but for the view's status, which says it stopped.
+    assert "Stopped." in job.result(timeout=120)
